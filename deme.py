@@ -1,0 +1,1865 @@
+"""DeMe: Decouple-then-Merge (Ma et al., CVPR 2025) for DDPM, from scratch in plain PyTorch.
+
+Reads in the order of the paper:
+  1. configuration            one dataclass that is also the command line; dataset presets hold the paper's values
+  2. schedule and samplers    DDPM (Ho et al. 2020) and DDIM (Song et al. 2021)
+  3. data                     synthetic shapes, CIFAR-10, LSUN, any image folder
+  4. training                 EMA, checkpoints, one loop for pretraining, finetuning and the baseline
+  5. decoupled finetuning     timestep ranges, probabilistic sampling (Eq. 6), consistency loss (Eq. 4-5), projections
+  6. merge                    task vectors, DeMe Eq. 8, TIES, DARE, merge-weight search, the ensemble (Eq. 7)
+  7. evaluation               FID as pytorch-fid computes it, pixel Fréchet distance, the paper's analysis figures
+  8. command line             `python deme.py` runs everything on a CPU in minutes; `--dataset cifar10` is the paper
+
+Run `python deme.py --help` for the stages and flags.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ddpm_unet import (UNet, PRESETS, UserError, add_channel_projections, atomic_save, load_pretrained,
+                       load_state_dict_file)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Configuration
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _opt(default, help, choices=None, stages=None):
+    """A config field with its command-line help."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
+@dataclass
+class Config:
+    """Every setting of every stage; dataset presets below fill in the paper's values, flags override them."""
+    # run
+    dataset: str = _opt("synthetic", "training data", ["synthetic", "cifar10", "lsun_church", "lsun_bedroom", "folder"])
+    data_dir: str = _opt("data", "where the dataset lives (CIFAR-10: the folder holding cifar-10-batches-py)")
+    download: bool = _opt(False, "download CIFAR-10 into --data-dir if it is missing")
+    out: str = _opt("", "run folder; every file this run writes goes under it (default runs/<dataset>)")
+    seed: int = _opt(0, "seed of everything: data order, noise, timesteps, samples")
+    device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    resume: bool = _opt(False, "continue the interrupted stages of this run folder from their last checkpoint")
+    overwrite: bool = _opt(False, "start over, replacing what this run folder holds")
+    precision: str = _opt("auto", "autocast precision (auto: bf16 on a GPU that has it, else fp32)",
+                          ["auto", "fp32", "bf16", "fp16"])
+    compile: Optional[bool] = _opt(None, "torch.compile the model (default: on for CUDA, off on CPU)")
+    channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for CUDA, off on CPU)")
+    workers: int = _opt(0, "data-loading worker processes (0 loads in the main process)")
+    # model
+    preset: str = _opt("tiny", "UNet size: " + ", ".join(PRESETS))
+    pretrained: str = _opt("", "θ0: a named checkpoint (cifar10, lsun_church, lsun_bedroom), a file or a diffusers "
+                               "folder; empty: train θ0 from scratch (the CPU pipeline)")
+    image_size: int = _opt(0, "training resolution (0: the preset's)")
+    flip: bool = _opt(False, "random horizontal flips")
+    dropout: Optional[float] = _opt(None, "dropout while training (default: the preset's for pretraining, 0 for "
+                                          "finetuning as in the official code)")
+    # pretraining θ0 from scratch (train stage)
+    train_steps: int = _opt(2000, "optimizer steps to pretrain θ0")
+    train_lr: float = _opt(2e-4, "pretraining learning rate (DDPM: 2e-4)")
+    train_warmup: int = _opt(100, "pretraining linear warm-up steps (DDPM: 5000)")
+    # decoupled finetuning (finetune and baseline stages)
+    n_ranges: int = _opt(4, "N, the number of timestep ranges (paper: 4; 8 in the ablation)")
+    ranges: str = _opt("all", "which ranges this invocation finetunes: all, or indices such as 0,2")
+    steps: int = _opt(20000, "optimizer steps per range (paper: 20K); the baseline gets N times as many")
+    batch_size: int = _opt(64, "images per optimizer step over all processes")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (official LSUN script: 4 x 16)")
+    lr: float = _opt(5e-5, "finetuning learning rate (official: 5e-5, constant)")
+    adam_betas: tuple = _opt((0.95, 0.999), "AdamW betas")
+    weight_decay: float = _opt(1e-6, "AdamW weight decay")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon")
+    grad_clip: float = _opt(1.0, "gradient clipping norm (0: off)")
+    ema_decay: float = _opt(0.9999, "EMA decay ceiling; the decay warms up as min(ceiling, 1 - k^-3/4)")
+    p_global: float = _opt(0.3, "probabilistic sampling: chance of drawing timesteps from all of [0, T) (Eq. 6)")
+    per_sample: bool = _opt(False, "flip the probabilistic-sampling coin per sample instead of per batch (official)")
+    antithetic: bool = _opt(True, "draw timesteps in antithetic pairs (t, lo+hi-1-t) as the official code does")
+    consistency: float = _opt(1.0, "λ, weight of the consistency loss to the frozen θ0 (Eq. 4-5; 0: off)")
+    projections: bool = _opt(True, "channel-wise projections (identity-initialised 1x1 convs)")
+    baseline: bool = _opt(True, "also run the equal-compute baseline: plain finetuning on all timesteps, N x steps")
+    ckpt_every: int = _opt(1000, "save a resumable checkpoint every this many steps")
+    grid_every: int = _opt(0, "save a sample grid every this many steps (0: only at the end)")
+    # merge (merge stage)
+    merge_method: str = _opt("task_arithmetic", "how to merge", ["task_arithmetic", "average", "ties", "dare"])
+    merge_weights: str = _opt("", "w_1..w_N, comma-separated, low t first; empty: search them (LSUN official: "
+                                  "0.1,0.1,0.2,0.5)")
+    search_images: int = _opt(512, "held-out images scoring the merge-weight search")
+    search_evals: int = _opt(60, "most merge candidates the search scores")
+    ties_k: float = _opt(20.0, "TIES: percent of each task vector's entries kept")
+    ties_lam: float = _opt(1.0, "TIES: scale of the merged task vector")
+    dare_p: float = _opt(0.5, "DARE: drop probability")
+    # evaluation (sample and evaluate stages)
+    sampler: str = _opt("ddim", "sampler for evaluation", ["ddim", "ddpm"])
+    sample_steps: int = _opt(100, "DDIM steps (paper: 100 for CIFAR-10, 50 for LSUN)")
+    eta: float = _opt(0.0, "DDIM eta (0: deterministic)")
+    variance: str = _opt("fixedlarge", "DDPM sampling variance", ["fixedlarge", "fixedsmall"])
+    n_samples: int = _opt(50000, "samples per model for the metric (paper: 50K)")
+    eval_batch: int = _opt(256, "sampling batch size")
+    metric: str = _opt("auto", "fid (Inception) or pixel (Fréchet distance on pixels, for tiny runs); auto picks "
+                               "pixel for synthetic", ["auto", "fid", "pixel"])
+    inception_weights: str = _opt("", "pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+    fid_stats: str = _opt("", "reference statistics .npz of the training set (default: computed once, cached)")
+    models: str = _opt("theta0,baseline,ensemble,merged", "models the evaluate stage compares")
+
+
+DATASET_PRESETS = {
+    # the CPU pipeline: everything in minutes on 2 cores
+    "synthetic": dict(preset="tiny", steps=150, batch_size=32, lr=2e-4, ckpt_every=100, sample_steps=50,
+                      n_samples=2048, eval_batch=512, search_images=256, search_evals=30),
+    # the paper (SPEC sections 3, 5, 6)
+    "cifar10": dict(preset="cifar10", pretrained="cifar10", flip=True, sample_steps=100),
+    "lsun_church": dict(preset="lsun256", pretrained="lsun_church", batch_size=64, grad_accum=4, sample_steps=50,
+                        eval_batch=64),
+    "lsun_bedroom": dict(preset="lsun256", pretrained="lsun_bedroom", batch_size=64, grad_accum=4, sample_steps=50,
+                         eval_batch=64),
+    "folder": dict(),
+}
+
+
+def resolve_config(given: dict) -> Config:
+    """Defaults < dataset preset < flags given on the command line; then check the values."""
+    dataset = given.get("dataset", Config.dataset)
+    if dataset not in DATASET_PRESETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_PRESETS)}")
+    cfg = Config(**{**DATASET_PRESETS[dataset], **given})
+    if not cfg.out:
+        cfg.out = f"runs/{cfg.dataset}"
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config):
+    """One clear line for each value that cannot work."""
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    if not 1 <= cfg.n_ranges <= 1000 or 1000 % cfg.n_ranges:
+        raise UserError(f"--n-ranges {cfg.n_ranges} does not split the 1000 timesteps evenly; use 1, 2, 4, 5, 8, 10, ...")
+    if not 0.0 <= cfg.p_global <= 1.0:
+        raise UserError(f"--p-global {cfg.p_global} is not a probability; give a value in [0, 1]")
+    if cfg.ranges != "all":
+        range_indices(cfg)
+    if cfg.merge_weights:
+        merge_weight_list(cfg)
+    for name in ("steps", "batch_size", "grad_accum", "n_samples", "eval_batch", "sample_steps", "train_steps"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if 1000 % cfg.sample_steps and cfg.sampler == "ddim":
+        raise UserError(f"--sample-steps {cfg.sample_steps} does not divide the 1000 timesteps; use 10, 20, 50, 100, ...")
+    resolution = cfg.image_size or PRESETS[cfg.preset]["resolution"]
+    levels = len(PRESETS[cfg.preset]["ch_mult"])
+    if resolution % 2 ** (levels - 1):
+        raise UserError(f"--image-size {resolution} cannot pass the {levels - 1} downsamplings of preset "
+                        f"{cfg.preset}; use a multiple of {2 ** (levels - 1)}")
+
+
+def range_indices(cfg: Config) -> list:
+    """The range indices this invocation finetunes."""
+    if cfg.ranges == "all":
+        return list(range(cfg.n_ranges))
+    try:
+        idx = [int(s) for s in cfg.ranges.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--ranges {cfg.ranges!r} is not a list of integers; write for example --ranges 0,2") from None
+    bad = [i for i in idx if not 0 <= i < cfg.n_ranges]
+    if bad or not idx:
+        raise UserError(f"--ranges {cfg.ranges!r}: indices must lie in 0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
+    return idx
+
+
+def merge_weight_list(cfg: Config) -> list:
+    """--merge-weights as floats, one per range."""
+    try:
+        w = [float(s) for s in cfg.merge_weights.split(",")]
+    except ValueError:
+        raise UserError(f"--merge-weights {cfg.merge_weights!r} is not a list of numbers; write e.g. 0.1,0.1,0.2,0.5") from None
+    if len(w) != cfg.n_ranges:
+        raise UserError(f"--merge-weights has {len(w)} values but there are {cfg.n_ranges} ranges; give one per range")
+    return w
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Schedule and samplers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class GaussianDiffusion:
+    """The forward process q and the reverse samplers of DDPM (Ho et al. 2020) and DDIM (Song et al. 2021)."""
+
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, schedule="linear"):
+        if schedule == "linear":  # DDPM Sec. 4
+            betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        elif schedule == "scaled_linear":  # Stable Diffusion
+            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+        else:
+            raise UserError(f"unknown beta schedule {schedule!r}; use linear or scaled_linear")
+        self.T = T
+        self.betas = betas
+        self.alphas_bar = torch.cumprod(1.0 - betas, dim=0)
+        self.alphas_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_bar[:-1]])
+        # β̃_t, DDPM Eq. 7
+        self.posterior_variance = betas * (1.0 - self.alphas_bar_prev) / (1.0 - self.alphas_bar)
+
+    @staticmethod
+    def _at(values, t, x):
+        """values[t] as x's dtype and device, shaped to broadcast over (B, C, H, W)."""
+        v = values.to(x.device)[t.to(x.device)] if torch.is_tensor(t) else values[t].to(x.device)
+        return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, DDPM Eq. 4."""
+        return self._at(self.alphas_bar.sqrt(), t, x0) * x0 + self._at((1 - self.alphas_bar).sqrt(), t, x0) * noise
+
+    def loss(self, model, x0, t, noise=None, **cond):
+        """||ε - ε_θ(x_t, t)||², the simple loss of DDPM Algorithm 1 (element mean)."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        return F.mse_loss(model(self.q_sample(x0, t, noise), t, **cond).float(), noise.float())
+
+    def predict_x0(self, x_t, t, eps):
+        """x0 = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t), DDPM Eq. 4 solved for x0."""
+        return (x_t - self._at((1 - self.alphas_bar).sqrt(), t, x_t) * eps) / self._at(self.alphas_bar.sqrt(), t, x_t)
+
+    def q_posterior_mean(self, x0, x_t, t):
+        """μ̃_t(x_t, x0), DDPM Eq. 7."""
+        ab, ab_prev, beta = self.alphas_bar, self.alphas_bar_prev, self.betas
+        c0 = self._at(beta * ab_prev.sqrt() / (1 - ab), t, x_t)
+        ct = self._at((1 - ab_prev) * (1 - beta).sqrt() / (1 - ab), t, x_t)
+        return c0 * x0 + ct * x_t
+
+    def ddpm_step(self, x_t, eps, t: int, variance="fixedlarge", clip_denoised=True, noise=None):
+        """x_{t-1} ~ p_θ(x_{t-1} | x_t), one step of DDPM Algorithm 2, with σ²_t = β_t (fixedlarge) or β̃_t."""
+        x0 = self.predict_x0(x_t, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        mean = self.q_posterior_mean(x0, x_t, t)
+        if t == 0:
+            return mean
+        var = {"fixedlarge": self.betas, "fixedsmall": self.posterior_variance}[variance]
+        return mean + self._at(var.sqrt(), t, x_t) * noise
+
+    def ddim_timesteps(self, steps):
+        """The S timesteps DDIM visits, high to low: range(0, T, T//S) reversed (980, 960, ..., 0 for S = 50)."""
+        return list(range(0, self.T, self.T // steps))[::-1]
+
+    def ddim_step(self, x_t, eps, t: int, t_prev: int, eta=0.0, clip_denoised=True, noise=None):
+        """x_{t_prev} from x_t, DDIM Eq. 12; ᾱ of t_prev = -1 (after the last step) is 1."""
+        ab_t = self.alphas_bar[t]
+        ab_prev = self.alphas_bar[t_prev] if t_prev >= 0 else torch.ones((), dtype=torch.float64)
+        x0 = self.predict_x0(x_t, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()  # DDIM Eq. 16
+        c2 = (1 - ab_prev - sigma ** 2).sqrt()
+        x_prev = ab_prev.sqrt().to(x_t.dtype) * x0 + c2.to(x_t.dtype) * eps
+        if eta > 0:
+            x_prev = x_prev + sigma.to(x_t.dtype) * noise
+        return x_prev
+
+    @torch.no_grad()
+    def ddpm_sample(self, model, x_T, variance="fixedlarge", clip_denoised=True, generator=None, progress=False, **cond):
+        """DDPM Algorithm 2: T ancestral steps from x_T ~ N(0, I); returns x0 in [-1, 1]."""
+        x = x_T
+        for t in tqdm(range(self.T - 1, -1, -1), desc="DDPM", leave=False, disable=not progress):
+            eps = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), **cond).to(x.dtype)
+            noise = randn_like(x, generator) if t > 0 else None
+            x = self.ddpm_step(x, eps, t, variance, clip_denoised, noise)
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def ddim_sample(self, model, x_T, steps, eta=0.0, clip_denoised=True, generator=None, progress=False, **cond):
+        """DDIM with S steps (Song et al. 2021, Eq. 12); eta = 0 is deterministic; returns x0 in [-1, 1]."""
+        ts = self.ddim_timesteps(steps)
+        x = x_T
+        for t, t_prev in tqdm(list(zip(ts, ts[1:] + [-1])), desc="DDIM", leave=False, disable=not progress):
+            eps = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), **cond).to(x.dtype)
+            noise = randn_like(x, generator) if eta > 0 else None
+            x = self.ddim_step(x, eps, t, t_prev, eta, clip_denoised, noise)
+        return x.clamp(-1, 1)
+
+
+def randn_like(x, generator=None):
+    """Standard normal noise shaped like x, drawn from `generator` on its own device."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def sample_images(diffusion, model, noise, cfg: "Config", generator=None, **cond):
+    """Samples from starting noise with the configured sampler (what every evaluation uses)."""
+    if cfg.sampler == "ddim":
+        return diffusion.ddim_sample(model, noise, cfg.sample_steps, cfg.eta, generator=generator, **cond)
+    return diffusion.ddpm_sample(model, noise, cfg.variance, generator=generator, **cond)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Data: every dataset yields (3, H, W) images in [-1, 1]
+# ----------------------------------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def synthetic_images(n, size=16, seed=0) -> torch.Tensor:
+    """Procedural scenes in [-1, 1]: a two-colour gradient with one or two anti-aliased discs, squares or rings."""
+    g = torch.Generator().manual_seed(seed)
+    u = lambda *shape: torch.rand(*shape, generator=g)
+    ys, xs = torch.meshgrid((torch.arange(size) + 0.5) / size, (torch.arange(size) + 0.5) / size, indexing="ij")
+    angle = u(n, 1, 1) * 2 * math.pi
+    ramp = 0.5 + 0.5 * ((xs - 0.5) * angle.cos() + (ys - 0.5) * angle.sin()) * 1.4  # (n, H, W)
+    c1, c2 = u(n, 3, 1, 1), u(n, 3, 1, 1)
+    img = c1 + (c2 - c1) * ramp.clamp(0, 1).unsqueeze(1)  # (n, 3, H, W)
+    for k in range(2):
+        present = (u(n) < (1.0 if k == 0 else 0.5)).view(n, 1, 1, 1)
+        kind = torch.randint(0, 3, (n, 1, 1), generator=g)
+        cx, cy, r = 0.2 + 0.6 * u(n, 1, 1), 0.2 + 0.6 * u(n, 1, 1), 0.12 + 0.18 * u(n, 1, 1)
+        dist = ((xs - cx) ** 2 + (ys - cy) ** 2).sqrt()
+        signed = torch.where(kind == 0, dist - r,  # disc
+                 torch.where(kind == 1, torch.maximum((xs - cx).abs(), (ys - cy).abs()) - r,  # square
+                             (dist - r).abs() - 0.35 * r))  # ring
+        mask = (0.5 - signed * size).clamp(0, 1).unsqueeze(1) * present  # about one pixel of anti-aliasing
+        img = img + (u(n, 3, 1, 1) - img) * mask
+    return img * 2 - 1
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """Images held in memory as one tensor: uint8 in [0, 255] or float in [-1, 1]."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return to_unit(self.images[i])
+
+
+def to_unit(x):
+    """uint8 [0, 255] or float [-1, 1] images as float [-1, 1]."""
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+
+
+class _NumpyOnlyUnpickler(__import__("pickle").Unpickler):
+    """Unpickles numpy arrays, lists and dicts and nothing that could run code (the CIFAR-10 batch files)."""
+    ALLOWED = {(m, name) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise __import__("pickle").UnpicklingError(f"refused to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def cifar10_images(root, train=True, download=False) -> torch.Tensor:
+    """CIFAR-10 from its python pickles (cifar-10-batches-py) as uint8 (N, 3, 32, 32)."""
+    folder = Path(root) / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    if download and not all((folder / n).is_file() for n in names):
+        from torchvision.datasets import CIFAR10
+        try:
+            CIFAR10(root, train=train, download=True)
+        except Exception as e:
+            raise UserError(f"could not download CIFAR-10 into {root} ({e}); download cifar-10-python.tar.gz from "
+                            f"https://www.cs.toronto.edu/~kriz/cifar.html and extract it there") from None
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise UserError(f"CIFAR-10 not found: {folder / missing[0]} is missing; pass --download, or extract "
+                        f"cifar-10-python.tar.gz into {root} (or point --data-dir at the folder that holds "
+                        f"cifar-10-batches-py)")
+    arrays = []
+    for n in names:
+        try:
+            with open(folder / n, "rb") as f:
+                batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+            arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        except Exception as e:
+            raise UserError(f"{folder / n} is not a CIFAR-10 batch file ({e}); delete it and pass --download") from None
+    return torch.from_numpy(np.concatenate(arrays))
+
+
+def image_files(folder) -> list:
+    """Every image file under `folder`, sorted; unreadable ones skipped with a warning."""
+    from PIL import Image
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"image folder {folder} does not exist; check --data-dir")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    good, bad = [], []
+    for p in paths:
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            bad.append(p)
+            continue
+        try:
+            with Image.open(p) as im:
+                im.verify()
+            good.append(p)
+        except Exception:
+            bad.append(p)
+    if bad:
+        print(f"warning: skipped {len(bad)} file(s) under {folder} that are not readable images, e.g. {bad[0]}",
+              file=sys.stderr)
+    if not good:
+        raise UserError(f"no readable images (png, jpg, webp, bmp) under {folder}; check --data-dir")
+    return good
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """A directory tree of images, resized (short side) and center- or randomly cropped to `size`."""
+
+    def __init__(self, folder, size, random_crop=False):
+        from torchvision import transforms as T
+        self.paths = image_files(folder)
+        crop = T.RandomCrop(size) if random_crop else T.CenterCrop(size)
+        self.transform = T.Compose([T.Resize(size), crop, T.ToTensor()])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.paths[i]) as im:
+            return self.transform(im.convert("RGB")) * 2 - 1
+
+
+def lsun(root, category, size):
+    """LSUN through torchvision's lmdb reader (official folders), or a plain image folder; random crop (SPEC 3)."""
+    if not (Path(root) / f"{category}_train_lmdb").is_dir():
+        return ImageFolder(root, size, random_crop=True)
+    try:
+        import lmdb  # noqa: F401
+    except ImportError:
+        raise UserError("reading LSUN lmdb folders needs the lmdb package: pip install lmdb") from None
+    from torchvision import datasets, transforms as T
+    tf = T.Compose([T.Resize(size), T.RandomCrop(size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    return datasets.LSUN(str(root), classes=[f"{category}_train"], transform=tf)
+
+
+class _DropLabels(torch.utils.data.Dataset):
+    """Images only, from a dataset of (image, label) pairs."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i][0]
+
+
+def make_dataset(cfg: Config, split="train", n=None):
+    """The configured dataset; split "heldout" is data the model did not train on, where the dataset has it."""
+    size = cfg.image_size or PRESETS[cfg.preset]["resolution"]
+    if cfg.dataset == "synthetic":
+        count = n or (20000 if split == "train" else 2048)
+        return TensorImages(synthetic_images(count, size, seed=cfg.seed + (0 if split == "train" else 1_000_001)))
+    if cfg.dataset == "cifar10":
+        if size != 32:
+            raise UserError(f"CIFAR-10 images are 32x32 but the model takes {size}; use --preset cifar10 or tiny "
+                            f"with --image-size 32")
+        return TensorImages(cifar10_images(cfg.data_dir, train=split == "train", download=cfg.download))
+    if cfg.dataset in ("lsun_church", "lsun_bedroom"):
+        ds = lsun(cfg.data_dir, {"lsun_church": "church_outdoor", "lsun_bedroom": "bedroom"}[cfg.dataset], size)
+        return ds if isinstance(ds, ImageFolder) else _DropLabels(ds)
+    return ImageFolder(cfg.data_dir, size)
+
+
+def heldout_images(cfg: Config, n) -> torch.Tensor:
+    """n images the model did not train on (CIFAR-10: the test split; LSUN and folders: the last n of the set)."""
+    if cfg.dataset == "synthetic":
+        return make_dataset(cfg, "heldout", n).images[:n]
+    if cfg.dataset == "cifar10":
+        return to_unit(cifar10_images(cfg.data_dir, train=False)[:n])
+    ds = make_dataset(cfg, "train")
+    n = min(n, len(ds))
+    return torch.stack([ds[i] for i in range(len(ds) - n, len(ds))])
+
+
+def batches(dataset, batch, seed, rank=0, world=1, start=0, workers=0):
+    """Endless micro-batches: epoch e visits a permutation seeded by (seed, e), rank r takes its share of every
+    global batch, and `start` skips that many batches, so a resumed run sees exactly the data it would have seen."""
+    n = len(dataset)
+    per_epoch = n // (batch * world)
+    if per_epoch == 0:
+        raise UserError(f"the dataset has {n} images, fewer than one batch of {batch * world}; lower --batch-size")
+    k = start
+    while True:
+        epoch, offset = divmod(k, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        idx = perm[: per_epoch * batch * world].view(per_epoch, world, batch)[offset:, rank]  # (batches, batch)
+        if isinstance(dataset, TensorImages):
+            loader = (to_unit(dataset.images[i]) for i in idx)
+        else:
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=idx.tolist(), num_workers=workers,
+                                                 pin_memory=torch.cuda.is_available(),
+                                                 persistent_workers=False)
+        for x in loader:
+            yield x
+            k += 1
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Training: where it runs, EMA, checkpoints, and the one loop every stage uses
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    """Where and how this process runs: device, its rank among torchrun's processes, precision."""
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    precision: str = "fp32"
+    compile: bool = False
+    channels_last: bool = False
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        """bf16/fp16 autocast, or nothing for fp32."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def setup_env(cfg: Config) -> Env:
+    """Device and precision from the config; torch.distributed when torchrun started several processes."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise UserError(f"--device {cfg.device!r} is not a device; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device} asked for a GPU but torch sees none; use --device cpu")
+        if device.type == "cuda" and world > 1:
+            device = torch.device(f"cuda:{local}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    on_gpu = device.type == "cuda"
+    return Env(device, rank, world, precision,
+               compile=on_gpu if cfg.compile is None else cfg.compile,
+               channels_last=on_gpu if cfg.channels_last is None else cfg.channels_last)
+
+
+def unwrap(model):
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+class EMA:
+    """Exponential moving average of the weights; decay at optimizer step k is min(max_decay, 1 - k^-3/4), the
+    warm-up of diffusers' EMAModel (inv_gamma 1, power 3/4) that the official code uses."""
+
+    def __init__(self, model, max_decay=0.9999, power=0.75):
+        self.max_decay, self.power, self.step = max_decay, power, 0
+        self.state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+        live = unwrap(model).state_dict()
+        self._pairs = [(self.state[k], live[k]) for k in self.state if self.state[k].is_floating_point()]
+
+    def decay(self):
+        return min(self.max_decay, 1.0 - self.step ** -self.power) if self.step > 0 else 0.0
+
+    @torch.no_grad()
+    def update(self):
+        """ema = d * ema + (1 - d) * θ after optimizer step k = self.step + 1."""
+        self.step += 1
+        ema, live = zip(*self._pairs)
+        torch._foreach_lerp_(list(ema), list(live), 1.0 - self.decay())
+
+    def load(self, state, step):
+        for k, v in state.items():
+            self.state[k].copy_(v)
+        self.step = step
+
+
+def rng_state(*generators) -> dict:
+    """Every random state a resumed run needs: torch, CUDA, numpy, python, and the loop's own generators."""
+    np_state = np.random.get_state()
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
+                           has_gauss=int(np_state[3]), cached=float(np_state[4])),
+                python=[list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+                generators=[g.get_state() for g in generators])
+
+
+def set_rng_state(state: dict, *generators):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s)
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint dict of this project, loaded safely (weights_only: no code in a pickle runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path or run the stage that makes it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} cannot be read ({first}); it is truncated, corrupt or not a plain "
+                        f"weights file: delete it and rerun the stage") from None
+
+
+def build_model(model_config: dict, state_dict=None) -> UNet:
+    """A UNet from its config; projections are added when the weights have them."""
+    model = UNet(**model_config)
+    if state_dict is not None:
+        if any(k.endswith(".proj.weight") for k in state_dict):
+            add_channel_projections(model)
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as e:
+            raise UserError(f"weights do not fit the model: {str(e).splitlines()[1].strip()}") from None
+    return model
+
+
+def load_model(path, which="ema") -> UNet:
+    """The model saved in one of this project's checkpoints (its EMA weights by default)."""
+    ck = load_checkpoint(path)
+    if "model_config" not in ck:
+        raise UserError(f"{path} is not a checkpoint of this project (no model_config); use --pretrained for "
+                        f"published weights")
+    return build_model(ck["model_config"], ck.get(which) or ck["model"])
+
+
+def stage_checkpoint(path: Path, identity: dict, cfg: Config) -> Optional[dict]:
+    """The stage's saved state if it may be reused (finished) or resumed (--resume); None to start fresh."""
+    if cfg.overwrite or not path.exists():
+        return None
+    ck = load_checkpoint(path)
+    diff = [f"{k}: {ck['identity'].get(k)!r} there vs {v!r} now" for k, v in identity.items()
+            if ck.get("identity", {}).get(k) != v]
+    if diff:
+        raise UserError(f"{path} was made with other settings ({'; '.join(diff[:3])}); choose another --out, or "
+                        f"pass --overwrite to replace it")
+    if ck["step"] < identity["steps"] and not cfg.resume:
+        raise UserError(f"{path} holds an unfinished stage (step {ck['step']} of {identity['steps']}); pass "
+                        f"--resume to continue it or --overwrite to start over")
+    return ck
+
+
+def set_dropout(model, p):
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    return model
+
+
+def frozen(model):
+    """A copy that never trains: eval mode, no gradients (θ0 as the consistency-loss teacher)."""
+    return copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+
+
+def place(model, env: Env):
+    """The model on the device, in its memory format (in place; do this before taking references to weights)."""
+    return model.to(env.device, memory_format=torch.channels_last if env.channels_last else torch.preserve_format)
+
+
+def prepare(model, env: Env, train=False):
+    """The model placed, then wrapped for torchrun and compiled as configured."""
+    model = place(model, env)
+    if train and env.world > 1:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if env.compile:
+        model = torch.compile(model)
+    return model
+
+
+def save_grid(model, diffusion, path, env: Env, n=64, seed=0, steps=50):
+    """An 8x8 grid of DDIM samples from fixed noise, so grids of different models compare image by image."""
+    from torchvision.utils import save_image
+    m = unwrap(model)
+    res = m.config["resolution"]
+    noise = torch.randn(n, m.config["in_channels"], res, res, generator=torch.Generator().manual_seed(seed))
+    was_training = m.training
+    m.eval()
+    with env.autocast():
+        x = diffusion.ddim_sample(m, noise.to(env.device), min(steps, diffusion.T))
+    m.train(was_training)
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    save_image(x.float() * 0.5 + 0.5, tmp, nrow=int(math.sqrt(n)))
+    os.replace(tmp, path)
+    return x
+
+
+def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, steps, lr, warmup, timesteps,
+               identity: dict, teacher=None, lam=0.0, desc="train", seed=0, encode=None, grid=None) -> dict:
+    """Trains `model` in place and returns its EMA weights; the loop of DDPM Algorithm 1, with DeMe's consistency
+    loss to `teacher` when given (Eq. 4-5). Resumable: the checkpoint holds everything, RNG states included.
+    `encode(batch) -> (x0, cond)` turns a data batch into the diffused tensor and the model's extra inputs (Stable
+    Diffusion: VAE latents and text embeddings); `grid(ema_state, path)` draws a sample grid (default: a UNet's)."""
+    stage_dir = Path(stage_dir)
+    ckpt_path = stage_dir / "ckpt.pt"
+    identity = dict(identity, steps=steps, lr=lr, batch_size=cfg.batch_size, seed=seed)
+    state = stage_checkpoint(ckpt_path, identity, cfg)
+    if state is not None and state["step"] >= steps:
+        if env.master:
+            print(f"{desc}: reusing the finished stage in {ckpt_path}")
+        return state["ema"]
+    micro, rest = divmod(cfg.batch_size, cfg.grad_accum * env.world)
+    if rest or micro == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} does not split into --grad-accum {cfg.grad_accum} x "
+                        f"{env.world} process(es); use a multiple of {cfg.grad_accum * env.world}")
+    place(model, env).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
+                            eps=cfg.adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
+    ema = EMA(model, cfg.ema_decay)
+    t_gen = torch.Generator().manual_seed(seed * 7919 + env.rank)  # timesteps and coins (CPU)
+    x_gen = torch.Generator(env.device).manual_seed(seed * 7919 + env.rank + 1)  # noise and flips (device)
+    torch.manual_seed(seed * 7919 + env.rank + 2)  # dropout
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load(state["ema"], state["step"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], t_gen, x_gen)
+        start = state["step"]
+    if teacher is not None:
+        teacher = prepare(teacher, dataclasses.replace(env, world=1))
+    net = prepare(model, env, train=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+    def save(step):
+        if env.master:
+            atomic_save(dict(model=unwrap(model).state_dict(), ema=ema.state, optimizer=opt.state_dict(),
+                             scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=step,
+                             rng=rng_state(t_gen, x_gen), identity=identity, config=dataclasses.asdict(cfg),
+                             model_config=getattr(unwrap(model), "config", None)), ckpt_path)
+
+    data_iter = batches(data, micro, seed, env.rank, env.world, start=start * cfg.grad_accum, workers=cfg.workers)
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not env.master, dynamic_ncols=True)
+    smooth, bad_steps, tick = None, 0, time.perf_counter()
+    for step in range(start, steps):
+        total = torch.zeros((), device=env.device)
+        for m in range(cfg.grad_accum):
+            batch = next(data_iter)
+            x0, cond = encode(batch) if encode else (batch.to(env.device, non_blocking=True), {})
+            if cfg.flip:
+                flip = torch.rand(x0.shape[0], generator=x_gen, device=env.device) < 0.5
+                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+            if env.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            t = timesteps(micro, t_gen).to(env.device)
+            noise = torch.randn(x0.shape, generator=x_gen, device=env.device)
+            x_t = diffusion.q_sample(x0, t, noise)
+            sync = net.no_sync() if env.world > 1 and m < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with env.autocast():
+                    eps = net(x_t, t, **cond).float()
+                    loss = F.mse_loss(eps, noise)  # DDPM Algorithm 1
+                    if teacher is not None and lam > 0:  # DeMe Eq. 4-5: stay close to the frozen θ0
+                        with torch.no_grad():
+                            eps0 = teacher(x_t, t, **cond).float()
+                        loss = loss + lam * F.mse_loss(eps, eps0)
+                scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+        if env.world > 1:
+            torch.distributed.all_reduce(total)
+            total /= env.world
+        value = total.item()
+        if not math.isfinite(value):
+            bad_steps += 1
+            if env.precision != "fp16" or bad_steps > 50:  # fp16: the scaler skips overflowing steps
+                bar.close()
+                raise UserError(f"{desc}: the loss became {value} at step {step + 1}; stopped, and {ckpt_path} still "
+                                f"holds the last good checkpoint; lower the learning rate, then --resume")
+        else:
+            bad_steps = 0
+        scaler.unscale_(opt)
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        ema.update()
+        if math.isfinite(value):
+            smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
+        now = time.perf_counter()
+        bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "nan",
+                        img_s=f"{cfg.batch_size / max(now - tick, 1e-9):.0f}", refresh=False)
+        tick = now
+        bar.update(1)
+        done = step + 1
+        if done % cfg.ckpt_every == 0 or done == steps:
+            save(done)
+        if env.master and (done == steps or (cfg.grid_every and done % cfg.grid_every == 0)):
+            path = stage_dir / f"grid_{done:06d}.png"
+            if grid:
+                grid(ema.state, path)
+            else:
+                save_grid(build_model(unwrap(model).config, ema.state), diffusion, path, env)
+    bar.close()
+    env.barrier()
+    return ema.state
+
+
+def run_dir(cfg: Config, *parts) -> Path:
+    """A path inside the run folder (nothing is written outside it)."""
+    return Path(cfg.out).joinpath(*parts)
+
+
+def theta0_model(cfg: Config, env: Env, diffusion) -> UNet:
+    """θ0: the published checkpoint named by --pretrained, or one pretrained here from scratch (cached in the run)."""
+    if cfg.pretrained:
+        return load_pretrained(cfg.pretrained).eval()
+    stage_train(cfg, env, diffusion)  # returns at once when the run folder holds the finished stage
+    return load_model(run_dir(cfg, "pretrain", "ckpt.pt")).eval()
+
+
+def stage_train(cfg: Config, env: Env, diffusion=None):
+    """Pretrains θ0 from scratch (DDPM Algorithm 1) on the configured dataset: the θ0 of the CPU pipeline."""
+    diffusion = diffusion or GaussianDiffusion()
+    model = UNet.from_preset(cfg.preset)
+    if cfg.image_size:
+        model = UNet(**{**model.config, "resolution": cfg.image_size})
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
+    uniform = lambda b, g: torch.randint(0, diffusion.T, (b,), generator=g)
+    identity = dict(stage="pretrain", dataset=cfg.dataset, preset=cfg.preset, model=model.config,
+                    warmup=cfg.train_warmup)
+    train_loop(cfg, env, run_dir(cfg, "pretrain"), model, make_dataset(cfg), diffusion, steps=cfg.train_steps,
+               lr=cfg.train_lr, warmup=cfg.train_warmup, timesteps=uniform, identity=identity, desc="pretrain θ0",
+               seed=cfg.seed)
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Decoupled finetuning: timestep ranges, probabilistic sampling (Eq. 6), CL (Eq. 4-5), CP
+# ----------------------------------------------------------------------------------------------------------------------
+def timestep_ranges(n, T=1000):
+    """DeMe Sec. 3.1: N contiguous ranges [i*T/N, (i+1)*T/N) of [0, T), i = 0..N-1."""
+    if not isinstance(n, int) or not 1 <= n <= T:
+        raise UserError(f"number of timestep ranges must be an integer in [1, {T}], got {n!r}; "
+                        "use 4 (the paper) or 8 (its ablation)")
+    # Boundaries ceil(i*T/n): exact when n divides T; otherwise range i is exactly {t : t*n//T == i}, Eq. 7's routing.
+    edges = [-(-i * T // n) for i in range(n + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(n)]
+
+
+def sample_timesteps(batch_size, lo, hi, T=1000, p=0.3, per_batch=True, antithetic=True, generator=None):
+    """DeMe Eq. 6: with probability p draw t from [0, T), otherwise from the range [lo, hi)."""
+    if not 0 <= lo < hi <= T:
+        raise UserError(f"timestep range [{lo}, {hi}) must satisfy 0 <= lo < hi <= T={T}; use timestep_ranges(n, T)")
+    if not 0.0 <= p <= 1.0:
+        raise UserError(f"global-sampling probability p must be in [0, 1], got {p}; the official script uses 0.3")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    n_draw = math.ceil(batch_size / 2) if antithetic else batch_size
+    # One coin per batch (official), or one per draw; an antithetic pair shares its draw's coin and interval.
+    coin = torch.rand(1 if per_batch else n_draw, generator=generator) < p
+    a = torch.where(coin, torch.tensor(0), torch.tensor(lo))
+    b = torch.where(coin, torch.tensor(T), torch.tensor(hi))
+    u = torch.rand(n_draw, generator=generator, dtype=torch.float64)
+    t = a + (u * (b - a)).long()  # uniform on [a, b)
+    if antithetic:
+        t = torch.cat([t, a + b - 1 - t])[:batch_size]  # pairs (t, a+b-1-t)
+    return t
+
+
+def finetune_identity(cfg: Config, **extra) -> dict:
+    """The settings that make a finetuned model what it is (a reused checkpoint must agree on all of them)."""
+    return dict(dataset=cfg.dataset, pretrained=cfg.pretrained or "pretrain/ckpt.pt", grad_accum=cfg.grad_accum,
+                adam_betas=list(cfg.adam_betas), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                ema_decay=cfg.ema_decay, flip=cfg.flip, dropout=cfg.dropout or 0.0, **extra)
+
+
+def stage_finetune(cfg: Config, env: Env, diffusion=None, theta0=None):
+    """Decoupled finetuning (DeMe Sec. 3.2): one copy of θ0 per timestep range, with PS, CL and CP."""
+    diffusion = diffusion or GaussianDiffusion()
+    theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
+    data = make_dataset(cfg)
+    ranges = timestep_ranges(cfg.n_ranges, diffusion.T)
+    for i in range_indices(cfg):
+        lo, hi = ranges[i]
+        student = set_dropout(copy.deepcopy(theta0), cfg.dropout or 0.0)
+        if cfg.projections:
+            add_channel_projections(student)
+        teacher = frozen(theta0) if cfg.consistency > 0 else None
+
+        def timesteps(b, g, lo=lo, hi=hi):  # DeMe Eq. 6
+            return sample_timesteps(b, lo, hi, diffusion.T, cfg.p_global, not cfg.per_sample, cfg.antithetic, g)
+
+        identity = finetune_identity(cfg, stage="finetune", range=[lo, hi], n_ranges=cfg.n_ranges,
+                                     p_global=cfg.p_global, per_sample=cfg.per_sample, antithetic=cfg.antithetic,
+                                     consistency=cfg.consistency, projections=cfg.projections)
+        train_loop(cfg, env, run_dir(cfg, f"range_{i}"), student, data, diffusion, steps=cfg.steps, lr=cfg.lr,
+                   warmup=0, timesteps=timesteps, identity=identity, teacher=teacher, lam=cfg.consistency,
+                   desc=f"range {i} [{lo},{hi})", seed=cfg.seed + 1 + i)
+
+
+def stage_baseline(cfg: Config, env: Env, diffusion=None, theta0=None):
+    """The paper's equal-compute baseline: plain finetuning of θ0 on all timesteps for N x steps (N = 1, no PS/CL/CP)."""
+    diffusion = diffusion or GaussianDiffusion()
+    theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
+    student = set_dropout(copy.deepcopy(theta0), cfg.dropout or 0.0)
+    uniform = lambda b, g: torch.randint(0, diffusion.T, (b,), generator=g)
+    steps = cfg.steps * cfg.n_ranges
+    train_loop(cfg, env, run_dir(cfg, "baseline"), student, make_dataset(cfg), diffusion, steps=steps, lr=cfg.lr,
+               warmup=0, timesteps=uniform, identity=finetune_identity(cfg, stage="baseline"),
+               desc=f"baseline ({steps} steps)", seed=cfg.seed + 999)
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. Merge: task vectors, DeMe Eq. 8, TIES, DARE, merge-weight search, the ensemble (Eq. 7)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _check_state_dicts(base_sd, finetuned_sds):
+    if len(finetuned_sds) == 0:
+        raise UserError("no finetuned models to merge; pass at least one state dict")
+    for i, sd in enumerate(finetuned_sds):
+        if sd.keys() != base_sd.keys():
+            diff = sorted(set(sd.keys()) ^ set(base_sd.keys()))[:5]
+            raise UserError(f"finetuned model {i} and the base model have different keys (first: {diff}); "
+                            "merge checkpoints of the same architecture")
+        for k, v in base_sd.items():
+            if torch.is_tensor(v) and sd[k].shape != v.shape:
+                raise UserError(f"finetuned model {i}, key {k!r}: shape {tuple(sd[k].shape)} != base "
+                                f"{tuple(v.shape)}; merge checkpoints of the same architecture")
+
+
+def _is_weight(v):
+    return torch.is_tensor(v) and torch.is_floating_point(v)
+
+
+def _compute_dtype(v):
+    return torch.promote_types(v.dtype, torch.float32)  # float32, or float64 for float64 weights
+
+
+def task_vectors(base_sd, finetuned_sds):
+    """DeMe Sec. 3.3: τ_i = θ_i - θ0 for every floating-point tensor, in float32."""
+    _check_state_dicts(base_sd, finetuned_sds)
+    return [{k: sd[k].to(_compute_dtype(v)) - v.to(_compute_dtype(v)) for k, v in base_sd.items() if _is_weight(v)}
+            for sd in finetuned_sds]
+
+
+def _ties(tau, w, k=20.0, lam=1.0):
+    """TIES (Yadav et al. 2023): trim to top-k%, elect signs, disjoint mean; tau is (N, ...)."""
+    tau = w * tau  # weights act before trimming
+    flat = tau.reshape(tau.shape[0], -1)  # (N, D)
+    n_keep = max(1, round(k / 100 * flat.shape[1]))
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.abs().topk(n_keep, dim=1).indices, True)
+    trimmed = (flat * keep).view_as(tau)
+    elected = torch.sign(trimmed.sum(0))  # (...)
+    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    return lam * (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def _dare(tau, w, generator, p=0.9):
+    """DARE (Yu et al. 2024): drop entries with probability p, rescale by 1/(1-p), then Σ w_i τ_i."""
+    keep = torch.rand(tau.shape, generator=generator) >= p
+    return (w * tau * keep.to(tau.device) / (1 - p)).sum(0)
+
+
+# Options and defaults per method. TIES: k = percent kept, trimmed per tensor (as mergekit; the TIES reference code
+# trims over the whole flattened model), k=20 as in the reference code; weights scale τ_i before trimming.
+# DARE: p = 0.9, the DARE paper's main drop rate; it assumes small deltas, lower it if DARE hurts.
+MERGE_OPTIONS = {"task_arithmetic": {}, "average": {}, "ties": {"k": 20.0, "lam": 1.0}, "dare": {"p": 0.9, "seed": 0}}
+
+
+def merge(base_sd, finetuned_sds, weights=None, method="task_arithmetic", **options):
+    """DeMe Eq. 8: θ0 + Σ w_i τ_i, or the uniform average, TIES or DARE of the same task vectors."""
+    if method not in MERGE_OPTIONS:
+        raise UserError(f"unknown merge method {method!r}; choose one of {sorted(MERGE_OPTIONS)}")
+    unknown = sorted(set(options) - set(MERGE_OPTIONS[method]))
+    if unknown:
+        raise UserError(f"unknown option(s) {unknown} for merge method {method!r}; "
+                        f"valid: {sorted(MERGE_OPTIONS[method]) or 'none'}")
+    opts = {**MERGE_OPTIONS[method], **options}
+    _check_state_dicts(base_sd, finetuned_sds)
+    n = len(finetuned_sds)
+    if method == "average" or weights is None:
+        weights = [1.0] * n if method == "ties" else [1.0 / n] * n  # TIES already averages: default w_i = 1
+    weights = [float(w_i) for w_i in weights]
+    if len(weights) != n:
+        raise UserError(f"got {len(weights)} merge weights for {n} finetuned models; pass one weight per model")
+    if method == "ties" and not 0 < opts["k"] <= 100:
+        raise UserError(f"TIES k is the percent of entries kept and must be in (0, 100], got {opts['k']}")
+    if method == "dare":
+        if not 0 <= opts["p"] < 1:
+            raise UserError(f"DARE drop probability p must be in [0, 1), got {opts['p']}")
+        seed = opts.pop("seed")
+        generator = torch.Generator().manual_seed(int(seed))
+
+    merged = {}
+    for key, theta0 in base_sd.items():
+        if not _is_weight(theta0):
+            merged[key] = theta0.clone() if torch.is_tensor(theta0) else theta0  # integer buffers pass through
+            continue
+        dtype = _compute_dtype(theta0)
+        tau = torch.stack([sd[key].to(dtype) - theta0.to(dtype) for sd in finetuned_sds])  # (N, ...)
+        w = torch.tensor(weights, dtype=dtype, device=tau.device).view(-1, *[1] * theta0.dim())  # (N, 1, ...)
+        if method == "ties":
+            tau_m = _ties(tau, w, **opts)
+        elif method == "dare":
+            tau_m = _dare(tau, w, generator, **opts)
+        else:
+            tau_m = (w * tau).sum(0)
+        merged[key] = (theta0.to(dtype) + tau_m).to(theta0.dtype)
+    return merged
+
+
+# ----------------------------------------------------------------------------- ensemble before merge
+
+class RangeEnsemble(nn.Module):
+    """DeMe Eq. 7: at timestep t use θ_i with i = floor(t*N/T) (N models at inference, no merge)."""
+
+    def __init__(self, models, T=1000):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.T = T
+
+    def forward(self, x, t):
+        B, N = x.shape[0], len(self.models)
+        t = torch.as_tensor(t, device=x.device).long().expand(B) if not torch.is_tensor(t) or t.dim() == 0 else t
+        if t.min() < 0 or t.max() >= self.T:
+            raise UserError(f"timesteps must lie in [0, {self.T}), got {t.min().item()}..{t.max().item()}")
+        idx = t * N // self.T  # (B,) model of each sample
+        if (idx == idx[0]).all():
+            return self.models[int(idx[0])](x, t)
+        out = None
+        for i in idx.unique().tolist():
+            rows = (idx == i).nonzero().squeeze(1)
+            y = self.models[i](x[rows], t[rows])
+            out = y.new_empty((B, *y.shape[1:])) if out is None else out
+            out[rows] = y
+        return out
+
+
+# ----------------------------------------------------------------------------- merge-weight search
+
+def search_merge_weights(objective, n, grid=(0.0, 0.25, 0.5, 0.75, 1.0), refine_steps=(0.1, 0.05), max_evals=60,
+                         init=None, progress=True):
+    """Choose w for DeMe Eq. 8 by minimising objective(w): shared-scalar grid, then coordinate descent."""
+    w_min, w_max = 0.0, 1.5  # no task negation; up to 50% extrapolation past θ_i
+    cache, path = {}, []
+    bar = tqdm(total=max_evals, desc="merge weights", disable=not progress)
+
+    def evaluate(w):
+        w = tuple(round(min(max(wi, w_min), w_max), 6) for wi in w)
+        if w not in cache and len(path) < max_evals:
+            value = float(objective(w))
+            cache[w] = value if not math.isnan(value) else math.inf
+            path.append({"w": list(w), "value": value})
+            bar.update(1)
+            bar.set_postfix(best=min(cache.values()))
+        return w, cache.get(w, math.inf)
+
+    # (a) coarse: w_i = s for all i, the uniform average and θ0 itself
+    starts = ([tuple(init)] if init is not None else []) + [(s,) * n for s in grid] + [(1.0 / n,) * n, (0.0,) * n]
+    for w in starts:
+        evaluate(w)
+    best = min(cache, key=cache.get)  # first minimum in evaluation order
+    # (b) coordinate descent: step along each coordinate while it improves, until a full sweep does not; then refine
+    for step in refine_steps:
+        improved = True
+        while improved and len(path) < max_evals:
+            improved = False
+            for i in range(n):
+                for direction in (+step, -step):
+                    moved = False
+                    while True:
+                        w, value = evaluate(best[:i] + (best[i] + direction,) + best[i + 1:])
+                        if not value < cache[best]:
+                            break
+                        best, moved, improved = w, True, True
+                    if moved:
+                        break
+    bar.close()
+    return dict(weights=list(best), value=cache[best], path=path, evals=len(path))
+
+
+def rerank(candidates, score):
+    """Re-score a few candidate weight vectors with a costlier score (e.g. FID); best (lowest) first."""
+    scored = [{"w": list(w), "score": float(score(tuple(w)))} for w in candidates]
+    return sorted(scored, key=lambda c: c["score"])
+
+
+def range_models(cfg: Config) -> list:
+    """θ_1..θ_N: the EMA weights of every finished range."""
+    models = []
+    for i in range(cfg.n_ranges):
+        path = run_dir(cfg, f"range_{i}", "ckpt.pt")
+        if not path.exists():
+            raise UserError(f"range {i} has no checkpoint at {path}; run `python deme.py finetune --ranges {i}` "
+                            f"with the same --out first")
+        ck = load_checkpoint(path)
+        if ck["step"] < ck["identity"]["steps"]:
+            raise UserError(f"range {i} is unfinished ({path}, step {ck['step']} of {ck['identity']['steps']}); "
+                            f"finish it with `python deme.py finetune --ranges {i} --resume`")
+        models.append(build_model(ck["model_config"], ck["ema"]).eval())
+    return models
+
+
+@torch.no_grad()
+def heldout_loss(model, diffusion, images, env: Env, n_ranges=4, seed=0, batch=256):
+    """DDPM's simple loss on held-out images, with t stratified over [0, T) and noise fixed by `seed`: the same
+    objective the models train on, on data they did not see, with common random numbers so that two models'
+    values differ by the models alone. Returns (mean, [mean over each of the N timestep ranges])."""
+    n = len(images)
+    g = torch.Generator().manual_seed(seed)
+    t = ((torch.arange(n) + 0.5) * diffusion.T / n).long()[torch.randperm(n, generator=g)]  # (n,) stratified
+    noise = torch.randn(images.shape, generator=g)
+    losses = torch.empty(n, dtype=torch.float64)
+    model.eval()
+    for s in range(0, n, batch):
+        x0, eps, tb = (v[s:s + batch].to(env.device) for v in (images, noise, t))
+        with env.autocast():
+            pred = model(diffusion.q_sample(x0, tb, eps), tb).float()
+        losses[s:s + batch] = (pred - eps).pow(2).flatten(1).mean(1).double().cpu()
+    which = t * n_ranges // diffusion.T
+    return losses.mean().item(), [losses[which == i].mean().item() for i in range(n_ranges)]
+
+
+def merge_base(theta0, with_projections) -> dict:
+    """θ0's state dict in the finetuned models' layout (identity projections, so their task vector is W_i - I)."""
+    base = copy.deepcopy(unwrap(theta0))
+    return (add_channel_projections(base) if with_projections else base).state_dict()
+
+
+def merge_options(cfg: Config) -> dict:
+    return {"ties": dict(k=cfg.ties_k, lam=cfg.ties_lam), "dare": dict(p=cfg.dare_p, seed=cfg.seed)}.get(
+        cfg.merge_method, {})
+
+
+def stage_merge(cfg: Config, env: Env, diffusion=None, theta0=None):
+    """DeMe Eq. 8: θ0 + Σ w_i τ_i with w given, or searched on the held-out loss; saves merge/merged.pt."""
+    diffusion = diffusion or GaussianDiffusion()
+    theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
+    finetuned = [m.state_dict() for m in range_models(cfg)]
+    base = merge_base(theta0, any(k.endswith(".proj.weight") for k in finetuned[0]))
+    config = unwrap(theta0).config
+    folder = run_dir(cfg, "merge")
+    folder.mkdir(parents=True, exist_ok=True)
+    search = None
+    if cfg.merge_weights:
+        weights = merge_weight_list(cfg)
+    elif cfg.merge_method == "average":
+        weights = [1.0 / cfg.n_ranges] * cfg.n_ranges
+    else:
+        if not env.master:  # the search runs on rank 0 alone
+            env.barrier()
+            return
+        images = heldout_images(cfg, cfg.search_images)
+        cache_path = folder / "search_cache.json"
+        cache = {} if cfg.overwrite or not cache_path.exists() else json.loads(cache_path.read_text())
+        model = build_model(config, base).to(env.device)
+
+        def objective(w):  # held-out loss of θ0 + Σ w_i τ_i; cached on disk so a resumed search repeats nothing
+            key = json.dumps([round(x, 6) for x in w])
+            if key not in cache:
+                model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
+                cache[key] = heldout_loss(model, diffusion, images, env, cfg.n_ranges, cfg.seed)[0]
+                atomic_write_text(json.dumps(cache), cache_path)
+            return cache[key]
+
+        search = search_merge_weights(objective, cfg.n_ranges, max_evals=cfg.search_evals, progress=env.master)
+        weights = search["weights"]
+        search["objective"] = (f"held-out denoising loss, {len(images)} images, t stratified over [0, "
+                               f"{diffusion.T}), fixed noise (seed {cfg.seed})")
+    merged = merge(base, finetuned, weights, cfg.merge_method, **merge_options(cfg))
+    if env.master:
+        record = dict(method=cfg.merge_method, weights=weights, options=merge_options(cfg), search=search)
+        atomic_write_text(json.dumps(record, indent=2), folder / "search.json")
+        atomic_save(dict(ema=merged, model_config=config, merge=record, config=dataclasses.asdict(cfg)),
+                    folder / "merged.pt")
+        print(f"merged {cfg.n_ranges} ranges with {cfg.merge_method}, w = {[round(w, 3) for w in weights]} -> "
+              f"{folder / 'merged.pt'}")
+    env.barrier()
+
+
+def atomic_write_text(text, path):
+    """Writes text to a temporary file beside `path`, then renames it into place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. Evaluation: FID as pytorch-fid computes it, samples on disk, pixel Fréchet distance
+# ----------------------------------------------------------------------------------------------------------------------
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"
+FID_DIMS = 2048
+
+
+def _avg_pool_excluding_pad(x):
+    """3x3 stride-1 average pool that, like TensorFlow's, does not count the zero padding."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def _max_pool(x):
+    """3x3 stride-1 max pool: the TF 2015-12-05 graph pools Mixed_7c's pool branch by max, not by average."""
+    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+def _inception_a(block, x):
+    """torchvision InceptionA (Mixed_5b..5d) with the pad-excluding average pool."""
+    b5x5 = block.branch5x5_2(block.branch5x5_1(x))
+    b3x3 = block.branch3x3dbl_3(block.branch3x3dbl_2(block.branch3x3dbl_1(x)))
+    return torch.cat([block.branch1x1(x), b5x5, b3x3, block.branch_pool(_avg_pool_excluding_pad(x))], 1)
+
+
+def _inception_c(block, x):
+    """torchvision InceptionC (Mixed_6b..6e) with the pad-excluding average pool."""
+    b7x7 = block.branch7x7_3(block.branch7x7_2(block.branch7x7_1(x)))
+    b7x7dbl = x
+    for k in range(1, 6):
+        b7x7dbl = getattr(block, f"branch7x7dbl_{k}")(b7x7dbl)
+    return torch.cat([block.branch1x1(x), b7x7, b7x7dbl, block.branch_pool(_avg_pool_excluding_pad(x))], 1)
+
+
+def _inception_e(block, x, pool):
+    """torchvision InceptionE (Mixed_7b, 7c) with the given 3x3 pool in its pool branch."""
+    b3x3 = block.branch3x3_1(x)
+    b3x3 = torch.cat([block.branch3x3_2a(b3x3), block.branch3x3_2b(b3x3)], 1)
+    b3x3dbl = block.branch3x3dbl_2(block.branch3x3dbl_1(x))
+    b3x3dbl = torch.cat([block.branch3x3dbl_3a(b3x3dbl), block.branch3x3dbl_3b(b3x3dbl)], 1)
+    return torch.cat([block.branch1x1(x), b3x3, b3x3dbl, block.branch_pool(pool(x))], 1)
+
+
+def sha256_of_file(path):
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fid_weights_file(weights_path=None):
+    """The Inception weights file: weights_path, or pytorch-fid's file in the torch hub cache, downloaded once."""
+    if weights_path is not None:
+        if not Path(weights_path).is_file():
+            raise UserError(f"Inception weights file {weights_path} does not exist; "
+                            f"download {FID_WEIGHTS_URL} and pass its path")
+        return Path(weights_path)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_NAME
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    try:
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(partial), progress=True)
+    except Exception as e:  # offline, proxy, HTTP error: all mean the same to the user
+        partial.unlink(missing_ok=True)
+        reason = " ".join(str(e).split())
+        raise UserError(f"Inception weights missing and download failed ({type(e).__name__}: {reason}); fetch "
+                        f"{FID_WEIGHTS_URL} and save it as {path}, or pass --inception-weights FILE") from None
+    os.replace(partial, path)
+    return path
+
+
+class FIDInception(nn.Module):
+    """pytorch-fid's InceptionV3([3]): the TF 2015-12-05 Inception (1008 classes) with TF pooling, pool3 features."""
+
+    def __init__(self, weights_path=None, check_hash=True):
+        super().__init__()
+        from torchvision.models.inception import Inception3
+        net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+        for name, module in net.named_children():  # same state-dict keys as the weights file
+            self.add_module(name, module)
+        path = fid_weights_file(weights_path)
+        if check_hash:
+            digest = sha256_of_file(path)
+            if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
+                raise UserError(f"{path} has SHA-256 {digest}, not {FID_WEIGHTS_SHA256_PREFIX}...; it is not "
+                                f"pytorch-fid's {FID_WEIGHTS_NAME}: download {FID_WEIGHTS_URL}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read {path} as a torch state dict ({type(e).__name__}); "
+                            f"use pytorch-fid's {FID_WEIGHTS_NAME}") from None
+        if not isinstance(state, dict):
+            raise UserError(f"{path} holds a {type(state).__name__}, not a state dict; "
+                            f"use pytorch-fid's {FID_WEIGHTS_NAME}")
+        expected = self.state_dict()
+        # BatchNorm's step counters do not affect eval-mode outputs; files from older torch versions lack them.
+        state = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state}
+        bad = sorted(set(expected) ^ set(state))
+        bad += [k for k in expected if k in state and getattr(state[k], "shape", None) != expected[k].shape]
+        if bad:
+            raise UserError(f"{path} does not hold the FID Inception's weights ({len(bad)} missing, unexpected or "
+                            f"misshapen entries, e.g. {bad[0]}); use pytorch-fid's {FID_WEIGHTS_NAME}")
+        self.load_state_dict(state, strict=True)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images):
+        """(B, 3, H, W) images in [0, 1] -> (B, 2048) float32 pool3 features."""
+        x = F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1                                                          # the TF graph expects [-1, 1]
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))      # (B, 64, 147, 147)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(self.maxpool1(x)))           # (B, 192, 71, 71)
+        x = self.maxpool2(x)                                                   # (B, 192, 35, 35)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d):
+            x = _inception_a(block, x)                                         # (B, 288, 35, 35)
+        x = self.Mixed_6a(x)                                                   # (B, 768, 17, 17)
+        for block in (self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
+            x = _inception_c(block, x)                                         # (B, 768, 17, 17)
+        x = self.Mixed_7a(x)                                                   # (B, 1280, 8, 8)
+        x = _inception_e(self.Mixed_7b, x, _avg_pool_excluding_pad)            # (B, 2048, 8, 8)
+        x = _inception_e(self.Mixed_7c, x, _max_pool)                          # (B, 2048, 8, 8)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)                          # (B, 2048)
+
+
+def feature_stats(features):
+    """Gaussian fitted to features (N, D): mean and unbiased covariance np.cov, in float64 as pytorch-fid."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise UserError(f"need at least 2 feature vectors of shape (N, D), got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def save_stats(path, mu, sigma):
+    """Write statistics as an .npz with keys mu and sigma (pytorch-fid's format), atomically."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise UserError(f"statistics file {path} must end in .npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    with open(partial, "wb") as f:  # a file object, so numpy does not append .npz to the temp name
+        np.savez(f, mu=mu, sigma=sigma)
+    os.replace(partial, path)
+
+
+def load_stats(path):
+    """(mu, sigma) from an .npz written by save_stats or by pytorch-fid --save-stats."""
+    try:
+        with np.load(path) as f:
+            return f["mu"][:], f["sigma"][:]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read FID statistics (keys mu, sigma) from {path} ({type(e).__name__}); "
+                        f"pass an .npz written by pytorch-fid --save-stats or by this program") from None
+
+
+def _psd_eigenvalues(w):
+    """Eigenvalues of a PSD matrix with rounding noise (|w| <= D eps max|w|, numpy's matrix_rank rule) set to 0."""
+    noise = len(w) * np.finfo(w.dtype).eps * np.abs(w).max(initial=0)
+    return np.where(w > noise, w, 0.0)  # sqrt of noise-level eigenvalues would add D sqrt(eps) for singular matrices
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Fréchet distance of two Gaussians, ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise UserError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                        f"{sigma2.shape}; compute both with the same feature extractor and dims")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise UserError("statistics contain NaN or inf; the features they come from are broken")
+    # S1 S2 is similar to the PSD matrix S1^(1/2) S2 S1^(1/2), so tr (S1 S2)^(1/2) = sum of sqrt of its eigenvalues;
+    # with S1 = V W V^T, that matrix is V (B^T S2 B) V^T for B = V W^(1/2), and B^T S2 B has the same eigenvalues.
+    w1, V1 = np.linalg.eigh(sigma1)
+    B = V1 * np.sqrt(_psd_eigenvalues(w1))                                     # (D, D)
+    M = B.T @ sigma2 @ B                                                       # (D, D)
+    tr_covmean = np.sqrt(_psd_eigenvalues(np.linalg.eigvalsh((M + M.T) / 2))).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def load_image(path):
+    """An image file as a (3, H, W) float32 tensor in [0, 1], read as pytorch-fid reads it (PIL RGB, ToTensor)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            rgb = np.array(im.convert("RGB"))                                  # (H, W, 3) uint8
+    except OSError as e:
+        raise UserError(f"cannot read image {path} ({e}); delete or replace it") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)
+
+
+def folder_features(folder, model, batch_size=50, device="cpu"):
+    """Inception features (N, 2048) in float64 of every image under folder, in sorted path order."""
+    paths = image_files(folder)
+    model = model.to(device).eval()
+    features = np.empty((len(paths), FID_DIMS), dtype=np.float64)
+    with tqdm(total=len(paths), desc=f"features of {Path(folder).name}", unit="img") as bar:
+        for start in range(0, len(paths), batch_size):
+            batch = [load_image(p) for p in paths[start:start + batch_size]]
+            if len({x.shape for x in batch}) > 1:
+                raise UserError(f"images under {folder} differ in size (e.g. {paths[start]}); "
+                                f"resize or crop them to one size first")
+            with torch.inference_mode():
+                features[start:start + len(batch)] = model(torch.stack(batch).to(device)).cpu().numpy()
+            bar.update(len(batch))
+    return features
+
+
+def dataset_stats(path_or_npz, model, batch_size=50, device="cpu", cache=None):
+    """(mu, sigma) of an .npz of statistics or of a folder of images, reusing or writing an .npz cache."""
+    if str(path_or_npz).endswith(".npz"):
+        return load_stats(path_or_npz)
+    if cache is not None and Path(cache).is_file():
+        return load_stats(cache)
+    features = folder_features(path_or_npz, model, batch_size, device)
+    if len(features) < features.shape[1]:
+        print(f"warning: {len(features)} images < {features.shape[1]} feature dims: singular covariance, FID biased "
+              f"upward; compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
+    mu, sigma = feature_stats(features)
+    if cache is not None:
+        save_stats(cache, mu, sigma)
+    return mu, sigma
+
+
+def fid_command(path_a, path_b, batch_size=50, device="cpu", inception_weights=None, dims=2048, check_hash=True):
+    """FID between A and B, each a folder of images or an .npz, like `python -m pytorch_fid A B`."""
+    if dims != FID_DIMS:
+        raise UserError(f"only dims={FID_DIMS} (pool3 features, the FID standard) is supported, got {dims}")
+    is_npz = [str(p).endswith(".npz") for p in (path_a, path_b)]
+    model = None if all(is_npz) else FIDInception(inception_weights, check_hash).to(device)
+    mu_a, sigma_a = dataset_stats(path_a, model, batch_size, device)
+    mu_b, sigma_b = dataset_stats(path_b, model, batch_size, device)
+    fid = frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+    print("FID: ", fid)
+    return fid
+
+
+def images_to_uint8(images):
+    """(B, C, H, W) images in [-1, 1] -> (B, H, W, C) uint8, rounded exactly as torchvision.utils.save_image."""
+    x = (images.float() * 0.5 + 0.5).mul(255).add(0.5).clamp(0, 255)
+    return x.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+
+
+def start_noise(seed, indices, shape):
+    """Starting noise x_T (B, *shape) of samples `indices`; sample i's noise depends only on (seed, i)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                        for i in indices])
+
+
+def generate_samples(sample_fn, n, out_dir, batch_size, seed, rank=0, world=1, shape=(3, 32, 32)):
+    """Write samples 0..n-1 as 8-bit PNGs out_dir/{i:06d}.png; rank r of world makes i % world == r, skipping done."""
+    from PIL import Image
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(rank, n, world) if not (out_dir / f"{i:06d}.png").exists()]
+    with tqdm(total=len(todo), desc=f"sampling rank {rank}", unit="img", disable=rank != 0) as bar:
+        for start in range(0, len(todo), batch_size):
+            indices = todo[start:start + batch_size]
+            noise = start_noise(seed, indices, shape)                          # (B, C, H, W), on the CPU
+            with torch.no_grad():
+                images = sample_fn(noise)                                      # (B, C, H, W) in [-1, 1]
+            assert images.ndim == 4 and len(images) == len(indices), f"sample_fn gave shape {tuple(images.shape)}"
+            for i, pixels in zip(indices, images_to_uint8(images)):           # (H, W, C) uint8
+                path = out_dir / f"{i:06d}.png"
+                partial = path.with_name(path.name + ".tmp")
+                Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(partial, format="PNG")
+                os.replace(partial, path)
+            bar.update(len(indices))
+    return len(todo)
+
+
+def pixel_frechet(images_a, images_b, pool=1):
+    """Fréchet distance between raw pixel vectors, average-pooled by pool first: a cheap sanity check, NOT FID."""
+    def pixel_vectors(images):
+        x = torch.as_tensor(images).to(torch.float64)                          # (N, C, H, W)
+        return (F.avg_pool2d(x, pool) if pool > 1 else x).flatten(1).numpy()   # (N, C * H/pool * W/pool)
+    a, b = pixel_vectors(images_a), pixel_vectors(images_b)
+    if a.shape[1] != b.shape[1]:
+        raise UserError(f"pixel vectors differ in size ({a.shape[1]} vs {b.shape[1]}); use images of one shape")
+    n, dims = min(len(a), len(b)), a.shape[1]
+    if n < 10 * dims:
+        print(f"warning: pixel Fréchet distance from N={n} < 10 x {dims} dims is dominated by estimation bias; "
+              f"use more images or a larger pool", file=sys.stderr)
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def pixel_frechet_report(fake, real_a, real_b, pool=1):
+    """Pixel Fréchet distance of fake vs real_a, beside real_b vs real_a at the same N (the floor at that N)."""
+    if len(fake) != len(real_b):
+        raise UserError(f"{len(fake)} generated vs {len(real_b)} real images: the real-vs-real reference needs "
+                        f"the same N")
+    return dict(model=pixel_frechet(fake, real_a, pool), real_vs_real=pixel_frechet(real_b, real_a, pool),
+                n=len(fake))
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 of a model's weights: samples on disk are reused only for the very model that made them."""
+    h = hashlib.sha256()
+    for k, v in sorted(unwrap(model).state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def named_model(cfg: Config, env: Env, name: str, theta0=None):
+    """theta0, baseline, ensemble, merged (the run's models) or the path of a checkpoint."""
+    if name == "theta0":
+        return theta0 if theta0 is not None else theta0_model(cfg, env, GaussianDiffusion())
+    if name == "ensemble":
+        return RangeEnsemble(range_models(cfg))
+    paths = {"baseline": run_dir(cfg, "baseline", "ckpt.pt"), "merged": run_dir(cfg, "merge", "merged.pt")}
+    path = paths.get(name, Path(name))
+    if name in paths and not path.exists():
+        raise UserError(f"model {name!r} does not exist yet ({path}); run `python deme.py "
+                        f"{'baseline' if name == 'baseline' else 'merge'}` with the same --out first")
+    if not path.exists():
+        raise UserError(f"model {name!r} is neither theta0, baseline, ensemble, merged nor a checkpoint file")
+    return load_model(path).eval()
+
+
+def write_samples(cfg: Config, env: Env, diffusion, model, name) -> Path:
+    """cfg.n_samples samples of `model` as PNGs under samples/<name>/, streamed, resumable, split over ranks."""
+    folder = run_dir(cfg, "samples", name)
+    meta = dict(model=model_fingerprint(model), sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
+                variance=cfg.variance, seed=cfg.seed)
+    meta_path = folder.with_suffix(".json")
+    if meta_path.exists() and not cfg.overwrite and json.loads(meta_path.read_text()) != meta:
+        raise UserError(f"{folder} holds samples of another model or sampler; pass --overwrite to replace them")
+    if env.master:
+        folder.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite:
+            for p in folder.glob("*.png"):
+                p.unlink()
+        atomic_write_text(json.dumps(meta), meta_path)
+    env.barrier()
+    model = model.to(env.device).eval()
+    gen = torch.Generator(env.device).manual_seed(cfg.seed * 7 + env.rank)
+
+    def sample_fn(noise):
+        with env.autocast():
+            return sample_images(diffusion, model, noise.to(env.device), cfg, generator=gen).float().cpu()
+
+    c, res = unwrap_config(model)
+    generate_samples(sample_fn, cfg.n_samples, folder, cfg.eval_batch, cfg.seed, env.rank, env.world, (c, res, res))
+    env.barrier()
+    return folder
+
+
+def unwrap_config(model):
+    """(channels, resolution) of a UNet or of the models of an ensemble."""
+    m = unwrap(model)
+    m = m.models[0] if isinstance(m, RangeEnsemble) else m
+    return m.config["in_channels"], m.config["resolution"]
+
+
+def sample_in_memory(cfg: Config, env: Env, diffusion, model, n, seed) -> torch.Tensor:
+    """n samples (n, C, H, W) in [-1, 1] from noise fixed by `seed`, the same for every model."""
+    c, res = unwrap_config(model)
+    model = model.to(env.device).eval()
+    gen = torch.Generator(env.device).manual_seed(seed * 7)
+    out = []
+    for s in tqdm(range(0, n, cfg.eval_batch), desc="sampling", leave=False, disable=not env.master):
+        noise = start_noise(seed, range(s, min(n, s + cfg.eval_batch)), (c, res, res)).to(env.device)
+        with env.autocast():
+            out.append(sample_images(diffusion, model, noise, cfg, generator=gen).float().cpu())
+    return torch.cat(out)
+
+
+def pixel_pool(res, channels, n) -> int:
+    """The smallest average-pool factor that leaves at least 10 samples per pixel dimension."""
+    pool = 1
+    while channels * (res // pool) ** 2 * 10 > n and res // pool > 1:
+        pool *= 2
+    return pool
+
+
+def real_image_sets(cfg: Config, n):
+    """Two disjoint sets of n real images (the pixel metric and its real-vs-real floor)."""
+    if cfg.dataset == "synthetic":
+        res = cfg.image_size or PRESETS[cfg.preset]["resolution"]
+        return synthetic_images(n, res, seed=cfg.seed + 2_000_003), synthetic_images(n, res, seed=cfg.seed + 3_000_017)
+    ds = make_dataset(cfg)
+    if len(ds) < 2 * n:
+        raise UserError(f"the dataset has {len(ds)} images, fewer than 2 x --n-samples {n}; lower --n-samples")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:2 * n]
+    images = torch.stack([ds[int(i)] for i in idx])
+    return images[:n], images[n:]
+
+
+def reference_stats(cfg: Config, env: Env, inception):
+    """FID statistics of the training set: --fid-stats, or computed once and cached in the run folder."""
+    if cfg.fid_stats:
+        return load_stats(cfg.fid_stats)
+    cache = run_dir(cfg, f"fid_stats_{cfg.dataset}.npz")
+    if cache.exists():
+        return load_stats(cache)
+    ds = make_dataset(cfg)
+    feats = []
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch, num_workers=cfg.workers)
+    for x in tqdm(loader, desc="FID statistics of the training set", disable=not env.master):
+        x = torch.from_numpy(images_to_uint8(x)).permute(0, 3, 1, 2).float() / 255  # as the PNGs are read back
+        with torch.no_grad():
+            feats.append(inception(x.to(env.device)).double().cpu().numpy())
+    mu, sigma = feature_stats(np.concatenate(feats))
+    if env.master:
+        save_stats(cache, mu, sigma)
+    return mu, sigma
+
+
+def stage_evaluate(cfg: Config, env: Env, diffusion=None, theta0=None):
+    """Compares models with one sampler, sample count and seed; writes results.{json,md} and models.png."""
+    diffusion = diffusion or GaussianDiffusion()
+    names = [s.strip() for s in cfg.models.split(",") if s.strip()]
+    metric = cfg.metric if cfg.metric != "auto" else ("pixel" if cfg.dataset == "synthetic" else "fid")
+    heldout = heldout_images(cfg, cfg.search_images)
+    if metric == "pixel":
+        real_a, real_b = real_image_sets(cfg, cfg.n_samples)
+        _, res = real_a.shape[1], real_a.shape[-1]
+        pool = pixel_pool(res, real_a.shape[1], cfg.n_samples)
+        floor = pixel_frechet(real_b, real_a, pool)
+    else:
+        inception = FIDInception(cfg.inception_weights or None).to(env.device).eval()
+        mu_ref, sigma_ref = reference_stats(cfg, env, inception)
+    rows, grids = [], {}
+    for name in names:
+        model = named_model(cfg, env, name, theta0)
+        start = time.perf_counter()
+        if metric == "pixel":
+            samples = sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, cfg.seed)
+            value = pixel_frechet(samples, real_a, pool)
+            grids[name] = samples[:64]
+        else:
+            folder = write_samples(cfg, env, diffusion, model, name)
+            value = frechet_distance(*feature_stats(folder_features(folder, inception, cfg.eval_batch, env.device)),
+                                     mu_ref, sigma_ref) if env.master else None
+            grids[name] = torch.stack([load_image(p) * 2 - 1 for p in image_files(folder)[:64]])
+        seconds = time.perf_counter() - start
+        loss, per_range = heldout_loss(model.to(env.device), diffusion, heldout, env, cfg.n_ranges, cfg.seed)
+        rows.append(dict(model=name, value=value, heldout_loss=loss, heldout_loss_per_range=per_range,
+                         params=sum(p.numel() for p in model.parameters()), sample_seconds=seconds))
+    if not env.master:
+        return rows
+    label = ("pixel Fréchet distance (not FID)" if metric == "pixel" else "FID") + f", {cfg.n_samples} samples"
+    sampler = (f"DDIM {cfg.sample_steps} steps, eta {cfg.eta}" if cfg.sampler == "ddim"
+               else f"DDPM {diffusion.T} steps, {cfg.variance}")
+    results = dict(metric=label, sampler=sampler, seed=cfg.seed, rows=rows,
+                   real_vs_real=floor if metric == "pixel" else None,
+                   pixel_pool=pool if metric == "pixel" else None, config=dataclasses.asdict(cfg))
+    table = results_markdown(results, cfg)
+    print("\n" + table)
+    atomic_write_text(json.dumps(results, indent=2), run_dir(cfg, "results.json"))
+    atomic_write_text(table, run_dir(cfg, "results.md"))
+    side_by_side(grids, run_dir(cfg, "models.png"))
+    print(f"results: {run_dir(cfg, 'results.md')}, samples side by side: {run_dir(cfg, 'models.png')}")
+    return rows
+
+
+def results_markdown(results, cfg: Config) -> str:
+    """The results table as Markdown."""
+    ranges = timestep_ranges(cfg.n_ranges)
+    head = ["model", results["metric"].split(",")[0], "held-out loss"] + [f"loss t∈[{a},{b})" for a, b in ranges]
+    head += ["parameters", "sampling s"]
+    lines = [f"Sampler: {results['sampler']}; {results['metric']}; seed {results['seed']}."]
+    if results["real_vs_real"] is not None:
+        lines[0] += (f" Real vs real at the same N: {results['real_vs_real']:.4f} (pixels average-pooled "
+                     f"{results['pixel_pool']}x{results['pixel_pool']}).")
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["rows"]:
+        cells = [r["model"], f"{r['value']:.4f}", f"{r['heldout_loss']:.5f}"]
+        cells += [f"{v:.5f}" for v in r["heldout_loss_per_range"]] + [f"{r['params']:,}", f"{r['sample_seconds']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def side_by_side(grids: dict, path, scale=None):
+    """One image: each model's first 64 samples as an 8x8 grid, titled, left to right."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+    tiles = []
+    for name, x in grids.items():
+        g = make_grid(x.float() * 0.5 + 0.5, nrow=8, padding=1, pad_value=1.0).clamp(0, 1)
+        im = Image.fromarray(g.mul(255).round().byte().permute(1, 2, 0).numpy())
+        s = scale or max(1, 256 // im.width)
+        im = im.resize((im.width * s, im.height * s), Image.NEAREST)
+        tile = Image.new("RGB", (im.width, im.height + 18), "white")
+        tile.paste(im, (0, 18))
+        ImageDraw.Draw(tile).text((4, 3), name, fill="black")
+        tiles.append(tile)
+    out = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), max(t.height for t in tiles)), "white")
+    x = 0
+    for t in tiles:
+        out.paste(t, (x, 0))
+        x += t.width + 8
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    out.save(tmp)
+    os.replace(tmp, path)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def stage_pipeline(cfg: Config, env: Env):
+    """Everything, in the paper's order: θ0, the N ranges, the equal-compute baseline, the merge, the evaluation."""
+    start = time.perf_counter()
+    diffusion = GaussianDiffusion()
+    theta0 = theta0_model(cfg, env, diffusion)
+    stage_finetune(cfg, env, diffusion, theta0)
+    if cfg.baseline:
+        stage_baseline(cfg, env, diffusion, theta0)
+    elif "baseline" in cfg.models:
+        cfg = dataclasses.replace(cfg, models=",".join(m for m in cfg.models.split(",") if m != "baseline"))
+    stage_merge(cfg, env, diffusion, theta0)
+    stage_evaluate(cfg, env, diffusion, theta0)
+    if env.master:
+        print(f"pipeline finished in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+def stage_sample(cfg: Config, env: Env):
+    """Writes --n-samples PNGs of one model (--models NAME) under samples/NAME/, plus a grid."""
+    diffusion = GaussianDiffusion()
+    for name in cfg.models.split(","):
+        model = named_model(cfg, env, name.strip())
+        folder = write_samples(cfg, env, diffusion, model, Path(name.strip()).stem)
+        if env.master:
+            print(f"{cfg.n_samples} samples of {name} in {folder}")
+
+
+STAGES = {
+    "pipeline": (stage_pipeline, "the whole method: θ0, N finetuned ranges, the baseline, merge, evaluation (default)"),
+    "train": (lambda cfg, env: stage_train(cfg, env), "pretrain θ0 from scratch (the CPU pipeline's θ0)"),
+    "finetune": (lambda cfg, env: stage_finetune(cfg, env), "finetune one copy of θ0 per timestep range (--ranges)"),
+    "baseline": (lambda cfg, env: stage_baseline(cfg, env), "plain finetuning of θ0 for N x steps on all timesteps"),
+    "merge": (lambda cfg, env: stage_merge(cfg, env), "merge the finetuned ranges into one model (Eq. 8)"),
+    "sample": (stage_sample, "write --n-samples PNGs of the models named by --models"),
+    "evaluate": (lambda cfg, env: stage_evaluate(cfg, env), "compare the models named by --models"),
+}
+
+GROUPS = {"dataset": "run", "preset": "model", "train_steps": "pretraining θ0 (train stage)",
+          "n_ranges": "decoupled finetuning (finetune and baseline stages)", "merge_method": "merge stage",
+          "sampler": "evaluation (sample and evaluate stages)"}
+
+EXAMPLES = """examples:
+  python deme.py                                   the whole pipeline on synthetic shapes, on a CPU, in minutes
+  python deme.py --dataset cifar10 --download      the paper's CIFAR-10 recipe (GPU)
+  python deme.py finetune --dataset cifar10 --ranges 2      one range per machine, then `merge` and `evaluate`
+  torchrun --nproc_per_node=8 deme.py --dataset lsun_church --data-dir /data/lsun
+  python deme.py fid samples/ stats.npz            FID of two folders or .npz files, like pytorch-fid
+"""
+
+
+def config_flags(parser: argparse.ArgumentParser):
+    """One --flag per Config field, grouped, with default SUPPRESS so that only given flags override presets."""
+    group = parser
+    for f in dataclasses.fields(Config):
+        if f.name in GROUPS:
+            group = parser.add_argument_group(GROUPS[f.name])
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        kw = dict(default=argparse.SUPPRESS, help=meta["help"], dest=f.name)
+        if f.type in (bool, Optional[bool]):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.type is tuple:
+            group.add_argument(flag, type=lambda s: tuple(float(x) for x in s.split(",")), metavar="A,B", **kw)
+        else:
+            typ = {int: int, float: float, str: str, Optional[float]: float}[f.type]
+            group.add_argument(flag, type=typ, choices=meta["choices"], metavar=None if meta["choices"] else
+                               typ.__name__.upper(), **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deme.py", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", title="stages (default: pipeline)")
+    common = argparse.ArgumentParser(add_help=False)
+    config_flags(common)
+    for name, (_, help) in STAGES.items():
+        sub.add_parser(name, parents=[common], help=help, description=help)
+    fid = sub.add_parser("fid", help="FID between two folders of images or .npz statistics (like pytorch-fid)",
+                         description="FID between A and B, each a folder of images or an .npz with mu and sigma.")
+    fid.add_argument("paths", nargs=2, metavar="PATH")
+    fid.add_argument("--batch-size", type=int, default=50)
+    fid.add_argument("--device", default="auto")
+    fid.add_argument("--inception-weights", default=None)
+    fid.add_argument("--dims", type=int, default=2048)
+    add_extra_stages(sub, common)
+    return parser
+
+
+def add_extra_stages(sub, common):
+    """Stages with their own arguments: analysis figures and the benchmark."""
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "pipeline")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.stage == "fid":
+            device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+            device = "cpu" if device == "auto" else device
+            fid_command(*args.paths, batch_size=args.batch_size, device=device,
+                        inception_weights=args.inception_weights, dims=args.dims)
+            return
+        given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
+        cfg = resolve_config(given)
+        env = setup_env(cfg)
+        out = Path(cfg.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to the run folder {out} ({e.strerror}); choose another --out") from None
+        if env.master:
+            print(f"deme.py {args.stage}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+            atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), out / f"config_{args.stage}.json")
+        STAGES[args.stage][0](cfg, env)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command with --resume to continue", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
