@@ -103,7 +103,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         # The 1x1 convs applied as matrix products over the positions: the same math, and faster than 1x1 convs.
         q, k, v = (F.linear(h, conv.weight.flatten(1), conv.bias)[:, None] for conv in (self.q, self.k, self.v))
         a = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, 1, HW, C) -> (B, HW, C), scale 1/sqrt(C)
@@ -561,9 +561,9 @@ def model_from_state_dict(sd, preset=None):
         want = _shapes(_build(config, projections))
     except TypeError as e:
         raise UserError(f"bad UNet config {config}: {e}") from None
-    problems = [f"missing {k}" for k in want if k not in got][:5]
-    problems += [f"unexpected {k}" for k in got if k not in want][:5]
-    problems += [f"{k}: checkpoint {got[k]} vs model {want[k]}" for k in want if k in got and got[k] != want[k]][:5]
+    problems = [f"{k}: checkpoint {got[k]} vs model {want[k]}" for k in want if k in got and got[k] != want[k]][:4]
+    problems += [f"missing {k}" for k in want if k not in got][:4]
+    problems += [f"unexpected {k}" for k in got if k not in want][:4]
     if problems:
         raise UserError(f"checkpoint does not fit the UNet {preset if isinstance(preset, str) else config}: "
                         f"{'; '.join(problems)}; pass the preset or config it was trained with")

@@ -34,8 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddpm_unet import (UNet, PRESETS, UserError, add_channel_projections, atomic_save, load_pretrained,
-                       load_state_dict_file)
+from ddpm_unet import (PRESETS, UNet, UserError, add_channel_projections, atomic_save, load_pretrained,
+                       model_from_state_dict)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -65,6 +65,8 @@ class Config:
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for CUDA, off on CPU)")
     workers: int = _opt(0, "data-loading worker processes (0 loads in the main process)")
     # model
+    model: str = _opt("ddpm", "ddpm: the pixel-space UNet; sd: a diffusers Stable Diffusion folder (--pretrained) "
+                              "finetuned on image-caption pairs (--data-dir)", ["ddpm", "sd"])
     preset: str = _opt("tiny", "UNet size: " + ", ".join(PRESETS))
     pretrained: str = _opt("", "θ0: a named checkpoint (cifar10, lsun_church, lsun_bedroom), a file or a diffusers "
                                "folder; empty: train θ0 from scratch (the CPU pipeline)")
@@ -102,6 +104,9 @@ class Config:
                                   "0.1,0.1,0.2,0.5)")
     search_images: int = _opt(512, "held-out images scoring the merge-weight search")
     search_evals: int = _opt(60, "most merge candidates the search scores")
+    rerank: int = _opt(0, "re-rank this many of the search's best candidates by sample quality (pixel Fréchet "
+                          "distance or FID, as --metric); 0: off")
+    rerank_samples: int = _opt(2048, "samples per candidate when re-ranking")
     ties_k: float = _opt(20.0, "TIES: percent of each task vector's entries kept")
     ties_lam: float = _opt(1.0, "TIES: scale of the merged task vector")
     dare_p: float = _opt(0.5, "DARE: drop probability")
@@ -117,11 +122,15 @@ class Config:
     inception_weights: str = _opt("", "pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
     fid_stats: str = _opt("", "reference statistics .npz of the training set (default: computed once, cached)")
     models: str = _opt("theta0,baseline,ensemble,merged", "models the evaluate stage compares")
+    # Stable Diffusion (--model sd)
+    prompts: str = _opt("", "prompts to draw, a file with one per line or 'a|b|c' (default: 8 captions of the data)")
+    guidance_scale: float = _opt(7.5, "classifier-free guidance scale (1: none)")
+    sd_resolution: int = _opt(512, "image resolution for training and sampling (SD v1: 512)")
 
 
 DATASET_PRESETS = {
     # the CPU pipeline: everything in minutes on 2 cores
-    "synthetic": dict(preset="tiny", steps=150, batch_size=32, lr=2e-4, ckpt_every=100, sample_steps=50,
+    "synthetic": dict(preset="tiny", steps=150, batch_size=32, lr=2e-4, ckpt_every=100, sample_steps=20,
                       n_samples=2048, eval_batch=512, search_images=256, search_evals=30),
     # the paper (SPEC sections 3, 5, 6)
     "cifar10": dict(preset="cifar10", pretrained="cifar10", flip=True, sample_steps=100),
@@ -147,6 +156,9 @@ def resolve_config(given: dict) -> Config:
 
 def check_config(cfg: Config):
     """One clear line for each value that cannot work."""
+    if cfg.model == "sd" and (cfg.dataset != "folder" or not cfg.pretrained):
+        raise UserError("--model sd needs --pretrained SD_PIPELINE_FOLDER and --dataset folder --data-dir DIR "
+                        "(images plus metadata.jsonl)")
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     if not 1 <= cfg.n_ranges <= 1000 or 1000 % cfg.n_ranges:
@@ -272,24 +284,24 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def ddpm_sample(self, model, x_T, variance="fixedlarge", clip_denoised=True, generator=None, progress=False, **cond):
-        """DDPM Algorithm 2: T ancestral steps from x_T ~ N(0, I); returns x0 in [-1, 1]."""
+        """DDPM Algorithm 2: T ancestral steps from x_T ~ N(0, I); returns x0 (in [-1, 1] when clipping)."""
         x = x_T
         for t in tqdm(range(self.T - 1, -1, -1), desc="DDPM", leave=False, disable=not progress):
             eps = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), **cond).to(x.dtype)
             noise = randn_like(x, generator) if t > 0 else None
             x = self.ddpm_step(x, eps, t, variance, clip_denoised, noise)
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1) if clip_denoised else x
 
     @torch.no_grad()
     def ddim_sample(self, model, x_T, steps, eta=0.0, clip_denoised=True, generator=None, progress=False, **cond):
-        """DDIM with S steps (Song et al. 2021, Eq. 12); eta = 0 is deterministic; returns x0 in [-1, 1]."""
+        """DDIM with S steps (Song et al. 2021, Eq. 12); eta = 0 is deterministic; returns x0 (in [-1, 1] when clipping)."""
         ts = self.ddim_timesteps(steps)
         x = x_T
         for t, t_prev in tqdm(list(zip(ts, ts[1:] + [-1])), desc="DDIM", leave=False, disable=not progress):
             eps = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), **cond).to(x.dtype)
             noise = randn_like(x, generator) if eta > 0 else None
             x = self.ddim_step(x, eps, t, t_prev, eta, clip_denoised, noise)
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1) if clip_denoised else x
 
 
 def randn_like(x, generator=None):
@@ -637,16 +649,8 @@ def load_checkpoint(path) -> dict:
 
 
 def build_model(model_config: dict, state_dict=None) -> UNet:
-    """A UNet from its config; projections are added when the weights have them."""
-    model = UNet(**model_config)
-    if state_dict is not None:
-        if any(k.endswith(".proj.weight") for k in state_dict):
-            add_channel_projections(model)
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as e:
-            raise UserError(f"weights do not fit the model: {str(e).splitlines()[1].strip()}") from None
-    return model
+    """A UNet from its config, holding `state_dict` (with the projections the weights have) when given."""
+    return UNet(**model_config) if state_dict is None else model_from_state_dict(state_dict, model_config)
 
 
 def load_model(path, which="ema") -> UNet:
@@ -1202,6 +1206,15 @@ def stage_merge(cfg: Config, env: Env, diffusion=None, theta0=None):
         weights = search["weights"]
         search["objective"] = (f"held-out denoising loss, {len(images)} images, t stratified over [0, "
                                f"{diffusion.T}), fixed noise (seed {cfg.seed})")
+        if cfg.rerank > 1:  # the loss is a proxy: let sample quality pick among the best few it found
+
+            def quality(w):
+                model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
+                return sample_quality(cfg, env, diffusion, model, cfg.rerank_samples)
+
+            best = sorted(search["path"], key=lambda p: p["value"])[:cfg.rerank]
+            search["rerank"] = rerank([p["w"] for p in best], quality)
+            weights = search["rerank"][0]["w"]
     merged = merge(base, finetuned, weights, cfg.merge_method, **merge_options(cfg))
     if env.master:
         record = dict(method=cfg.merge_method, weights=weights, options=merge_options(cfg), search=search)
@@ -1598,6 +1611,23 @@ def sample_in_memory(cfg: Config, env: Env, diffusion, model, n, seed) -> torch.
     return torch.cat(out)
 
 
+def sample_quality(cfg: Config, env: Env, diffusion, model, n) -> float:
+    """The evaluation metric (pixel Fréchet distance or FID, as --metric) of n samples, computed in memory."""
+    samples = sample_in_memory(cfg, env, diffusion, model, n, cfg.seed)
+    if eval_metric(cfg) == "pixel":
+        real, _ = real_image_sets(cfg, n)
+        return pixel_frechet(samples, real, pixel_pool(real.shape[-1], real.shape[1], n))
+    inception = FIDInception(cfg.inception_weights or None).to(env.device).eval()
+    x = torch.from_numpy(images_to_uint8(samples)).permute(0, 3, 1, 2).float() / 255  # as PNGs read back
+    with torch.no_grad():
+        feats = torch.cat([inception(b.to(env.device)).double().cpu() for b in x.split(cfg.eval_batch)]).numpy()
+    return frechet_distance(*feature_stats(feats), *reference_stats(cfg, env, inception))
+
+
+def eval_metric(cfg: Config) -> str:
+    return cfg.metric if cfg.metric != "auto" else ("pixel" if cfg.dataset == "synthetic" else "fid")
+
+
 def pixel_pool(res, channels, n) -> int:
     """The smallest average-pool factor that leaves at least 10 samples per pixel dimension."""
     pool = 1
@@ -1643,7 +1673,7 @@ def stage_evaluate(cfg: Config, env: Env, diffusion=None, theta0=None):
     """Compares models with one sampler, sample count and seed; writes results.{json,md} and models.png."""
     diffusion = diffusion or GaussianDiffusion()
     names = [s.strip() for s in cfg.models.split(",") if s.strip()]
-    metric = cfg.metric if cfg.metric != "auto" else ("pixel" if cfg.dataset == "synthetic" else "fid")
+    metric = eval_metric(cfg)
     heldout = heldout_images(cfg, cfg.search_images)
     if metric == "pixel":
         real_a, real_b = real_image_sets(cfg, cfg.n_samples)
@@ -1729,7 +1759,439 @@ def side_by_side(grids: dict, path, scale=None):
     os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 8. Command line
+# 8. Stable Diffusion: the same finetuning, merge and ensemble on a text-conditioned latent UNet (paper: SD v1.4)
+# ----------------------------------------------------------------------------------------------------------------------
+# diffusers and transformers are optional extras, imported on first use. A local diffusers pipeline folder becomes what
+# the DDPM path works with: θ0 is an SDUNet called as eps(x_t, t, encoder_hidden_states), the data are VAE latents and
+# CLIP text embeddings (train_loop's `encode`), and everything else (Eq. 6 timesteps, Eq. 4-5 consistency loss, Eq. 8
+# merge, Eq. 7 ensemble, EMA, checkpoints) is the code above. Projections are forward hooks: diffusers stays unedited.
+
+SD_EXTRAS = "the Stable Diffusion path needs diffusers and transformers: pip install -r requirements-extra.txt"
+PROJECTION_SIDECAR = "deme_projections.safetensors"
+
+
+def sd_libraries():
+    """(diffusers, transformers), or one line telling the user how to install them."""
+    try:
+        import diffusers
+        import transformers
+    except ImportError:
+        raise UserError(SD_EXTRAS) from None
+    return diffusers, transformers
+
+
+class ChannelProjection(nn.Module):
+    """DeMe's channel-wise projection h -> W h (W: C x C, a bias-free 1x1 conv, identity at the start), run as a
+    forward hook of a diffusers block; a module, so deepcopy and .to() carry it with the model that owns it."""
+
+    def __init__(self, channels, like):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(channels, device=like.device, dtype=like.dtype)[:, :, None, None])
+
+    def forward(self, block, inputs, output):
+        if isinstance(output, tuple):  # a down block returns (h, skip tensors): project h, never the skips
+            return (F.conv2d(output[0], self.weight), *output[1:])
+        return F.conv2d(output, self.weight)  # (B, C, h, w)
+
+
+class SDUNet(nn.Module):
+    """ε_θ(x_t, t, c) of Stable Diffusion: a diffusers UNet2DConditionModel called as the DDPM UNet is, with DeMe's
+    projections after every down block, the mid block and every up block (SD v1: 9, 1.06% of the parameters)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.projections = nn.ModuleDict()  # place -> ChannelProjection; θ0 has none
+        # plain JSON types: train_loop stores this in checkpoints, which load with weights_only=True
+        self.config = dict(kind="stable_diffusion", unet=json.loads(json.dumps(dict(unet.config), default=str)),
+                           projections=[])
+
+    def places(self) -> dict:
+        """place -> (block, channels of its main output): down_i, mid, up_i."""
+        c = list(self.unet.config.block_out_channels)
+        places = {f"down_{i}": (b, c[i]) for i, b in enumerate(self.unet.down_blocks)}
+        places["mid"] = (self.unet.mid_block, c[-1])
+        return places | {f"up_{i}": (b, c[::-1][i]) for i, b in enumerate(self.unet.up_blocks)}
+
+    def add_projections(self, names=None):
+        """Identity projections at `names` (default: every place) where none is yet; in place, returns self."""
+        like = next(self.unet.parameters())
+        for name, (block, channels) in self.places().items():
+            if (names is None or name in names) and name not in self.projections:
+                self.projections[name] = ChannelProjection(channels, like)
+                block.register_forward_hook(self.projections[name])
+                self.config["projections"].append(name)
+        return self
+
+    def forward(self, x, t, encoder_hidden_states):
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states).sample  # (B, 4, h, w)
+
+
+def sd_model(theta0: SDUNet, state) -> SDUNet:
+    """θ0's architecture with the projections that `state` has, holding `state`."""
+    model = copy.deepcopy(theta0).add_projections({k.split(".")[1] for k in state if k.startswith("projections.")})
+    model.load_state_dict(state)
+    return model.eval()
+
+
+class StableDiffusion:
+    """A local diffusers Stable Diffusion folder as the DeMe code sees it: θ0 is an SDUNet, images become VAE latents,
+    captions CLIP embeddings, and the schedule is the pipeline's (SD v1: scaled-linear 0.00085..0.012, T = 1000)."""
+
+    def __init__(self, folder, env: Env):
+        diffusers, transformers = sd_libraries()
+        folder = Path(folder)
+        parts = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler/scheduler_config.json")
+        missing = [p for p in parts if not (folder / p).exists()]
+        if missing:
+            raise UserError(f"--pretrained {folder} is not a diffusers Stable Diffusion folder (no {missing[0]}); get "
+                            f"one with `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`")
+        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        if sched.get("prediction_type", "epsilon") != "epsilon":
+            raise UserError(f"{folder} predicts {sched['prediction_type']}; this code trains ε-prediction models "
+                            f"(SD v1.x), so use one of those")
+        self.env = env
+        self.diffusion = GaussianDiffusion(sched.get("num_train_timesteps", 1000), sched["beta_start"],
+                                           sched["beta_end"], sched.get("beta_schedule", "linear"))
+        try:
+            self.unet = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")).eval()
+            self.vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae")
+            self.text_encoder = transformers.CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+            self.tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the pipeline in {folder} ({str(e).strip().splitlines()[0]})") from None
+        for m in (self.vae, self.text_encoder):
+            m.to(env.device).eval().requires_grad_(False)  # frozen: only the UNet trains
+        self.scale = self.vae.config.scaling_factor
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixels per latent (SD: 8)
+
+    @torch.no_grad()
+    def embed(self, captions) -> torch.Tensor:
+        """CLIP text embeddings (B, L, D), padded to the tokenizer's length as SD's pipeline does."""
+        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        with self.env.autocast():
+            return self.text_encoder(ids.to(self.env.device))[0].float()
+
+    @torch.no_grad()
+    def encode_images(self, images) -> torch.Tensor:
+        """Latents (B, 4, H/8, W/8) of images in [-1, 1]: the VAE posterior's mean times its scaling factor (the mean,
+        not a sample as diffusers' training script draws, so that a resumed run repeats exactly)."""
+        with self.env.autocast():
+            return self.vae.encode(images.to(self.env.device)).latent_dist.mean.float() * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] from latents, in fp32."""
+        return self.vae.decode(latents.float() / self.scale).sample.clamp(-1, 1)
+
+    def encode(self, batch):
+        """train_loop's encode: (images, captions) -> (latents, {"encoder_hidden_states": embeddings})."""
+        images, captions = batch
+        return self.encode_images(images), {"encoder_hidden_states": self.embed(captions)}
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Image-caption pairs in the Hugging Face imagefolder layout: images and a metadata.jsonl whose lines are
+    {"file_name": ..., "text": ...}; a list of texts (COCO: 5 per image) gives one pair per caption."""
+
+    def __init__(self, folder, size):
+        from torchvision import transforms as T
+        folder, self.pairs = Path(folder), []
+        meta = folder / "metadata.jsonl"
+        if not folder.is_dir():
+            raise UserError(f"caption folder {folder} does not exist; check --data-dir")
+        if not meta.is_file():
+            raise UserError(f"{meta} is missing; --data-dir needs images plus a metadata.jsonl with one "
+                            f'{{"file_name": "a.jpg", "text": "a caption"}} per line')
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name, texts = row["file_name"], row["text"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{meta} line {n} is not a JSON object with file_name and text") from None
+            if not (folder / name).is_file():
+                raise UserError(f"{meta} line {n} names {name}, which is not a file in {folder}")
+            self.pairs += [(folder / name, str(t)) for t in ([texts] if isinstance(texts, str) else texts)]
+        if not self.pairs:
+            raise UserError(f"{meta} lists no image-caption pairs; add lines like "
+                            f'{{"file_name": "a.jpg", "text": "a caption"}}')
+        self.transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, caption = self.pairs[i]
+        try:
+            with Image.open(path) as im:
+                return self.transform(im.convert("RGB")) * 2 - 1, caption  # (3, H, W) in [-1, 1], str
+        except OSError:
+            raise UserError(f"{path} is not a readable image; fix or remove it from metadata.jsonl") from None
+
+
+class Prompted(nn.Module):
+    """ε(x_t, t) of a text UNet for fixed prompt embeddings (B, L, D); given `uncond`, classifier-free guidance
+    ε_u + s (ε_c - ε_u) (Ho & Salimans 2022)."""
+
+    def __init__(self, model, emb, uncond=None, scale=1.0):
+        super().__init__()
+        self.model, self.emb, self.uncond, self.scale = model, emb, uncond, scale
+
+    def forward(self, x, t):
+        if self.uncond is None:
+            return self.model(x, t, encoder_hidden_states=self.emb)
+        eps_u, eps_c = self.model(torch.cat([x, x]), torch.cat([t, t]),
+                                  encoder_hidden_states=torch.cat([self.uncond, self.emb])).chunk(2)  # (B, C, h, w)
+        return eps_u + self.scale * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] of `prompts`: DDIM from the noise of samples `indices` with classifier-free
+    guidance, then the VAE decoder. One model, or N: DeMe's ensemble (Eq. 7)."""
+    env, diffusion = sd.env, sd.diffusion
+    emb, uncond = sd.embed(prompts), sd.embed([""] * len(prompts))
+    guided = [Prompted(m.to(env.device).eval(), emb, uncond, cfg.guidance_scale) for m in models]
+    eps_model = guided[0] if len(guided) == 1 else RangeEnsemble(guided, diffusion.T)
+    side = cfg.sd_resolution // sd.vae_factor
+    x = start_noise(cfg.seed, indices, (sd.unet.unet.config.in_channels, side, side)).to(env.device)  # (B, 4, h, w)
+    gen = torch.Generator(env.device).manual_seed(cfg.seed)
+    ts = diffusion.ddim_timesteps(cfg.sample_steps)
+    for t, t_prev in zip(ts, ts[1:] + [-1]):  # ddim_sample less its final clamp to [-1, 1]: latents are not pixels
+        with env.autocast():
+            eps = eps_model(x, torch.full((len(x),), t, device=env.device, dtype=torch.long)).float()
+        noise = randn_like(x, gen) if cfg.eta > 0 else None
+        x = diffusion.ddim_step(x, eps, t, t_prev, cfg.eta, clip_denoised=False, noise=noise)
+    return sd.decode(x)
+
+
+def write_sd_samples(sd: StableDiffusion, models, prompts, folder, cfg: Config):
+    """<folder>/{i:05d}.png for prompts[i] (seed and index fix the noise, so models compare image by image), and
+    prompts.txt; with --resume, images already there are kept."""
+    from PIL import Image
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text("".join(p + "\n" for p in prompts), folder / "prompts.txt")
+    todo = [i for i in range(len(prompts)) if not (cfg.resume and (folder / f"{i:05d}.png").exists())]
+    for s in tqdm(range(0, len(todo), cfg.eval_batch), desc=f"sampling {folder.name}"):
+        idx = todo[s:s + cfg.eval_batch]
+        images = images_to_uint8(sd_sample(sd, models, [prompts[i] for i in idx], cfg, idx))  # (B, H, W, 3) uint8
+        for i, pixels in zip(idx, images):
+            Image.fromarray(pixels).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def sd_grid(sd: StableDiffusion, student, prompt, cfg: Config):
+    """train_loop's grid(ema_state, path) for SD: four samples of one prompt from the EMA weights."""
+    def grid(ema_state, path):
+        from torchvision.utils import save_image
+        model = copy.deepcopy(unwrap(student))
+        model.load_state_dict(ema_state)
+        x = sd_sample(sd, [model], [prompt] * 4, cfg, range(4))
+        tmp = Path(path).with_name(Path(path).stem + ".tmp.png")
+        save_image(x.float() * 0.5 + 0.5, tmp, nrow=4)
+        os.replace(tmp, path)
+    return grid
+
+
+def sd_prompts(cfg: Config, data: CaptionedImages) -> list:
+    """--prompts: a file with one prompt per line or a |-separated list; empty: the captions of the last 8 pairs."""
+    if not cfg.prompts:
+        return [caption for _, caption in data.pairs[-8:]]
+    path = Path(cfg.prompts)
+    if path.suffix == ".txt" and not path.is_file():
+        raise UserError(f"prompt file {path} does not exist; pass a file with one prompt per line or 'a|b|c'")
+    lines = path.read_text().splitlines() if path.is_file() else cfg.prompts.split("|")
+    prompts = [p.strip() for p in lines if p.strip()]
+    if not prompts:
+        raise UserError(f"--prompts {cfg.prompts!r} holds no prompt")
+    return prompts
+
+
+# ----------------------------------------------------------------------------- merge and export for diffusers
+
+def sd_merge_base(theta0_state, finetuned_state) -> dict:
+    """θ0 in the finetuned layout: its weights plus identity projections, so a projection's task vector is W_i - I."""
+    eye = {k: torch.eye(v.shape[0], dtype=v.dtype)[:, :, None, None] for k, v in finetuned_state.items()
+           if k.startswith("projections.")}
+    return {**theta0_state, **eye}
+
+
+def latent_heldout_loss(model, diffusion, latents, emb, env: Env, n_ranges, seed, batch) -> float:
+    """heldout_loss (simple loss, t stratified, fixed noise) over latents, batch by batch with their captions bound."""
+    total = 0.0
+    for s in range(0, len(latents), batch):
+        part = latents[s:s + batch]
+        mean, _ = heldout_loss(Prompted(model, emb[s:s + batch]), diffusion, part, env, n_ranges, seed + s, batch)
+        total += mean * len(part)
+    return total / len(latents)
+
+
+def sd_merge_weights(cfg: Config, sd: StableDiffusion, base, states, data):
+    """w of Eq. 8: --merge-weights, 1/N for average, else searched on the latent loss of the last --search-images
+    pairs (as for image folders, these are also training pairs). Returns (weights, search record or None)."""
+    if cfg.merge_weights:
+        return merge_weight_list(cfg), None
+    if cfg.merge_method == "average":
+        return [1.0 / cfg.n_ranges] * cfg.n_ranges, None
+    idx = range(max(0, len(data) - cfg.search_images), len(data))
+    images, captions = torch.stack([data[i][0] for i in idx]), [data.pairs[i][1] for i in idx]
+    b = cfg.eval_batch
+    latents = torch.cat([sd.encode_images(images[s:s + b]).cpu() for s in range(0, len(images), b)])  # (n, 4, h, w)
+    emb = torch.cat([sd.embed(captions[s:s + b]) for s in range(0, len(captions), b)])  # (n, L, D) on the device
+    model = sd_model(sd.unet, base).to(sd.env.device)
+
+    def objective(w):
+        model.load_state_dict(merge(base, states, list(w), cfg.merge_method, **merge_options(cfg)))
+        return latent_heldout_loss(model, sd.diffusion, latents, emb, sd.env, cfg.n_ranges, cfg.seed, b)
+
+    search = search_merge_weights(objective, cfg.n_ranges, max_evals=cfg.search_evals)
+    search["objective"] = (f"denoising loss on the latents of {len(latents)} pairs with their captions, t stratified "
+                           f"per batch of {b}, fixed noise (seed {cfg.seed})")
+    return search["weights"], search
+
+
+def fold_projections(state) -> tuple:
+    """An SDUNet state dict -> (a stock UNet2DConditionModel state dict, {place: P} of the unfoldable projections).
+    P after an up block's upsampler conv (W, b) folds exactly into W' = P W, b' = P b, as nothing else reads that conv's
+    output; the others (down blocks, whose output is also a skip tensor; mid; the last up block) cannot."""
+    unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    rest = {}
+    for key, proj in state.items():
+        name = key.split(".")[1] if key.startswith("projections.") else None
+        conv = f"up_blocks.{name[3:]}.upsamplers.0.conv" if name and name.startswith("up_") else ""
+        if f"{conv}.weight" in unet:
+            P = proj[:, :, 0, 0].double()  # (C, C)
+            W, b = unet[f"{conv}.weight"], unet[f"{conv}.bias"]  # (C, C_in, 3, 3), (C,)
+            unet[f"{conv}.weight"] = torch.einsum("oc,cikl->oikl", P, W.double()).to(W.dtype)
+            unet[f"{conv}.bias"] = (P @ b.double()).to(b.dtype)
+        elif name:
+            rest[name] = proj
+    return unet, rest
+
+
+def export_sd(model: SDUNet, pretrained, folder) -> dict:
+    """Saves `model` for diffusers: <folder>/merged_unet (UNet2DConditionModel.from_pretrained) and merged_pipeline
+    (the --pretrained pipeline with this UNet), each with the unfoldable projections in deme_projections.safetensors
+    beside the weights, which load_sd_unet restores. Returns those projections."""
+    diffusers, _ = sd_libraries()
+    from safetensors.torch import save_file
+    state, rest = fold_projections({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    with torch.device("meta"):  # a stock UNet, without spending time on a random initialisation
+        unet = diffusers.UNet2DConditionModel.from_config(model.unet.config)
+    unet.load_state_dict(state, assign=True)
+    folder = Path(folder)
+    unet.save_pretrained(folder / "merged_unet")
+    diffusers.StableDiffusionPipeline.from_pretrained(pretrained, unet=unet).save_pretrained(folder / "merged_pipeline")
+    for unet_dir in (folder / "merged_unet", folder / "merged_pipeline" / "unet"):
+        sidecar = unet_dir / PROJECTION_SIDECAR
+        if rest:
+            save_file({k: v.contiguous() for k, v in rest.items()}, str(sidecar))
+        else:
+            sidecar.unlink(missing_ok=True)  # a stale one from an earlier export would be restored by load_sd_unet
+    changed = [n for n, W in rest.items() if not torch.equal(W[:, :, 0, 0], torch.eye(len(W), dtype=W.dtype))]
+    if changed:
+        print(f"warning: plain diffusers loading of {folder}/merged_* drops {len(changed)} channel projections that "
+              f"cannot be folded ({', '.join(changed)}); load the UNet with deme.load_sd_unet(DIR) to keep them",
+              file=sys.stderr)
+    return rest
+
+
+def load_sd_unet(folder) -> SDUNet:
+    """A UNet that export_sd saved (merged_unet/, or a pipeline folder), with its unfoldable projections as hooks."""
+    diffusers, _ = sd_libraries()
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    folder = folder / "unet" if (folder / "model_index.json").is_file() else folder
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} holds no diffusers UNet (no config.json); pass merged_unet or merged_pipeline")
+    model = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder))
+    sidecar = folder / PROJECTION_SIDECAR
+    weights = load_file(str(sidecar)) if sidecar.is_file() else {}
+    model.add_projections(set(weights))
+    with torch.no_grad():
+        for name, W in weights.items():
+            model.projections[name].weight.copy_(W)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def sd_range_states(cfg: Config) -> Optional[list]:
+    """θ_1..θ_N as EMA state dicts, or None (saying which) while a range is unfinished."""
+    states = []
+    for i in range(cfg.n_ranges):
+        path = run_dir(cfg, f"range_{i}", "ckpt.pt")
+        ck = load_checkpoint(path) if path.exists() else None
+        if ck is None or ck["step"] < ck["identity"]["steps"]:
+            print(f"range {i} is not finished ({path}); finetune it with --ranges {i}, then run again to merge")
+            return None
+        states.append(ck["ema"])
+    return states
+
+
+def stage_sd(cfg: Config, env: Env):
+    """DeMe on Stable Diffusion: finetune θ0's UNet per timestep range (PS, CL, CP), merge (Eq. 8), export the merged
+    UNet for diffusers, and draw images of --prompts with the models named by --models (theta0, ensemble, merged)."""
+    if not cfg.pretrained:
+        raise UserError("--model sd needs --pretrained DIR, a local diffusers Stable Diffusion folder (SD v1.4: "
+                        "`huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`)")
+    if cfg.flip:
+        print("warning: --flip flips VAE latents, which only roughly flips the images; consider --no-flip",
+              file=sys.stderr)
+    sd = StableDiffusion(cfg.pretrained, env)
+    theta0, diffusion = sd.unet, sd.diffusion
+    multiple = sd.vae_factor * 2 ** (len(theta0.unet.down_blocks) - 1)
+    if cfg.sd_resolution % multiple:
+        raise UserError(f"--sd-resolution {cfg.sd_resolution} is not a multiple of {multiple}, which this UNet needs")
+    data = CaptionedImages(cfg.data_dir, cfg.sd_resolution)
+    prompts = sd_prompts(cfg, data)
+    ranges = timestep_ranges(cfg.n_ranges, diffusion.T)
+    for i in range_indices(cfg):  # decoupled finetuning (DeMe Sec. 3.2), as stage_finetune does it
+        lo, hi = ranges[i]
+        student = copy.deepcopy(theta0).add_projections() if cfg.projections else copy.deepcopy(theta0)
+        teacher = frozen(theta0) if cfg.consistency > 0 else None
+
+        def timesteps(b, g, lo=lo, hi=hi):  # DeMe Eq. 6
+            return sample_timesteps(b, lo, hi, diffusion.T, cfg.p_global, not cfg.per_sample, cfg.antithetic, g)
+
+        identity = finetune_identity(cfg, stage="finetune", model="sd", resolution=cfg.sd_resolution, range=[lo, hi],
+                                     n_ranges=cfg.n_ranges, p_global=cfg.p_global, per_sample=cfg.per_sample,
+                                     antithetic=cfg.antithetic, consistency=cfg.consistency,
+                                     projections=cfg.projections)
+        train_loop(cfg, env, run_dir(cfg, f"range_{i}"), student, data, diffusion, steps=cfg.steps, lr=cfg.lr,
+                   warmup=0, timesteps=timesteps, identity=identity, teacher=teacher, lam=cfg.consistency,
+                   desc=f"SD range {i} [{lo},{hi})", seed=cfg.seed + 1 + i, encode=sd.encode,
+                   grid=sd_grid(sd, student, prompts[0], cfg))
+        del student, teacher
+    if not env.master:  # merging, export and sampling run on rank 0 alone
+        return
+    states = sd_range_states(cfg)
+    if states is None:
+        return
+    base = sd_merge_base(theta0.state_dict(), states[0])
+    weights, search = sd_merge_weights(cfg, sd, base, states, data)
+    merged = sd_model(theta0, merge(base, states, weights, cfg.merge_method, **merge_options(cfg)))
+    folder = run_dir(cfg, "merge")
+    folder.mkdir(parents=True, exist_ok=True)
+    record = dict(method=cfg.merge_method, weights=weights, options=merge_options(cfg), search=search)
+    atomic_write_text(json.dumps(record, indent=2), folder / "search.json")
+    export_sd(merged, cfg.pretrained, folder)
+    print(f"merged {cfg.n_ranges} ranges with {cfg.merge_method}, w = {[round(w, 3) for w in weights]} -> "
+          f"{folder / 'merged_pipeline'}")
+    names = [n for n in (s.strip() for s in cfg.models.split(",")) if n in ("theta0", "ensemble", "merged")]
+    for name in names or ["merged"]:
+        models = {"theta0": [theta0], "merged": [merged]}.get(name) or [sd_model(theta0, s) for s in states]
+        out = write_sd_samples(sd, models, prompts, run_dir(cfg, "samples", name), cfg)
+        print(f"{len(prompts)} images of {name} in {out}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 9. Command line
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -1771,7 +2233,8 @@ STAGES = {
 
 GROUPS = {"dataset": "run", "preset": "model", "train_steps": "pretraining θ0 (train stage)",
           "n_ranges": "decoupled finetuning (finetune and baseline stages)", "merge_method": "merge stage",
-          "sampler": "evaluation (sample and evaluate stages)"}
+          "sampler": "evaluation (sample and evaluate stages)",
+          "prompts": "Stable Diffusion (--model sd)"}
 
 EXAMPLES = """examples:
   python deme.py                                   the whole pipeline on synthetic shapes, on a CPU, in minutes
@@ -1849,7 +2312,7 @@ def main(argv=None):
         if env.master:
             print(f"deme.py {args.stage}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
             atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), out / f"config_{args.stage}.json")
-        STAGES[args.stage][0](cfg, env)
+        (stage_sd if cfg.model == "sd" else STAGES[args.stage][0])(cfg, env)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -27,10 +27,7 @@ sys.path.insert(0, str(ROOT))
 import ddpm_unet  # noqa: E402
 import deme  # noqa: E402
 from ddpm_unet import UNet, UserError  # noqa: E402
-from deme import (FID_WEIGHTS_NAME, FID_WEIGHTS_URL, FIDInception, RangeEnsemble, dataset_stats,  # noqa: E402
-                  feature_stats, fid_command, frechet_distance, generate_samples, images_to_uint8, load_stats, merge,
-                  pixel_frechet, pixel_frechet_report, rerank, sample_timesteps, save_stats, search_merge_weights,
-                  task_vectors, timestep_ranges)
+from deme import *  # noqa: E402,F401,F403  (the tests speak the code's own names)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -49,6 +46,287 @@ def run_cli(*args, timeout=600):
     """`python deme.py ARGS` in a fresh process, as a user runs it."""
     return subprocess.run([sys.executable, str(ROOT / "deme.py"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
+
+
+def _n_params(model):
+    return sum(v.numel() for v in model.state_dict().values())
+
+
+def _perturbed(model, seed=0):
+    """Re-randomise biases and norm affine parameters so that zero- and one-initialised tensors are not trivially
+    equal between two implementations."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _diffusers_unet(config, seed=0):
+    """diffusers UNet2DModel with the DDPM config and random (perturbed) weights; no download."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    model = _perturbed(diffusers.UNet2DModel.from_config(ddpm_unet.diffusers_config(config)), seed)
+    # Same embedding as ours: diffusers computes (-ln(1e4) k) / (half - 1), the original k * (ln(1e4) / (half - 1));
+    # the two differ by up to 3e-5 in float32 (test_timestep_embedding_is_the_original_formula).
+    model.time_proj.forward = lambda t: ddpm_unet.timestep_embedding(t, config["ch"])
+    return model
+
+
+def _ours_from(diffusers_model):
+    return ddpm_unet.model_from_state_dict(diffusers_model.state_dict()).eval()
+
+
+def test_parameter_counts_match_the_published_models():
+    with torch.device("meta"):
+        cifar, lsun = UNet.from_preset("cifar10"), UNet.from_preset("lsun256")
+    assert (_n_params(cifar), len(cifar.state_dict())) == (35_746_307, 328)
+    assert (_n_params(lsun), len(lsun.state_dict())) == (113_673_219, 450)
+    assert not cifar.has_projections
+    ddpm_unet.add_channel_projections(cifar)
+    ddpm_unet.add_channel_projections(lsun)
+    assert cifar.has_projections
+    assert _n_params(cifar) - 35_746_307 == 491_520 and len(cifar.state_dict()) == 328 + 9
+    assert _n_params(lsun) - 113_673_219 == 1_638_400 and len(lsun.state_dict()) == 450 + 13
+    assert json.loads(json.dumps(cifar.config)) == cifar.config
+
+
+def test_timestep_embedding_is_the_original_formula():
+    import math
+    t = torch.arange(1000)
+    half = 64
+    original = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
+    original = t.float()[:, None] * original[None]
+    assert torch.equal(ddpm_unet.timestep_embedding(t, 128), torch.cat([original.sin(), original.cos()], 1))
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.models.embeddings.get_timestep_embedding(t, 128, flip_sin_to_cos=False,
+                                                                downscale_freq_shift=1)
+    assert (ddpm_unet.timestep_embedding(t, 128) - theirs).abs().max() < 1e-4
+
+
+def test_cifar10_unet_equals_diffusers_on_the_same_weights():
+    theirs = _diffusers_unet(dict(ddpm_unet.PRESETS["cifar10"]))
+    ours = _ours_from(theirs)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 437, 999])
+    with torch.no_grad():  # float64 convolutions are slow on CPU: that check runs at 16x16
+        for dtype, tol, size in ((torch.float64, 1e-10, 16), (torch.float32, 1e-4, 32)):
+            a = ours.to(dtype)(x[..., :size, :size].to(dtype), t)
+            b = theirs.to(dtype)(x[..., :size, :size].to(dtype), t).sample
+            assert a.dtype == dtype and a.abs().mean() > 0.1
+            assert (a - b).abs().max() < tol, dtype
+
+
+def test_lsun256_unet_equals_diffusers_at_reduced_size():
+    theirs = _diffusers_unet(dict(ddpm_unet.PRESETS["lsun256"]))
+    ours = _ours_from(theirs)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = ours(x, torch.tensor([321])), theirs(x, torch.tensor([321])).sample
+    assert a.abs().mean() > 0.1 and (a - b).abs().max() < 1e-4
+
+
+def test_legacy_diffusers_attention_names_load():
+    theirs = _diffusers_unet(dict(ddpm_unet.PRESETS["tiny"]))
+    legacy = {}
+    for key, value in theirs.state_dict().items():
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            key = key.replace(f".{new}.", f".{old}.")
+        legacy[key] = value
+    assert any(".proj_attn." in k for k in legacy)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 900])
+    with torch.no_grad():
+        assert torch.equal(ddpm_unet.model_from_state_dict(legacy)(x, t), _ours_from(theirs)(x, t))
+
+
+def test_export_diffusers_round_trip(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ours = _perturbed(UNet.from_preset("cifar10"))
+    ddpm_unet.export_diffusers(ours, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    theirs, info = diffusers.UNet2DModel.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not any(info.values()), info
+    theirs.time_proj.forward = lambda t: ddpm_unet.timestep_embedding(t, 128)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 777])
+    with torch.no_grad():
+        assert (ours(x, t) - theirs.eval()(x, t).sample).abs().max() < 1e-4
+    back = ddpm_unet.load_pretrained(str(tmp_path))
+    assert back.config == ours.config and not back.training
+    mine, loaded = ours.state_dict(), back.state_dict()
+    assert mine.keys() == loaded.keys() and all(torch.equal(mine[k], loaded[k]) for k in mine)
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
+    del config["freq_shift"]  # diffusers' default 0 is not the DDPM embedding
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(UserError, match="freq_shift"):
+        ddpm_unet.load_pretrained(tmp_path)
+
+
+def test_export_refuses_projections_that_are_not_the_identity(tmp_path):
+    model = ddpm_unet.add_channel_projections(UNet.from_preset("tiny"))
+    ddpm_unet.export_diffusers(model, str(tmp_path / "identity"))  # identity projections change nothing: dropped
+    with torch.no_grad():
+        model.down[0].proj.weight.mul_(2)
+    with pytest.raises(UserError, match="down.0"):
+        ddpm_unet.export_diffusers(model, str(tmp_path / "trained"))
+
+
+def test_wrapped_state_dict_prefixes_are_stripped(tmp_path):
+    model = UNet.from_preset("tiny")
+    path = str(tmp_path / "wrapped.pt")
+    ddpm_unet.atomic_save({f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}, path)
+    assert not os.path.exists(path + ".tmp")
+    loaded = ddpm_unet.load_pretrained(path).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
+
+
+def test_training_checkpoint_gives_its_ema_weights(tmp_path):
+    model, ema = UNet.from_preset("tiny"), UNet.from_preset("tiny")
+    path = str(tmp_path / "ckpt.pt")
+    ddpm_unet.atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "step": 3}, path)
+    assert torch.equal(ddpm_unet.load_state_dict_file(path)["conv_in.weight"], ema.conv_in.weight)
+    assert torch.equal(ddpm_unet.load_state_dict_file(path, key="model")["conv_in.weight"], model.conv_in.weight)
+
+
+def test_user_mistakes_get_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="cifar10, lsun256, tiny"):
+        UNet.from_preset("imagenet")
+    with pytest.raises(UserError, match="no such file"):
+        ddpm_unet.load_pretrained(str(tmp_path / "missing.ckpt"))
+    path = str(tmp_path / "tiny.pt")
+    torch.save(UNet.from_preset("tiny").state_dict(), path)
+    with pytest.raises(UserError, match=r"temb.dense.0.weight: checkpoint \(128, 32\) vs model \(512, 128\)"):
+        ddpm_unet.load_pretrained(path, preset="cifar10")
+    grey = UNet.from_preset("tiny", in_channels=1).state_dict()
+    with pytest.raises(UserError, match=r"tiny: conv_in.weight: checkpoint \(32, 1, 3, 3\) vs model \(32, 3, 3, 3\)"):
+        ddpm_unet.model_from_state_dict(grey, "tiny")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        ddpm_unet.load_pretrained(path)
+    with pytest.raises(UserError, match="multiples of 4"):
+        UNet.from_preset("tiny")(torch.randn(1, 3, 18, 18), 0)
+
+
+class _Payload:
+    """A pickle that creates a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    marker, path = str(tmp_path / "marker"), str(tmp_path / "evil.ckpt")
+    torch.save({"conv_in.weight": torch.zeros(1), "payload": _Payload(marker)}, path)
+    with pytest.raises(UserError, match="refused for safety"):
+        ddpm_unet.load_state_dict_file(path)
+    assert not os.path.exists(marker)
+
+
+def test_forward_takes_int_and_scalar_timesteps():
+    model = UNet.from_preset("tiny").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = model(x, torch.tensor([7, 7]))
+        assert out.shape == x.shape
+        assert torch.equal(model(x, 7), out) and torch.equal(model(x, torch.tensor(7)), out)
+
+
+def _skips_consumed_by_up_path(model, x, t):
+    """The skip tensors produced on the way down and the ones the up blocks receive, in order."""
+    produced, consumed = [], []
+    hooks = [model.conv_in.register_forward_hook(lambda m, i, o: produced.append(o))]
+    for level in model.down:
+        last = [level.attn[j] if len(level.attn) else b for j, b in enumerate(level.block)]
+        last += [level.downsample] if hasattr(level, "downsample") else []
+        hooks += [m.register_forward_hook(lambda m, i, o: produced.append(o)) for m in last]
+    for level in model.up:
+        hooks += [b.register_forward_pre_hook(lambda m, i: consumed.append(i[0])) for b in level.block]
+    with torch.no_grad():
+        model(x, t)
+    for h in hooks:
+        h.remove()
+    return produced, consumed
+
+
+def test_channel_projections_start_as_identity_on_the_main_path_only():
+    torch.manual_seed(0)
+    model = _perturbed(UNet.from_preset("tiny"))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 600])
+    with torch.no_grad():
+        before = model(x, t)
+        assert ddpm_unet.add_channel_projections(model) is model
+        ddpm_unet.add_channel_projections(model)  # a second call is a no-op
+        assert len(model.state_dict()) == 182 + 7
+        assert (model(x, t) - before).abs().max() < 1e-6
+        for _, level in ddpm_unet.projection_places(model):
+            level.proj.weight.add_(0.05 * torch.randn_like(level.proj.weight))
+        assert (model(x, t) - before).abs().max() > 1e-3
+    produced, consumed = _skips_consumed_by_up_path(model, x, t)
+    assert len(produced) == len(consumed) == 1 + 3 * 1 + 2  # conv_in, one block per level, two downsamples
+    for skip, block_input in zip(reversed(produced), consumed):  # the skips are the un-projected tensors
+        assert torch.equal(block_input[:, -skip.shape[1]:], skip)
+
+
+def test_folding_projections_into_upsample_convs_keeps_the_output():
+    torch.manual_seed(0)
+    model = ddpm_unet.add_channel_projections(_perturbed(UNet.from_preset("cifar10")))
+    with torch.no_grad():
+        for _, level in ddpm_unet.projection_places(model):
+            level.proj.weight.add_(0.05 * torch.randn_like(level.proj.weight))
+        x, t = torch.randn(1, 3, 16, 16), torch.tensor([250])
+        before = model(x, t)
+        assert ddpm_unet.fold_channel_projections(model) == 3
+        assert (model(x, t) - before).abs().max() < 1e-5
+        assert sorted(k for k in model.state_dict() if k.endswith(".proj.weight")) == [
+            "down.0.proj.weight", "down.1.proj.weight", "down.2.proj.weight", "down.3.proj.weight",
+            "mid.proj.weight", "up.0.proj.weight"]
+        reloaded = ddpm_unet.model_from_state_dict(model.state_dict()).eval()  # preset inferred, places detected
+        assert torch.equal(reloaded(x, t), model(x, t))
+
+
+def test_pretrained_offline_error_names_url_and_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", torch.hub._hub_dir)  # restored after the test
+    torch.hub.set_dir(str(tmp_path))
+
+    def offline(url, dst, *args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    expected = os.path.join(str(tmp_path), "checkpoints", "ema_diffusion_cifar10_model-790000.ckpt")
+    with pytest.raises(UserError) as err:
+        ddpm_unet.load_pretrained("cifar10")
+    assert ddpm_unet.PRETRAINED["cifar10"]["url"] in str(err.value) and expected in str(err.value)
+
+    def wrong_file(url, dst, *args, **kwargs):
+        with open(dst, "wb") as f:
+            f.write(b"not the checkpoint")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", wrong_file)
+    with pytest.raises(UserError, match="MD5"):
+        ddpm_unet.load_pretrained("cifar10")
+    assert os.listdir(os.path.dirname(expected)) == []
+
+
+def test_pretrained_file_already_in_the_hub_cache_is_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", torch.hub._hub_dir)
+    torch.hub.set_dir(str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("must not download"))
+    model = UNet.from_preset("cifar10")
+    ddpm_unet.atomic_save(model.state_dict(),
+                          os.path.join(str(tmp_path), "checkpoints", "ema_diffusion_cifar10_model-790000.ckpt"))
+    loaded = ddpm_unet.load_pretrained("cifar10")  # a present file is trusted: its MD5 is not checked
+    assert loaded.config == model.config and torch.equal(loaded.conv_out.weight, model.conv_out.weight)
 
 
 # ======================================================================================================================
@@ -463,7 +741,7 @@ def test_missing_or_empty_data_is_a_clear_error(capsys, tmp_path):
 
 def test_bad_checkpoints_are_a_clear_error(capsys, tmp_path):
     out = ["--out", str(tmp_path / "run"), "--device", "cpu", "--steps", "1"]
-    assert "does not exist" in cli_error(capsys, "finetune", "--pretrained", str(tmp_path / "none.pt"), *out)
+    assert "no such file" in cli_error(capsys, "finetune", "--pretrained", str(tmp_path / "none.pt"), *out)
     good = tmp_path / "good.pt"
     torch.save(UNet.from_preset("tiny").state_dict(), good)
     truncated = tmp_path / "truncated.pt"
@@ -1008,18 +1286,18 @@ def test_fid_command_on_image_folders_with_a_stats_cache(calibrated_weights, tmp
                        check_hash=False) == pytest.approx(fid, rel=1e-6)
 
 
-def test_image_paths_are_recursive_sorted_and_skip_unreadable_files(tmp_path, capsys):
+def test_image_files_are_recursive_sorted_and_skip_unreadable_files(tmp_path, capsys):
     _write_pngs(tmp_path / "imgs" / "sub", 2, seed=9)
     _write_pngs(tmp_path / "imgs" / "a", 1, seed=10)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
     (tmp_path / "imgs" / "notes.txt").write_text("ignored")
-    names = [p.relative_to(tmp_path / "imgs").as_posix() for p in image_paths(tmp_path / "imgs")]
+    names = [p.relative_to(tmp_path / "imgs").as_posix() for p in image_files(tmp_path / "imgs")]
     assert names == ["a/0.png", "sub/0.png", "sub/1.png"]
     assert "broken.png" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     for folder in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(UserError):
-            image_paths(folder)
+            image_files(folder)
 
 
 def test_uint8_conversion_matches_torchvision_save_image(tmp_path):
@@ -1070,3 +1348,264 @@ def test_pixel_frechet_report_gives_the_real_vs_real_floor_at_the_same_n():
     assert report["n"] == 200 and report["real_vs_real"] < report["model"]
     with pytest.raises(UserError, match="same N"):
         pixel_frechet_report(fake[:100], real_a, real_b, pool=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stable Diffusion path: tiny random SD components built offline from configs
+
+
+def _byte_alphabet():
+    """GPT-2/CLIP byte-level BPE alphabet: 256 printable stand-ins for the 256 bytes."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def make_tiny_pipeline(folder):
+    """A Stable-Diffusion-shaped pipeline folder with tiny random weights: 3-level UNet, 2-level VAE, 1-layer CLIP."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    torch.manual_seed(0)
+    tok_dir = folder.parent / "tokenizer_files"
+    tok_dir.mkdir(exist_ok=True)
+    chars = _byte_alphabet()
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": i + 256 for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")  # no merges: one token per character
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=8)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8,
+                                                bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16, 16), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, sample_size=16)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def make_caption_folder(folder, n=6, size=16):
+    """n random images with one caption each (the last image with two) in the imagefolder layout."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    lines = []
+    for i in range(n):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        text = ["a red circle", "a blue square"] if i == n - 1 else f"picture number {i}"
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": text}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core CPU run 20x faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """(pipeline folder, caption folder), made once per test module."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("sd")
+    return make_tiny_pipeline(root / "pipeline"), make_caption_folder(root / "captions")
+
+
+def cpu_env():
+    """fp32 on the CPU, no compile."""
+    return Env(torch.device("cpu"))
+
+
+def sd_config(tmp_path, pipeline, captions, **kw):
+    """A run of two ranges of two steps on 16x16 images, with a 3-candidate merge-weight search."""
+    return Config(**{**dict(dataset="folder", model="sd", pretrained=str(pipeline), data_dir=str(captions),
+                            out=str(tmp_path / "run"), device="cpu", precision="fp32", compile=False,
+                            channels_last=False, n_ranges=2, steps=2, batch_size=2, ckpt_every=100, sd_resolution=16,
+                            sample_steps=2, eval_batch=4, search_images=4, search_evals=3, guidance_scale=7.5,
+                            prompts="a red circle", models="theta0,ensemble,merged"), **kw})
+
+
+def eps_inputs(model, batch=2, seed=0):
+    """Latents, timesteps and text embeddings that fit an SDUNet."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.unet.config
+    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    return x, torch.tensor([10, 900])[:batch], torch.randn(batch, 8, c.cross_attention_dim, generator=g)
+
+
+def randomise_projections(model, seed=0, scale=0.2):
+    """W = I + noise at every projection, as after finetuning."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.projections.values():
+            p.weight.add_(scale * torch.randn(p.weight.shape, generator=g))
+    return model
+
+
+def test_sd_v1_gets_nine_projections_holding_1_06_percent_of_the_parameters(one_thread):
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):  # SD v1.x's UNet shape (its config is the constructor's default but 768-d text)
+        model = SDUNet(diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)).add_projections()
+    channels = [p.weight.shape[0] for p in model.projections.values()]
+    assert list(model.projections) == ["down_0", "down_1", "down_2", "down_3", "mid", "up_0", "up_1", "up_2", "up_3"]
+    assert channels == [320, 640, 1280, 1280, 1280, 1280, 1280, 640, 320]
+    n_unet = sum(p.numel() for p in model.unet.parameters())
+    n_proj = sum(p.numel() for p in model.projections.parameters())
+    assert (n_unet, n_proj) == (859_520_964, 9_216_000)
+    assert round(100 * n_proj / (n_unet + n_proj), 2) == 1.06
+
+
+def test_sd_projections_start_as_identity_and_never_touch_skip_tensors(tiny_sd, one_thread):
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd[0], subfolder="unet")
+    plain, projected = SDUNet(unet).eval(), SDUNet(copy.deepcopy(unet)).add_projections().eval()
+    x, t, emb = eps_inputs(plain)
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, emb), projected(x, t, emb))  # identity W: the model is unchanged at the start
+        projected.projections["down_0"].weight.mul_(2.0)
+    seen = {}
+    for name, model in (("plain", plain), ("projected", projected)):  # registered after the projection: sees its output
+        model.unet.down_blocks[0].register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out))
+        with torch.no_grad():
+            model(x, t, emb)
+    (h0, skips0), (h1, skips1) = seen["plain"], seen["projected"]
+    assert torch.allclose(h1, 2 * h0)  # the main path is projected ...
+    assert all(torch.equal(a, b) for a, b in zip(skips0, skips1))  # ... the skip tensors are not
+
+
+def test_the_sd_wrapper_encodes_latents_and_captions_with_sds_schedule(tiny_sd, one_thread):
+    sd = StableDiffusion(tiny_sd[0], cpu_env())
+    assert sd.diffusion.T == 1000 and abs(sd.diffusion.betas[0].item() - 0.00085) < 1e-12
+    assert abs(sd.diffusion.betas[-1].item() - 0.012) < 1e-12
+    ref = GaussianDiffusion(beta_start=0.00085, beta_end=0.012, schedule="scaled_linear")
+    assert torch.equal(sd.diffusion.alphas_bar, ref.alphas_bar)
+    data = CaptionedImages(tiny_sd[1], 16)
+    x0, cond = sd.encode(next(batches(data, 2, seed=0)))  # (images, captions) as the DataLoader collates them
+    assert x0.shape == (2, 4, 8, 8) and cond["encoder_hidden_states"].shape == (2, 8, 16)
+    images = torch.stack([data[0][0], data[1][0]])
+    latents = sd.vae.encode(images).latent_dist.mean * sd.vae.config.scaling_factor
+    assert torch.allclose(sd.encode_images(images), latents)
+    with torch.no_grad():  # called as the DDPM UNet is: eps(x_t, t, **cond)
+        assert sd.unet(x0, torch.tensor([3, 700]), **cond).shape == x0.shape
+
+
+def test_classifier_free_guidance_extrapolates_from_the_unconditional_prediction(tiny_sd, one_thread):
+    sd = StableDiffusion(tiny_sd[0], cpu_env())
+    x, t, _ = eps_inputs(sd.unet)
+    emb, uncond = sd.embed(["a red circle", "a blue square"]), sd.embed(["", ""])
+    with torch.no_grad():
+        e_c, e_u = sd.unet(x, t, emb), sd.unet(x, t, uncond)
+        assert torch.allclose(Prompted(sd.unet, emb, uncond, 1.0)(x, t), e_c, atol=1e-5)
+        assert torch.allclose(Prompted(sd.unet, emb, uncond, 7.5)(x, t), e_u + 7.5 * (e_c - e_u), atol=1e-4)
+
+
+def test_a_caption_folder_holds_pairs_and_each_mistake_is_one_line(tmp_path, tiny_sd, one_thread):
+    data = CaptionedImages(tiny_sd[1], 16)
+    assert len(data) == 7  # six images, the last with two captions
+    image, caption = data[6]
+    assert image.shape == (3, 16, 16) and -1 <= image.min() <= image.max() <= 1 and caption == "a blue square"
+    bad = tmp_path / "bad"
+    cases = [(tmp_path / "nowhere", "does not exist"), (bad, "metadata.jsonl is missing")]
+    for folder, message in cases:
+        if folder == bad:
+            bad.mkdir()
+        with pytest.raises(UserError, match=message):
+            CaptionedImages(folder, 16)
+    for text, message in [('{"file_name": "gone.png", "text": "x"}', "names gone.png"),
+                          ('{"file": "0.png"}', "line 1 is not a JSON object"), ("\n\n", "no image-caption pairs")]:
+        (bad / "metadata.jsonl").write_text(text)
+        with pytest.raises(UserError, match=message) as e:
+            CaptionedImages(bad, 16)
+        assert "\n" not in str(e.value)
+
+
+def test_missing_diffusers_is_one_line_naming_the_extras(monkeypatch, one_thread):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # what `import diffusers` sees when it is not installed
+    with pytest.raises(UserError, match="pip install -r requirements-extra.txt"):
+        StableDiffusion("anywhere", cpu_env())
+    with pytest.raises(UserError, match="needs diffusers and transformers"):
+        load_sd_unet("anywhere")
+
+
+def test_export_folds_what_it_can_and_the_sidecar_restores_the_rest(tmp_path, tiny_sd, capsys, one_thread):
+    from diffusers import UNet2DConditionModel
+    sd = StableDiffusion(tiny_sd[0], cpu_env())
+    model = randomise_projections(copy.deepcopy(sd.unet).add_projections()).eval()
+    rest = export_sd(model, tiny_sd[0], tmp_path)
+    assert sorted(rest) == ["down_0", "down_1", "down_2", "mid", "up_2"]  # up_0, up_1 folded into upsampler convs
+    assert "load_sd_unet" in capsys.readouterr().err
+    unet, info = UNet2DConditionModel.from_pretrained(tmp_path / "merged_unet", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"))
+    x, t, emb = eps_inputs(model)
+    with torch.no_grad():
+        want = model(x, t, emb)
+        for folder in (tmp_path / "merged_unet", tmp_path / "merged_pipeline"):
+            assert torch.allclose(load_sd_unet(folder)(x, t, emb), want, atol=1e-5)
+        # the hooks ride on the diffusers UNet itself, so a pipeline can be handed load_sd_unet(dir).unet
+        assert torch.allclose(load_sd_unet(tmp_path / "merged_unet").unet(x, t, emb).sample, want, atol=1e-5)
+        assert not torch.allclose(SDUNet(unet)(x, t, emb), want, atol=1e-3)  # plain diffusers drops the sidecar's W
+
+
+def test_stable_diffusion_decouples_merges_exports_and_samples(tmp_path, tiny_sd, monkeypatch, one_thread):
+    from diffusers import StableDiffusionPipeline
+    cfg = sd_config(tmp_path, *tiny_sd)
+    env = setup_env(cfg)
+    home = sys.modules[stage_sd.__module__]
+    real_train_loop, seen = home.train_loop, []
+
+    def spy(cfg, env, stage_dir, model, data, diffusion, *, teacher=None, **kw):  # the frozen teacher must not move
+        before = {k: v.clone() for k, v in teacher.state_dict().items()}
+        ema = real_train_loop(cfg, env, stage_dir, model, data, diffusion, teacher=teacher, **kw)
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        assert not teacher.projections and all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+        seen.append(kw["identity"]["range"])
+        return ema
+
+    monkeypatch.setattr(home, "train_loop", spy)
+    stage_sd(cfg, env)
+    assert seen == [[0, 500], [500, 1000]]
+    assert all((tmp_path / "run" / f"range_{i}" / "grid_000002.png").is_file() for i in range(2))
+    theta0 = StableDiffusion(cfg.pretrained, env).unet
+    states = []
+    for i in range(2):
+        ck = load_checkpoint(tmp_path / "run" / f"range_{i}" / "ckpt.pt")  # weights_only: the config is plain data
+        assert ck["step"] == 2 and ck["model_config"]["kind"] == "stable_diffusion"
+        assert all(torch.isfinite(v).all() for v in ck["ema"].values() if v.is_floating_point())
+        assert any(not torch.equal(ck["model"][k], v) for k, v in theta0.state_dict().items())  # θ_i moved from θ0
+        states.append(ck["ema"])
+    record = json.loads((tmp_path / "run" / "merge" / "search.json").read_text())
+    assert record["search"]["evals"] <= 3 and len(record["weights"]) == 2
+    base = sd_merge_base(theta0.state_dict(), states[0])
+    merged = sd_model(theta0, merge(base, states, record["weights"]))
+    x, t, emb = eps_inputs(theta0)
+    with torch.no_grad():  # the exported model is θ0 + Σ w_i τ_i; with w = 0 it is θ0
+        assert torch.allclose(load_sd_unet(tmp_path / "run" / "merge" / "merged_unet")(x, t, emb),
+                              merged(x, t, emb), atol=1e-5)
+        assert torch.allclose(sd_model(theta0, merge(base, states, [0.0, 0.0]))(x, t, emb), theta0(x, t, emb))
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "merge" / "merged_pipeline")
+    assert pipe.unet.state_dict().keys() == theta0.unet.state_dict().keys()
+    from PIL import Image
+    for name in ("theta0", "ensemble", "merged"):
+        with Image.open(tmp_path / "run" / "samples" / name / "00000.png") as im:
+            assert im.size == (16, 16) and im.mode == "RGB"
+    image = sd_sample(StableDiffusion(cfg.pretrained, env), [merged], ["a red circle"], cfg, [0])
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
