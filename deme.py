@@ -122,6 +122,13 @@ class Config:
     inception_weights: str = _opt("", "pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
     fid_stats: str = _opt("", "reference statistics .npz of the training set (default: computed once, cached)")
     models: str = _opt("theta0,baseline,ensemble,merged", "models the evaluate stage compares")
+    # analysis (analyze stage)
+    figures: str = _opt("conflict,landscape,norms", "analysis figures the analyze stage draws: conflict (gradient "
+                        "conflict, Fig. 1a), landscape (merge landscape, Fig. 6a), norms (task-vector norms, Fig. 6b)")
+    conflict_timesteps: int = _opt(20, "K, the timesteps of the gradient-conflict figure: the centres of K equal bins")
+    landscape_ranges: str = _opt("", "i,j: the two ranges whose task vectors span the merge-landscape plane "
+                                     "(default: 0 and N-1)")
+    landscape_points: int = _opt(15, "grid points per axis of the merge landscape, weights from -0.25 to 1.5")
     # Stable Diffusion (--model sd)
     prompts: str = _opt("", "prompts to draw, a file with one per line or 'a|b|c' (default: 8 captions of the data)")
     guidance_scale: float = _opt(7.5, "classifier-free guidance scale (1: none)")
@@ -1758,6 +1765,337 @@ def side_by_side(grids: dict, path, scale=None):
     out.save(tmp)
     os.replace(tmp, path)
 
+# ---- the paper's analysis figures: gradient conflict (Fig. 1a), merge landscape (Fig. 6a), task-vector norms (Fig. 6b)
+
+ANALYSIS_FIGURES = ("conflict", "landscape", "norms")
+
+
+def landscape_grid(points=15) -> tuple:
+    """The weights on each axis of the merge landscape: `points` values from -0.25 to 1.5, the merge search's box
+    [0, 1.5] and a little past θ0 (15 points: steps of 0.125, so 0 and 1 are on the grid)."""
+    if points < 2:
+        raise UserError(f"--landscape-points {points}: the landscape needs at least 2 points per axis (e.g. 15)")
+    return tuple(round(float(v), 6) for v in np.linspace(-0.25, 1.5, points))
+
+
+def conflict_timesteps(k, T=1000) -> list:
+    """The K timesteps of the gradient-conflict figure: the centres of K equal bins of [0, T)."""
+    if not 2 <= k <= T:
+        raise UserError(f"--conflict-timesteps {k}: give between 2 and {T} timesteps (e.g. 10 or 20)")
+    return [int((i + 0.5) * T / k) for i in range(k)]
+
+
+def gradient_conflict(model, diffusion, images, timesteps, env: Env, batch=64, seed=0) -> np.ndarray:
+    """DeMe Fig. 1a: the (K, K) matrix cos(g_a, g_b), g_t = ∇_θ of DDPM's simple loss at the fixed timestep t over
+    all parameters, on the same images with the same noise for every t (common random numbers, fixed by `seed`),
+    so that two gradients differ by t alone. g_t is the gradient of the mean loss over all images, accumulated in
+    batches of `batch` (memory only); fp32, dropout off. Holds the K gradients on env.device: K x 4 bytes per
+    parameter."""
+    model = model.to(env.device)
+    params = list(model.parameters())
+    was_training, needed_grad = model.training, [p.requires_grad for p in params]
+    model.eval().requires_grad_(True)
+    n = len(images)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    grads = torch.zeros(len(timesteps), sum(p.numel() for p in params), device=env.device)  # (K, P)
+    try:
+        for k, t in enumerate(tqdm(timesteps, desc="gradient per timestep", leave=False, disable=not env.master)):
+            for s in range(0, n, batch):
+                x0, eps = images[s:s + batch].to(env.device), noise[s:s + batch].to(env.device)
+                tb = torch.full((len(x0),), int(t), device=env.device, dtype=torch.long)
+                loss = diffusion.loss(model, x0, tb, eps) * (len(x0) / n)  # this batch's share of the mean
+                g = torch.autograd.grad(loss, params, allow_unused=True)
+                grads[k] += torch.cat([(gi if gi is not None else torch.zeros_like(p)).float().flatten()
+                                       for gi, p in zip(g, params)])
+    finally:
+        model.train(was_training)
+        for p, flag in zip(params, needed_grad):
+            p.requires_grad_(flag)
+    gram = (grads @ grads.T).double().cpu().numpy()  # (K, K) dot products g_a · g_b
+    gram = (gram + gram.T) / 2
+    norm = np.sqrt(np.diag(gram))
+    if not (norm > 0).all():
+        raise UserError(f"the loss gradient at t = {timesteps[int(np.argmin(norm))]} is zero, so its cosine "
+                        f"similarity is undefined; is the model trainable?")
+    return np.clip(gram / np.outer(norm, norm), -1.0, 1.0)
+
+
+def merge_landscape(base_sd, finetuned_sds, i, j, objective_fn, grid=landscape_grid()) -> np.ndarray:
+    """DeMe Fig. 6a: L[p, q] = objective_fn(θ0 + a τ_i + b τ_j) for a = grid[p], b = grid[q] (Eq. 8 on the plane
+    spanned by two task vectors); (0, 0) is θ0, (1, 0) is θ_i and (0, 1) is θ_j."""
+    n = len(finetuned_sds)
+    if not (0 <= i < n and 0 <= j < n) or i == j:
+        raise UserError(f"the landscape needs two different ranges among 0..{n - 1}, got {i} and {j}")
+    grid = [float(v) for v in grid]
+    pair = [finetuned_sds[i], finetuned_sds[j]]
+    values = np.empty((len(grid), len(grid)))
+    for p, q in tqdm(list(itertools.product(range(len(grid)), repeat=2)), desc="merge landscape", leave=False):
+        values[p, q] = float(objective_fn(merge(base_sd, pair, [grid[p], grid[q]])))
+    return values
+
+
+def layer_name(key: str) -> str:
+    """The readable layer a state-dict key belongs to: temb, conv_in, down.i, mid, up.i, out or projections."""
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[-2] == "proj":  # DeMe's channel projections: down.i.proj, mid.proj, up.i.proj
+        return "projections"
+    if parts[0] in ("norm_out", "conv_out"):
+        return "out"
+    if len(parts) > 2 and parts[1].isdigit():  # down.0.block..., up.2.attn...
+        return ".".join(parts[:2])
+    return parts[0]  # temb, conv_in, mid, or the first name of another model's key
+
+
+def layer_order(keys) -> list:
+    """Layer names in the order of the forward pass: as the keys come, but the up levels (stored in resolution order,
+    up.0 at full resolution) from the lowest resolution up, and the projections last."""
+    names = list(dict.fromkeys(layer_name(k) for k in keys))
+    ups = iter(sorted((n for n in names if n.startswith("up.")), key=lambda n: -int(n.split(".")[1])))
+    names = [next(ups) if n.startswith("up.") else n for n in names]
+    return [n for n in names if n != "projections"] + (["projections"] if "projections" in names else [])
+
+
+def task_vector_norms(base_sd, finetuned_sds) -> dict:
+    """DeMe Fig. 6b: ||τ_i|| per layer and in total, τ_i = θ_i - θ0. Returns layers (L names), norms (N, L),
+    total (N,) and base (L,), the norm of θ0's weights in each layer."""
+    taus = task_vectors(base_sd, finetuned_sds)
+    layers = layer_order(taus[0].keys())
+    col = {name: c for c, name in enumerate(layers)}
+    squared, base = np.zeros((len(taus), len(layers))), np.zeros(len(layers))
+    for key in taus[0]:
+        c = col[layer_name(key)]
+        base[c] += base_sd[key].double().pow(2).sum().item()
+        for r, tau in enumerate(taus):
+            squared[r, c] += tau[key].double().pow(2).sum().item()
+    total = np.array([torch.stack([v.double().norm() for v in tau.values()]).norm().item() for tau in taus])
+    return dict(layers=layers, norms=np.sqrt(squared), total=total, base=np.sqrt(base))
+
+
+# ----------------------------------------------------------------------------- figures on disk: CSV first, then PNG
+
+def _matplotlib():
+    """matplotlib's Figure and its Agg canvas (no display, no pyplot state); matplotlib is an optional extra."""
+    try:
+        import matplotlib  # noqa: F401  (first, so that a missing package fails here)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install matplotlib (the numbers are in the CSV)") from None
+    return Figure, FigureCanvasAgg
+
+
+def _save_png(fig, canvas, path):
+    """Renders a figure to `path` through a temporary file, then renames it into place."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    canvas(fig).print_png(str(tmp))
+    os.replace(tmp, path)
+
+
+def _csv(header, rows) -> str:
+    fmt = lambda v: f"{v:.8g}" if isinstance(v, (float, np.floating)) else str(v)
+    return "\n".join(",".join(fmt(v) for v in row) for row in [header] + list(rows)) + "\n"
+
+
+def plot_gradient_conflict(cos, timesteps, folder, note="") -> Path:
+    """Writes gradient_conflict.csv (the K x K matrix) and .png (a heatmap on a diverging scale from -1 to 1)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(_csv(["t"] + list(timesteps), ([t] + list(row) for t, row in zip(timesteps, cos))),
+                      folder / "gradient_conflict.csv")
+    Figure, canvas = _matplotlib()
+    k = len(timesteps)
+    fig = Figure(figsize=(6.4, 5.4), layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1, origin="lower")
+    step = max(1, k // 20)
+    ax.set_xticks(range(0, k, step), [str(t) for t in timesteps[::step]], rotation=90)
+    ax.set_yticks(range(0, k, step), [str(t) for t in timesteps[::step]])
+    if k <= 12:
+        for a, b in itertools.product(range(k), repeat=2):
+            ax.text(b, a, f"{cos[a, b]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(cos[a, b]) > 0.6 else "black")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("timestep t")
+    ax.set_title("Gradient conflict between timesteps (DeMe Fig. 1a)" + (f"\n{note}" if note else ""))
+    fig.colorbar(im, ax=ax, label="cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t")
+    _save_png(fig, canvas, folder / "gradient_conflict.png")
+    return folder / "gradient_conflict.png"
+
+
+def _range_name(r, ranges=None) -> str:
+    """'range r, t∈[lo,hi)': ranges are 0-based here, so the figures never write θ_0 next to the pretrained θ0."""
+    return f"range {r}" + (f", t∈[{ranges[r][0]},{ranges[r][1]})" if ranges else "")
+
+
+def plot_merge_landscape(values, grid, i, j, folder, ranges=None, merged=None, n_ranges=2) -> Path:
+    """Writes merge_landscape.csv (w_i, w_j, loss) and .png (contours, with θ0, θ_i, θ_j, the grid's minimum and
+    the (w_i, w_j) of the run's merge marked)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = [float(v) for v in grid]
+    rows = ([grid[p], grid[q], values[p, q]] for p, q in itertools.product(range(len(grid)), repeat=2))
+    atomic_write_text(_csv([f"w_range{i}", f"w_range{j}", "heldout_loss"], rows), folder / "merge_landscape.csv")
+    Figure, canvas = _matplotlib()
+    fig = Figure(figsize=(6.8, 6.6), layout="constrained")
+    ax = fig.add_subplot()
+    lo, mid = values.min(), np.median(values)
+    levels = np.linspace(lo, lo + 2 * (mid - lo), 21) if mid > lo else 21  # resolve the basin, not the far corners
+    filled = ax.contourf(grid, grid, values.T, levels=levels, cmap="viridis_r", extend="max")
+    ax.contour(grid, grid, values.T, levels=filled.levels, colors="k", linewidths=0.3, alpha=0.5)
+    fig.colorbar(filled, ax=ax, label="held-out denoising loss", format="%.4g")
+    p, q = np.unravel_index(np.argmin(values), values.shape)
+    ax.plot(0, 0, "o", ms=8, mfc="white", mec="black", label="θ0 (pretrained)")
+    ax.plot([1, 0], [0, 1], "^", ms=8, mfc="white", mec="black", label=f"finetuned: range {i}, range {j}")
+    ax.plot(grid[p], grid[q], "X", ms=9, mfc="red", mec="white", label=f"grid minimum ({grid[p]:g}, {grid[q]:g})")
+    if merged is not None:
+        rest = f" (its other {n_ranges - 2} weights: off this plane)" if n_ranges > 2 else ""
+        ax.plot(*merged, "*", ms=14, mfc="gold", mec="black",
+                label=f"the run's merge ({merged[0]:.2f}, {merged[1]:.2f}){rest}")
+    ax.set_xlabel(f"a: weight of τ of {_range_name(i, ranges)}")
+    ax.set_ylabel(f"b: weight of τ of {_range_name(j, ranges)}")
+    ax.set_title(f"Merge landscape (DeMe Fig. 6a)\nθ0 + a·τ(range {i}) + b·τ(range {j})")
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    _save_png(fig, canvas, folder / "merge_landscape.png")
+    return folder / "merge_landscape.png"
+
+
+def plot_task_vector_norms(norms: dict, folder, ranges=None) -> Path:
+    """Writes task_vector_norms.csv (per layer: ||θ0||, ||τ_i||; last row the totals) and .png (grouped bars)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(norms["total"])
+    rows = [[name, norms["base"][c]] + list(norms["norms"][:, c]) for c, name in enumerate(norms["layers"])]
+    rows.append(["total", float(np.sqrt((norms["base"] ** 2).sum()))] + list(norms["total"]))
+    atomic_write_text(_csv(["layer", "theta0"] + [f"tau_range{r}" for r in range(n)], rows),
+                      folder / "task_vector_norms.csv")
+    Figure, canvas = _matplotlib()
+    import matplotlib
+    colors = matplotlib.colormaps["viridis"](np.linspace(0.15, 0.85, n))  # low t dark, high t light
+    layers = norms["layers"]
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    ax, ax_total = fig.subplots(1, 2, width_ratios=[5, 1])
+    width = 0.8 / n
+    for r in range(n):
+        x = np.arange(len(layers)) + (r - (n - 1) / 2) * width
+        ax.bar(x, norms["norms"][r], width, color=colors[r], label=_range_name(r, ranges))
+        ax_total.bar(r, norms["total"][r], 0.8, color=colors[r])
+    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right")
+    ax.set_ylabel("||τ|| of the layer's weights (L2)")
+    ax.set_title("Task-vector norm τ = θ_range − θ0 per layer and timestep range (DeMe Fig. 6b)")
+    ax.legend(fontsize=8)
+    ax_total.set_xticks(range(n), [str(r) for r in range(n)])
+    ax_total.set_xlabel("range")
+    ax_total.set_ylabel("||τ|| of all weights (L2)")
+    ax_total.set_title("total")
+    _save_png(fig, canvas, folder / "task_vector_norms.png")
+    return folder / "task_vector_norms.png"
+
+
+# ----------------------------------------------------------------------------- the analyze stage
+
+def analysis_figure_list(cfg: Config) -> list:
+    """--figures as a list of names."""
+    names = [s.strip() for s in cfg.figures.split(",") if s.strip()]
+    bad = [s for s in names if s not in ANALYSIS_FIGURES]
+    if bad or not names:
+        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSIS_FIGURES)}, comma-separated")
+    return names
+
+
+def landscape_pair(cfg: Config) -> tuple:
+    """--landscape-ranges as (i, j); default the lowest and the highest range, 0 and N-1."""
+    if not cfg.landscape_ranges:
+        return 0, cfg.n_ranges - 1
+    try:
+        i, j = (int(s) for s in cfg.landscape_ranges.split(","))
+    except ValueError:
+        raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r} is not two range indices; write e.g. "
+                        f"0,3") from None
+    if not (0 <= i < cfg.n_ranges and 0 <= j < cfg.n_ranges) or i == j:
+        raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r}: give two different indices in "
+                        f"0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
+    return i, j
+
+
+def chosen_merge_weights(cfg: Config, i, j) -> Optional[tuple]:
+    """(w_i, w_j) of the run's task-arithmetic merge (merge/search.json), or None when there is none."""
+    path = run_dir(cfg, "merge", "search.json")
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    w = record.get("weights") or []
+    if record.get("method") not in ("task_arithmetic", "average") or len(w) != cfg.n_ranges:
+        return None
+    return float(w[i]), float(w[j])
+
+
+def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
+    """The paper's analysis figures of this run's models as PNG and CSV under analysis/: gradient conflict between
+    timesteps of θ0 (Fig. 1a), the merge landscape of two ranges (Fig. 6a), task-vector norms per layer (Fig. 6b)."""
+    diffusion = diffusion or GaussianDiffusion()
+    figures = analysis_figure_list(cfg)
+    pair = landscape_pair(cfg) if "landscape" in figures else None
+    grid = landscape_grid(cfg.landscape_points) if "landscape" in figures else None
+    finetuned = None
+    if "landscape" in figures or "norms" in figures:  # check the inputs before any long computation
+        try:
+            finetuned = [m.state_dict() for m in range_models(cfg)]
+        except UserError as e:
+            needs = " and ".join(f for f in ("landscape", "norms") if f in figures)
+            raise UserError(f"the {needs} figure needs finished ranges: {e}") from None
+    if theta0 is None:
+        if not cfg.pretrained and not run_dir(cfg, "pretrain", "ckpt.pt").exists():
+            raise UserError(f"the analysis needs θ0 and {run_dir(cfg, 'pretrain', 'ckpt.pt')} does not exist: run "
+                            f"`python deme.py train` with the same --out first, or pass --pretrained")
+        theta0 = theta0_model(cfg, env, diffusion)
+    if not env.master:  # one process draws the figures
+        return
+    folder = run_dir(cfg, "analysis")
+    folder.mkdir(parents=True, exist_ok=True)
+    ranges = timestep_ranges(cfg.n_ranges, diffusion.T)
+    images = heldout_images(cfg, cfg.search_images)
+    written = []
+    if "conflict" in figures:
+        ts = conflict_timesteps(cfg.conflict_timesteps, diffusion.T)
+        batch = max(1, min(64, cfg.batch_size // cfg.grad_accum))  # a training micro-batch fits with gradients
+        cos = gradient_conflict(unwrap(theta0), diffusion, images, ts, env, batch, cfg.seed)
+        far = np.abs(np.subtract.outer(ts, ts)) >= diffusion.T // 2
+        a, b = np.unravel_index(np.argmin(cos), cos.shape)
+        print(f"gradient conflict of θ0 ({len(images)} held-out images, {len(ts)} timesteps): mean cos of neighbours "
+              f"{np.diag(cos, 1).mean():.3f}, of timesteps >= {diffusion.T // 2} apart {cos[far].mean():.3f}, "
+              f"min {cos.min():.3f} at t = {ts[a]}, {ts[b]}")
+        note = f"θ0 = {cfg.pretrained or 'pretrain/ckpt.pt'}, {len(images)} held-out images, same noise at every t"
+        written.append(plot_gradient_conflict(cos, ts, folder, note))
+    if finetuned is not None:  # all on env.device (gradient_conflict may have moved θ0 there)
+        base = merge_base(theta0, any(key.endswith(".proj.weight") for key in finetuned[0]))
+        base, *finetuned = [{k: v.to(env.device) for k, v in sd.items()} for sd in [base] + finetuned]
+    if "landscape" in figures:
+        i, j = pair
+        model = build_model(unwrap(theta0).config, base).to(env.device)
+
+        def objective(state_dict):  # the merge search's objective, so its optimum and this plane compare
+            model.load_state_dict(state_dict)
+            return heldout_loss(model, diffusion, images, env, cfg.n_ranges, cfg.seed)[0]
+
+        values = merge_landscape(base, finetuned, i, j, objective, grid)
+        p, q = np.unravel_index(np.argmin(values), values.shape)
+        corners = ", ".join(f"{name} {values[grid.index(a), grid.index(b)]:.5f}" for name, a, b in
+                            (("θ0", 0.0, 0.0), (f"range {i}", 1.0, 0.0), (f"range {j}", 0.0, 1.0))
+                            if {a, b} <= set(grid))
+        print(f"merge landscape of ranges {i}, {j} (held-out loss): {corners + ', ' if corners else ''}minimum "
+              f"{values[p, q]:.5f} at ({grid[p]:g}, {grid[q]:g})")
+        written.append(plot_merge_landscape(values, grid, i, j, folder, ranges, chosen_merge_weights(cfg, i, j),
+                                            cfg.n_ranges))
+    if "norms" in figures:
+        norms = task_vector_norms(base, finetuned)
+        print("task-vector norms ||θ_range - θ0||: " + ", ".join(f"range {r} {v:.4f}" for r, v in
+                                                                  enumerate(norms["total"])))
+        written.append(plot_task_vector_norms(norms, folder, ranges))
+    print("figures: " + ", ".join(str(p) for p in written) + " (numbers in the .csv beside each)")
+    return written
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 8. Stable Diffusion: the same finetuning, merge and ensemble on a text-conditioned latent UNet (paper: SD v1.4)
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2229,12 +2567,13 @@ STAGES = {
     "merge": (lambda cfg, env: stage_merge(cfg, env), "merge the finetuned ranges into one model (Eq. 8)"),
     "sample": (stage_sample, "write --n-samples PNGs of the models named by --models"),
     "evaluate": (lambda cfg, env: stage_evaluate(cfg, env), "compare the models named by --models"),
+    "analyze": (lambda cfg, env: stage_analyze(cfg, env), "the paper's figures (Fig. 1a, 6a, 6b) as PNG and CSV"),
 }
 
 GROUPS = {"dataset": "run", "preset": "model", "train_steps": "pretraining θ0 (train stage)",
           "n_ranges": "decoupled finetuning (finetune and baseline stages)", "merge_method": "merge stage",
           "sampler": "evaluation (sample and evaluate stages)",
-          "prompts": "Stable Diffusion (--model sd)"}
+          "figures": "analysis (analyze stage)", "prompts": "Stable Diffusion (--model sd)"}
 
 EXAMPLES = """examples:
   python deme.py                                   the whole pipeline on synthetic shapes, on a CPU, in minutes

@@ -700,6 +700,44 @@ def test_checkpoints_that_run_code_are_refused_without_running_it(tmp_path):
 
 
 # ======================================================================================================================
+# The whole pipeline, as a user runs it
+# ======================================================================================================================
+
+FAST = ["--device", "cpu", "--train-steps", "10", "--steps", "2", "--batch-size", "8", "--n-samples", "64",
+        "--sample-steps", "4", "--eval-batch", "64", "--search-images", "32", "--search-evals", "5"]
+
+
+def test_the_pipeline_runs_every_stage_and_writes_its_table_and_grids(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("--out", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in results["rows"]] == ["theta0", "baseline", "ensemble", "merged"]
+    assert all(math.isfinite(r["value"]) and math.isfinite(r["heldout_loss"]) for r in results["rows"])
+    assert results["metric"].startswith("pixel Fréchet distance (not FID)") and results["real_vs_real"] >= 0
+    assert "| merged |" in (out / "results.md").read_text() and (out / "models.png").exists()
+    search = json.loads((out / "merge" / "search.json").read_text())
+    assert len(search["weights"]) == 4 and search["search"]["evals"] == len(search["search"]["path"]) <= 5
+    merged = deme.load_model(out / "merge" / "merged.pt")
+    assert merged.has_projections
+    # every stage is cached: the same command reuses them all and reproduces the table exactly
+    again = run_cli("--out", str(out), *FAST)
+    assert again.returncode == 0 and "reusing the finished stage" in again.stdout
+    assert [r["value"] for r in json.loads((out / "results.json").read_text())["rows"]] == \
+        [r["value"] for r in results["rows"]]
+    # merging with w = 0 gives θ0 (with identity projections); TIES and DARE run on the same ranges
+    assert run_cli("merge", "--out", str(out), *FAST, "--merge-weights", "0,0,0,0").returncode == 0
+    theta0 = deme.load_model(out / "pretrain" / "ckpt.pt")
+    base = deme.merge_base(theta0, True)
+    zero = deme.load_checkpoint(out / "merge" / "merged.pt")["ema"]
+    assert all(torch.equal(zero[k], v) for k, v in base.items())
+    for method in ("ties", "dare", "average"):
+        proc = run_cli("merge", "--out", str(out), *FAST, "--merge-method", method)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((out / "merge" / "search.json").read_text())["method"] == method
+
+
+# ======================================================================================================================
 # Bad input: one clear line, a non-zero exit, no traceback
 # ======================================================================================================================
 
@@ -1348,6 +1386,176 @@ def test_pixel_frechet_report_gives_the_real_vs_real_floor_at_the_same_n():
     assert report["n"] == 200 and report["real_vs_real"] < report["model"]
     with pytest.raises(UserError, match="same N"):
         pixel_frechet_report(fake[:100], real_a, real_b, pool=2)
+
+
+# ----------------------------------------------------------------------------- analysis figures (Fig. 1a, 6a, 6b)
+
+def tiny_theta0(seed=0, projections=False):
+    torch.manual_seed(seed)
+    model = UNet.from_preset("tiny").eval()
+    return deme.add_channel_projections(model) if projections else model
+
+
+def perturbed(state_dict, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state_dict.items()}
+
+
+def test_gradient_conflict_is_a_symmetric_cosine_matrix_with_ones_on_the_diagonal():
+    cos = deme.gradient_conflict(tiny_theta0(), deme.GaussianDiffusion(), deme.synthetic_images(8, 16),
+                                 [50, 500, 950], deme.Env(torch.device("cpu")), batch=4)
+    assert cos.shape == (3, 3)
+    assert np.array_equal(cos, cos.T)
+    np.testing.assert_allclose(np.diag(cos), 1.0, atol=1e-6)
+    assert (cos >= -1).all() and (cos <= 1).all()
+    assert not np.allclose(cos, 1.0, atol=1e-3)  # a real UNet's gradients do differ between timesteps
+
+
+def test_gradient_conflict_batches_only_for_memory():
+    args = (tiny_theta0(), deme.GaussianDiffusion(), deme.synthetic_images(8, 16), [100, 900],
+            deme.Env(torch.device("cpu")))
+    np.testing.assert_allclose(deme.gradient_conflict(*args, batch=2), deme.gradient_conflict(*args, batch=8),
+                               atol=1e-5)
+
+
+def test_a_model_whose_loss_gradient_is_the_same_at_every_t_shows_no_conflict():
+    class BiasOnly(nn.Module):
+        """ε_θ(x_t, t) = b: with the same noise at every t (common random numbers), ∇_b of the loss ignores t."""
+
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Parameter(torch.full((3, 1, 1), 0.5))
+
+        def forward(self, x, t):
+            return self.b.expand_as(x)
+
+    cos = deme.gradient_conflict(BiasOnly(), deme.GaussianDiffusion(), deme.synthetic_images(8, 16),
+                                 deme.conflict_timesteps(5), deme.Env(torch.device("cpu")), batch=3)
+    np.testing.assert_allclose(cos, np.ones((5, 5)), atol=1e-6)
+
+
+def test_conflict_timesteps_are_the_centres_of_K_equal_bins():
+    assert deme.conflict_timesteps(10) == [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
+    assert deme.conflict_timesteps(20)[:2] == [25, 75] and deme.conflict_timesteps(20)[-1] == 975
+
+
+def test_the_merge_landscape_passes_through_theta0_and_both_finetuned_models():
+    base = tiny_theta0().state_dict()
+    finetuned = [perturbed(base, 0.01 * (r + 1), seed=r) for r in range(3)]
+    diffusion, env, images = deme.GaussianDiffusion(), deme.Env(torch.device("cpu")), deme.synthetic_images(8, 16)
+    model = UNet.from_preset("tiny")
+
+    def loss(state_dict):
+        model.load_state_dict(state_dict)
+        return deme.heldout_loss(model, diffusion, images, env)[0]
+
+    values = deme.merge_landscape(base, finetuned, 0, 2, loss, grid=[0.0, 0.5, 1.0])
+    assert values.shape == (3, 3)
+    assert values[0, 0] == pytest.approx(loss(base), rel=1e-6)                    # (0, 0) is θ0
+    assert values[2, 0] == pytest.approx(loss(finetuned[0]), rel=1e-5)            # (1, 0) is θ_i
+    assert values[0, 2] == pytest.approx(loss(finetuned[2]), rel=1e-5)            # (0, 1) is θ_j
+    assert values[1, 2] == pytest.approx(loss(deme.merge(base, finetuned, [0.5, 0.0, 1.0])), rel=1e-6)  # Eq. 8
+    with pytest.raises(UserError):
+        deme.merge_landscape(base, finetuned, 1, 1, loss, grid=[0.0])
+
+
+def test_a_zero_task_vector_has_zero_norm_in_every_layer():
+    base = tiny_theta0(projections=True).state_dict()
+    norms = deme.task_vector_norms(base, [{k: v.clone() for k, v in base.items()}, perturbed(base, 0.01, seed=1)])
+    assert (norms["norms"][0] == 0).all() and norms["total"][0] == 0
+    assert (norms["norms"][1] > 0).all() and norms["total"][1] > 0
+
+
+def test_per_layer_squared_norms_sum_to_the_total_squared_norm():
+    base = tiny_theta0(projections=True).state_dict()
+    norms = deme.task_vector_norms(base, [perturbed(base, 0.01 * (r + 1), seed=r) for r in range(3)])
+    assert norms["layers"] == ["temb", "conv_in", "down.0", "down.1", "down.2", "mid", "up.2", "up.1", "up.0", "out",
+                               "projections"]  # every key in one layer, in the order of the forward pass
+    assert norms["norms"].shape == (3, 11)
+    np.testing.assert_allclose((norms["norms"] ** 2).sum(1), norms["total"] ** 2, rtol=1e-10)
+    flat = lambda sd: torch.cat([v.double().flatten() for v in sd.values()])
+    np.testing.assert_allclose(np.sqrt((norms["base"] ** 2).sum()), flat(base).norm().item(), rtol=1e-10)
+
+
+def test_a_task_vector_inside_one_layer_shows_only_in_that_layer():
+    base = tiny_theta0().state_dict()
+    theta = {k: v.clone() for k, v in base.items()}
+    theta["mid.attn_1.q.weight"] += 0.5
+    norms = deme.task_vector_norms(base, [theta])
+    (nonzero,) = np.flatnonzero(norms["norms"][0])
+    assert norms["layers"][nonzero] == "mid"
+    assert norms["total"][0] == pytest.approx(0.5 * base["mid.attn_1.q.weight"].numel() ** 0.5)
+
+
+@pytest.fixture(scope="module")
+def analysis_run(tmp_path_factory):
+    """A run folder with θ0 and two finished "finetuned" ranges (θ0 plus noise, in train_loop's checkpoint format)
+    and a merge record; θ0 itself is handed to the stage, as the pipeline does."""
+    out = tmp_path_factory.mktemp("analysis_run")
+    theta0 = tiny_theta0()
+    base = deme.merge_base(theta0, with_projections=True)
+    for r in range(2):
+        sd = perturbed(base, 0.01 * (r + 1), seed=r)
+        (out / f"range_{r}").mkdir()
+        deme.atomic_save(dict(model=sd, ema=sd, step=2, identity=dict(steps=2), model_config=theta0.config),
+                         out / f"range_{r}" / "ckpt.pt")
+    (out / "merge").mkdir()
+    (out / "merge" / "search.json").write_text(json.dumps(dict(method="task_arithmetic", weights=[0.3, 0.6])))
+    cfg = deme.Config(out=str(out), n_ranges=2, search_images=8, conflict_timesteps=4, landscape_points=8, batch_size=4,
+                      device="cpu")
+    return cfg, theta0
+
+
+def test_analyze_writes_each_figure_as_png_and_csv(analysis_run):
+    cfg, theta0 = analysis_run
+    written = deme.stage_analyze(cfg, deme.Env(torch.device("cpu")), theta0=theta0)
+    folder = deme.run_dir(cfg, "analysis")
+    for name in ("gradient_conflict", "merge_landscape", "task_vector_norms"):
+        assert folder / f"{name}.png" in written
+        assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    conflict = np.loadtxt(folder / "gradient_conflict.csv", delimiter=",", skiprows=1)[:, 1:]
+    assert conflict.shape == (4, 4) and np.allclose(np.diag(conflict), 1.0)
+    landscape = np.loadtxt(folder / "merge_landscape.csv", delimiter=",", skiprows=1)
+    assert landscape.shape == (8 * 8, 3) and {0.0, 1.0} <= set(landscape[:, 0])
+    norms = (folder / "task_vector_norms.csv").read_text().splitlines()
+    assert norms[0] == "layer,theta0,tau_range0,tau_range1" and norms[-1].startswith("total,") and len(norms) == 13
+    assert not list(folder.glob("*.tmp*"))
+
+
+def test_analyze_without_matplotlib_still_writes_the_csv(analysis_run, monkeypatch):
+    cfg, theta0 = analysis_run
+    cfg = dataclasses.replace(cfg, figures="norms")
+    (deme.run_dir(cfg, "analysis", "task_vector_norms.csv")).unlink(missing_ok=True)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with pytest.raises(UserError, match="pip install matplotlib"):
+        deme.stage_analyze(cfg, deme.Env(torch.device("cpu")), theta0=theta0)
+    assert deme.run_dir(cfg, "analysis", "task_vector_norms.csv").exists()
+
+
+@pytest.mark.parametrize("figures, settings, message", [
+    ("landscape", {}, "landscape figure needs finished ranges.*python deme.py finetune"),
+    ("norms", {}, "norms figure needs finished ranges"),
+    ("conflict", {}, "needs θ0.*python deme.py train"),
+    ("conflict,fig9", {}, "choose among conflict, landscape, norms"),
+    ("landscape", {"landscape_ranges": "0,0"}, "two different indices"),
+    ("landscape", {"landscape_ranges": "first,last"}, "not two range indices"),
+])
+def test_analyze_says_which_input_is_missing(tmp_path, figures, settings, message):
+    cfg = deme.Config(out=str(tmp_path), n_ranges=2, figures=figures, device="cpu", **settings)
+    with pytest.raises(UserError, match=message):
+        deme.stage_analyze(cfg, deme.Env(torch.device("cpu")))
+
+
+def test_analyze_refuses_an_unfinished_range(tmp_path):
+    theta0 = tiny_theta0()
+    sd = deme.merge_base(theta0, with_projections=True)
+    for r in range(2):
+        (tmp_path / f"range_{r}").mkdir()
+        deme.atomic_save(dict(model=sd, ema=sd, step=1 + r, identity=dict(steps=2), model_config=theta0.config),
+                         tmp_path / f"range_{r}" / "ckpt.pt")
+    cfg = deme.Config(out=str(tmp_path), n_ranges=2, figures="norms", device="cpu")
+    with pytest.raises(UserError, match="range 0 is unfinished"):
+        deme.stage_analyze(cfg, deme.Env(torch.device("cpu")), theta0=theta0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
