@@ -8,7 +8,9 @@ Reads in the order of the paper:
   5. decoupled finetuning     timestep ranges, probabilistic sampling (Eq. 6), consistency loss (Eq. 4-5), projections
   6. merge                    task vectors, DeMe Eq. 8, TIES, DARE, merge-weight search, the ensemble (Eq. 7)
   7. evaluation               FID as pytorch-fid computes it, pixel Fréchet distance, the paper's analysis figures
-  8. command line             `python deme.py` runs everything on a CPU in minutes; `--dataset cifar10` is the paper
+  8. Stable Diffusion         the same method on a text-conditioned latent UNet (diffusers, optional)
+  9. benchmark                throughput, the projections' inference cost, the projected wall time of the recipe
+ 10. command line             `python deme.py` runs everything on a CPU in minutes; `--dataset cifar10` is the paper
 
 Run `python deme.py --help` for the stages and flags.
 """
@@ -34,15 +36,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddpm_unet import (PRESETS, UNet, UserError, add_channel_projections, atomic_save, load_pretrained,
-                       model_from_state_dict)
+from ddpm_unet import (PRESETS, UNet, UserError, add_channel_projections, atomic_save, bench_unet,
+                       fold_channel_projections, load_pretrained, model_from_state_dict)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Configuration
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _opt(default, help, choices=None, stages=None):
+def _opt(default, help, choices=None):
     """A config field with its command-line help."""
     return field(default=default, metadata=dict(help=help, choices=choices))
 
@@ -122,6 +124,11 @@ class Config:
     inception_weights: str = _opt("", "pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
     fid_stats: str = _opt("", "reference statistics .npz of the training set (default: computed once, cached)")
     models: str = _opt("theta0,baseline,ensemble,merged", "models the evaluate stage compares")
+    # benchmark (bench stage)
+    bench_batch: int = _opt(0, "images per timed step (0: --batch-size / (--grad-accum x processes) for training, "
+                               "--eval-batch for sampling; on a CPU try 8)")
+    bench_iters: int = _opt(5, "timed rounds per measurement after a warm-up; the median is reported (the forward "
+                               "pass of θ0 vs the merged model gets 3x as many)")
     # analysis (analyze stage)
     figures: str = _opt("conflict,landscape,norms", "analysis figures the analyze stage draws: conflict (gradient "
                         "conflict, Fig. 1a), landscape (merge landscape, Fig. 6a), norms (task-vector norms, Fig. 6b)")
@@ -557,6 +564,15 @@ class Env:
         if self.world > 1:
             torch.distributed.barrier()
 
+    @contextlib.contextmanager
+    def master_first(self):
+        """Rank 0 runs the block first (downloads, caches); the other ranks run it after, and find its files."""
+        if not self.master:
+            self.barrier()
+        yield
+        if self.master:
+            self.barrier()
+
 
 def setup_env(cfg: Config) -> Env:
     """Device and precision from the config; torch.distributed when torchrun started several processes."""
@@ -576,7 +592,9 @@ def setup_env(cfg: Config) -> Env:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        from datetime import timedelta
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
+                                             device_id=device if device.type == "cuda" else None)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -755,9 +773,12 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
     ema = EMA(model, cfg.ema_decay)
-    t_gen = torch.Generator().manual_seed(seed * 7919 + env.rank)  # timesteps and coins (CPU)
-    x_gen = torch.Generator(env.device).manual_seed(seed * 7919 + env.rank + 1)  # noise and flips (device)
-    torch.manual_seed(seed * 7919 + env.rank + 2)  # dropout
+    # Every rank draws the timesteps, coins, noise and flips of the whole global micro-batch from the same seeds and
+    # keeps its slice of them, so N processes train what one process trains (up to float rounding; dropout aside).
+    mine = slice(env.rank * micro, (env.rank + 1) * micro)
+    t_gen = torch.Generator().manual_seed(seed * 7919)  # timesteps and coins (CPU)
+    x_gen = torch.Generator(env.device).manual_seed(seed * 7919 + 1)  # noise and flips (device)
+    torch.manual_seed(seed * 7919 + env.rank + 2)  # dropout, different on every rank
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -765,8 +786,10 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], t_gen, x_gen)
+        set_rng_state(state["rng"], t_gen, x_gen)  # rank 0's states; t_gen and x_gen are the same on every rank
         start = state["step"]
+        if env.world > 1:  # but dropout must not repeat rank 0's masks
+            torch.manual_seed(seed * 7919 + env.rank + 2 + 1_000_003 * start)
     if teacher is not None:
         teacher = prepare(teacher, dataclasses.replace(env, world=1))
     net = prepare(model, env, train=True)
@@ -788,12 +811,12 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
             batch = next(data_iter)
             x0, cond = encode(batch) if encode else (batch.to(env.device, non_blocking=True), {})
             if cfg.flip:
-                flip = torch.rand(x0.shape[0], generator=x_gen, device=env.device) < 0.5
+                flip = (torch.rand(micro * env.world, generator=x_gen, device=env.device) < 0.5)[mine]
                 x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
             if env.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            t = timesteps(micro, t_gen).to(env.device)
-            noise = torch.randn(x0.shape, generator=x_gen, device=env.device)
+            t = timesteps(micro * env.world, t_gen)[mine].to(env.device)
+            noise = torch.randn((micro * env.world, *x0.shape[1:]), generator=x_gen, device=env.device)[mine]
             x_t = diffusion.q_sample(x0, t, noise)
             sync = net.no_sync() if env.world > 1 and m < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync:
@@ -855,7 +878,8 @@ def run_dir(cfg: Config, *parts) -> Path:
 def theta0_model(cfg: Config, env: Env, diffusion) -> UNet:
     """θ0: the published checkpoint named by --pretrained, or one pretrained here from scratch (cached in the run)."""
     if cfg.pretrained:
-        return load_pretrained(cfg.pretrained).eval()
+        with env.master_first():  # one download, not one per process
+            return load_pretrained(cfg.pretrained).eval()
     stage_train(cfg, env, diffusion)  # returns at once when the run folder holds the finished stage
     return load_model(run_dir(cfg, "pretrain", "ckpt.pt")).eval()
 
@@ -863,6 +887,7 @@ def theta0_model(cfg: Config, env: Env, diffusion) -> UNet:
 def stage_train(cfg: Config, env: Env, diffusion=None):
     """Pretrains θ0 from scratch (DDPM Algorithm 1) on the configured dataset: the θ0 of the CPU pipeline."""
     diffusion = diffusion or GaussianDiffusion()
+    torch.manual_seed(cfg.seed)  # the same initial θ in every run and on every rank
     model = UNet.from_preset(cfg.preset)
     if cfg.image_size:
         model = UNet(**{**model.config, "resolution": cfg.image_size})
@@ -1224,7 +1249,11 @@ def stage_merge(cfg: Config, env: Env, diffusion=None, theta0=None):
             weights = search["rerank"][0]["w"]
     merged = merge(base, finetuned, weights, cfg.merge_method, **merge_options(cfg))
     if env.master:
-        record = dict(method=cfg.merge_method, weights=weights, options=merge_options(cfg), search=search)
+        model = build_model(config, merged)
+        folded = fold_channel_projections(model)  # exact: P (W x + b) = (P W) x + P b, one conv less at inference
+        merged = model.state_dict()
+        record = dict(method=cfg.merge_method, weights=weights, options=merge_options(cfg), search=search,
+                      folded_projections=folded)
         atomic_write_text(json.dumps(record, indent=2), folder / "search.json")
         atomic_save(dict(ema=merged, model_config=config, merge=record, config=dataclasses.asdict(cfg)),
                     folder / "merged.pt")
@@ -1605,17 +1634,31 @@ def unwrap_config(model):
     return m.config["in_channels"], m.config["resolution"]
 
 
-def sample_in_memory(cfg: Config, env: Env, diffusion, model, n, seed) -> torch.Tensor:
-    """n samples (n, C, H, W) in [-1, 1] from noise fixed by `seed`, the same for every model."""
+def sample_in_memory(cfg: Config, env: Env, diffusion, model, n, seed, rank=0, world=1) -> torch.Tensor:
+    """Samples rank, rank + world, ... < n (all n by default) as (k, C, H, W) in [-1, 1]; sample i starts from
+    noise fixed by (seed, i), the same for every model."""
     c, res = unwrap_config(model)
     model = model.to(env.device).eval()
-    gen = torch.Generator(env.device).manual_seed(seed * 7)
-    out = []
-    for s in tqdm(range(0, n, cfg.eval_batch), desc="sampling", leave=False, disable=not env.master):
-        noise = start_noise(seed, range(s, min(n, s + cfg.eval_batch)), (c, res, res)).to(env.device)
+    gen = torch.Generator(env.device).manual_seed(seed * 7 + rank)
+    mine = list(range(rank, n, world))
+    out = [torch.empty(0, c, res, res)]
+    for s in tqdm(range(0, len(mine), cfg.eval_batch), desc="sampling", leave=False, disable=not env.master):
+        noise = start_noise(seed, mine[s:s + cfg.eval_batch], (c, res, res)).to(env.device)
         with env.autocast():
             out.append(sample_images(diffusion, model, noise, cfg, generator=gen).float().cpu())
     return torch.cat(out)
+
+
+def gather_strided(part, env: Env) -> torch.Tensor:
+    """All ranks' parts (rank r holds items r, r + world, ...) interleaved back into one tensor, on every rank."""
+    if env.world == 1:
+        return part
+    parts = [None] * env.world
+    torch.distributed.all_gather_object(parts, part)
+    out = part.new_empty((sum(len(p) for p in parts), *part.shape[1:]))
+    for r, p in enumerate(parts):
+        out[r::env.world] = p
+    return out
 
 
 def sample_quality(cfg: Config, env: Env, diffusion, model, n) -> float:
@@ -1686,8 +1729,8 @@ def stage_evaluate(cfg: Config, env: Env, diffusion=None, theta0=None):
         real_a, real_b = real_image_sets(cfg, cfg.n_samples)
         _, res = real_a.shape[1], real_a.shape[-1]
         pool = pixel_pool(res, real_a.shape[1], cfg.n_samples)
-        floor = pixel_frechet(real_b, real_a, pool)
-    else:
+        floor = pixel_frechet(real_b, real_a, pool) if env.master else None
+    elif env.master:  # the other ranks only help with sampling
         inception = FIDInception(cfg.inception_weights or None).to(env.device).eval()
         mu_ref, sigma_ref = reference_stats(cfg, env, inception)
     rows, grids = [], {}
@@ -1695,8 +1738,9 @@ def stage_evaluate(cfg: Config, env: Env, diffusion=None, theta0=None):
         model = named_model(cfg, env, name, theta0)
         start = time.perf_counter()
         if metric == "pixel":
-            samples = sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, cfg.seed)
-            value = pixel_frechet(samples, real_a, pool)
+            samples = gather_strided(sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, cfg.seed,
+                                                      env.rank, env.world), env)
+            value = pixel_frechet(samples, real_a, pool) if env.master else None
             grids[name] = samples[:64]
         else:
             folder = write_samples(cfg, env, diffusion, model, name)
@@ -2529,7 +2573,265 @@ def stage_sd(cfg: Config, env: Env):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 9. Command line
+# 9. Benchmark: throughput on this device, the projections' inference cost, the projected wall time of a run
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Training-set sizes, for the FID reference statistics (computed once, then cached in the run folder).
+DATASET_SIZES = {"cifar10": 50_000, "lsun_church": 126_227, "lsun_bedroom": 3_033_042}
+
+
+def time_alternately(fns: dict, iters: int, warmup: int, device, min_seconds=0.05) -> dict:
+    """{name: seconds per call, one value per round}: after `warmup` untimed rounds, the functions are timed in turns
+    (a, b, a, b, ...) so that background load hits all of them alike; a fast function is called several times per
+    round, so that each timing spans at least min_seconds."""
+    def timed(fn, reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / reps
+    reps = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            reps[name] = max(1, math.ceil(min_seconds / max(timed(fn, 1), 1e-6)))
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, reps.get(name, 1)))
+    return times
+
+
+def bench_train_step(model, env: Env, diffusion, batch, teacher=None, lam=1.0):
+    """One optimizer step of train_loop on random images as a closure: autocast forward, simple loss (+ the
+    consistency loss to the frozen teacher when given, DeMe Eq. 4-5), backward, clipping, AdamW, EMA."""
+    model = place(model, env).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-8)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
+    ema = EMA(model)
+    net = prepare(model, env)
+    c, res = model.config["in_channels"], model.config["resolution"]
+    fmt = torch.channels_last if env.channels_last else torch.contiguous_format
+    x0 = (torch.rand(batch, c, res, res, device=env.device) * 2 - 1).contiguous(memory_format=fmt)  # (B, C, H, W)
+
+    def step():
+        t = torch.randint(0, diffusion.T, (batch,), device=env.device)
+        noise = torch.randn(x0.shape, device=env.device)
+        x_t = diffusion.q_sample(x0, t, noise)
+        with env.autocast():
+            eps = net(x_t, t).float()
+            loss = F.mse_loss(eps, noise)
+            if teacher is not None:
+                with torch.no_grad():
+                    eps0 = teacher(x_t, t).float()
+                loss = loss + lam * F.mse_loss(eps, eps0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        ema.update()
+    return step
+
+
+def forward_flops(model, x, t) -> int:
+    """Floating-point operations of one forward pass (convolutions, matrix products, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t)
+    return counter.get_total_flops()
+
+
+def n_projections(model) -> int:
+    return sum(k.endswith(".proj.weight") for k in unwrap(model).state_dict())
+
+
+def stage_bench(cfg: Config, env: Env):
+    """Images/s of plain and DeMe finetuning, DDIM sampling and the forward pass of θ0 vs the merged model (with its
+    projections, unfolded and folded), ours vs diffusers' UNet, and the wall time this run's recipe projects to;
+    random inputs, no dataset. Prints a table and writes bench.json."""
+    if not env.master:
+        return  # one device is measured; data-parallel runs scale it by the number of processes
+    diffusion = GaussianDiffusion()
+    torch.manual_seed(cfg.seed)
+    theta0 = UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {}))
+    theta0 = set_dropout(theta0, 0.0).eval()  # finetuning runs without dropout (official code)
+    res, c = theta0.config["resolution"], theta0.config["in_channels"]
+    train_batch = cfg.bench_batch or cfg.batch_size // (cfg.grad_accum * env.world)
+    eval_batch = cfg.bench_batch or cfg.eval_batch
+    iters, warmup = cfg.bench_iters, 2 if env.compile else 1  # compiling happens in the first call
+    metric = eval_metric(cfg)
+    dev = env.device
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+             f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"bench: preset {cfg.preset} ({res}x{res}), {where}, {env.precision}, compile {env.compile}, channels_last "
+          f"{env.channels_last}, batch {train_batch} (training) / {eval_batch} (sampling), median of {iters}")
+    ours = {}
+
+    # training: plain finetuning (the baseline) vs DeMe finetuning (projections, frozen θ0 forward, consistency loss)
+    student = copy.deepcopy(theta0)
+    student = add_channel_projections(student) if cfg.projections else student
+    teacher = prepare(frozen(theta0), env) if cfg.consistency > 0 else None
+    steps = {"plain": bench_train_step(copy.deepcopy(theta0), env, diffusion, train_batch),
+             "deme": bench_train_step(student, env, diffusion, train_batch, teacher=teacher, lam=cfg.consistency)}
+    times = time_alternately(steps, iters, warmup, dev)
+    for name, ts in times.items():
+        ours[f"train_{name}_img_s"] = train_batch / float(np.median(ts))
+    del steps, student
+
+    # inference: θ0 vs the merged model with 9 (or 13) projections, unfolded and folded; random non-identity
+    # projections, so that a folded projection really changes the convolution it is folded into
+    if env.compile:
+        torch.compiler.reset()  # each section compiles afresh, well within dynamo's recompile limit
+    merged = add_channel_projections(copy.deepcopy(theta0))
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for k, v in merged.state_dict().items():
+            if k.endswith(".proj.weight"):
+                v.add_(0.01 * torch.randn(v.shape, generator=g))
+    folded = copy.deepcopy(merged)
+    n_folded = fold_channel_projections(folded)
+    variants = {"theta0": theta0, "merged": merged, "folded": folded}
+    x1, t1 = torch.randn(1, c, res, res, device=dev), torch.full((1,), 500, device=dev)
+    flops = {name: forward_flops(place(m, env), x1, t1) for name, m in variants.items()}
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in variants.items()}
+    nets = {name: prepare(m, env) for name, m in variants.items()}
+    fmt = torch.channels_last if env.channels_last else torch.contiguous_format
+    x = torch.randn(eval_batch, c, res, res, device=dev).contiguous(memory_format=fmt)
+    t = torch.randint(0, diffusion.T, (eval_batch,), device=dev)
+
+    def forward(net):
+        def call():
+            with torch.no_grad(), env.autocast():
+                net(x, t)
+        return call
+    times = time_alternately({name: forward(net) for name, net in nets.items()}, 3 * iters, warmup, dev)
+    for name, ts in times.items():
+        ours[f"forward_{name}_img_s"] = eval_batch / float(np.median(ts))
+    for name in ("merged", "folded"):  # paired ratios: each round's two timings saw the same load
+        ratio = float(np.median([a / b for a, b in zip(times[name], times["theta0"])]))
+        ours[f"{name}_time_overhead_pct"] = 100 * (ratio - 1)
+        ours[f"{name}_flops_overhead_pct"] = 100 * (flops[name] / flops["theta0"] - 1)
+        ours[f"{name}_params_overhead_pct"] = 100 * (params[name] / params["theta0"] - 1)
+        ours[f"{name}_projections"] = n_projections(variants[name])
+    ours["n_folded"] = n_folded
+
+    # DDIM sampling: a few steps timed, scaled to the configured number of steps
+    S = cfg.sample_steps if cfg.sampler == "ddim" else diffusion.T
+    k = 2
+
+    def ddim():
+        with torch.no_grad(), env.autocast():
+            diffusion.ddim_sample(nets["theta0"], x, k)
+    times = time_alternately({"ddim": ddim}, iters, warmup, dev)
+    ours["sampling_img_s"], ours["sample_steps"] = eval_batch / (float(np.median(times["ddim"])) / k * S), S
+
+    # FID features: the FID Inception's forward, random weights (speed does not depend on them)
+    if metric == "fid":
+        from torchvision.models.inception import Inception3
+        inception = Inception3(num_classes=1008, aux_logits=False, init_weights=False).to(dev).eval()
+        images = torch.rand(eval_batch, 3, res, res, device=dev)
+
+        def features():
+            with torch.no_grad():
+                FIDInception.forward(inception, images)
+        times = time_alternately({"inception": features}, iters, warmup, dev)
+        ours["inception_img_s"] = eval_batch / float(np.median(times["inception"]))
+    del nets, variants, merged, folded, teacher
+
+    # ours vs diffusers' UNet2DModel, forward + backward (ddpm_unet.bench_unet)
+    if env.compile:
+        torch.compiler.reset()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(env.precision, torch.float32)
+    versus = bench_unet(cfg.preset, train_batch, dev, iters, warmup, dtype, env.compile, env.channels_last)
+    if env.compile or env.channels_last:  # and diffusers as people run it: eager, default memory format
+        eager = bench_unet(cfg.preset, train_batch, dev, iters, warmup, dtype)
+        versus["diffusers_eager_img_per_s"] = eager.get("diffusers_img_per_s")
+        versus["ours_eager_img_per_s"] = eager["ours_img_per_s"]
+
+    plan = projected_time(cfg, ours)
+    result = dict(preset=cfg.preset, device=where, precision=env.precision, compile=env.compile,
+                  channels_last=env.channels_last, train_batch=train_batch, eval_batch=eval_batch, iters=iters,
+                  **ours, unet_vs_diffusers=versus, projected=plan, config=dataclasses.asdict(cfg))
+    table = bench_table(result)
+    print("\n" + table)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(result, indent=2), run_dir(cfg, "bench.json"))
+    print(f"written: {run_dir(cfg, 'bench.json')}")
+    return result
+
+
+def projected_time(cfg: Config, r: dict) -> list:
+    """[(what, seconds)] of this run's recipe on one device at the measured rates (data loading not included)."""
+    n, batch, S = cfg.n_ranges, cfg.batch_size, r["sample_steps"]
+    names = [s.strip() for s in cfg.models.split(",") if s.strip()]
+    plan = []
+    if not cfg.pretrained:
+        plan.append((f"pretrain θ0: {cfg.train_steps} steps x {batch}",
+                     cfg.train_steps * batch / r["train_plain_img_s"]))
+    plan.append((f"DeMe finetuning: {n} ranges x {cfg.steps} steps x {batch}",
+                 n * cfg.steps * batch / r["train_deme_img_s"]))
+    if cfg.baseline:
+        plan.append((f"baseline: {n * cfg.steps} steps x {batch}", n * cfg.steps * batch / r["train_plain_img_s"]))
+    if not cfg.merge_weights and cfg.merge_method != "average":
+        plan.append((f"merge search: {cfg.search_evals} x {cfg.search_images} held-out images",
+                     cfg.search_evals * cfg.search_images / r["forward_merged_img_s"]))
+    # the merged model is saved folded; the ensemble's range models keep all their projections
+    forward = {"merged": r["forward_folded_img_s"], "ensemble": r["forward_merged_img_s"]}
+    for name in names:
+        slowdown = r["forward_theta0_img_s"] / forward.get(name, r["forward_theta0_img_s"])
+        plan.append((f"sample {name}: {cfg.n_samples} x {S} steps", cfg.n_samples * slowdown / r["sampling_img_s"]))
+    if "inception_img_s" in r:
+        plan.append((f"FID features: {len(names)} x {cfg.n_samples} samples",
+                     len(names) * cfg.n_samples / r["inception_img_s"]))
+        ref = DATASET_SIZES.get(cfg.dataset, cfg.n_samples)
+        plan.append((f"FID reference statistics: {ref} images, once", ref / r["inception_img_s"]))
+    return plan + [("total", sum(s for _, s in plan))]
+
+
+def _duration(seconds) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 172800 else f"{seconds / 86400:.1f} days"
+
+
+def bench_table(r: dict) -> str:
+    """The benchmark as a Markdown table, then the projected wall time."""
+    v = r["unet_vs_diffusers"]
+    rows = [("training, plain finetuning", f"{r['train_plain_img_s']:.1f} img/s", ""),
+            ("training, DeMe finetuning (CP + frozen θ0 + CL)", f"{r['train_deme_img_s']:.1f} img/s",
+             f"{r['train_deme_img_s'] / r['train_plain_img_s']:.2f}x plain"),
+            (f"DDIM-{r['sample_steps']} sampling, θ0", f"{r['sampling_img_s']:.3g} img/s", ""),
+            ("forward, θ0", f"{r['forward_theta0_img_s']:.1f} img/s", "")]
+    for name, label in (("merged", "forward, merged, projections unfolded"), ("folded", "forward, merged, folded")):
+        rows.append((f"{label} ({r[name + '_projections']} projections)", f"{r[f'forward_{name}_img_s']:.1f} img/s",
+                     f"time {r[name + '_time_overhead_pct']:+.2f}%, FLOPs {r[name + '_flops_overhead_pct']:+.2f}%, "
+                     f"params {r[name + '_params_overhead_pct']:+.2f}% vs θ0"))
+    if "inception_img_s" in r:
+        rows.append(("FID Inception features", f"{r['inception_img_s']:.1f} img/s", ""))
+    versus = f"ours {v['ours_img_per_s']:.1f}" + (f", diffusers {v['diffusers_img_per_s']:.1f}" if "ratio" in v else "")
+    rows.append((f"UNet fwd+bwd ({v['preset']}, batch {v['batch']}, {v['dtype']}), ours vs diffusers",
+                 versus + " img/s", f"{v['ratio']:.2f}x" if "ratio" in v else "diffusers not installed"))
+    if v.get("diffusers_eager_img_per_s"):
+        rows.append(("ours as configured vs diffusers eager", f"{v['ours_img_per_s']:.1f} vs "
+                     f"{v['diffusers_eager_img_per_s']:.1f} img/s",
+                     f"{v['ours_img_per_s'] / v['diffusers_eager_img_per_s']:.2f}x"))
+    lines = ["| measurement | rate | relative |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", "Projected wall time of this run's recipe on one such device (data loading excluded; data-parallel "
+              "runs divide the training and sampling times by the number of processes, minus communication):", "",
+              "| stage | time |", "|---|---|"]
+    lines += [f"| {what} | {_duration(s)} |" for what, s in r["projected"]]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 10. Command line
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -2567,12 +2869,13 @@ STAGES = {
     "merge": (lambda cfg, env: stage_merge(cfg, env), "merge the finetuned ranges into one model (Eq. 8)"),
     "sample": (stage_sample, "write --n-samples PNGs of the models named by --models"),
     "evaluate": (lambda cfg, env: stage_evaluate(cfg, env), "compare the models named by --models"),
+    "bench": (stage_bench, "throughput of training, DeMe finetuning and sampling on this device; projected run time"),
     "analyze": (lambda cfg, env: stage_analyze(cfg, env), "the paper's figures (Fig. 1a, 6a, 6b) as PNG and CSV"),
 }
 
 GROUPS = {"dataset": "run", "preset": "model", "train_steps": "pretraining θ0 (train stage)",
           "n_ranges": "decoupled finetuning (finetune and baseline stages)", "merge_method": "merge stage",
-          "sampler": "evaluation (sample and evaluate stages)",
+          "sampler": "evaluation (sample and evaluate stages)", "bench_batch": "benchmark (bench stage)",
           "figures": "analysis (analyze stage)", "prompts": "Stable Diffusion (--model sd)"}
 
 EXAMPLES = """examples:
@@ -2640,10 +2943,13 @@ def main(argv=None):
         given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
         cfg = resolve_config(given)
         env = setup_env(cfg)
+        if cfg.download and cfg.dataset == "cifar10" and env.world > 1:
+            with env.master_first():  # one download, not one per process
+                make_dataset(cfg)
         out = Path(cfg.out)
         try:
             out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write_test"
+            probe = out / f".write_test_{env.rank}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:

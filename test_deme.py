@@ -729,8 +729,9 @@ def test_the_pipeline_runs_every_stage_and_writes_its_table_and_grids(tmp_path):
     assert run_cli("merge", "--out", str(out), *FAST, "--merge-weights", "0,0,0,0").returncode == 0
     theta0 = deme.load_model(out / "pretrain" / "ckpt.pt")
     base = deme.merge_base(theta0, True)
-    zero = deme.load_checkpoint(out / "merge" / "merged.pt")["ema"]
-    assert all(torch.equal(zero[k], v) for k, v in base.items())
+    zero = deme.load_checkpoint(out / "merge" / "merged.pt")["ema"]  # saved with the foldable projections folded
+    assert zero.keys() < base.keys() and all(k.endswith(".proj.weight") for k in base.keys() - zero.keys())
+    assert all(torch.equal(v, base[k]) for k, v in zero.items())  # folding an identity projection changes nothing
     for method in ("ties", "dare", "average"):
         proc = run_cli("merge", "--out", str(out), *FAST, "--merge-method", method)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -1556,6 +1557,222 @@ def test_analyze_refuses_an_unfinished_range(tmp_path):
     cfg = deme.Config(out=str(tmp_path), n_ranges=2, figures="norms", device="cpu")
     with pytest.raises(UserError, match="range 0 is unfinished"):
         deme.stage_analyze(cfg, deme.Env(torch.device("cpu")), theta0=theta0)
+
+
+# Scale-out: torchrun with two processes trains, merges and samples what one process does; only rank 0 writes and
+# logs; checkpoints carry no wrapper prefixes; folding projections is exact; the benchmark stage runs.
+# Uses test_deme.py's imports: copy, json, os, subprocess, sys, Path, np, pytest, torch, nn, and from deme import *.
+
+
+DEME = sys.modules[Config.__module__]  # the deme module, to run its main() and patch its sample grids
+
+# The smallest run that still goes through every stage: θ0 pretraining, 2 ranges, merge-weight search, evaluation.
+TINY_RUN = ["--device", "cpu", "--preset", "tiny", "--train-steps", "3", "--steps", "2", "--n-ranges", "2",
+            "--batch-size", "4", "--no-baseline", "--models", "theta0,merged", "--search-images", "16",
+            "--search-evals", "3", "--n-samples", "8", "--sample-steps", "2", "--eval-batch", "4"]
+NO_GRIDS = "save_grid = lambda *args, **kwargs: None  # sample grids are not under test and cost seconds on a CPU"
+
+
+def run_one_process(*argv):
+    """deme.py's main in this process (one process, no torch.distributed), without sample grids."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DEME, "save_grid", lambda *args, **kwargs: None)
+        DEME.main(list(argv))
+
+
+def start_torchrun(tmp, *argv, nproc=2):
+    """deme.py under torchrun with nproc CPU processes (gloo), started; finish_torchrun waits for it."""
+    script, logs = tmp / "run_deme.py", tmp / f"logs_{argv[0]}"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(DEME.__file__).parent)!r})\nimport deme\n"
+                      f"deme.{NO_GRIDS}\ndeme.main()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--redirects", "3", "--log-dir", str(logs), str(script), *argv]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), logs, nproc
+
+
+def finish_torchrun(job) -> dict:
+    """{rank: (stdout, stderr)} of a torchrun job started by start_torchrun, once it succeeded."""
+    proc, logs, nproc = job
+    output, _ = proc.communicate(timeout=600)
+    out = {}
+    for rank in range(nproc):
+        files = {p.name: p.read_text() for p in logs.rglob(f"attempt_0/{rank}/*.log")}
+        out[rank] = (files.get("stdout.log", ""), files.get("stderr.log", ""))
+    assert proc.returncode == 0, f"torchrun failed:\n{output[-2000:]}\n" + "\n".join(
+        f"rank {r}:\n{err[-2000:]}" for r, (_, err) in out.items())
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same tiny pipeline and sampling job, once in one process and once under torchrun with two (the two
+    runs side by side, to save time)."""
+    tmp = tmp_path_factory.mktemp("scale")
+    one, two = tmp / "one", tmp / "two"
+    logs = {}
+    for stage, extra in (("pipeline", []), ("sample", ["--models", str(one / "pretrain" / "ckpt.pt")])):
+        job = start_torchrun(tmp, stage, "--out", str(two), *TINY_RUN, *extra)  # both sample the very same θ0
+        try:
+            run_one_process(stage, "--out", str(one), *TINY_RUN, *extra)
+        except BaseException:
+            job[0].kill()
+            raise
+        logs[stage] = finish_torchrun(job)
+    return one, two, logs
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_two_processes_train_the_models_one_process_trains(runs):
+    # Each rank takes half of every global batch and the same slice of the global batch's timesteps and noise, and
+    # DDP averages the gradients: the weights differ from one process's by float rounding (which Adam amplifies
+    # where a gradient is near 0), a thousandth of what finetuning changed.
+    one, two, _ = runs
+    theta0 = merge_base(load_model(one / "pretrain" / "ckpt.pt"), with_projections=True)
+    distance = lambda a, b: torch.cat([(a[k] - b[k]).flatten() for k in a]).norm().item()
+    for stage in ("pretrain", "range_0", "range_1"):
+        a, b = _load(one / stage / "ckpt.pt"), _load(two / stage / "ckpt.pt")
+        assert a["step"] == b["step"] == a["identity"]["steps"]
+        assert a["ema"].keys() == b["ema"].keys()
+        if stage == "pretrain":
+            assert max((a["ema"][k] - b["ema"][k]).abs().max().item() for k in a["ema"]) < 1e-4
+        else:
+            assert distance(a["ema"], b["ema"]) < distance(a["ema"], theta0) / 100, stage
+
+
+def test_two_processes_merge_and_evaluate_like_one_process(runs):
+    one, two, _ = runs
+    search_a = json.loads((one / "merge" / "search.json").read_text())
+    search_b = json.loads((two / "merge" / "search.json").read_text())
+    assert search_a["weights"] == search_b["weights"]  # the search ran once, on rank 0, with the same outcome
+    a, b = _load(one / "merge" / "merged.pt")["ema"], _load(two / "merge" / "merged.pt")["ema"]
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    rows_a = json.loads((one / "results.json").read_text())["rows"]
+    rows_b = json.loads((two / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows_a] == [r["model"] for r in rows_b] == ["theta0", "merged"]
+    for ra, rb in zip(rows_a, rows_b):  # the pixel metric of the samples split over two ranks and gathered
+        assert ra["value"] == pytest.approx(rb["value"], rel=1e-3)
+        assert ra["heldout_loss"] == pytest.approx(rb["heldout_loss"], rel=1e-4)
+
+
+def test_the_saved_merged_model_is_the_merge_with_projections_folded(runs):
+    one, _, _ = runs
+    record = json.loads((one / "merge" / "search.json").read_text())
+    merged = load_model(one / "merge" / "merged.pt").eval()
+    ranges = [_load(one / f"range_{i}" / "ckpt.pt")["ema"] for i in range(2)]
+    theta0 = load_model(one / "pretrain" / "ckpt.pt")
+    unfolded = build_model(theta0.config, merge(merge_base(theta0, True), ranges, record["weights"])).eval()
+    n_proj = lambda m: sum(k.endswith(".proj.weight") for k in m.state_dict())
+    assert record["folded_projections"] >= 2  # tiny: at least the projections after its 2 upsampling convs
+    assert n_proj(unfolded) - n_proj(merged) == record["folded_projections"]
+    x, t = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 250, 500, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, t), unfolded(x, t), atol=1e-5, rtol=1e-5)
+
+
+def test_only_rank_0_logs_and_checkpoints_carry_no_wrapper_prefixes(runs):
+    _, two, logs = runs
+    for stage, ranks in logs.items():
+        assert ranks[1][0] == "", f"rank 1 printed during {stage}: {ranks[1][0][:200]}"
+        assert "it/s" not in ranks[1][1] and "%|" not in ranks[1][1], f"rank 1 showed progress during {stage}"
+        assert "warning:" not in ranks[1][1], f"rank 1 warned during {stage}: {ranks[1][1][:300]}"
+        assert ranks[0][0].count(f"deme.py {stage}:") == 1
+    for path in list(two.rglob("*.pt")):
+        ck = _load(path)
+        for key in ("model", "ema"):
+            if key in ck:
+                assert not [k for k in ck[key] if k.startswith(("module.", "_orig_mod.")) or "._orig_mod." in k]
+    assert not list(two.rglob("*.tmp")) and not list(two.rglob(".write_test*"))
+
+
+def test_two_processes_write_every_sample_once_as_one_process_does(runs):
+    # Sample i starts from noise fixed by (seed, i) and DDIM with eta = 0 is deterministic, so splitting the indices
+    # over ranks gives the same images; only batch composition differs, so allow one 8-bit level.
+    from PIL import Image
+    one, two, _ = runs
+    files_a = sorted(p.name for p in (one / "samples" / "ckpt").glob("*.png"))
+    files_b = sorted(p.name for p in (two / "samples" / "ckpt").glob("*.png"))
+    assert files_a == files_b == [f"{i:06d}.png" for i in range(8)]
+    for name in files_a:
+        a = np.asarray(Image.open(one / "samples" / "ckpt" / name), dtype=np.int16)
+        b = np.asarray(Image.open(two / "samples" / "ckpt" / name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, name
+
+
+def _perturbed_projections(model, seed=0):
+    """Projections W = I + noise and non-zero biases, so that folding has something to get wrong."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k.endswith(".proj.weight") or k.endswith(".bias"):
+                v.add_(0.1 * torch.randn(v.shape, generator=g))
+    return model.eval()
+
+
+# tiny, and the CIFAR-10 UNet's layout (4 levels, attention at 16x16) at a quarter of its width
+@pytest.mark.parametrize("config", [PRESETS["tiny"], dict(PRESETS["cifar10"], ch=32, num_res_blocks=1)])
+def test_folding_projections_changes_no_output(config):
+    torch.manual_seed(0)
+    model = _perturbed_projections(add_channel_projections(UNet(**config)))
+    folded = copy.deepcopy(model)
+    n = fold_channel_projections(folded)
+    assert n >= len(config["ch_mult"]) - 1  # at least the projection after each upsampling conv
+    res = config["resolution"]
+    x, t = torch.randn(2, 3, res, res, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 900])
+    reloaded = build_model(model.config, folded.state_dict()).eval()  # loads with some projections gone
+    with torch.no_grad():
+        want = model(x, t)
+        torch.testing.assert_close(folded(x, t), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reloaded(x, t), want, atol=1e-5, rtol=1e-5)
+
+
+class CompiledStandIn(nn.Module):
+    """What torch.compile returns, as far as checkpoints can tell: the model under `_orig_mod` (state-dict keys
+    gain "_orig_mod."); no tracing, so the test takes no time. (Real torch.compile on a CPU: see the benchmark.)"""
+
+    def __init__(self, model):
+        super().__init__()
+        self._orig_mod = model
+
+    def forward(self, *args, **kwargs):
+        return self._orig_mod(*args, **kwargs)
+
+
+@pytest.mark.parametrize("precision,compiled", [("bf16", True), ("fp16", False)])
+def test_mixed_precision_and_compile_train_on_cpu_and_save_plain_weights(tmp_path, monkeypatch, precision, compiled):
+    monkeypatch.setattr(torch, "compile", CompiledStandIn)
+    cfg = resolve_config(dict(out=str(tmp_path), preset="tiny", batch_size=4, precision=precision))
+    env = Env(torch.device("cpu"), precision=precision, compile=compiled, channels_last=compiled)
+    model = add_channel_projections(UNet.from_preset("tiny"))
+    data = TensorImages(synthetic_images(16, 16))
+    uniform = lambda b, g: torch.randint(0, 1000, (b,), generator=g)
+    ema = train_loop(cfg, env, tmp_path / "stage", model, data, GaussianDiffusion(), steps=2, lr=1e-4, warmup=0,
+                     timesteps=uniform, identity={}, teacher=UNet.from_preset("tiny"), lam=1.0,
+                     grid=lambda state, path: None)
+    ck = _load(tmp_path / "stage" / "ckpt.pt")
+    assert ck["step"] == 2 and ck["model"].keys() == ck["ema"].keys() == ema.keys() == model.state_dict().keys()
+    assert not [k for k in ck["model"] if "_orig_mod" in k or k.startswith("module.")]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ck["ema"].values())
+    load_model(tmp_path / "stage" / "ckpt.pt")  # loads strictly into a plain UNet
+
+
+def test_bench_stage_measures_and_writes_bench_json(tmp_path):
+    DEME.main(["bench", "--preset", "tiny", "--device", "cpu", "--bench-batch", "2", "--bench-iters", "1",
+               "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("train_plain_img_s", "train_deme_img_s", "sampling_img_s", "forward_theta0_img_s",
+                "forward_folded_img_s"):
+        assert r[key] > 0, key
+    assert r["merged_projections"] == 7 and r["n_folded"] >= 2  # tiny: 2 upsampling convs take theirs
+    assert r["folded_projections"] == r["merged_projections"] - r["n_folded"]
+    assert 0 < r["folded_flops_overhead_pct"] < r["merged_flops_overhead_pct"]
+    assert r["projected"][-1][0] == "total" and r["projected"][-1][1] > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
