@@ -1569,7 +1569,7 @@ DEME = sys.modules[Config.__module__]  # the deme module, to run its main() and 
 # The smallest run that still goes through every stage: θ0 pretraining, 2 ranges, merge-weight search, evaluation.
 TINY_RUN = ["--device", "cpu", "--preset", "tiny", "--train-steps", "3", "--steps", "2", "--n-ranges", "2",
             "--batch-size", "4", "--no-baseline", "--models", "theta0,merged", "--search-images", "16",
-            "--search-evals", "3", "--n-samples", "8", "--sample-steps", "2", "--eval-batch", "4"]
+            "--search-evals", "3", "--n-samples", "8", "--sample-steps", "2", "--eval-batch", "4", "--eta", "0"]
 NO_GRIDS = "save_grid = lambda *args, **kwargs: None  # sample grids are not under test and cost seconds on a CPU"
 
 
