@@ -111,7 +111,7 @@ class Config:
     rerank_samples: int = _opt(2048, "samples per candidate when re-ranking")
     ties_k: float = _opt(20.0, "TIES: percent of each task vector's entries kept")
     ties_lam: float = _opt(1.0, "TIES: scale of the merged task vector")
-    dare_p: float = _opt(0.5, "DARE: drop probability")
+    dare_p: float = _opt(0.9, "DARE: drop probability (DARE's main setting)")
     # evaluation (sample and evaluate stages)
     sampler: str = _opt("ddim", "sampler for evaluation", ["ddim", "ddpm"])
     sample_steps: int = _opt(100, "DDIM steps (paper: 100 for CIFAR-10, 50 for LSUN)")
@@ -150,9 +150,9 @@ DATASET_PRESETS = {
     # the paper (SPEC sections 3, 5, 6)
     "cifar10": dict(preset="cifar10", pretrained="cifar10", flip=True, sample_steps=100),
     "lsun_church": dict(preset="lsun256", pretrained="lsun_church", batch_size=64, grad_accum=4, sample_steps=50,
-                        eval_batch=64),
+                        eval_batch=64, variance="fixedsmall"),
     "lsun_bedroom": dict(preset="lsun256", pretrained="lsun_bedroom", batch_size=64, grad_accum=4, sample_steps=50,
-                         eval_batch=64),
+                         eval_batch=64, variance="fixedsmall"),
     "folder": dict(),
 }
 
@@ -184,7 +184,14 @@ def check_config(cfg: Config):
         range_indices(cfg)
     if cfg.merge_weights:
         merge_weight_list(cfg)
-    for name in ("steps", "batch_size", "grad_accum", "n_samples", "eval_batch", "sample_steps", "train_steps"):
+    if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
+        raise UserError(f"--adam-betas {cfg.adam_betas} must be two numbers in [0, 1), e.g. 0.95,0.999")
+    if not 0 <= cfg.ema_decay < 1 or cfg.workers < 0 or cfg.image_size < 0:
+        raise UserError("--ema-decay must lie in [0, 1), --workers and --image-size must not be negative")
+    if cfg.model != "sd" and cfg.model != "ddpm":
+        raise UserError(f"unknown --model {cfg.model!r}; use ddpm or sd")
+    for name in ("steps", "batch_size", "grad_accum", "n_samples", "eval_batch", "sample_steps", "train_steps",
+                 "ckpt_every", "search_evals", "search_images", "bench_iters", "rerank_samples"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if 1000 % cfg.sample_steps and cfg.sampler == "ddim":
@@ -460,16 +467,18 @@ class ImageFolder(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB")) * 2 - 1
 
 
-def lsun(root, category, size):
-    """LSUN through torchvision's lmdb reader (official folders), or a plain image folder; random crop (SPEC 3)."""
+def lsun(root, category, size, random_crop=True):
+    """LSUN through torchvision's lmdb reader (official folders), or a plain image folder; random crop for training
+    (SPEC 3), center crop for evaluation."""
     if not (Path(root) / f"{category}_train_lmdb").is_dir():
-        return ImageFolder(root, size, random_crop=True)
+        return ImageFolder(root, size, random_crop=random_crop)
     try:
         import lmdb  # noqa: F401
     except ImportError:
         raise UserError("reading LSUN lmdb folders needs the lmdb package: pip install lmdb") from None
     from torchvision import datasets, transforms as T
-    tf = T.Compose([T.Resize(size), T.RandomCrop(size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    crop = T.RandomCrop(size) if random_crop else T.CenterCrop(size)
+    tf = T.Compose([T.Resize(size), crop, T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
     return datasets.LSUN(str(root), classes=[f"{category}_train"], transform=tf)
 
 
@@ -487,18 +496,20 @@ class _DropLabels(torch.utils.data.Dataset):
 
 
 def make_dataset(cfg: Config, split="train", n=None):
-    """The configured dataset; split "heldout" is data the model did not train on, where the dataset has it."""
+    """The configured dataset. split: "train" (training images, randomly cropped where the dataset is), "eval" (the
+    same images, center-cropped: reference statistics), "heldout" (data the model did not train on, where it exists)."""
     size = cfg.image_size or PRESETS[cfg.preset]["resolution"]
     if cfg.dataset == "synthetic":
-        count = n or (20000 if split == "train" else 2048)
-        return TensorImages(synthetic_images(count, size, seed=cfg.seed + (0 if split == "train" else 1_000_001)))
+        count = n or (2048 if split == "heldout" else 20000)
+        return TensorImages(synthetic_images(count, size, seed=cfg.seed + (1_000_001 if split == "heldout" else 0)))
     if cfg.dataset == "cifar10":
         if size != 32:
             raise UserError(f"CIFAR-10 images are 32x32 but the model takes {size}; use --preset cifar10 or tiny "
                             f"with --image-size 32")
-        return TensorImages(cifar10_images(cfg.data_dir, train=split == "train", download=cfg.download))
+        return TensorImages(cifar10_images(cfg.data_dir, train=split != "heldout", download=cfg.download))
     if cfg.dataset in ("lsun_church", "lsun_bedroom"):
-        ds = lsun(cfg.data_dir, {"lsun_church": "church_outdoor", "lsun_bedroom": "bedroom"}[cfg.dataset], size)
+        ds = lsun(cfg.data_dir, {"lsun_church": "church_outdoor", "lsun_bedroom": "bedroom"}[cfg.dataset], size,
+                  random_crop=split == "train")
         return ds if isinstance(ds, ImageFolder) else _DropLabels(ds)
     return ImageFolder(cfg.data_dir, size)
 
@@ -509,7 +520,7 @@ def heldout_images(cfg: Config, n) -> torch.Tensor:
         return make_dataset(cfg, "heldout", n).images[:n]
     if cfg.dataset == "cifar10":
         return to_unit(cifar10_images(cfg.data_dir, train=False)[:n])
-    ds = make_dataset(cfg, "train")
+    ds = make_dataset(cfg, "eval")
     n = min(n, len(ds))
     return torch.stack([ds[i] for i in range(len(ds) - n, len(ds))])
 
@@ -735,7 +746,7 @@ def prepare(model, env: Env, train=False):
 def save_grid(model, diffusion, path, env: Env, cfg: Config, seed=0):
     """A grid of samples (the evaluation's sampler) from fixed noise, so grids of two models compare image by image."""
     from torchvision.utils import save_image
-    m = unwrap(model)
+    m = unwrap(model).to(env.device)
     res = m.config["resolution"]
     n = 64 if res <= 64 else 16
     noise = torch.randn(n, m.config["in_channels"], res, res, generator=torch.Generator().manual_seed(seed))
@@ -886,18 +897,21 @@ def theta0_model(cfg: Config, env: Env, diffusion) -> UNet:
     return load_model(run_dir(cfg, "pretrain", "ckpt.pt")).eval()
 
 
+def stage_identity(cfg: Config, **extra) -> dict:
+    """The settings that make a trained model what it is (a reused checkpoint must agree on all of them)."""
+    return dict(dataset=cfg.dataset, pretrained=cfg.pretrained or "pretrain/ckpt.pt", grad_accum=cfg.grad_accum,
+                adam_betas=list(cfg.adam_betas), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                ema_decay=cfg.ema_decay, flip=cfg.flip, dropout=cfg.dropout or 0.0, **extra)
+
+
 def stage_train(cfg: Config, env: Env, diffusion=None):
     """Pretrains θ0 from scratch (DDPM Algorithm 1) on the configured dataset: the θ0 of the CPU pipeline."""
     diffusion = diffusion or GaussianDiffusion()
     torch.manual_seed(cfg.seed)  # the same initial θ in every run and on every rank
-    model = UNet.from_preset(cfg.preset)
-    if cfg.image_size:
-        model = UNet(**{**model.config, "resolution": cfg.image_size})
-    if cfg.dropout is not None:
-        set_dropout(model, cfg.dropout)
+    overrides = dict(resolution=cfg.image_size or None, dropout=cfg.dropout)
+    model = UNet.from_preset(cfg.preset, **{k: v for k, v in overrides.items() if v is not None})
     uniform = lambda b, g: torch.randint(0, diffusion.T, (b,), generator=g)
-    identity = dict(stage="pretrain", dataset=cfg.dataset, preset=cfg.preset, model=model.config,
-                    warmup=cfg.train_warmup)
+    identity = stage_identity(cfg, stage="pretrain", preset=cfg.preset, model=model.config, warmup=cfg.train_warmup)
     train_loop(cfg, env, run_dir(cfg, "pretrain"), model, make_dataset(cfg), diffusion, steps=cfg.train_steps,
                lr=cfg.train_lr, warmup=cfg.train_warmup, timesteps=uniform, identity=identity, desc="pretrain θ0",
                seed=cfg.seed)
@@ -938,13 +952,6 @@ def sample_timesteps(batch_size, lo, hi, T=1000, p=0.3, per_batch=True, antithet
     return t
 
 
-def finetune_identity(cfg: Config, **extra) -> dict:
-    """The settings that make a finetuned model what it is (a reused checkpoint must agree on all of them)."""
-    return dict(dataset=cfg.dataset, pretrained=cfg.pretrained or "pretrain/ckpt.pt", grad_accum=cfg.grad_accum,
-                adam_betas=list(cfg.adam_betas), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                ema_decay=cfg.ema_decay, flip=cfg.flip, dropout=cfg.dropout or 0.0, **extra)
-
-
 def stage_finetune(cfg: Config, env: Env, diffusion=None, theta0=None):
     """Decoupled finetuning (DeMe Sec. 3.2): one copy of θ0 per timestep range, with PS, CL and CP."""
     diffusion = diffusion or GaussianDiffusion()
@@ -961,7 +968,7 @@ def stage_finetune(cfg: Config, env: Env, diffusion=None, theta0=None):
         def timesteps(b, g, lo=lo, hi=hi):  # DeMe Eq. 6
             return sample_timesteps(b, lo, hi, diffusion.T, cfg.p_global, not cfg.per_sample, cfg.antithetic, g)
 
-        identity = finetune_identity(cfg, stage="finetune", range=[lo, hi], n_ranges=cfg.n_ranges,
+        identity = stage_identity(cfg, stage="finetune", range=[lo, hi], n_ranges=cfg.n_ranges,
                                      p_global=cfg.p_global, per_sample=cfg.per_sample, antithetic=cfg.antithetic,
                                      consistency=cfg.consistency, projections=cfg.projections)
         train_loop(cfg, env, run_dir(cfg, f"range_{i}"), student, data, diffusion, steps=cfg.steps, lr=cfg.lr,
@@ -977,7 +984,7 @@ def stage_baseline(cfg: Config, env: Env, diffusion=None, theta0=None):
     uniform = lambda b, g: torch.randint(0, diffusion.T, (b,), generator=g)
     steps = cfg.steps * cfg.n_ranges
     train_loop(cfg, env, run_dir(cfg, "baseline"), student, make_dataset(cfg), diffusion, steps=steps, lr=cfg.lr,
-               warmup=0, timesteps=uniform, identity=finetune_identity(cfg, stage="baseline"),
+               warmup=0, timesteps=uniform, identity=stage_identity(cfg, stage="baseline"),
                desc=f"baseline ({steps} steps)", seed=cfg.seed + 999)
 
 
@@ -1225,16 +1232,20 @@ def stage_merge(cfg: Config, env: Env, diffusion=None, theta0=None):
             return
         images = heldout_images(cfg, cfg.search_images)
         cache_path = folder / "search_cache.json"
-        cache = {} if cfg.overwrite or not cache_path.exists() else json.loads(cache_path.read_text())
+        # the scores depend on these; a cache made with anything else is dropped, never reused
+        scored_with = dict(method=cfg.merge_method, options=merge_options(cfg), images=len(images), seed=cfg.seed,
+                           ranges=[state_fingerprint(sd) for sd in finetuned])
+        cache = json.loads(cache_path.read_text()) if cache_path.exists() and not cfg.overwrite else {}
+        values = cache.get("values", {}) if cache.get("scored_with") == scored_with else {}
         model = build_model(config, base).to(env.device)
 
         def objective(w):  # held-out loss of θ0 + Σ w_i τ_i; cached on disk so a resumed search repeats nothing
             key = json.dumps([round(x, 6) for x in w])
-            if key not in cache:
+            if key not in values:
                 model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
-                cache[key] = heldout_loss(model, diffusion, images, env, cfg.n_ranges, cfg.seed)[0]
-                atomic_write_text(json.dumps(cache), cache_path)
-            return cache[key]
+                values[key] = heldout_loss(model, diffusion, images, env, cfg.n_ranges, cfg.seed)[0]
+                atomic_write_text(json.dumps(dict(scored_with=scored_with, values=values)), cache_path)
+            return values[key]
 
         search = search_merge_weights(objective, cfg.n_ranges, max_evals=cfg.search_evals, progress=env.master)
         weights = search["weights"]
@@ -1472,9 +1483,9 @@ def load_image(path):
     return torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)
 
 
-def folder_features(folder, model, batch_size=50, device="cpu"):
-    """Inception features (N, 2048) in float64 of every image under folder, in sorted path order."""
-    paths = image_files(folder)
+def folder_features(folder, model, batch_size=50, device="cpu", paths=None):
+    """Inception features (N, 2048) in float64 of every image under folder (or of `paths`), in sorted path order."""
+    paths = image_files(folder) if paths is None else paths
     model = model.to(device).eval()
     features = np.empty((len(paths), FID_DIMS), dtype=np.float64)
     with tqdm(total=len(paths), desc=f"features of {Path(folder).name}", unit="img") as bar:
@@ -1578,8 +1589,13 @@ def pixel_frechet_report(fake, real_a, real_b, pool=1):
 
 def model_fingerprint(model) -> str:
     """SHA-256 of a model's weights: samples on disk are reused only for the very model that made them."""
+    return state_fingerprint(unwrap(model).state_dict())
+
+
+def state_fingerprint(state_dict) -> str:
+    """SHA-256 of a state dict's keys and values (the first 16 hex digits)."""
     h = hashlib.sha256()
-    for k, v in sorted(unwrap(model).state_dict().items()):
+    for k, v in sorted(state_dict.items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -1588,6 +1604,9 @@ def model_fingerprint(model) -> str:
 def named_model(cfg: Config, env: Env, name: str, theta0=None):
     """theta0, baseline, ensemble, merged (the run's models) or the path of a checkpoint."""
     if name == "theta0":
+        if theta0 is None and not cfg.pretrained and not run_dir(cfg, "pretrain", "ckpt.pt").exists():
+            raise UserError(f"{run_dir(cfg, 'pretrain', 'ckpt.pt')} does not exist: θ0 of this run was never "
+                            f"trained; check --out, pass --pretrained, or run `python deme.py train` first")
         return theta0 if theta0 is not None else theta0_model(cfg, env, GaussianDiffusion())
     if name == "ensemble":
         return RangeEnsemble(range_models(cfg))
@@ -1598,6 +1617,10 @@ def named_model(cfg: Config, env: Env, name: str, theta0=None):
                         f"{'baseline' if name == 'baseline' else 'merge'}` with the same --out first")
     if not path.exists():
         raise UserError(f"model {name!r} is neither theta0, baseline, ensemble, merged nor a checkpoint file")
+    ck = load_checkpoint(path)
+    if "step" in ck and ck["step"] < ck["identity"]["steps"]:
+        raise UserError(f"{path} is unfinished (step {ck['step']} of {ck['identity']['steps']}); finish its stage "
+                        f"with --resume first")
     return load_model(path).eval()
 
 
@@ -1693,7 +1716,7 @@ def real_image_sets(cfg: Config, n):
     if cfg.dataset == "synthetic":
         res = cfg.image_size or PRESETS[cfg.preset]["resolution"]
         return synthetic_images(n, res, seed=cfg.seed + 2_000_003), synthetic_images(n, res, seed=cfg.seed + 3_000_017)
-    ds = make_dataset(cfg)
+    ds = make_dataset(cfg, "eval")
     if len(ds) < 2 * n:
         raise UserError(f"the dataset has {len(ds)} images, fewer than 2 x --n-samples {n}; lower --n-samples")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:2 * n]
@@ -1708,7 +1731,7 @@ def reference_stats(cfg: Config, env: Env, inception):
     cache = run_dir(cfg, f"fid_stats_{cfg.dataset}.npz")
     if cache.exists():
         return load_stats(cache)
-    ds = make_dataset(cfg)
+    ds = make_dataset(cfg, "eval")
     feats = []
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch, num_workers=cfg.workers)
     for x in tqdm(loader, desc="FID statistics of the training set", disable=not env.master):
@@ -1746,9 +1769,12 @@ def stage_evaluate(cfg: Config, env: Env, diffusion=None, theta0=None):
             grids[name] = samples[:64]
         else:
             folder = write_samples(cfg, env, diffusion, model, name)
-            value = frechet_distance(*feature_stats(folder_features(folder, inception, cfg.eval_batch, env.device)),
-                                     mu_ref, sigma_ref) if env.master else None
-            grids[name] = torch.stack([load_image(p) * 2 - 1 for p in image_files(folder)[:64]])
+            paths = [folder / f"{i:06d}.png" for i in range(cfg.n_samples)]  # exactly these, whatever else is there
+            value = None
+            if env.master:  # the other ranks only help with sampling
+                feats = folder_features(folder, inception, cfg.eval_batch, env.device, paths)
+                value = frechet_distance(*feature_stats(feats), mu_ref, sigma_ref)
+            grids[name] = torch.stack([load_image(p) * 2 - 1 for p in paths[:64]])
         seconds = time.perf_counter() - start
         loss, per_range = heldout_loss(model.to(env.device), diffusion, heldout, env, cfg.n_ranges, cfg.seed)
         rows.append(dict(model=name, value=value, heldout_loss=loss, heldout_loss_per_range=per_range,
@@ -2543,7 +2569,7 @@ def stage_sd(cfg: Config, env: Env):
         def timesteps(b, g, lo=lo, hi=hi):  # DeMe Eq. 6
             return sample_timesteps(b, lo, hi, diffusion.T, cfg.p_global, not cfg.per_sample, cfg.antithetic, g)
 
-        identity = finetune_identity(cfg, stage="finetune", model="sd", resolution=cfg.sd_resolution, range=[lo, hi],
+        identity = stage_identity(cfg, stage="finetune", model="sd", resolution=cfg.sd_resolution, range=[lo, hi],
                                      n_ranges=cfg.n_ranges, p_global=cfg.p_global, per_sample=cfg.per_sample,
                                      antithetic=cfg.antithetic, consistency=cfg.consistency,
                                      projections=cfg.projections)
@@ -2922,12 +2948,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--device", default="auto")
     fid.add_argument("--inception-weights", default=None)
     fid.add_argument("--dims", type=int, default=2048)
-    add_extra_stages(sub, common)
     return parser
-
-
-def add_extra_stages(sub, common):
-    """Stages with their own arguments: analysis figures and the benchmark."""
 
 
 def main(argv=None):
@@ -2959,6 +2980,9 @@ def main(argv=None):
         if env.master:
             print(f"deme.py {args.stage}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
             atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), out / f"config_{args.stage}.json")
+        if cfg.model == "sd" and args.stage != "pipeline":
+            raise UserError(f"--model sd runs as one command (finetune, merge, generate); drop the stage "
+                            f"{args.stage!r} and use --ranges to split the finetuning")
         (stage_sd if cfg.model == "sd" else STAGES[args.stage][0])(cfg, env)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

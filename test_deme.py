@@ -736,6 +736,9 @@ def test_the_pipeline_runs_every_stage_and_writes_its_table_and_grids(tmp_path):
         proc = run_cli("merge", "--out", str(out), *FAST, "--merge-method", method)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads((out / "merge" / "search.json").read_text())["method"] == method
+        if method != "average":  # the search's cache holds scores of this method only: others' are never reused
+            cache = json.loads((out / "merge" / "search_cache.json").read_text())
+            assert cache["scored_with"]["method"] == method and len(cache["values"]) <= 5
 
 
 def test_the_paper_path_runs_end_to_end_on_a_fake_cifar10_with_fid(tmp_path, monkeypatch, capsys):
@@ -792,6 +795,11 @@ def test_bad_numbers_get_one_line_each(capsys, tmp_path):
     assert "invalid choice: 'imagenet'" in cli_error(capsys, "train", "--dataset", "imagenet", *out)
     assert "multiple of 4" in cli_error(capsys, "train", "--image-size", "18", *out)
     assert "--batch-size" in cli_error(capsys, "train", "--batch-size", "6", "--grad-accum", "4", *out)
+    assert "--ckpt-every must be at least 1" in cli_error(capsys, "train", "--ckpt-every", "0", *out)
+    assert "--adam-betas" in cli_error(capsys, "train", "--adam-betas", "0.9", *out)
+    assert "runs as one command" in cli_error(capsys, "merge", "--model", "sd", "--dataset", "folder", "--pretrained",
+                                              str(tmp_path), "--data-dir", str(tmp_path), *out)
+    assert "never trained" in cli_error(capsys, "evaluate", *out)
 
 
 def test_missing_or_empty_data_is_a_clear_error(capsys, tmp_path):
