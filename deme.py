@@ -581,9 +581,11 @@ class Env:
         """Rank 0 runs the block first (downloads, caches); the other ranks run it after, and find its files."""
         if not self.master:
             self.barrier()
-        yield
-        if self.master:
-            self.barrier()
+        try:
+            yield
+        finally:  # also when rank 0 fails: the others then meet the same error rather than wait forever
+            if self.master:
+                self.barrier()
 
 
 def setup_env(cfg: Config) -> Env:
