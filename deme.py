@@ -745,6 +745,24 @@ def prepare(model, env: Env, train=False):
     return model
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name beside `path` (same suffix, so image writers pick the format); it replaces `path` only when
+    the block completes, so a crash never leaves half a file where a good one was."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    yield tmp
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text, path):
+    """Writes text to a temporary file beside `path`, then renames it into place."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_grid(model, diffusion, path, env: Env, cfg: Config, seed=0):
     """A grid of samples (the evaluation's sampler) from fixed noise, so grids of two models compare image by image."""
     from torchvision.utils import save_image
@@ -757,10 +775,8 @@ def save_grid(model, diffusion, path, env: Env, cfg: Config, seed=0):
     with env.autocast():
         x = sample_images(diffusion, m, noise.to(env.device), cfg, torch.Generator(env.device).manual_seed(seed))
     m.train(was_training)
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    save_image(x.float() * 0.5 + 0.5, tmp, nrow=int(math.sqrt(n)))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_image(x.float() * 0.5 + 0.5, tmp, nrow=int(math.sqrt(n)))
     return x
 
 
@@ -1275,17 +1291,6 @@ def stage_merge(cfg: Config, env: Env, diffusion=None, theta0=None):
         print(f"merged {cfg.n_ranges} ranges with {cfg.merge_method}, w = {[round(w, 3) for w in weights]} -> "
               f"{folder / 'merged.pt'}")
     env.barrier()
-
-
-def atomic_write_text(text, path):
-    """Writes text to a temporary file beside `path`, then renames it into place."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1834,10 +1839,8 @@ def side_by_side(grids: dict, path, scale=None):
     for t in tiles:
         out.paste(t, (x, 0))
         x += t.width + 8
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    out.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        out.save(tmp)
 
 # ---- the paper's analysis figures: gradient conflict (Fig. 1a), merge landscape (Fig. 6a), task-vector norms (Fig. 6b)
 
@@ -1960,10 +1963,8 @@ def _matplotlib():
 
 def _save_png(fig, canvas, path):
     """Renders a figure to `path` through a temporary file, then renames it into place."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    canvas(fig).print_png(str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        canvas(fig).print_png(str(tmp))
 
 
 def _csv(header, rows) -> str:
@@ -2372,13 +2373,9 @@ def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> tor
     side = cfg.sd_resolution // sd.vae_factor
     x = start_noise(cfg.seed, indices, (sd.unet.unet.config.in_channels, side, side)).to(env.device)  # (B, 4, h, w)
     gen = torch.Generator(env.device).manual_seed(cfg.seed)
-    ts = diffusion.ddim_timesteps(cfg.sample_steps)
-    for t, t_prev in zip(ts, ts[1:] + [-1]):  # ddim_sample less its final clamp to [-1, 1]: latents are not pixels
-        with env.autocast():
-            eps = eps_model(x, torch.full((len(x),), t, device=env.device, dtype=torch.long)).float()
-        noise = randn_like(x, gen) if cfg.eta > 0 else None
-        x = diffusion.ddim_step(x, eps, t, t_prev, cfg.eta, clip_denoised=False, noise=noise)
-    return sd.decode(x)
+    with env.autocast():  # latents are not pixels: no clipping
+        x = diffusion.ddim_sample(eps_model, x, cfg.sample_steps, cfg.eta, clip_denoised=False, generator=gen)
+    return sd.decode(x.float())
 
 
 def write_sd_samples(sd: StableDiffusion, models, prompts, folder, cfg: Config):
@@ -2404,9 +2401,8 @@ def sd_grid(sd: StableDiffusion, student, prompt, cfg: Config):
         model = copy.deepcopy(unwrap(student))
         model.load_state_dict(ema_state)
         x = sd_sample(sd, [model], [prompt] * 4, cfg, range(4))
-        tmp = Path(path).with_name(Path(path).stem + ".tmp.png")
-        save_image(x.float() * 0.5 + 0.5, tmp, nrow=4)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_image(x.float() * 0.5 + 0.5, tmp, nrow=4)
     return grid
 
 
