@@ -28,7 +28,7 @@ class UserError(Exception):
     """A user's mistake; the command line prints its one-line message without a traceback."""
 
 
-# Constructor arguments of UNet; the first two are the published models (SPEC section 7), `tiny` is for CPU work.
+# Constructor arguments of UNet; the first two are the published models (Ho et al. 2020, Appendix B), `tiny` is for CPU work.
 PRESETS = {
     "cifar10": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
                     resolution=32),
@@ -256,7 +256,7 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DeMe channel-wise projections (SPEC section 3)
+# DeMe channel-wise projections (DeMe Sec. 3.2; placement as in the official code)
 
 
 def projection_places(model):
@@ -384,7 +384,7 @@ def _is_attn_linear(native_key):
 
 
 def convert_diffusers_state_dict(sd):
-    """Map a diffusers UNet2DModel state dict to the original layout (SPEC section 7 key map)."""
+    """Map a diffusers UNet2DModel state dict to the original layout (original key names <-> UNet2DModel's)."""
     sd = _strip_prefixes(sd)
     levels = [int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.(\d+)\.", k))]
     if not levels:

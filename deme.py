@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -61,8 +62,10 @@ class Config:
     device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     resume: bool = _opt(False, "continue the interrupted stages of this run folder from their last checkpoint")
     overwrite: bool = _opt(False, "start over, replacing what this run folder holds")
-    precision: str = _opt("auto", "autocast precision (auto: bf16 on a GPU that has it, else fp32)",
+    precision: str = _opt("auto", "training autocast precision (auto: bf16 on a GPU that has it, else fp32)",
                           ["auto", "fp32", "bf16", "fp16"])
+    eval_precision: str = _opt("fp32", "precision of everything that measures or selects: the merge-weight search, "
+                                       "every sampler and FID (bf16: faster, less exact)", ["fp32", "bf16"])
     compile: Optional[bool] = _opt(None, "torch.compile the model (default: on for CUDA, off on CPU)")
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for CUDA, off on CPU)")
     workers: int = _opt(0, "data-loading worker processes (0 loads in the main process)")
@@ -104,7 +107,12 @@ class Config:
     merge_method: str = _opt("task_arithmetic", "how to merge", ["task_arithmetic", "average", "ties", "dare"])
     merge_weights: str = _opt("", "w_1..w_N, comma-separated, low t first; empty: search them (LSUN official: "
                                   "0.1,0.1,0.2,0.5)")
-    search_images: int = _opt(512, "held-out images scoring the merge-weight search")
+    heldout_fraction: float = _opt(0.1, "folder and LSUN: the share of images held out from training, chosen by a "
+                                        "hash of each file's path (half selects, half reports)")
+    search_images: int = _opt(512, "selection images (held out from training) scoring the merge-weight search")
+    search_objective: str = _opt("per_range", "what the search minimises: per_range (each range's held-out loss "
+                                              "relative to θ0's on that range, averaged over ranges) or loss (the "
+                                              "held-out loss with t uniform over [0, T))", ["per_range", "loss"])
     search_evals: int = _opt(60, "most merge candidates the search scores")
     rerank: int = _opt(0, "re-rank this many of the search's best candidates by sample quality (pixel Fréchet "
                           "distance or FID, as --metric); 0: off")
@@ -118,6 +126,8 @@ class Config:
     eta: float = _opt(0.0, "DDIM eta (0: deterministic)")
     variance: str = _opt("fixedlarge", "DDPM sampling variance", ["fixedlarge", "fixedsmall"])
     n_samples: int = _opt(50000, "samples per model for the metric (paper: 50K)")
+    report_images: int = _opt(512, "report images (held out from training and from selection) of the results "
+                                   "table's held-out loss")
     eval_batch: int = _opt(256, "sampling batch size")
     metric: str = _opt("auto", "fid (Inception) or pixel (Fréchet distance on pixels, for tiny runs); auto picks "
                                "pixel for synthetic", ["auto", "fid", "pixel"])
@@ -146,8 +156,9 @@ DATASET_PRESETS = {
     # the CPU pipeline: everything in minutes on 2 cores
     # (eta 1: deterministic DDIM amplifies the ε errors of a θ0 this far from converged into visible noise)
     "synthetic": dict(preset="tiny", train_lr=1e-3, steps=150, batch_size=32, lr=2e-4, ckpt_every=100, eta=1.0,
-                      sample_steps=20, n_samples=2048, eval_batch=512, search_images=256, search_evals=30),
-    # the paper (SPEC sections 3, 5, 6)
+                      sample_steps=20, n_samples=2048, eval_batch=512, search_images=256, search_evals=30,
+                      report_images=1024),
+    # the paper's recipes (DeMe Sec. 4 and the official scripts; DDIM-100 for CIFAR-10, 50 steps for LSUN)
     "cifar10": dict(preset="cifar10", pretrained="cifar10", flip=True, sample_steps=100),
     "lsun_church": dict(preset="lsun256", pretrained="lsun_church", batch_size=64, grad_accum=4, sample_steps=50,
                         eval_batch=64, variance="fixedsmall"),
@@ -191,9 +202,16 @@ def check_config(cfg: Config):
     if cfg.model != "sd" and cfg.model != "ddpm":
         raise UserError(f"unknown --model {cfg.model!r}; use ddpm or sd")
     for name in ("steps", "batch_size", "grad_accum", "n_samples", "eval_batch", "sample_steps", "train_steps",
-                 "ckpt_every", "search_evals", "search_images", "bench_iters", "rerank_samples"):
+                 "ckpt_every", "search_evals", "search_images", "report_images", "bench_iters", "rerank_samples"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.eta < 0:
+        raise UserError(f"--eta {cfg.eta} is negative; DDIM's eta is 0 (deterministic) or more (1: DDPM-like)")
+    if cfg.rerank == 1 or cfg.rerank < 0 or cfg.rerank > cfg.search_evals:
+        raise UserError(f"--rerank {cfg.rerank}: give 0 (off) or K in 2..--search-evals ({cfg.search_evals}) "
+                        f"candidates to re-rank; one candidate has nothing to be ranked against")
+    if not 0.0 < cfg.heldout_fraction < 1.0:
+        raise UserError(f"--heldout-fraction {cfg.heldout_fraction} must lie strictly between 0 and 1, e.g. 0.1")
     if 1000 % cfg.sample_steps and cfg.sampler == "ddim":
         raise UserError(f"--sample-steps {cfg.sample_steps} does not divide the 1000 timesteps; use 10, 20, 50, 100, ...")
     resolution = cfg.image_size or PRESETS[cfg.preset]["resolution"]
@@ -305,38 +323,60 @@ class GaussianDiffusion:
         return x_prev
 
     @torch.no_grad()
-    def ddpm_sample(self, model, x_T, variance="fixedlarge", clip_denoised=True, generator=None, progress=False, **cond):
-        """DDPM Algorithm 2: T ancestral steps from x_T ~ N(0, I); returns x0 (in [-1, 1] when clipping)."""
+    def ddpm_sample(self, model, x_T, variance="fixedlarge", clip_denoised=True, noise=None, progress=False, **cond):
+        """DDPM Algorithm 2: T ancestral steps from x_T ~ N(0, I); returns x0 (in [-1, 1] when clipping).
+        noise() gives each step's z ~ N(0, I) shaped like x_T (default: torch's global generator)."""
         x = x_T
         for t in tqdm(range(self.T - 1, -1, -1), desc="DDPM", leave=False, disable=not progress):
             eps = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), **cond).to(x.dtype)
-            noise = randn_like(x, generator) if t > 0 else None
-            x = self.ddpm_step(x, eps, t, variance, clip_denoised, noise)
+            z = (noise() if noise else torch.randn_like(x)).to(x.device, x.dtype) if t > 0 else None
+            x = self.ddpm_step(x, eps, t, variance, clip_denoised, z)
         return x.clamp(-1, 1) if clip_denoised else x
 
     @torch.no_grad()
-    def ddim_sample(self, model, x_T, steps, eta=0.0, clip_denoised=True, generator=None, progress=False, **cond):
-        """DDIM with S steps (Song et al. 2021, Eq. 12); eta = 0 is deterministic; returns x0 (in [-1, 1] when clipping)."""
+    def ddim_sample(self, model, x_T, steps, eta=0.0, clip_denoised=True, noise=None, progress=False, **cond):
+        """DDIM with S steps (Song et al. 2021, Eq. 12); eta = 0 is deterministic; returns x0 (in [-1, 1] when
+        clipping). With eta > 0, noise() gives each step's z ~ N(0, I) shaped like x_T."""
         ts = self.ddim_timesteps(steps)
         x = x_T
         for t, t_prev in tqdm(list(zip(ts, ts[1:] + [-1])), desc="DDIM", leave=False, disable=not progress):
             eps = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), **cond).to(x.dtype)
-            noise = randn_like(x, generator) if eta > 0 else None
-            x = self.ddim_step(x, eps, t, t_prev, eta, clip_denoised, noise)
+            z = (noise() if noise else torch.randn_like(x)).to(x.device, x.dtype) if eta > 0 else None
+            x = self.ddim_step(x, eps, t, t_prev, eta, clip_denoised, z)
         return x.clamp(-1, 1) if clip_denoised else x
 
 
-def randn_like(x, generator=None):
-    """Standard normal noise shaped like x, drawn from `generator` on its own device."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+class SampleNoise:
+    """The noise of samples `indices`: sample i draws its x_T and then every step's z from its own generator, seeded
+    by (seed, i) alone, so a sample is the same whatever batch, batch size or process makes it. Calling it gives the
+    next draw, (B, *shape), on `device` (where its generators live: a GPU draws its own noise)."""
+
+    def __init__(self, seed, indices, shape, device="cpu"):
+        self.generators = [torch.Generator(device).manual_seed(seed * 1_000_003 + i) for i in indices]
+        self.shape, self.device = tuple(shape), device
+
+    def __call__(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g, device=self.device) for g in self.generators])
 
 
-def sample_images(diffusion, model, noise, cfg: "Config", generator=None, **cond):
-    """Samples from starting noise with the configured sampler (what every evaluation uses)."""
+def start_noise(seed, indices, shape) -> torch.Tensor:
+    """Starting noise x_T (B, *shape) of samples `indices`; sample i's noise depends only on (seed, i)."""
+    return SampleNoise(seed, indices, shape)()
+
+
+def sample_images(diffusion, model, x_T, cfg: "Config", noise=None, **cond):
+    """Samples from starting noise x_T with the configured sampler; noise() gives the steps' z (eta > 0, DDPM)."""
     if cfg.sampler == "ddim":
-        return diffusion.ddim_sample(model, noise, cfg.sample_steps, cfg.eta, generator=generator, **cond)
-    return diffusion.ddpm_sample(model, noise, cfg.variance, generator=generator, **cond)
+        return diffusion.ddim_sample(model, x_T, cfg.sample_steps, cfg.eta, noise=noise, **cond)
+    return diffusion.ddpm_sample(model, x_T, cfg.variance, noise=noise, **cond)
+
+
+def sample_batch(cfg: "Config", env: "Env", diffusion, model, indices, seed, shape, **cond) -> torch.Tensor:
+    """Samples `indices` of noise seed `seed` as (B, *shape) float32 on the CPU, in [-1, 1]: the one sampling driver
+    of evaluation, grids and the benchmark, in the evaluation precision (Env.evaluation)."""
+    noise = SampleNoise(seed, indices, shape, env.device)
+    with torch.no_grad(), env.evaluation():
+        return sample_images(diffusion, model, noise(), cfg, noise, **cond).float().cpu()
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Data: every dataset yields (3, H, W) images in [-1, 1]
@@ -449,85 +489,149 @@ def image_files(folder) -> list:
     return good
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """A directory tree of images, resized (short side) and center- or randomly cropped to `size`."""
+def heldout_role(name: str, fraction: float) -> str:
+    """"train", "select" or "report" for the image called `name` (its path relative to the data folder, or its LSUN
+    key), decided by a hash of the name, so that adding files never moves one from a split to another: a `fraction`
+    of the images is held out from training, half of it to select (merge weights, re-ranking), half to report."""
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2 ** 64  # uniform in [0, 1)
+    return "select" if h < fraction / 2 else "report" if h < fraction else "train"
 
-    def __init__(self, folder, size, random_crop=False):
-        from torchvision import transforms as T
-        self.paths = image_files(folder)
-        crop = T.RandomCrop(size) if random_crop else T.CenterCrop(size)
-        self.transform = T.Compose([T.Resize(size), crop, T.ToTensor()])
+
+def resize_crop(image, size, crop_key=None) -> torch.Tensor:
+    """A PIL image as (3, size, size) in [-1, 1]: the short side resized to `size`, then a crop, centred, or random
+    from a generator seeded by `crop_key` (which the data order fixes, so every rank and worker crops alike)."""
+    from torchvision.transforms import functional as TF
+    image = TF.resize(image.convert("RGB"), size)
+    if crop_key is None:
+        image = TF.center_crop(image, size)
+    else:
+        rng, (w, h) = random.Random(crop_key), image.size
+        image = TF.crop(image, rng.randint(0, h - size), rng.randint(0, w - size), size, size)
+    return TF.to_tensor(image) * 2 - 1
+
+
+def split_item(item):
+    """A dataset index as (i, crop key): batches() passes (i, key) to image files, other callers plain i."""
+    return item if isinstance(item, tuple) else (item, None)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """A directory tree of images, resized (short side) and center- or randomly cropped to `size`; with `role`, only
+    the images of that split (heldout_role)."""
+
+    def __init__(self, folder, size, random_crop=False, role=None, fraction=0.1):
+        self.paths = [p for p in image_files(folder)
+                      if role is None or heldout_role(p.relative_to(folder).as_posix(), fraction) == role]
+        if not self.paths:
+            raise UserError(f"the {role} split of {folder} holds no image; raise --heldout-fraction or add images")
+        self.size, self.random_crop = size, random_crop
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
         from PIL import Image
+        i, key = split_item(item)
         with Image.open(self.paths[i]) as im:
-            return self.transform(im.convert("RGB")) * 2 - 1
+            return resize_crop(im, self.size, key if self.random_crop else None)
 
 
-def lsun(root, category, size, random_crop=True):
-    """LSUN through torchvision's lmdb reader (official folders), or a plain image folder; random crop for training
-    (SPEC 3), center crop for evaluation."""
-    if not (Path(root) / f"{category}_train_lmdb").is_dir():
-        return ImageFolder(root, size, random_crop=random_crop)
-    try:
-        import lmdb  # noqa: F401
-    except ImportError:
-        raise UserError("reading LSUN lmdb folders needs the lmdb package: pip install lmdb") from None
-    from torchvision import datasets, transforms as T
-    crop = T.RandomCrop(size) if random_crop else T.CenterCrop(size)
-    tf = T.Compose([T.Resize(size), crop, T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
-    return datasets.LSUN(str(root), classes=[f"{category}_train"], transform=tf)
+class LSUN(torch.utils.data.Dataset):
+    """An official LSUN lmdb folder (<category>_train_lmdb): the images stored under `keys`. The lmdb is opened on
+    first use in each process, so DataLoader workers never share a handle forked from their parent."""
 
+    def __init__(self, folder, keys, size, random_crop=False):
+        self.folder, self.keys, self.size, self.random_crop, self._txn = str(folder), keys, size, random_crop, None
 
-class _DropLabels(torch.utils.data.Dataset):
-    """Images only, from a dataset of (image, label) pairs."""
-
-    def __init__(self, ds):
-        self.ds = ds
+    def __getstate__(self):
+        return {**self.__dict__, "_txn": None}
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.keys)
 
-    def __getitem__(self, i):
-        return self.ds[i][0]
+    def __getitem__(self, item):
+        import lmdb
+        from PIL import Image
+        i, key = split_item(item)
+        if self._txn is None:
+            self._txn = lmdb.open(self.folder, readonly=True, lock=False, readahead=False, meminit=False).begin()
+        with Image.open(io.BytesIO(self._txn.get(self.keys[i]))) as im:
+            return resize_crop(im, self.size, key if self.random_crop else None)
+
+
+def lsun_keys(folder, cache: Path) -> list:
+    """The image keys of an LSUN lmdb, listed once (minutes for bedroom's 3M) into `cache` inside the run folder."""
+    if cache.is_file():
+        return cache.read_bytes().split(b"\n")
+    try:
+        import lmdb
+    except ImportError:
+        raise UserError("reading LSUN lmdb folders needs the lmdb package: pip install lmdb") from None
+    try:
+        with lmdb.open(str(folder), readonly=True, lock=False) as db, db.begin() as txn:
+            keys = list(txn.cursor().iternext(keys=True, values=False))
+    except lmdb.Error as e:
+        raise UserError(f"{folder} is not a readable lmdb ({e}); check --data-dir") from None
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        tmp.write_bytes(b"\n".join(keys))
+    return keys
+
+
+def lsun(cfg: "Config", size, split):
+    """LSUN from the official lmdb folder (keys cached under --out), or from a plain image folder."""
+    category = {"lsun_church": "church_outdoor", "lsun_bedroom": "bedroom"}[cfg.dataset]
+    folder = Path(cfg.data_dir) / f"{category}_train_lmdb"
+    role, random_crop = ("train" if split == "eval" else split), split == "train"  # random crops for training only
+    if not folder.is_dir():
+        return ImageFolder(cfg.data_dir, size, random_crop, role, cfg.heldout_fraction)
+    keys = [k for k in lsun_keys(folder, run_dir(cfg, f"lsun_keys_{category}.txt"))
+            if heldout_role(k.decode(), cfg.heldout_fraction) == role]
+    return LSUN(folder, keys, size, random_crop)
+
+
+SPLITS = ("train", "eval", "select", "report")
 
 
 def make_dataset(cfg: Config, split="train", n=None):
     """The configured dataset. split: "train" (training images, randomly cropped where the dataset is), "eval" (the
-    same images, center-cropped: reference statistics), "heldout" (data the model did not train on, where it exists)."""
+    same images, center-cropped: reference statistics), "select" and "report" (two disjoint sets of images that
+    training never sees: CIFAR-10's test split in halves; folders and LSUN by heldout_role; synthetic: other seeds)."""
+    assert split in SPLITS, split
     size = cfg.image_size or PRESETS[cfg.preset]["resolution"]
     if cfg.dataset == "synthetic":
-        count = n or (2048 if split == "heldout" else 20000)
-        return TensorImages(synthetic_images(count, size, seed=cfg.seed + (1_000_001 if split == "heldout" else 0)))
+        count = n or (20000 if split in ("train", "eval") else 2048)
+        offset = {"train": 0, "eval": 0, "select": 1_000_001, "report": 4_000_037}[split]
+        return TensorImages(synthetic_images(count, size, seed=cfg.seed + offset))
     if cfg.dataset == "cifar10":
         if size != 32:
             raise UserError(f"CIFAR-10 images are 32x32 but the model takes {size}; use --preset cifar10 or tiny "
                             f"with --image-size 32")
-        return TensorImages(cifar10_images(cfg.data_dir, train=split != "heldout", download=cfg.download))
+        images = cifar10_images(cfg.data_dir, train=split in ("train", "eval"), download=cfg.download)
+        half = len(images) // 2
+        return TensorImages({"select": images[:half], "report": images[half:]}.get(split, images))
     if cfg.dataset in ("lsun_church", "lsun_bedroom"):
-        ds = lsun(cfg.data_dir, {"lsun_church": "church_outdoor", "lsun_bedroom": "bedroom"}[cfg.dataset], size,
-                  random_crop=split == "train")
-        return ds if isinstance(ds, ImageFolder) else _DropLabels(ds)
-    return ImageFolder(cfg.data_dir, size)
+        return lsun(cfg, size, split)
+    role = "train" if split == "eval" else split
+    return ImageFolder(cfg.data_dir, size, False, role, cfg.heldout_fraction)
 
 
-def heldout_images(cfg: Config, n) -> torch.Tensor:
-    """n images the model did not train on (CIFAR-10: the test split; LSUN and folders: the last n of the set)."""
-    if cfg.dataset == "synthetic":
-        return make_dataset(cfg, "heldout", n).images[:n]
-    if cfg.dataset == "cifar10":
-        return to_unit(cifar10_images(cfg.data_dir, train=False)[:n])
-    ds = make_dataset(cfg, "eval")
-    n = min(n, len(ds))
-    return torch.stack([ds[i] for i in range(len(ds) - n, len(ds))])
+def heldout_images(cfg: Config, n, role) -> torch.Tensor:
+    """The first n images of the "select" or "report" split (make_dataset), as one (n, 3, H, W) tensor in [-1, 1]."""
+    ds = make_dataset(cfg, role, n)
+    if len(ds) < n:
+        flag = "--search-images" if role == "select" else "--report-images"
+        raise UserError(f"the {role} split of {cfg.dataset} has {len(ds)} images, fewer than {flag} {n}; lower "
+                        f"{flag}" + (" or raise --heldout-fraction" if cfg.dataset not in ("cifar10",) else ""))
+    if isinstance(ds, TensorImages):
+        return to_unit(ds.images[:n])
+    return torch.stack([ds[i] for i in range(n)])
 
 
 def batches(dataset, batch, seed, rank=0, world=1, start=0, workers=0):
     """Endless micro-batches: epoch e visits a permutation seeded by (seed, e), rank r takes its share of every
-    global batch, and `start` skips that many batches, so a resumed run sees exactly the data it would have seen."""
+    global batch, and `start` skips that many batches, so a resumed run sees exactly the data it would have seen.
+    Image files get (index, crop key) items: every draw's random crop is fixed by the seed and the data order."""
     n = len(dataset)
     per_epoch = n // (batch * world)
     if per_epoch == 0:
@@ -536,12 +640,15 @@ def batches(dataset, batch, seed, rank=0, world=1, start=0, workers=0):
     while True:
         epoch, offset = divmod(k, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        idx = perm[: per_epoch * batch * world].view(per_epoch, world, batch)[offset:, rank]  # (batches, batch)
+        pos = torch.arange(per_epoch * batch * world).view(per_epoch, world, batch)[offset:, rank]  # (batches, batch)
+        idx = perm[pos]
         if isinstance(dataset, TensorImages):
             loader = (to_unit(dataset.images[i]) for i in idx)
         else:
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=idx.tolist(), num_workers=workers,
-                                                 pin_memory=torch.cuda.is_available(),
+            keys = (seed * 1_000_003 + epoch) * n + pos  # one key per draw, the same on every rank and worker
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=[list(zip(i.tolist(), c.tolist()))
+                                                                         for i, c in zip(idx, keys)],
+                                                 num_workers=workers, pin_memory=torch.cuda.is_available(),
                                                  persistent_workers=False)
         for x in loader:
             yield x
@@ -561,16 +668,34 @@ class Env:
     precision: str = "fp32"
     compile: bool = False
     channels_last: bool = False
+    eval_precision: str = "fp32"
 
     @property
     def master(self):
         return self.rank == 0
 
     def autocast(self):
-        """bf16/fp16 autocast, or nothing for fp32."""
+        """Training's bf16/fp16 autocast, or nothing for fp32."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    @contextlib.contextmanager
+    def exact(self):
+        """fp32 as written: no autocast and no TF32 (on GPUs, TF32 rounds fp32 matrix products to 10 mantissa bits)."""
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    def evaluation(self):
+        """Where everything that measures or selects runs: exact fp32, or bf16 autocast with --eval-precision bf16."""
+        if self.eval_precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return self.exact()
 
     def barrier(self):
         if self.world > 1:
@@ -600,22 +725,26 @@ def setup_env(cfg: Config) -> Env:
             raise UserError(f"--device {cfg.device!r} is not a device; use cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {cfg.device} asked for a GPU but torch sees none; use --device cpu")
-        if device.type == "cuda" and world > 1:
-            device = torch.device(f"cuda:{local}")
+        if device.type == "cuda" and (world > 1 or device.index is None):  # torchrun: the GPU of this LOCAL_RANK
+            device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+        if device.type == "cuda" and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {cfg.device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # TF32 only where training is not fp32 anyway; evaluation switches it off (Env.exact)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     if world > 1 and not torch.distributed.is_initialized():
         from datetime import timedelta
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
                                              device_id=device if device.type == "cuda" else None)
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     on_gpu = device.type == "cuda"
     return Env(device, rank, world, precision,
                compile=on_gpu if cfg.compile is None else cfg.compile,
-               channels_last=on_gpu if cfg.channels_last is None else cfg.channels_last)
+               channels_last=on_gpu if cfg.channels_last is None else cfg.channels_last,
+               eval_precision=cfg.eval_precision)
 
 
 def unwrap(model):
@@ -662,16 +791,28 @@ def rng_state(*generators) -> dict:
                 generators=[g.get_state() for g in generators])
 
 
-def set_rng_state(state: dict, *generators):
+def set_rng_state(state: dict, *generators, fallback_seed=0) -> list:
+    """Restores what rng_state saved, as far as this machine allows; returns what it could not restore: the CUDA
+    states of GPUs this machine lacks, and generators saved on another device type (their states differ in kind),
+    which are seeded with fallback_seed + their position instead (the same on every rank)."""
+    lost = []
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda, gpus = state["cuda"], torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i, s in enumerate(cuda[:gpus]):
+        torch.cuda.set_rng_state(s, i)
+    if len(cuda) > gpus:
+        lost.append(f"the CUDA random state of {len(cuda) - gpus} of {len(cuda)} GPU(s)")
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    for g, s in zip(generators, state["generators"]):
-        g.set_state(s)
+    for k, (g, s) in enumerate(zip(generators, state["generators"])):
+        try:
+            g.set_state(s)
+        except RuntimeError:
+            lost.append(f"the {g.device.type} noise generator (saved on another kind of device)")
+            g.manual_seed(fallback_seed + k)
+    return lost
 
 
 def load_checkpoint(path) -> dict:
@@ -769,15 +910,22 @@ def save_grid(model, diffusion, path, env: Env, cfg: Config, seed=0):
     m = unwrap(model).to(env.device)
     res = m.config["resolution"]
     n = 64 if res <= 64 else 16
-    noise = torch.randn(n, m.config["in_channels"], res, res, generator=torch.Generator().manual_seed(seed))
     was_training = m.training
     m.eval()
-    with env.autocast():
-        x = sample_images(diffusion, m, noise.to(env.device), cfg, torch.Generator(env.device).manual_seed(seed))
+    x = sample_batch(cfg, env, diffusion, m, range(n), seed, (m.config["in_channels"], res, res))
     m.train(was_training)
     with atomic_path(path) as tmp:
         save_image(x.float() * 0.5 + 0.5, tmp, nrow=int(math.sqrt(n)))
     return x
+
+
+def check_batch_split(cfg: Config, world: int) -> int:
+    """Images per process per micro-batch: --batch-size / (--grad-accum x processes), which must be whole."""
+    micro, rest = divmod(cfg.batch_size, cfg.grad_accum * world)
+    if rest or micro == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} does not split into --grad-accum {cfg.grad_accum} x "
+                        f"{world} process(es); use a multiple of {cfg.grad_accum * world}")
+    return micro
 
 
 def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, steps, lr, warmup, timesteps,
@@ -794,10 +942,7 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
         if env.master:
             print(f"{desc}: reusing the finished stage in {ckpt_path}")
         return state["ema"]
-    micro, rest = divmod(cfg.batch_size, cfg.grad_accum * env.world)
-    if rest or micro == 0:
-        raise UserError(f"--batch-size {cfg.batch_size} does not split into --grad-accum {cfg.grad_accum} x "
-                        f"{env.world} process(es); use a multiple of {cfg.grad_accum * env.world}")
+    micro = check_batch_split(cfg, env.world)
     place(model, env).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
                             eps=cfg.adam_eps)
@@ -811,16 +956,22 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
     x_gen = torch.Generator(env.device).manual_seed(seed * 7919 + 1)  # noise and flips (device)
     torch.manual_seed(seed * 7919 + env.rank + 2)  # dropout, different on every rank
     start = 0
-    if state is not None:
+    if state is not None:  # on any device, precision or number of processes: what cannot be restored is said
+        start = state["step"]
         model.load_state_dict(state["model"])
-        ema.load(state["ema"], state["step"])
+        ema.load(state["ema"], start)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], t_gen, x_gen)  # rank 0's states; t_gen and x_gen are the same on every rank
-        start = state["step"]
-        if env.world > 1:  # but dropout must not repeat rank 0's masks
+        lost = set_rng_state(state["rng"], t_gen, x_gen, fallback_seed=seed * 7919 + 1_000_003 * start)
+        if scaler.is_enabled() and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        elif scaler.is_enabled() or state["scaler"]:
+            lost.append("the fp16 gradient scaler's state (saved in another precision; it starts afresh)")
+        if env.world > 1:  # rank 0's global states were saved; dropout must not repeat rank 0's masks
             torch.manual_seed(seed * 7919 + env.rank + 2 + 1_000_003 * start)
+        if lost and env.master:
+            print(f"{desc}: resumed at step {start} with the model, EMA, optimizer, step and data position; could not "
+                  f"restore {'; '.join(lost)}")
     if teacher is not None:
         teacher = prepare(teacher, dataclasses.replace(env, world=1))
     net = prepare(model, env, train=True)
@@ -1212,11 +1363,30 @@ def heldout_loss(model, diffusion, images, env: Env, n_ranges=4, seed=0, batch=2
     model.eval()
     for s in range(0, n, batch):
         x0, eps, tb = (v[s:s + batch].to(env.device) for v in (images, noise, t))
-        with env.autocast():
+        with torch.no_grad(), env.evaluation():
             pred = model(diffusion.q_sample(x0, tb, eps), tb).float()
         losses[s:s + batch] = (pred - eps).pow(2).flatten(1).mean(1).double().cpu()
     which = t * n_ranges // diffusion.T
     return losses.mean().item(), [losses[which == i].mean().item() for i in range(n_ranges)]
+
+
+def search_score(mean, per_range, base_per_range, objective="per_range") -> float:
+    """The merge search's objective from a candidate's held-out loss: "loss", the loss with t uniform over [0, T)
+    (dominated by the low-t ranges, whose loss is largest); "per_range", the mean over ranges of each range's loss
+    relative to θ0's on that range, so that every range counts alike."""
+    if objective == "loss":
+        return mean
+    return sum(loss / base for loss, base in zip(per_range, base_per_range)) / len(per_range)
+
+
+# Each evaluation role draws its noise from its own seed (and its images from its own split, make_dataset), so that
+# nothing that selected a model (merge weights, re-ranking) is also what reports on it.
+ROLE_SEEDS = {"select": 1, "rerank": 2, "report": 3, "samples": 4}
+
+
+def role_seed(seed, role) -> int:
+    """The noise seed of an evaluation role for the run's --seed: distinct for every role and every seed."""
+    return 10 * seed + ROLE_SEEDS[role]
 
 
 def merge_base(theta0, with_projections) -> dict:
@@ -1245,38 +1415,48 @@ def stage_merge(cfg: Config, env: Env, diffusion=None, theta0=None):
     elif cfg.merge_method == "average":
         weights = [1.0 / cfg.n_ranges] * cfg.n_ranges
     else:
+        if cfg.rerank and eval_metric(cfg) == "fid":  # the reference statistics first, shared by all ranks
+            reference_stats(cfg, env, FIDInception(cfg.inception_weights or None))
         if not env.master:  # the search runs on rank 0 alone
             env.barrier()
             return
-        images = heldout_images(cfg, cfg.search_images)
+        images, seed = heldout_images(cfg, cfg.search_images, "select"), role_seed(cfg.seed, "select")
         cache_path = folder / "search_cache.json"
-        # the scores depend on these; a cache made with anything else is dropped, never reused
-        scored_with = dict(method=cfg.merge_method, options=merge_options(cfg), images=len(images), seed=cfg.seed,
-                           ranges=[state_fingerprint(sd) for sd in finetuned])
+        # the losses depend on these; a cache made with anything else is dropped, never reused
+        scored_with = dict(method=cfg.merge_method, options=merge_options(cfg), images=len(images), split="select",
+                           seed=seed, ranges=[state_fingerprint(sd) for sd in finetuned])
         cache = json.loads(cache_path.read_text()) if cache_path.exists() and not cfg.overwrite else {}
         values = cache.get("values", {}) if cache.get("scored_with") == scored_with else {}
         model = build_model(config, base).to(env.device)
 
-        def objective(w):  # held-out loss of θ0 + Σ w_i τ_i; cached on disk so a resumed search repeats nothing
+        def losses(w):  # held-out loss of θ0 + Σ w_i τ_i, [mean, per range]; on disk, so a resumed search repeats none
             key = json.dumps([round(x, 6) for x in w])
             if key not in values:
                 model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
-                values[key] = heldout_loss(model, diffusion, images, env, cfg.n_ranges, cfg.seed)[0]
+                values[key] = list(heldout_loss(model, diffusion, images, env, cfg.n_ranges, seed))
                 atomic_write_text(json.dumps(dict(scored_with=scored_with, values=values)), cache_path)
             return values[key]
 
-        search = search_merge_weights(objective, cfg.n_ranges, max_evals=cfg.search_evals, progress=env.master)
+        theta0_per_range = losses((0.0,) * cfg.n_ranges)[1]
+        search = search_merge_weights(lambda w: search_score(*losses(w), theta0_per_range, cfg.search_objective),
+                                      cfg.n_ranges, max_evals=cfg.search_evals, progress=env.master)
+        for point in search["path"]:
+            point["loss"], point["loss_per_range"] = losses(point["w"])
         weights = search["weights"]
-        search["objective"] = (f"held-out denoising loss, {len(images)} images, t stratified over [0, "
-                               f"{diffusion.T}), fixed noise (seed {cfg.seed})")
+        what = ("each range's held-out loss relative to θ0's, averaged over the ranges"
+                if cfg.search_objective == "per_range" else "held-out loss")
+        search["objective"] = (f"{what}; {len(images)} selection images ({split_description(cfg, 'select')}), t "
+                               f"stratified over [0, {diffusion.T}), noise seed {seed}")
+        search["chosen"] = dict(zip(("loss", "loss_per_range"), losses(weights)), theta0_loss_per_range=theta0_per_range)
         if cfg.rerank > 1:  # the loss is a proxy: let sample quality pick among the best few it found
 
             def quality(w):
                 model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
-                return sample_quality(cfg, env, diffusion, model, cfg.rerank_samples)
+                return sample_quality(cfg, env, diffusion, model, cfg.rerank_samples, role_seed(cfg.seed, "rerank"))
 
             best = sorted(search["path"], key=lambda p: p["value"])[:cfg.rerank]
             search["rerank"] = rerank([p["w"] for p in best], quality)
+            search["rerank_noise_seed"] = role_seed(cfg.seed, "rerank")
             weights = search["rerank"][0]["w"]
     merged = merge(base, finetuned, weights, cfg.merge_method, **merge_options(cfg))
     if env.master:
@@ -1490,34 +1670,49 @@ def load_image(path):
     return torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)
 
 
-def folder_features(folder, model, batch_size=50, device="cpu", paths=None):
-    """Inception features (N, 2048) in float64 of every image under folder (or of `paths`), in sorted path order."""
-    paths = image_files(folder) if paths is None else paths
-    model = model.to(device).eval()
-    features = np.empty((len(paths), FID_DIMS), dtype=np.float64)
-    with tqdm(total=len(paths), desc=f"features of {Path(folder).name}", unit="img") as bar:
-        for start in range(0, len(paths), batch_size):
-            batch = [load_image(p) for p in paths[start:start + batch_size]]
-            if len({x.shape for x in batch}) > 1:
-                raise UserError(f"images under {folder} differ in size (e.g. {paths[start]}); "
-                                f"resize or crop them to one size first")
-            with torch.inference_mode():
-                features[start:start + len(batch)] = model(torch.stack(batch).to(device)).cpu().numpy()
-            bar.update(len(batch))
-    return features
+def png_batches(paths, batch_size=50):
+    """(B, 3, H, W) batches in [0, 1] of image files, read as pytorch-fid reads them."""
+    for start in range(0, len(paths), batch_size):
+        batch = [load_image(p) for p in paths[start:start + batch_size]]
+        if len({x.shape for x in batch}) > 1:
+            raise UserError(f"images differ in size (e.g. {paths[start]}); resize or crop them to one size first")
+        yield torch.stack(batch)
 
 
-def dataset_stats(path_or_npz, model, batch_size=50, device="cpu", cache=None):
-    """(mu, sigma) of an .npz of statistics or of a folder of images, reusing or writing an .npz cache."""
+def inception_statistics(images, n, inception, env, desc="FID features"):
+    """FID statistics (mean and unbiased covariance of the 2048-d features, float64 as pytorch-fid's) of n images,
+    of which this process holds `images`, an iterable of (B, 3, H, W) batches in [0, 1]: every rank sums its features
+    and their outer products, the sums are all-reduced, and every rank gets the statistics of all n images."""
+    s1 = torch.zeros(FID_DIMS, dtype=torch.float64, device=env.device)                 # Σ f
+    s2 = torch.zeros(FID_DIMS, FID_DIMS, dtype=torch.float64, device=env.device)       # Σ f f^T
+    inception = inception.to(env.device).eval()
+    with tqdm(total=n, desc=desc, unit="img", disable=not env.master) as bar:
+        for x in images:
+            with torch.no_grad(), env.exact():
+                f = inception(x.to(env.device)).double()                              # (B, 2048)
+            s1 += f.sum(0)
+            s2 += f.T @ f
+            bar.update(min(len(x) * env.world, n - bar.n))
+    if env.world > 1:
+        torch.distributed.all_reduce(s1)
+        torch.distributed.all_reduce(s2)
+    mu = s1 / n
+    sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)
+    return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def dataset_stats(path_or_npz, model, batch_size=50, device="cpu", cache=None, paths=None):
+    """(mu, sigma) of an .npz of statistics or of a folder of images (or its `paths`), reusing or writing a cache."""
     if str(path_or_npz).endswith(".npz"):
         return load_stats(path_or_npz)
     if cache is not None and Path(cache).is_file():
         return load_stats(cache)
-    features = folder_features(path_or_npz, model, batch_size, device)
-    if len(features) < features.shape[1]:
-        print(f"warning: {len(features)} images < {features.shape[1]} feature dims: singular covariance, FID biased "
-              f"upward; compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
-    mu, sigma = feature_stats(features)
+    paths = image_files(path_or_npz) if paths is None else paths
+    if len(paths) < FID_DIMS:
+        print(f"warning: {len(paths)} images < {FID_DIMS} feature dims: singular covariance, FID biased upward; "
+              f"compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
+    mu, sigma = inception_statistics(png_batches(paths, batch_size), len(paths), model, Env(torch.device(device)),
+                                     f"features of {Path(path_or_npz).name}")
     if cache is not None:
         save_stats(cache, mu, sigma)
     return mu, sigma
@@ -1527,10 +1722,12 @@ def fid_command(path_a, path_b, batch_size=50, device="cpu", inception_weights=N
     """FID between A and B, each a folder of images or an .npz, like `python -m pytorch_fid A B`."""
     if dims != FID_DIMS:
         raise UserError(f"only dims={FID_DIMS} (pool3 features, the FID standard) is supported, got {dims}")
-    is_npz = [str(p).endswith(".npz") for p in (path_a, path_b)]
-    model = None if all(is_npz) else FIDInception(inception_weights, check_hash).to(device)
-    mu_a, sigma_a = dataset_stats(path_a, model, batch_size, device)
-    mu_b, sigma_b = dataset_stats(path_b, model, batch_size, device)
+    # both inputs are checked before the Inception weights are looked for
+    inputs = [load_stats(p) if str(p).endswith(".npz") else image_files(p) for p in (path_a, path_b)]
+    model = None if all(isinstance(x, tuple) for x in inputs) else FIDInception(inception_weights, check_hash)
+    (mu_a, sigma_a), (mu_b, sigma_b) = [x if isinstance(x, tuple) else dataset_stats(p, model, batch_size, device,
+                                                                                     paths=x)
+                                        for p, x in zip((path_a, path_b), inputs)]
     fid = frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
     print("FID: ", fid)
     return fid
@@ -1542,14 +1739,9 @@ def images_to_uint8(images):
     return x.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
 
 
-def start_noise(seed, indices, shape):
-    """Starting noise x_T (B, *shape) of samples `indices`; sample i's noise depends only on (seed, i)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                        for i in indices])
-
-
-def generate_samples(sample_fn, n, out_dir, batch_size, seed, rank=0, world=1, shape=(3, 32, 32)):
-    """Write samples 0..n-1 as 8-bit PNGs out_dir/{i:06d}.png; rank r of world makes i % world == r, skipping done."""
+def generate_samples(sample_fn, n, out_dir, batch_size, rank=0, world=1):
+    """Write samples 0..n-1 as 8-bit PNGs out_dir/{i:06d}.png, sample_fn(indices) -> (B, C, H, W) in [-1, 1]; rank r
+    of world makes i % world == r, skipping those already written."""
     from PIL import Image
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1557,9 +1749,8 @@ def generate_samples(sample_fn, n, out_dir, batch_size, seed, rank=0, world=1, s
     with tqdm(total=len(todo), desc=f"sampling rank {rank}", unit="img", disable=rank != 0) as bar:
         for start in range(0, len(todo), batch_size):
             indices = todo[start:start + batch_size]
-            noise = start_noise(seed, indices, shape)                          # (B, C, H, W), on the CPU
             with torch.no_grad():
-                images = sample_fn(noise)                                      # (B, C, H, W) in [-1, 1]
+                images = sample_fn(indices)                                    # (B, C, H, W) in [-1, 1]
             assert images.ndim == 4 and len(images) == len(indices), f"sample_fn gave shape {tuple(images.shape)}"
             for i, pixels in zip(indices, images_to_uint8(images)):           # (H, W, C) uint8
                 path = out_dir / f"{i:06d}.png"
@@ -1634,8 +1825,9 @@ def named_model(cfg: Config, env: Env, name: str, theta0=None):
 def write_samples(cfg: Config, env: Env, diffusion, model, name) -> Path:
     """cfg.n_samples samples of `model` as PNGs under samples/<name>/, streamed, resumable, split over ranks."""
     folder = run_dir(cfg, "samples", name)
+    seed = role_seed(cfg.seed, "samples")
     meta = dict(model=model_fingerprint(model), sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
-                variance=cfg.variance, seed=cfg.seed)
+                variance=cfg.variance, noise_seed=seed, precision=cfg.eval_precision)
     meta_path = folder.with_suffix(".json")
     if meta_path.exists() and not cfg.overwrite and json.loads(meta_path.read_text()) != meta:
         raise UserError(f"{folder} holds samples of another model or sampler; pass --overwrite to replace them")
@@ -1647,14 +1839,9 @@ def write_samples(cfg: Config, env: Env, diffusion, model, name) -> Path:
         atomic_write_text(json.dumps(meta), meta_path)
     env.barrier()
     model = model.to(env.device).eval()
-    gen = torch.Generator(env.device).manual_seed(cfg.seed * 7 + env.rank)
-
-    def sample_fn(noise):
-        with env.autocast():
-            return sample_images(diffusion, model, noise.to(env.device), cfg, generator=gen).float().cpu()
-
     c, res = unwrap_config(model)
-    generate_samples(sample_fn, cfg.n_samples, folder, cfg.eval_batch, cfg.seed, env.rank, env.world, (c, res, res))
+    generate_samples(lambda indices: sample_batch(cfg, env, diffusion, model, indices, seed, (c, res, res)),
+                     cfg.n_samples, folder, cfg.eval_batch, env.rank, env.world)
     env.barrier()
     return folder
 
@@ -1671,13 +1858,10 @@ def sample_in_memory(cfg: Config, env: Env, diffusion, model, n, seed, rank=0, w
     noise fixed by (seed, i), the same for every model."""
     c, res = unwrap_config(model)
     model = model.to(env.device).eval()
-    gen = torch.Generator(env.device).manual_seed(seed * 7 + rank)
     mine = list(range(rank, n, world))
     out = [torch.empty(0, c, res, res)]
     for s in tqdm(range(0, len(mine), cfg.eval_batch), desc="sampling", leave=False, disable=not env.master):
-        noise = start_noise(seed, mine[s:s + cfg.eval_batch], (c, res, res)).to(env.device)
-        with env.autocast():
-            out.append(sample_images(diffusion, model, noise, cfg, generator=gen).float().cpu())
+        out.append(sample_batch(cfg, env, diffusion, model, mine[s:s + cfg.eval_batch], seed, (c, res, res)))
     return torch.cat(out)
 
 
@@ -1693,17 +1877,18 @@ def gather_strided(part, env: Env) -> torch.Tensor:
     return out
 
 
-def sample_quality(cfg: Config, env: Env, diffusion, model, n) -> float:
-    """The evaluation metric (pixel Fréchet distance or FID, as --metric) of n samples, computed in memory."""
-    samples = sample_in_memory(cfg, env, diffusion, model, n, cfg.seed)
+def sample_quality(cfg: Config, env: Env, diffusion, model, n, seed) -> float:
+    """The evaluation metric (pixel Fréchet distance or FID, as --metric) of n samples of noise seed `seed`, computed
+    in memory by this process alone (the merge search's re-ranking runs on rank 0)."""
+    samples = sample_in_memory(cfg, env, diffusion, model, n, seed)
     if eval_metric(cfg) == "pixel":
-        real, _ = real_image_sets(cfg, n)
+        real, _ = real_image_sets(cfg, n, "rerank")
         return pixel_frechet(samples, real, pixel_pool(real.shape[-1], real.shape[1], n))
-    inception = FIDInception(cfg.inception_weights or None).to(env.device).eval()
+    inception = FIDInception(cfg.inception_weights or None)
     x = torch.from_numpy(images_to_uint8(samples)).permute(0, 3, 1, 2).float() / 255  # as PNGs read back
-    with torch.no_grad():
-        feats = torch.cat([inception(b.to(env.device)).double().cpu() for b in x.split(cfg.eval_batch)]).numpy()
-    return frechet_distance(*feature_stats(feats), *reference_stats(cfg, env, inception))
+    alone = dataclasses.replace(env, rank=0, world=1)
+    stats = inception_statistics(x.split(cfg.eval_batch), n, inception, alone, "FID features")
+    return frechet_distance(*stats, *reference_stats(cfg, alone, inception))
 
 
 def eval_metric(cfg: Config) -> str:
@@ -1718,16 +1903,20 @@ def pixel_pool(res, channels, n) -> int:
     return pool
 
 
-def real_image_sets(cfg: Config, n):
-    """Two disjoint sets of n real images (the pixel metric and its real-vs-real floor)."""
+def real_image_sets(cfg: Config, n, role="report"):
+    """Two disjoint sets of n real images, the pixel metric's reference and its real-vs-real floor; the re-ranking
+    (role "rerank") gets its own (synthetic: other seeds; folders: the next training images of the same shuffle,
+    where there are enough)."""
     if cfg.dataset == "synthetic":
         res = cfg.image_size or PRESETS[cfg.preset]["resolution"]
-        return synthetic_images(n, res, seed=cfg.seed + 2_000_003), synthetic_images(n, res, seed=cfg.seed + 3_000_017)
+        a, b = {"report": (2_000_003, 3_000_017), "rerank": (5_000_011, 6_000_023)}[role]
+        return synthetic_images(n, res, seed=cfg.seed + a), synthetic_images(n, res, seed=cfg.seed + b)
     ds = make_dataset(cfg, "eval")
     if len(ds) < 2 * n:
         raise UserError(f"the dataset has {len(ds)} images, fewer than 2 x --n-samples {n}; lower --n-samples")
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:2 * n]
-    images = torch.stack([ds[int(i)] for i in idx])
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))
+    first = 2 * n if role == "rerank" and len(ds) >= 4 * n else 0
+    images = torch.stack([ds[int(i)] for i in idx[first:first + 2 * n]])
     return images[:n], images[n:]
 
 
@@ -1739,51 +1928,80 @@ def reference_stats(cfg: Config, env: Env, inception):
     if cache.exists():
         return load_stats(cache)
     ds = make_dataset(cfg, "eval")
-    feats = []
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch, num_workers=cfg.workers)
-    for x in tqdm(loader, desc="FID statistics of the training set", disable=not env.master):
-        x = torch.from_numpy(images_to_uint8(x)).permute(0, 3, 1, 2).float() / 255  # as the PNGs are read back
-        with torch.no_grad():
-            feats.append(inception(x.to(env.device)).double().cpu().numpy())
-    mu, sigma = feature_stats(np.concatenate(feats))
+    mine = torch.utils.data.Subset(ds, range(env.rank, len(ds), env.world))  # every rank a share (LSUN: 3M images)
+    loader = torch.utils.data.DataLoader(mine, batch_size=cfg.eval_batch, num_workers=cfg.workers)
+    as_read_back = (torch.from_numpy(images_to_uint8(x)).permute(0, 3, 1, 2).float() / 255 for x in loader)  # as PNGs
+    mu, sigma = inception_statistics(as_read_back, len(ds), inception, env, "FID statistics of the training set")
     if env.master:
         save_stats(cache, mu, sigma)
+    env.barrier()
     return mu, sigma
 
 
+def split_description(cfg: Config, role) -> str:
+    """Which images a split holds, in words, for the results files."""
+    if cfg.dataset == "synthetic":
+        offset = {"train": 0, "select": 1_000_001, "report": 4_000_037}[role]
+        return f"synthetic images of seed {cfg.seed + offset}"
+    if cfg.dataset == "cifar10":
+        return {"train": "the CIFAR-10 training split", "select": "CIFAR-10 test images 0-4999",
+                "report": "CIFAR-10 test images 5000-9999"}[role]
+    share = {"train": 1 - cfg.heldout_fraction, "select": cfg.heldout_fraction / 2, "report": cfg.heldout_fraction / 2}
+    return f"the {role} split of {cfg.data_dir}: {share[role]:.0%} of its images, by a hash of each path"
+
+
+def evaluation_protocol(cfg: Config, metric: str) -> dict:
+    """Which images and noise seeds each role used: training, selection (merge weights, re-ranking), reporting."""
+    searched = not cfg.merge_weights and cfg.merge_method != "average"
+    return dict(
+        train=split_description(cfg, "train"),
+        select=(dict(images=cfg.search_images, source=split_description(cfg, "select"),
+                     noise_seed=role_seed(cfg.seed, "select"), objective=cfg.search_objective)
+                if searched else "none: --merge-weights given or --merge-method average"),
+        rerank=(dict(samples=cfg.rerank_samples, noise_seed=role_seed(cfg.seed, "rerank"), candidates=cfg.rerank)
+                if searched and cfg.rerank else "off"),
+        report_loss=dict(images=cfg.report_images, source=split_description(cfg, "report"),
+                         noise_seed=role_seed(cfg.seed, "report")),
+        report_samples=dict(samples=cfg.n_samples, noise_seed=role_seed(cfg.seed, "samples"),
+                            reference="training-set FID statistics" if metric == "fid" else
+                            "real images (synthetic: other seeds; else training images)",
+                            precision=cfg.eval_precision))
+
+
 def stage_evaluate(cfg: Config, env: Env, diffusion=None, theta0=None):
-    """Compares models with one sampler, sample count and seed; writes results.{json,md} and models.png."""
+    """Compares models with one sampler and sample count, on images and noise that selected nothing: the held-out
+    loss on the report split, samples from their own noise seed. Writes results.{json,md} and models.png."""
     diffusion = diffusion or GaussianDiffusion()
     names = [s.strip() for s in cfg.models.split(",") if s.strip()]
     metric = eval_metric(cfg)
-    heldout = heldout_images(cfg, cfg.search_images)
+    heldout, loss_seed = heldout_images(cfg, cfg.report_images, "report"), role_seed(cfg.seed, "report")
+    sample_seed = role_seed(cfg.seed, "samples")
     if metric == "pixel":
         real_a, real_b = real_image_sets(cfg, cfg.n_samples)
         _, res = real_a.shape[1], real_a.shape[-1]
         pool = pixel_pool(res, real_a.shape[1], cfg.n_samples)
         floor = pixel_frechet(real_b, real_a, pool) if env.master else None
-    elif env.master:  # the other ranks only help with sampling
-        inception = FIDInception(cfg.inception_weights or None).to(env.device).eval()
-        mu_ref, sigma_ref = reference_stats(cfg, env, inception)
+    else:
+        inception = FIDInception(cfg.inception_weights or None)
+        mu_ref, sigma_ref = reference_stats(cfg, env, inception)  # sharded over the ranks, then cached
     rows, grids = [], {}
     for name in names:
         model = named_model(cfg, env, name, theta0)
         start = time.perf_counter()
         if metric == "pixel":
-            samples = gather_strided(sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, cfg.seed,
+            samples = gather_strided(sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, sample_seed,
                                                       env.rank, env.world), env)
             value = pixel_frechet(samples, real_a, pool) if env.master else None
             grids[name] = samples[:64]
         else:
             folder = write_samples(cfg, env, diffusion, model, name)
             paths = [folder / f"{i:06d}.png" for i in range(cfg.n_samples)]  # exactly these, whatever else is there
-            value = None
-            if env.master:  # the other ranks only help with sampling
-                feats = folder_features(folder, inception, cfg.eval_batch, env.device, paths)
-                value = frechet_distance(*feature_stats(feats), mu_ref, sigma_ref)
+            stats = inception_statistics(png_batches(paths[env.rank::env.world], cfg.eval_batch), len(paths),
+                                         inception, env, f"FID features of {name}")
+            value = frechet_distance(*stats, mu_ref, sigma_ref)
             grids[name] = torch.stack([load_image(p) * 2 - 1 for p in paths[:64]])
         seconds = time.perf_counter() - start
-        loss, per_range = heldout_loss(model.to(env.device), diffusion, heldout, env, cfg.n_ranges, cfg.seed)
+        loss, per_range = heldout_loss(model.to(env.device), diffusion, heldout, env, cfg.n_ranges, loss_seed)
         rows.append(dict(model=name, value=value, heldout_loss=loss, heldout_loss_per_range=per_range,
                          params=sum(p.numel() for p in model.parameters()), sample_seconds=seconds))
     if not env.master:
@@ -1791,7 +2009,7 @@ def stage_evaluate(cfg: Config, env: Env, diffusion=None, theta0=None):
     label = ("pixel Fréchet distance (not FID)" if metric == "pixel" else "FID") + f", {cfg.n_samples} samples"
     sampler = (f"DDIM {cfg.sample_steps} steps, eta {cfg.eta}" if cfg.sampler == "ddim"
                else f"DDPM {diffusion.T} steps, {cfg.variance}")
-    results = dict(metric=label, sampler=sampler, seed=cfg.seed, rows=rows,
+    results = dict(metric=label, sampler=sampler, seed=cfg.seed, protocol=evaluation_protocol(cfg, metric), rows=rows,
                    real_vs_real=floor if metric == "pixel" else None,
                    pixel_pool=pool if metric == "pixel" else None, config=dataclasses.asdict(cfg))
     table = results_markdown(results, cfg)
@@ -1812,6 +2030,16 @@ def results_markdown(results, cfg: Config) -> str:
     if results["real_vs_real"] is not None:
         lines[0] += (f" Real vs real at the same N: {results['real_vs_real']:.4f} (pixels average-pooled "
                      f"{results['pixel_pool']}x{results['pixel_pool']}).")
+    p = results["protocol"]
+    sel = (f"merge weights selected on {p['select']['images']} images ({p['select']['source']}; noise seed "
+           f"{p['select']['noise_seed']}; objective {p['select']['objective']})" if isinstance(p["select"], dict)
+           else f"merge weights: {p['select']}")
+    if isinstance(p["rerank"], dict):
+        sel += f", re-ranked on {p['rerank']['samples']} samples of noise seed {p['rerank']['noise_seed']}"
+    lines += ["", f"Protocol: trained on {p['train']}; {sel}; held-out loss on {p['report_loss']['images']} other "
+              f"images ({p['report_loss']['source']}; noise seed {p['report_loss']['noise_seed']}); samples from noise "
+              f"seed {p['report_samples']['noise_seed']}, which no selection step used; evaluation in "
+              f"{p['report_samples']['precision']}."]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["rows"]:
         cells = [r["model"], f"{r['value']:.4f}", f"{r['heldout_loss']:.5f}"]
@@ -2129,7 +2357,7 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
     folder = run_dir(cfg, "analysis")
     folder.mkdir(parents=True, exist_ok=True)
     ranges = timestep_ranges(cfg.n_ranges, diffusion.T)
-    images = heldout_images(cfg, cfg.search_images)
+    images = heldout_images(cfg, cfg.search_images, "select")  # the merge search's images, noise and objective
     written = []
     if "conflict" in figures:
         ts = conflict_timesteps(cfg.conflict_timesteps, diffusion.T)
@@ -2151,7 +2379,7 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
 
         def objective(state_dict):  # the merge search's objective, so its optimum and this plane compare
             model.load_state_dict(state_dict)
-            return heldout_loss(model, diffusion, images, env, cfg.n_ranges, cfg.seed)[0]
+            return heldout_loss(model, diffusion, images, env, cfg.n_ranges, role_seed(cfg.seed, "select"))[0]
 
         values = merge_landscape(base, finetuned, i, j, objective, grid)
         p, q = np.unravel_index(np.argmin(values), values.shape)
@@ -2306,9 +2534,10 @@ class StableDiffusion:
 
 class CaptionedImages(torch.utils.data.Dataset):
     """Image-caption pairs in the Hugging Face imagefolder layout: images and a metadata.jsonl whose lines are
-    {"file_name": ..., "text": ...}; a list of texts (COCO: 5 per image) gives one pair per caption."""
+    {"file_name": ..., "text": ...}; a list of texts (COCO: 5 per image) gives one pair per caption. With `role`,
+    only the pairs of that split (heldout_role of the file name: the selection pairs never train)."""
 
-    def __init__(self, folder, size):
+    def __init__(self, folder, size, role=None, fraction=0.1):
         from torchvision import transforms as T
         folder, self.pairs = Path(folder), []
         meta = folder / "metadata.jsonl"
@@ -2327,18 +2556,20 @@ class CaptionedImages(torch.utils.data.Dataset):
                 raise UserError(f"{meta} line {n} is not a JSON object with file_name and text") from None
             if not (folder / name).is_file():
                 raise UserError(f"{meta} line {n} names {name}, which is not a file in {folder}")
-            self.pairs += [(folder / name, str(t)) for t in ([texts] if isinstance(texts, str) else texts)]
+            if role is None or heldout_role(name, fraction) == role:
+                self.pairs += [(folder / name, str(t)) for t in ([texts] if isinstance(texts, str) else texts)]
         if not self.pairs:
-            raise UserError(f"{meta} lists no image-caption pairs; add lines like "
-                            f'{{"file_name": "a.jpg", "text": "a caption"}}')
+            where = f" in its {role} split; raise --heldout-fraction or add pairs" if role else "; add lines like "
+            raise UserError(f"{meta} lists no image-caption pairs{where}" +
+                            ("" if role else '{"file_name": "a.jpg", "text": "a caption"}'))
         self.transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
 
     def __len__(self):
         return len(self.pairs)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
         from PIL import Image
-        path, caption = self.pairs[i]
+        path, caption = self.pairs[split_item(item)[0]]
         try:
             with Image.open(path) as im:
                 return self.transform(im.convert("RGB")) * 2 - 1, caption  # (3, H, W) in [-1, 1], str
@@ -2371,10 +2602,10 @@ def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> tor
     guided = [Prompted(m.to(env.device).eval(), emb, uncond, cfg.guidance_scale) for m in models]
     eps_model = guided[0] if len(guided) == 1 else RangeEnsemble(guided, diffusion.T)
     side = cfg.sd_resolution // sd.vae_factor
-    x = start_noise(cfg.seed, indices, (sd.unet.unet.config.in_channels, side, side)).to(env.device)  # (B, 4, h, w)
-    gen = torch.Generator(env.device).manual_seed(cfg.seed)
-    with env.autocast():  # latents are not pixels: no clipping
-        x = diffusion.ddim_sample(eps_model, x, cfg.sample_steps, cfg.eta, clip_denoised=False, generator=gen)
+    noise = SampleNoise(role_seed(cfg.seed, "samples"), indices, (sd.unet.unet.config.in_channels, side, side),
+                        env.device)
+    with env.evaluation():  # latents are not pixels: no clipping
+        x = diffusion.ddim_sample(eps_model, noise(), cfg.sample_steps, cfg.eta, clip_denoised=False, noise=noise)
     return sd.decode(x.float())
 
 
@@ -2439,27 +2670,30 @@ def latent_heldout_loss(model, diffusion, latents, emb, env: Env, n_ranges, seed
     return total / len(latents)
 
 
-def sd_merge_weights(cfg: Config, sd: StableDiffusion, base, states, data):
-    """w of Eq. 8: --merge-weights, 1/N for average, else searched on the latent loss of the last --search-images
-    pairs (as for image folders, these are also training pairs). Returns (weights, search record or None)."""
+def sd_merge_weights(cfg: Config, sd: StableDiffusion, base, states):
+    """w of Eq. 8: --merge-weights, 1/N for average, else searched on the latent loss of --search-images selection
+    pairs, which no range trained on. Returns (weights, search record or None)."""
     if cfg.merge_weights:
         return merge_weight_list(cfg), None
     if cfg.merge_method == "average":
         return [1.0 / cfg.n_ranges] * cfg.n_ranges, None
-    idx = range(max(0, len(data) - cfg.search_images), len(data))
+    data = CaptionedImages(cfg.data_dir, cfg.sd_resolution, "select", cfg.heldout_fraction)
+    idx = range(min(len(data), cfg.search_images))
     images, captions = torch.stack([data[i][0] for i in idx]), [data.pairs[i][1] for i in idx]
     b = cfg.eval_batch
     latents = torch.cat([sd.encode_images(images[s:s + b]).cpu() for s in range(0, len(images), b)])  # (n, 4, h, w)
     emb = torch.cat([sd.embed(captions[s:s + b]) for s in range(0, len(captions), b)])  # (n, L, D) on the device
     model = sd_model(sd.unet, base).to(sd.env.device)
 
+    seed = role_seed(cfg.seed, "select")
+
     def objective(w):
         model.load_state_dict(merge(base, states, list(w), cfg.merge_method, **merge_options(cfg)))
-        return latent_heldout_loss(model, sd.diffusion, latents, emb, sd.env, cfg.n_ranges, cfg.seed, b)
+        return latent_heldout_loss(model, sd.diffusion, latents, emb, sd.env, cfg.n_ranges, seed, b)
 
     search = search_merge_weights(objective, cfg.n_ranges, max_evals=cfg.search_evals)
-    search["objective"] = (f"denoising loss on the latents of {len(latents)} pairs with their captions, t stratified "
-                           f"per batch of {b}, fixed noise (seed {cfg.seed})")
+    search["objective"] = (f"denoising loss on the latents of {len(latents)} selection pairs with their captions, t "
+                           f"stratified per batch of {b}, noise seed {seed}")
     return search["weights"], search
 
 
@@ -2556,7 +2790,9 @@ def stage_sd(cfg: Config, env: Env):
     multiple = sd.vae_factor * 2 ** (len(theta0.unet.down_blocks) - 1)
     if cfg.sd_resolution % multiple:
         raise UserError(f"--sd-resolution {cfg.sd_resolution} is not a multiple of {multiple}, which this UNet needs")
-    data = CaptionedImages(cfg.data_dir, cfg.sd_resolution)
+    data = CaptionedImages(cfg.data_dir, cfg.sd_resolution, "train", cfg.heldout_fraction)
+    if not (cfg.merge_weights or cfg.merge_method == "average"):  # before any training: the search needs its pairs
+        CaptionedImages(cfg.data_dir, cfg.sd_resolution, "select", cfg.heldout_fraction)
     prompts = sd_prompts(cfg, data)
     ranges = timestep_ranges(cfg.n_ranges, diffusion.T)
     for i in range_indices(cfg):  # decoupled finetuning (DeMe Sec. 3.2), as stage_finetune does it
@@ -2582,7 +2818,7 @@ def stage_sd(cfg: Config, env: Env):
     if states is None:
         return
     base = sd_merge_base(theta0.state_dict(), states[0])
-    weights, search = sd_merge_weights(cfg, sd, base, states, data)
+    weights, search = sd_merge_weights(cfg, sd, base, states)
     merged = sd_model(theta0, merge(base, states, weights, cfg.merge_method, **merge_options(cfg)))
     folder = run_dir(cfg, "merge")
     folder.mkdir(parents=True, exist_ok=True)
@@ -2745,15 +2981,17 @@ def stage_bench(cfg: Config, env: Env):
         ours[f"{name}_projections"] = n_projections(variants[name])
     ours["n_folded"] = n_folded
 
-    # DDIM sampling: a few steps timed, scaled to the configured number of steps
-    S = cfg.sample_steps if cfg.sampler == "ddim" else diffusion.T
-    k = 2
+    # sampling exactly as evaluation runs it (sample_batch: eager, evaluation precision, per-sample noise), for a few
+    # steps of the configured sampler, scaled to its number of steps
+    S, k = (cfg.sample_steps if cfg.sampler == "ddim" else diffusion.T), 2
+    few = dataclasses.replace(cfg, sampler="ddim", sample_steps=k,  # t = 500, 0; DDPM steps draw noise, as eta 1
+                              eta=cfg.eta if cfg.sampler == "ddim" else 1.0)
+    plain = theta0.to(dev).eval()
 
-    def ddim():
-        with torch.no_grad(), env.autocast():
-            diffusion.ddim_sample(nets["theta0"], x, k)
-    times = time_alternately({"ddim": ddim}, iters, warmup, dev)
-    ours["sampling_img_s"], ours["sample_steps"] = eval_batch / (float(np.median(times["ddim"])) / k * S), S
+    def sampling():
+        sample_batch(few, env, diffusion, plain, range(eval_batch), cfg.seed, (c, res, res))
+    times = time_alternately({"sampling": sampling}, iters, warmup, dev)
+    ours["sampling_img_s"], ours["sample_steps"] = eval_batch / (float(np.median(times["sampling"])) / k * S), S
 
     # FID features: the FID Inception's forward, random weights (speed does not depend on them)
     if metric == "fid":
@@ -2949,6 +3187,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING_STAGES = ("pipeline", "train", "finetune", "baseline")
+
+
+def preflight(cfg: Config, env: Env, stage: str):
+    """Every check that could otherwise fail after hours of training, run before the first step: the data and its
+    held-out splits are there and large enough, the Inception weights and FID statistics can be read."""
+    searches = stage in ("pipeline", "merge") and not cfg.merge_weights and cfg.merge_method != "average"
+    evaluates = stage in ("pipeline", "evaluate")
+    metric = eval_metric(cfg)
+    with env.master_first():  # one process lists a folder or an lmdb first (LSUN: writes its key list once)
+        if stage in TRAINING_STAGES:
+            check_batch_split(cfg, env.world)
+            size = len(make_dataset(cfg))
+            if size < cfg.batch_size // cfg.grad_accum:
+                raise UserError(f"the training split has {size} images, fewer than one micro-batch of "
+                                f"{cfg.batch_size // cfg.grad_accum}; lower --batch-size")
+        if searches or stage == "analyze":
+            split_size_check(cfg, "select")
+        if evaluates:
+            split_size_check(cfg, "report")
+        if (evaluates or (searches and cfg.rerank)) and metric == "pixel" and cfg.dataset != "synthetic":
+            n = max(cfg.n_samples if evaluates else 0, cfg.rerank_samples if searches and cfg.rerank else 0)
+            size = len(make_dataset(cfg, "eval"))
+            if size < 2 * n:
+                raise UserError(f"the training split has {size} images, fewer than 2 x {n} for the pixel Fréchet "
+                                f"distance and its real-vs-real floor; lower --n-samples (and --rerank-samples)")
+        if cfg.fid_stats:
+            load_stats(cfg.fid_stats)
+        if (evaluates or (searches and cfg.rerank)) and metric == "fid":
+            FIDInception(cfg.inception_weights or None)  # found (or downloaded once), hash and layout checked
+
+
+def split_size_check(cfg: Config, role):
+    """A one-line error unless the select (report) split holds --search-images (--report-images) images."""
+    need = cfg.search_images if role == "select" else cfg.report_images
+    if cfg.dataset == "synthetic":
+        return
+    size = len(make_dataset(cfg, role))
+    if size < need:
+        flag = "--search-images" if role == "select" else "--report-images"
+        raise UserError(f"the {role} split of {cfg.dataset} has {size} images, fewer than {flag} {need}; lower {flag}"
+                        + ("" if cfg.dataset == "cifar10" else " or raise --heldout-fraction"))
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
@@ -2964,9 +3246,6 @@ def main(argv=None):
         given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
         cfg = resolve_config(given)
         env = setup_env(cfg)
-        if cfg.download and cfg.dataset == "cifar10" and env.world > 1:
-            with env.master_first():  # one download, not one per process
-                make_dataset(cfg)
         out = Path(cfg.out)
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -2981,16 +3260,34 @@ def main(argv=None):
         if cfg.model == "sd" and args.stage != "pipeline":
             raise UserError(f"--model sd runs as one command (finetune, merge, generate); drop the stage "
                             f"{args.stage!r} and use --ranges to split the finetuning")
+        if cfg.model != "sd":
+            preflight(cfg, env, args.stage)  # (the SD stage checks its pipeline and captions before it trains)
         (stage_sd if cfg.model == "sd" else STAGES[args.stage][0])(cfg, env)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        stop(f"error: {e}", 2)
     except KeyboardInterrupt:
-        print("\ninterrupted; run the same command with --resume to continue", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        stop("\ninterrupted; run the same command with --resume to continue", 130)
+    except Exception:
+        if not distributed():
+            raise
+        import traceback
+        stop(traceback.format_exc().rstrip(), 1)
+    if distributed():
+        torch.distributed.destroy_process_group()
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def stop(message, code):
+    """Ends the program with `message` on stderr. Under torchrun the process leaves at once, without the collective
+    shutdown: the others may be waiting for it in a barrier, and torchrun ends them when one process fails."""
+    print(message, file=sys.stderr, flush=True)
+    if distributed():
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

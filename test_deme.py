@@ -6,6 +6,7 @@ downloads: fake datasets and random weights in the real formats are made by the 
 """
 import copy
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -408,11 +409,11 @@ def test_one_ddpm_step_matches_diffusers_for_both_variances(variance, theirs_nam
 def test_a_seed_fixes_every_sample_of_both_samplers():
     d, model = deme.GaussianDiffusion(T=1000), UNet.from_preset("tiny").eval()
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    run = lambda: d.ddim_sample(model, x_T, 5, eta=1.0, generator=torch.Generator().manual_seed(3))
+    run = lambda: d.ddim_sample(model, x_T, 5, eta=1.0, noise=deme.SampleNoise(3, range(2), (3, 16, 16)))
     a, b = run(), run()
     assert torch.equal(a, b) and a.abs().max() <= 1
     short = deme.GaussianDiffusion(T=5, beta_start=0.1, beta_end=0.2)  # 5 ancestral steps keep the test fast
-    run = lambda: short.ddpm_sample(model, x_T, generator=torch.Generator().manual_seed(3))
+    run = lambda: short.ddpm_sample(model, x_T, noise=deme.SampleNoise(3, range(2), (3, 16, 16)))
     assert torch.equal(run(), run())
 
 
@@ -468,7 +469,7 @@ def test_a_fake_cifar10_in_the_real_format_loads_through_the_cifar10_path(tmp_pa
     assert len(ds) == 100 and ds[0].shape == (3, 32, 32)
     first = torch.from_numpy(batches["data_batch_1"][0].reshape(3, 32, 32)).float() / 127.5 - 1
     assert torch.equal(ds[0], first) and ds[0].min() >= -1 and ds[0].max() <= 1
-    assert len(deme.heldout_images(cfg, 7)) == 7  # the test split
+    assert len(deme.heldout_images(cfg, 7, "report")) == 7  # the test split
 
 
 def test_cifar10_batch_files_that_run_code_are_refused(tmp_path):
@@ -541,7 +542,7 @@ def test_training_on_the_synthetic_set_lowers_the_loss(tmp_path):
     cfg = tiny_cfg(tmp_path, batch_size=32)
     env, d = deme.setup_env(cfg), deme.GaussianDiffusion()
     model = UNet.from_preset("tiny")
-    images = deme.heldout_images(cfg, 128)
+    images = deme.heldout_images(cfg, 128, "select")
     before = deme.heldout_loss(model, d, images, env)[0]
     uniform = lambda b, g: torch.randint(0, 1000, (b,), generator=g)
     deme.train_loop(cfg, env, tmp_path / "train", model, deme.make_dataset(cfg), d, steps=40, lr=1e-3, warmup=5,
@@ -704,7 +705,8 @@ def test_checkpoints_that_run_code_are_refused_without_running_it(tmp_path):
 # ======================================================================================================================
 
 FAST = ["--device", "cpu", "--train-steps", "10", "--steps", "2", "--batch-size", "8", "--n-samples", "64",
-        "--sample-steps", "4", "--eval-batch", "64", "--search-images", "32", "--search-evals", "5"]
+        "--sample-steps", "4", "--eval-batch", "64", "--search-images", "32", "--search-evals", "5",
+        "--report-images", "32"]
 
 
 def test_the_pipeline_runs_every_stage_and_writes_its_table_and_grids(tmp_path):
@@ -757,7 +759,7 @@ def test_the_paper_path_runs_end_to_end_on_a_fake_cifar10_with_fid(tmp_path, mon
     deme.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--pretrained",
                str(tmp_path / "theta0.ckpt"), "--out", str(out), "--device", "cpu", "--steps", "1", "--batch-size",
                "2", "--no-baseline", "--models", "theta0,ensemble,merged", "--n-samples", "4", "--sample-steps", "2",
-               "--eval-batch", "4", "--search-evals", "3", "--search-images", "4"])
+               "--eval-batch", "4", "--search-evals", "3", "--search-images", "4", "--report-images", "4"])
     results = json.loads((out / "results.json").read_text())
     assert results["metric"] == "FID, 4 samples" and results["sampler"] == "DDIM 2 steps, eta 0.0"
     assert [r["model"] for r in results["rows"]] == ["theta0", "ensemble", "merged"]
@@ -1226,7 +1228,8 @@ def _smooth_images(n, size, seed):
 
 @pytest.fixture(scope="module")
 def calibrated_weights(tmp_path_factory):
-    """A random FID-Inception state dict whose BatchNorm statistics are calibrated on a batch (SPEC section 6)."""
+    """A random FID-Inception state dict whose BatchNorm statistics are calibrated on a batch: with default init the features barely depend
+    on the input, and any comparison would pass."""
     from torchvision.models.inception import Inception3
     folder = tmp_path_factory.mktemp("inception")
     torch.manual_seed(0)
@@ -1388,21 +1391,21 @@ def test_generated_samples_do_not_depend_on_batch_size_processes_or_resume(tmp_p
     def read(folder):
         return {p.name: np.array(Image.open(p)) for p in sorted(folder.iterdir())}
     made = []
-    def sample_fn(noise):  # a deterministic stand-in for a sampler
-        made.append(len(noise))
-        return torch.tanh(noise)
+    def sample_fn(indices, seed=3):  # a deterministic stand-in for a sampler
+        made.append(len(indices))
+        return torch.tanh(start_noise(seed, indices, (3, 8, 8)))
     for rank in (0, 1):
-        generate_samples(sample_fn, 10, tmp_path / "two", batch_size=4, seed=3, rank=rank, world=2, shape=(3, 8, 8))
-    generate_samples(sample_fn, 10, tmp_path / "one", batch_size=3, seed=3, shape=(3, 8, 8))
+        generate_samples(sample_fn, 10, tmp_path / "two", batch_size=4, rank=rank, world=2)
+    generate_samples(sample_fn, 10, tmp_path / "one", batch_size=3)
     two, one = read(tmp_path / "two"), read(tmp_path / "one")
     assert list(two) == [f"{i:06d}.png" for i in range(10)] and list(one) == list(two)
     assert all(np.array_equal(two[k], one[k]) for k in two) and two["000000.png"].shape == (8, 8, 3)
     (tmp_path / "one" / "000002.png").unlink()
     (tmp_path / "one" / "000007.png").unlink()
     made.clear()
-    assert generate_samples(sample_fn, 10, tmp_path / "one", batch_size=4, seed=3, shape=(3, 8, 8)) == 2
+    assert generate_samples(sample_fn, 10, tmp_path / "one", batch_size=4) == 2
     assert made == [2] and all(np.array_equal(v, one[k]) for k, v in read(tmp_path / "one").items())
-    assert generate_samples(sample_fn, 10, tmp_path / "one", batch_size=3, seed=4, shape=(3, 8, 8)) == 0
+    assert generate_samples(lambda i: sample_fn(i, seed=4), 10, tmp_path / "one", batch_size=3) == 0
 
 
 def test_pixel_frechet_is_zero_for_identical_sets_and_dims_c2_for_a_shift(capsys):
@@ -1605,7 +1608,8 @@ DEME = sys.modules[Config.__module__]  # the deme module, to run its main() and 
 # The smallest run that still goes through every stage: θ0 pretraining, 2 ranges, merge-weight search, evaluation.
 TINY_RUN = ["--device", "cpu", "--preset", "tiny", "--train-steps", "3", "--steps", "2", "--n-ranges", "2",
             "--batch-size", "4", "--no-baseline", "--models", "theta0,merged", "--search-images", "16",
-            "--search-evals", "3", "--n-samples", "8", "--sample-steps", "2", "--eval-batch", "4", "--eta", "0"]
+            "--search-evals", "3", "--n-samples", "8", "--sample-steps", "2", "--eval-batch", "4", "--eta", "0",
+            "--report-images", "16"]
 NO_GRIDS = "save_grid = lambda *args, **kwargs: None  # sample grids are not under test and cost seconds on a CPU"
 
 
@@ -1649,7 +1653,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scale")
     one, two = tmp / "one", tmp / "two"
     logs = {}
-    for stage, extra in (("pipeline", []), ("sample", ["--models", str(one / "pretrain" / "ckpt.pt")])):
+    # eta 1 for the sample job: the per-step noise, too, depends only on the seed and the sample's index
+    for stage, extra in (("pipeline", []), ("sample", ["--models", str(one / "pretrain" / "ckpt.pt"), "--eta", "1"])):
         job = start_torchrun(tmp, stage, "--out", str(two), *TINY_RUN, *extra)  # both sample the very same θ0
         try:
             run_one_process(stage, "--out", str(one), *TINY_RUN, *extra)
@@ -1901,6 +1906,7 @@ def sd_config(tmp_path, pipeline, captions, **kw):
     return Config(**{**dict(dataset="folder", model="sd", pretrained=str(pipeline), data_dir=str(captions),
                             out=str(tmp_path / "run"), device="cpu", precision="fp32", compile=False,
                             channels_last=False, n_ranges=2, steps=2, batch_size=2, ckpt_every=100, sd_resolution=16,
+                            heldout_fraction=0.3,  # 0.png selects, 2.png reports, the rest train (heldout_role)
                             sample_steps=2, eval_batch=4, search_images=4, search_evals=3, guidance_scale=7.5,
                             prompts="a red circle", models="theta0,ensemble,merged"), **kw})
 
@@ -2070,3 +2076,424 @@ def test_stable_diffusion_decouples_merges_exports_and_samples(tmp_path, tiny_sd
             assert im.size == (16, 16) and im.mode == "RGB"
     image = sd_sample(StableDiffusion(cfg.pretrained, env), [merged], ["a red circle"], cfg, [0])
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+
+
+# ======================================================================================================================
+# Numbers you can trust: train / select / report kept apart, fp32 evaluation, samples fixed by seed and index, checks
+# before work, resume on other hardware, many processes failing together, the CUDA path
+# ======================================================================================================================
+
+def _png_folder(folder, n, size=(20, 24)):
+    """n small distinct PNGs named img_000.png ... under folder (some in a subfolder)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(n)
+    for i in range(n):
+        path = folder / ("sub" if i % 3 == 0 else "") / f"img_{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(path)
+    return folder
+
+
+def test_folder_splits_are_disjoint_stable_and_training_never_sees_the_held_out_images(tmp_path):
+    _png_folder(tmp_path / "data", 200)
+    cfg = resolve_config(dict(dataset="folder", data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
+                              heldout_fraction=0.3))
+    names = {role: {p.relative_to(tmp_path / "data").as_posix() for p in make_dataset(cfg, role).paths}
+             for role in ("train", "eval", "select", "report")}
+    assert names["train"] == names["eval"]
+    assert not names["train"] & names["select"] and not names["train"] & names["report"]
+    assert not names["select"] & names["report"]
+    assert len(names["train"] | names["select"] | names["report"]) == 200
+    assert 15 <= len(names["select"]) <= 45 and 15 <= len(names["report"]) <= 45  # 15% each (30 expected), by hash
+    _png_folder(tmp_path / "more", 50)
+    for p in (tmp_path / "more").rglob("*.png"):  # adding files moves none of the old ones to another split
+        p.rename(tmp_path / "data" / f"new_{p.name}")
+    for role in ("select", "report"):
+        grown = {p.relative_to(tmp_path / "data").as_posix() for p in make_dataset(cfg, role).paths}
+        assert names[role] <= grown and all(n.startswith("new_") for n in grown - names[role])
+
+
+def test_the_cifar10_held_out_halves_are_the_two_halves_of_the_test_split(tmp_path):
+    batches_ = write_fake_cifar10(tmp_path, n=6)
+    cfg = resolve_config(dict(dataset="cifar10", preset="tiny", image_size=32, data_dir=str(tmp_path),
+                              out=str(tmp_path / "run")))
+    test = torch.from_numpy(batches_["test_batch"].reshape(-1, 3, 32, 32))
+    assert torch.equal(make_dataset(cfg, "select").images, test[:3])
+    assert torch.equal(make_dataset(cfg, "report").images, test[3:])
+    with pytest.raises(UserError, match="fewer than --report-images 4"):
+        heldout_images(cfg, 4, "report")
+
+
+class _RecordingGenerator:
+    """torch.Generator, recording every seed it is given (what selection and reporting draw their noise from)."""
+    real, seeds = torch.Generator, None
+
+    def __init__(self, *args, **kwargs):
+        self.g = self.real(*args, **kwargs)
+
+    def manual_seed(self, seed):
+        self.seeds.append(int(seed))
+        return self.g.manual_seed(seed)
+
+
+def test_selection_and_reporting_share_no_image_and_no_noise_seed(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, ranges="all", n_ranges=2, steps=2, rerank=2, rerank_samples=16, search_evals=4,
+                   n_samples=16, report_images=16, models="theta0,merged", baseline=False)
+    env, d = setup_env(cfg), GaussianDiffusion()
+    theta0 = tiny_theta0()
+    stage_finetune(cfg, env, d, theta0)
+    seen = {}
+    real_synthetic = DEME.synthetic_images
+    for role, stage in (("select", stage_merge), ("report", stage_evaluate)):
+        images, seeds = [], []
+        with monkeypatch.context() as m:
+            m.setattr(DEME, "synthetic_images", lambda n, size=16, seed=0: images.append(seed) or
+                      real_synthetic(n, size, seed))
+            m.setattr(_RecordingGenerator, "seeds", seeds)
+            m.setattr(torch, "Generator", _RecordingGenerator)
+            m.setattr(DEME, "save_grid", lambda *a, **k: None)
+            stage(cfg, env, d, theta0)
+        seen[role] = set(images), set(seeds)
+    (select_images, select_seeds), (report_images, report_seeds) = seen["select"], seen["report"]
+    assert select_images and report_images and select_seeds and report_seeds
+    assert not select_images & report_images, "an image set both selected and reported"
+    assert not select_seeds & report_seeds, "a noise seed both selected and reported"
+    assert cfg.seed not in select_images | report_images  # the training images' seed
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    protocol = results["protocol"]
+    assert protocol["select"]["noise_seed"] == role_seed(cfg.seed, "select") in select_seeds
+    assert protocol["report_loss"]["noise_seed"] == role_seed(cfg.seed, "report") in report_seeds
+    assert protocol["rerank"]["noise_seed"] != protocol["report_samples"]["noise_seed"]
+    assert "which no selection step used" in (tmp_path / "run" / "results.md").read_text()
+    search = json.loads((tmp_path / "run" / "merge" / "search.json").read_text())["search"]
+    assert all(len(p["loss_per_range"]) == 2 for p in search["path"]) and len(search["rerank"]) == 2
+    assert search["chosen"]["loss_per_range"] == next(p["loss_per_range"] for p in search["path"]
+                                                      if p["w"] == search["weights"])
+
+
+def test_role_seeds_differ_for_every_role_and_every_run_seed():
+    seeds = [role_seed(s, role) for s in range(100) for role in deme.ROLE_SEEDS]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_the_per_range_objective_counts_a_small_high_t_loss_as_much_as_a_large_low_t_one():
+    theta0 = [0.1, 0.01]  # the low-t range's loss is ten times the high-t range's
+    a, b = [0.098, 0.01], [0.1, 0.009]  # a: 2% better at low t; b: 10% better at high t
+    mean = lambda losses: sum(losses) / 2
+    assert search_score(mean(a), a, theta0, "loss") < search_score(mean(b), b, theta0, "loss")
+    assert search_score(mean(b), b, theta0, "per_range") < search_score(mean(a), a, theta0, "per_range")
+    assert search_score(mean(theta0), theta0, theta0, "per_range") == 1.0
+
+
+def test_evaluation_runs_in_fp32_while_training_autocasts():
+    model, d = tiny_theta0(), GaussianDiffusion()
+    images = synthetic_images(8, 16, seed=3)
+    fp32 = Env(torch.device("cpu"))
+    trains_bf16 = Env(torch.device("cpu"), precision="bf16")
+    samples_bf16 = Env(torch.device("cpu"), precision="bf16", eval_precision="bf16")
+    loss = lambda env: heldout_loss(model, d, images, env, 2, seed=1)
+    assert loss(trains_bf16) == loss(fp32) != loss(samples_bf16)
+    cfg = Config(sample_steps=2, eta=1.0)
+    sample = lambda env: sample_batch(cfg, env, d, model, range(3), 5, (3, 16, 16))
+    assert torch.equal(sample(trains_bf16), sample(fp32)) and not torch.equal(sample(samples_bf16), sample(fp32))
+
+
+def test_exact_evaluation_switches_tf32_off_and_restores_it():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with Env(torch.device("cpu"), precision="bf16").evaluation():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("sampler,eta,schedule", [("ddim", 0.0, {}), ("ddim", 1.0, {}), ("ddim", 0.3, {}),
+                                                  ("ddpm", 0.0, dict(T=8, beta_start=0.05, beta_end=0.3))])
+def test_a_sample_depends_only_on_the_seed_and_its_index(sampler, eta, schedule):
+    model, d = tiny_theta0(), GaussianDiffusion(**schedule)  # DDPM: 8 ancestral steps keep the test fast
+    base = dict(sampler=sampler, eta=eta, sample_steps=4)
+    env = Env(torch.device("cpu"))
+    one = sample_in_memory(Config(**base, eval_batch=8), env, d, model, 7, seed=4)
+    small = sample_in_memory(Config(**base, eval_batch=3), env, d, model, 7, seed=4)
+    ranks = [sample_in_memory(Config(**base, eval_batch=2), env, d, model, 7, seed=4, rank=r, world=2) for r in (0, 1)]
+    two = torch.empty_like(one)
+    two[0::2], two[1::2] = ranks
+    for other in (small, two):  # batch composition may move a pixel by float rounding, never more
+        assert (images_to_uint8(one).astype(int) - images_to_uint8(other).astype(int)).__abs__().max() <= 1
+    assert not torch.allclose(one, sample_in_memory(Config(**base, eval_batch=8), env, d, model, 7, seed=5))
+
+
+def test_random_crops_come_from_the_data_order_so_every_rank_and_run_crops_alike(tmp_path):
+    _png_folder(tmp_path / "data", 8, size=(28, 20))
+    ds = ImageFolder(tmp_path / "data", 16, random_crop=True)
+    take = lambda it, k: [b.clone() for b in itertools.islice(it, k)]
+    torch.manual_seed(0)
+    whole = take(batches(ds, 4, seed=2), 4)
+    torch.manual_seed(1)  # another global RNG state changes nothing
+    halves = [take(batches(ds, 2, seed=2, rank=r, world=2), 4) for r in (0, 1)]
+    for k in range(4):
+        assert torch.equal(whole[k], torch.cat([halves[0][k], halves[1][k]]))
+    assert not torch.equal(whole[0], whole[2])  # epoch 2 draws other crops of the same images
+    assert not torch.equal(ds[(0, 1)], ds[(0, 2)]) and torch.equal(ds[(0, 1)], ds[(0, 1)])
+
+
+def test_lsun_lmdb_keys_are_cached_in_the_run_folder_and_workers_open_their_own_handle(tmp_path, monkeypatch):
+    lmdb = pytest.importorskip("lmdb")
+    from PIL import Image
+    folder = tmp_path / "lsun" / "church_outdoor_train_lmdb"
+    folder.mkdir(parents=True)
+    with lmdb.open(str(folder), map_size=1 << 24) as db, db.begin(write=True) as txn:
+        for i in range(12):
+            buf = io.BytesIO()
+            Image.new("RGB", (24, 20), (20 * i, 0, 0)).save(buf, format="WEBP")
+            txn.put(hashlib.sha1(str(i).encode()).hexdigest().encode(), buf.getvalue())
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_config(dict(dataset="lsun_church", preset="tiny", data_dir=str(tmp_path / "lsun"),
+                              out=str(tmp_path / "run"), heldout_fraction=0.3))
+    parts = {split: make_dataset(cfg, split) for split in ("train", "select", "report")}
+    assert sum(len(p) for p in parts.values()) == 12 and not set(parts["train"].keys) & set(parts["select"].keys)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["lsun_keys_church_outdoor.txt"]
+    assert not list(tmp_path.glob("_cache_*"))  # torchvision's reader would have written here, into the cwd
+    train = parts["train"]
+    assert train[0].shape == (3, 16, 16)
+    x = next(batches(train, 2, seed=0, workers=2))  # two worker processes, each with its own lmdb handle
+    assert x.shape == (2, 3, 16, 16) and torch.equal(x, next(batches(train, 2, seed=0)))
+
+
+def test_resume_on_other_hardware_continues_and_says_what_it_could_not_restore(tmp_path, monkeypatch, capsys):
+    theta0 = UNet.from_preset("tiny")
+    cfg = tiny_cfg(tmp_path, ranges="0", steps=3, ckpt_every=1, precision="bf16", batch_size=4)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 2)  # dies after step 2; the last checkpoint is step 1
+        with pytest.raises(KeyboardInterrupt):
+            stage_finetune(cfg, setup_env(cfg), GaussianDiffusion(), theta0)
+    path = tmp_path / "run" / "range_0" / "ckpt.pt"
+    ck = _load(path)
+    assert ck["scaler"] == {}  # bf16 has no gradient scaler
+    ck["rng"]["generators"][1] = torch.zeros(16, dtype=torch.uint8)  # the state of a CUDA generator
+    ck["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 2  # and of two GPUs
+    ddpm_unet.atomic_save(ck, path)
+    cfg = dataclasses.replace(cfg, precision="fp16", resume=True)  # on a CPU, in fp16: a scaler with nothing to load
+    stage_finetune(cfg, setup_env(cfg), GaussianDiffusion(), theta0)
+    out = capsys.readouterr().out
+    assert "resumed at step 1" in out and "could not restore" in out
+    assert "2 of 2 GPU(s)" in out and "cuda" not in out.split("could not restore")[0]
+    assert "noise generator" in out and "gradient scaler" in out
+    assert _load(path)["step"] == 3
+
+
+def test_cuda_without_an_index_means_the_current_gpu(monkeypatch, tmp_path):
+    def set_device(device):  # torch.cuda.set_device refuses a device without an index, as the real one does
+        if torch.device(device).index is None:
+            raise ValueError("Expected a torch.device with a specified index or an integer")
+    for name, value in (("is_available", lambda: True), ("device_count", lambda: 2), ("current_device", lambda: 1),
+                        ("set_device", set_device), ("is_bf16_supported", lambda: True)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    assert setup_env(tiny_cfg(tmp_path, device="cuda")).device == torch.device("cuda", 1)
+    assert setup_env(tiny_cfg(tmp_path, device="cuda:0")).device == torch.device("cuda", 0)
+    with pytest.raises(UserError, match="sees 2 GPU"):
+        setup_env(tiny_cfg(tmp_path, device="cuda:5"))
+
+
+def test_bench_samples_as_evaluation_does(tmp_path, monkeypatch):
+    calls = []
+    real = DEME.sample_batch
+    monkeypatch.setattr(DEME, "sample_batch", lambda cfg, env, d, model, *a, **k: calls.append(type(model)) or
+                        real(cfg, env, d, model, *a, **k))
+    DEME.main(["bench", "--preset", "tiny", "--device", "cpu", "--bench-batch", "2", "--bench-iters", "1",
+               "--out", str(tmp_path)])
+    assert calls and set(calls) == {UNet}  # the plain model, as evaluation samples it (no compile wrapper)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--metric", "pixel", "--n-samples", "2048"], "fewer than 2 x 2048"),
+    (["--metric", "fid"], "Inception weights missing"),
+    (["--fid-stats", "{tmp}/broken.npz"], "cannot read FID statistics"),
+    (["--search-images", "500"], "fewer than --search-images 500"),
+    (["--report-images", "500"], "fewer than --report-images 500"),
+    (["--eta", "-1"], "--eta -1.0 is negative"),
+    (["--rerank", "1"], "--rerank 1"),
+    (["--sample-steps", "7"], "--sample-steps 7"),
+    (["--batch-size", "7", "--grad-accum", "2"], "--batch-size 7"),
+])
+def test_every_mistake_that_would_stop_a_run_late_stops_it_before_any_stage(argv, message, tmp_path, capsys,
+                                                                            monkeypatch):
+    def offline(url, dst, *args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    _png_folder(tmp_path / "data", 100, size=(16, 16))
+    (tmp_path / "broken.npz").write_bytes(b"not an npz")
+    out = tmp_path / "run"
+    line = cli_error(capsys, "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+                     "--device", "cpu", "--batch-size", "8", "--n-samples", "16", "--search-images", "4",
+                     "--report-images", "4", "--heldout-fraction", "0.5", "--metric", "pixel",
+                     *[a.format(tmp=tmp_path) for a in argv])
+    assert message in line, line
+    made = sorted(p.name for p in out.iterdir() if p.is_dir()) if out.exists() else []
+    assert made == [], f"stage folders made before the error: {made}"
+
+
+def test_fid_of_missing_folders_says_so_before_looking_for_inception_weights(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(DEME, "FIDInception", lambda *a, **k: pytest.fail("looked for the weights first"))
+    line = cli_error(capsys, "fid", str(tmp_path / "nowhere"), str(tmp_path / "neither"), "--device", "cpu")
+    assert "nowhere does not exist" in line
+
+
+TORCHRUN_SCRIPT = """
+import os, sys, time, torch
+sys.path.insert(0, {root!r})
+import deme
+
+class Features(torch.nn.Module):  # a stand-in for the FID Inception: 2048 fixed random features, and a count
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3 * 16 * 16, 2048, generator=torch.Generator().manual_seed(0)))
+        self.seen = 0
+    def forward(self, x):
+        self.seen += len(x)
+        return torch.relu(x.flatten(1) @ self.w)
+
+def stage(cfg, env):
+    if {fail_rank} == env.rank:
+        time.sleep(1)
+        raise deme.UserError("rank {fail_rank} cannot go on")
+    if {fail_rank} >= 0:
+        env.barrier()  # waits for a rank that will never come
+    features = Features()
+    mu, sigma = deme.reference_stats(cfg, env, features)
+    print("seen", features.seen, flush=True)
+
+deme.STAGES["evaluate"] = (stage, "")
+deme.preflight = lambda *args: None
+deme.main(["evaluate", "--dataset", "folder", "--data-dir", {data!r}, "--out", {out!r}, "--device", "cpu",
+           "--preset", "tiny", "--eval-batch", "4", "--metric", "fid"])
+"""
+
+
+def _torchrun_script(tmp_path, fail_rank):
+    _png_folder(tmp_path / "data", 24, size=(16, 16))
+    script = tmp_path / "script.py"
+    script.write_text(TORCHRUN_SCRIPT.format(root=str(ROOT), data=str(tmp_path / "data"), out=str(tmp_path / "run"),
+                                             fail_rank=fail_rank))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--redirects", "3",
+            "--log-dir", str(tmp_path / "logs"), str(script)], dict(env, OMP_NUM_THREADS="1")
+
+
+def _rank_output(tmp_path, rank, name):
+    return "".join(p.read_text() for p in (tmp_path / "logs").rglob(f"attempt_0/{rank}/{name}.log"))
+
+
+def test_reference_statistics_are_shared_over_the_processes(tmp_path):
+    cmd, env = _torchrun_script(tmp_path, fail_rank=-1)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    train = make_dataset(resolve_config(dict(dataset="folder", data_dir=str(tmp_path / "data"), preset="tiny",
+                                             out=str(tmp_path / "x"))), "eval")
+    for rank in (0, 1):  # each process computed the features of its half of the training split, not all of it
+        assert f"seen {(len(train) + 1 - rank) // 2}" in _rank_output(tmp_path, rank, "stdout")
+    mu, sigma = load_stats(tmp_path / "run" / "fid_stats_folder.npz")
+    images = torch.stack([train[i] for i in range(len(train))])
+    x = torch.from_numpy(images_to_uint8(images)).permute(0, 3, 1, 2).float() / 255
+    w = torch.randn(3 * 16 * 16, 2048, generator=torch.Generator().manual_seed(0))
+    ref_mu, ref_sigma = feature_stats(torch.relu(x.flatten(1) @ w).double().numpy())
+    np.testing.assert_allclose(mu, ref_mu, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-6, atol=1e-8)
+
+
+def test_a_failure_on_any_process_ends_the_whole_job_at_once_with_its_one_line_error(tmp_path):
+    import time
+    cmd, env = _torchrun_script(tmp_path, fail_rank=1)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and time.perf_counter() - start < 120  # rank 0 never waits out a timeout
+    assert "error: rank 1 cannot go on" in _rank_output(tmp_path, 1, "stderr").splitlines()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CUDA path: `pytest -m cuda test_deme.py` on a machine with a GPU; skipped (with the reason) elsewhere
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CUDA_RUN = ["--device", "cuda", "--preset", "tiny", "--train-steps", "6", "--steps", "3", "--n-ranges", "2",
+            "--batch-size", "8", "--ckpt-every", "2", "--search-images", "16", "--report-images", "16",
+            "--search-evals", "3", "--n-samples", "16", "--sample-steps", "4", "--eval-batch", "8",
+            "--models", "theta0,baseline,ensemble,merged"]
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_pipeline_trains_in_bf16_with_compile_and_channels_last(tmp_path):
+    proc = run_cli(*CUDA_RUN, "--out", str(tmp_path / "run"), "--precision", "bf16", "--compile", "--channels-last")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["model"] for r in results["rows"]] == ["theta0", "baseline", "ensemble", "merged"]
+    assert all(math.isfinite(r["value"]) and math.isfinite(r["heldout_loss"]) for r in results["rows"])
+    ck = _load(tmp_path / "run" / "range_0" / "ckpt.pt")
+    assert ck["config"]["precision"] == "bf16" and not [k for k in ck["model"] if "_orig_mod" in k]
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_device_without_an_index_runs_in_one_process(tmp_path):
+    proc = run_cli("train", *CUDA_RUN, "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _load(tmp_path / "run" / "pretrain" / "ckpt.pt")["step"] == 6
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_one_process_torchrun_runs_the_pipeline(tmp_path):
+    job = start_torchrun(tmp_path, "pipeline", "--out", str(tmp_path / "run"), *CUDA_RUN, "--no-baseline",
+                         "--models", "theta0,merged", nproc=1)
+    finish_torchrun(job)
+    assert (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_interrupted_then_resumed_finetune_ends_with_the_same_weights(tmp_path, monkeypatch):
+    theta0 = UNet.from_preset("tiny").eval()
+    settings = dict(ranges="1", steps=4, ckpt_every=2, device="cuda", precision="bf16", flip=True)
+    cfg = tiny_cfg(tmp_path / "a", **settings)
+    stage_finetune(cfg, setup_env(cfg), GaussianDiffusion(), theta0)
+    whole = _load(tmp_path / "a" / "run" / "range_1" / "ckpt.pt")
+    cfg = tiny_cfg(tmp_path / "b", **settings)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            stage_finetune(cfg, setup_env(cfg), GaussianDiffusion(), theta0)
+    cfg = dataclasses.replace(cfg, resume=True)
+    stage_finetune(cfg, setup_env(cfg), GaussianDiffusion(), theta0)
+    resumed = _load(tmp_path / "b" / "run" / "range_1" / "ckpt.pt")
+    for part in ("model", "ema"):  # cuDNN may pick other kernels after a restart: equal up to float rounding
+        for k in whole[part]:
+            torch.testing.assert_close(resumed[part][k], whole[part][k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_fid_inception_features_match_the_cpu_within_1e_4(calibrated_weights):
+    ours = FIDInception(calibrated_weights, check_hash=False)
+    x = _smooth_images(8, 32, seed=3)
+    with torch.no_grad():
+        cpu = ours(x)
+        with Env(torch.device("cuda")).exact():
+            gpu = ours.cuda()(x.cuda()).cpu()
+    assert ((gpu - cpu).abs().max() / cpu.abs().max()) < 1e-4
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_samples_do_not_depend_on_the_batch_size(tmp_path):
+    model, d = tiny_theta0().cuda(), GaussianDiffusion()
+    env = Env(torch.device("cuda"))
+    for eta in (0.0, 1.0):
+        a = sample_in_memory(Config(sample_steps=5, eta=eta, eval_batch=8), env, d, model, 8, seed=1)
+        b = sample_in_memory(Config(sample_steps=5, eta=eta, eval_batch=3), env, d, model, 8, seed=1)
+        assert np.abs(images_to_uint8(a).astype(int) - images_to_uint8(b).astype(int)).max() <= 1
