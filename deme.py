@@ -83,6 +83,8 @@ class Config:
     train_steps: int = _opt(2000, "optimizer steps to pretrain θ0")
     train_lr: float = _opt(2e-4, "pretraining learning rate (DDPM: 2e-4)")
     train_warmup: int = _opt(100, "pretraining linear warm-up steps (DDPM: 5000)")
+    curve_every: int = _opt(0, "pretraining: the held-out loss of the EMA weights every this many steps, on "
+                               "--search-images selection images, into pretrain/heldout_curve.csv (0: off)")
     # decoupled finetuning (finetune and baseline stages)
     n_ranges: int = _opt(4, "N, the number of timestep ranges (paper: 4; 8 in the ablation)")
     ranges: str = _opt("all", "which ranges this invocation finetunes: all, or indices such as 0,2")
@@ -101,6 +103,9 @@ class Config:
     consistency: float = _opt(1.0, "λ, weight of the consistency loss to the frozen θ0 (Eq. 4-5; 0: off)")
     projections: bool = _opt(True, "channel-wise projections (identity-initialised 1x1 convs)")
     baseline: bool = _opt(True, "also run the equal-compute baseline: plain finetuning on all timesteps, N x steps")
+    baseline_weighting: str = _opt("none", "the baseline's loss weighting: none (DDPM's simple loss), minsnr "
+                                           "(Min-SNR-γ, γ = 5) or p2 (P2, k = 1, γ = 1), the loss-reweighting "
+                                           "baselines of DeMe Table 1", ["none", "minsnr", "p2"])
     ckpt_every: int = _opt(1000, "save a resumable checkpoint every this many steps")
     grid_every: int = _opt(0, "save a sample grid every this many steps (0: only at the end)")
     # merge (merge stage)
@@ -110,9 +115,10 @@ class Config:
     heldout_fraction: float = _opt(0.1, "folder and LSUN: the share of images held out from training, chosen by a "
                                         "hash of each file's path (half selects, half reports)")
     search_images: int = _opt(512, "selection images (held out from training) scoring the merge-weight search")
-    search_objective: str = _opt("per_range", "what the search minimises: per_range (each range's held-out loss "
-                                              "relative to θ0's on that range, averaged over ranges) or loss (the "
-                                              "held-out loss with t uniform over [0, T))", ["per_range", "loss"])
+    search_objective: str = _opt("loss", "what the search minimises: loss (the held-out loss with t uniform over "
+                                         "[0, T)) or per_range (each range's held-out loss relative to θ0's on that "
+                                         "range, averaged over ranges); README: loss won on the report split",
+                                 ["loss", "per_range"])
     search_evals: int = _opt(60, "most merge candidates the search scores")
     rerank: int = _opt(0, "re-rank this many of the search's best candidates by sample quality (pixel Fréchet "
                           "distance or FID, as --metric); 0: off")
@@ -281,6 +287,11 @@ class GaussianDiffusion:
         """||ε - ε_θ(x_t, t)||², the simple loss of DDPM Algorithm 1 (element mean)."""
         noise = torch.randn_like(x0) if noise is None else noise
         return F.mse_loss(model(self.q_sample(x0, t, noise), t, **cond).float(), noise.float())
+
+    def snr(self, t):
+        """SNR(t) = ᾱ_t / (1 - ᾱ_t), the signal-to-noise ratio of x_t (float64, on t's device)."""
+        ab = self.alphas_bar.to(t.device)[t]
+        return ab / (1 - ab)
 
     def predict_x0(self, x_t, t, eps):
         """x0 = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t), DDPM Eq. 4 solved for x0."""
@@ -929,11 +940,14 @@ def check_batch_split(cfg: Config, world: int) -> int:
 
 
 def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, steps, lr, warmup, timesteps,
-               identity: dict, teacher=None, lam=0.0, desc="train", seed=0, encode=None, grid=None) -> dict:
+               identity: dict, teacher=None, lam=0.0, desc="train", seed=0, encode=None, grid=None,
+               weighting=None, curve=None) -> dict:
     """Trains `model` in place and returns its EMA weights; the loop of DDPM Algorithm 1, with DeMe's consistency
     loss to `teacher` when given (Eq. 4-5). Resumable: the checkpoint holds everything, RNG states included.
     `encode(batch) -> (x0, cond)` turns a data batch into the diffused tensor and the model's extra inputs (Stable
-    Diffusion: VAE latents and text embeddings); `grid(ema_state, path)` draws a sample grid (default: a UNet's)."""
+    Diffusion: VAE latents and text embeddings); `grid(ema_state, path)` draws a sample grid (default: a UNet's);
+    `weighting(t) -> (B,)` weights each sample's simple loss (the loss-reweighting baselines); `curve(step,
+    ema_state) -> row` is called every cfg.curve_every steps and its rows go to heldout_curve.csv."""
     stage_dir = Path(stage_dir)
     ckpt_path = stage_dir / "ckpt.pt"
     identity = dict(identity, steps=steps, lr=lr, batch_size=cfg.batch_size, seed=seed)
@@ -1004,7 +1018,10 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
             with sync:
                 with env.autocast():
                     eps = net(x_t, t, **cond).float()
-                    loss = F.mse_loss(eps, noise)  # DDPM Algorithm 1
+                    if weighting is None:
+                        loss = F.mse_loss(eps, noise)  # DDPM Algorithm 1
+                    else:  # Min-SNR-γ, P2: the per-sample simple loss, weighted by SNR(t)
+                        loss = (weighting(t) * (eps - noise).pow(2).flatten(1).mean(1)).mean()
                     if teacher is not None and lam > 0:  # DeMe Eq. 4-5: stay close to the frozen θ0
                         with torch.no_grad():
                             eps0 = teacher(x_t, t, **cond).float()
@@ -1041,6 +1058,8 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
         done = step + 1
         if done % cfg.ckpt_every == 0 or done == steps:
             save(done)
+        if curve is not None and env.master and cfg.curve_every and done % cfg.curve_every == 0:
+            append_curve(stage_dir / "heldout_curve.csv", done, curve(done, ema.state))
         if env.master and (done == steps or (cfg.grid_every and done % cfg.grid_every == 0)):
             path = stage_dir / f"grid_{done:06d}.png"
             if grid:
@@ -1081,9 +1100,25 @@ def stage_train(cfg: Config, env: Env, diffusion=None):
     model = UNet.from_preset(cfg.preset, **{k: v for k, v in overrides.items() if v is not None})
     uniform = lambda b, g: torch.randint(0, diffusion.T, (b,), generator=g)
     identity = stage_identity(cfg, stage="pretrain", preset=cfg.preset, model=model.config, warmup=cfg.train_warmup)
+    curve = None
+    if cfg.curve_every:  # how far from converged θ0 is: its EMA's held-out loss along the way (selection images)
+        images = heldout_images(cfg, cfg.search_images, "select")
+        curve = lambda step, ema: heldout_loss(build_model(model.config, ema), diffusion, images, env, cfg.n_ranges,
+                                               role_seed(cfg.seed, "select"))
     train_loop(cfg, env, run_dir(cfg, "pretrain"), model, make_dataset(cfg), diffusion, steps=cfg.train_steps,
                lr=cfg.train_lr, warmup=cfg.train_warmup, timesteps=uniform, identity=identity, desc="pretrain θ0",
-               seed=cfg.seed)
+               seed=cfg.seed, curve=curve)
+
+
+def append_curve(path: Path, step, losses):
+    """One row (step, held-out loss, loss per range) of a curve CSV; rows at or past `step` (a resumed run redoes
+    them) are dropped first."""
+    mean, per_range = losses
+    rows = path.read_text().splitlines() if path.exists() else []
+    rows = rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) < step]
+    head = "step,heldout_loss," + ",".join(f"loss_range{i}" for i in range(len(per_range)))
+    atomic_write_text("\n".join((rows or [head]) + [",".join(f"{v:.6g}" for v in [step, mean, *per_range])]) + "\n",
+                      path)
 
 
 
@@ -1145,16 +1180,38 @@ def stage_finetune(cfg: Config, env: Env, diffusion=None, theta0=None):
                    desc=f"range {i} [{lo},{hi})", seed=cfg.seed + 1 + i)
 
 
+def min_snr_weight(snr, gamma=5.0):
+    """Min-SNR-γ (Hang et al., ICCV 2023), for ε-prediction: the simple loss at t weighted by min(SNR, γ) / SNR."""
+    return snr.clamp(max=gamma) / snr
+
+
+def p2_weight(snr, k=1.0, gamma=1.0):
+    """P2 weighting (Choi et al., CVPR 2022): the simple loss at t weighted by 1 / (k + SNR)^γ (their code: k = 1, γ = 1)."""
+    return 1.0 / (k + snr) ** gamma
+
+
+LOSS_WEIGHTINGS = {"minsnr": min_snr_weight, "p2": p2_weight}  # each method's own defaults; the paper gives none
+
+
+def baseline_name(cfg: Config) -> str:
+    """The baseline's model name and run-folder stage: baseline, or baseline_minsnr / baseline_p2."""
+    return "baseline" if cfg.baseline_weighting == "none" else f"baseline_{cfg.baseline_weighting}"
+
+
 def stage_baseline(cfg: Config, env: Env, diffusion=None, theta0=None):
-    """The paper's equal-compute baseline: plain finetuning of θ0 on all timesteps for N x steps (N = 1, no PS/CL/CP)."""
+    """The paper's equal-compute baseline: plain finetuning of θ0 on all timesteps for N x steps (N = 1, no PS/CL/CP),
+    with DDPM's simple loss or one of Table 1's loss reweightings (--baseline-weighting)."""
     diffusion = diffusion or GaussianDiffusion()
     theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
     student = set_dropout(copy.deepcopy(theta0), cfg.dropout or 0.0)
     uniform = lambda b, g: torch.randint(0, diffusion.T, (b,), generator=g)
-    steps = cfg.steps * cfg.n_ranges
-    train_loop(cfg, env, run_dir(cfg, "baseline"), student, make_dataset(cfg), diffusion, steps=steps, lr=cfg.lr,
-               warmup=0, timesteps=uniform, identity=stage_identity(cfg, stage="baseline"),
-               desc=f"baseline ({steps} steps)", seed=cfg.seed + 999)
+    steps, name = cfg.steps * cfg.n_ranges, baseline_name(cfg)
+    weighting = LOSS_WEIGHTINGS.get(cfg.baseline_weighting)
+    extra = {} if weighting is None else dict(weighting=cfg.baseline_weighting)
+    train_loop(cfg, env, run_dir(cfg, name), student, make_dataset(cfg), diffusion, steps=steps, lr=cfg.lr,
+               warmup=0, timesteps=uniform, identity=stage_identity(cfg, stage="baseline", **extra),
+               desc=f"{name} ({steps} steps)", seed=cfg.seed + 999,
+               weighting=None if weighting is None else lambda t: weighting(diffusion.snr(t)).float())
 
 
 
@@ -1370,7 +1427,7 @@ def heldout_loss(model, diffusion, images, env: Env, n_ranges=4, seed=0, batch=2
     return losses.mean().item(), [losses[which == i].mean().item() for i in range(n_ranges)]
 
 
-def search_score(mean, per_range, base_per_range, objective="per_range") -> float:
+def search_score(mean, per_range, base_per_range, objective="loss") -> float:
     """The merge search's objective from a candidate's held-out loss: "loss", the loss with t uniform over [0, T)
     (dominated by the low-t ranges, whose loss is largest); "per_range", the mean over ranges of each range's loss
     relative to θ0's on that range, so that every range counts alike."""
@@ -1401,7 +1458,7 @@ def merge_options(cfg: Config) -> dict:
 
 
 def stage_merge(cfg: Config, env: Env, diffusion=None, theta0=None):
-    """DeMe Eq. 8: θ0 + Σ w_i τ_i with w given, or searched on the held-out loss; saves merge/merged.pt."""
+    """DeMe Eq. 8: θ0 + Σ w_i τ_i with w given, or searched on the selection split; saves merge/merged.pt."""
     diffusion = diffusion or GaussianDiffusion()
     theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
     finetuned = [m.state_dict() for m in range_models(cfg)]
@@ -1447,6 +1504,8 @@ def stage_merge(cfg: Config, env: Env, diffusion=None, theta0=None):
                 if cfg.search_objective == "per_range" else "held-out loss")
         search["objective"] = (f"{what}; {len(images)} selection images ({split_description(cfg, 'select')}), t "
                                f"stratified over [0, {diffusion.T}), noise seed {seed}")
+        search.update(objective_name=cfg.search_objective, images=len(images),
+                      source=split_description(cfg, "select"), noise_seed=seed)
         search["chosen"] = dict(zip(("loss", "loss_per_range"), losses(weights)), theta0_loss_per_range=theta0_per_range)
         if cfg.rerank > 1:  # the loss is a proxy: let sample quality pick among the best few it found
 
@@ -1456,7 +1515,7 @@ def stage_merge(cfg: Config, env: Env, diffusion=None, theta0=None):
 
             best = sorted(search["path"], key=lambda p: p["value"])[:cfg.rerank]
             search["rerank"] = rerank([p["w"] for p in best], quality)
-            search["rerank_noise_seed"] = role_seed(cfg.seed, "rerank")
+            search.update(rerank_noise_seed=role_seed(cfg.seed, "rerank"), rerank_samples=cfg.rerank_samples)
             weights = search["rerank"][0]["w"]
     merged = merge(base, finetuned, weights, cfg.merge_method, **merge_options(cfg))
     if env.master:
@@ -1808,11 +1867,13 @@ def named_model(cfg: Config, env: Env, name: str, theta0=None):
         return theta0 if theta0 is not None else theta0_model(cfg, env, GaussianDiffusion())
     if name == "ensemble":
         return RangeEnsemble(range_models(cfg))
-    paths = {"baseline": run_dir(cfg, "baseline", "ckpt.pt"), "merged": run_dir(cfg, "merge", "merged.pt")}
+    paths = {b: run_dir(cfg, b, "ckpt.pt") for b in ("baseline", "baseline_minsnr", "baseline_p2")}
+    paths["merged"] = run_dir(cfg, "merge", "merged.pt")
     path = paths.get(name, Path(name))
     if name in paths and not path.exists():
-        raise UserError(f"model {name!r} does not exist yet ({path}); run `python deme.py "
-                        f"{'baseline' if name == 'baseline' else 'merge'}` with the same --out first")
+        how = "merge" if name == "merged" else "baseline" + (f" --baseline-weighting {name[9:]}" if "_" in name else "")
+        raise UserError(f"model {name!r} does not exist yet ({path}); run `python deme.py {how}` with the same "
+                        f"--out first")
     if not path.exists():
         raise UserError(f"model {name!r} is neither theta0, baseline, ensemble, merged nor a checkpoint file")
     ck = load_checkpoint(path)
@@ -1951,15 +2012,18 @@ def split_description(cfg: Config, role) -> str:
 
 
 def evaluation_protocol(cfg: Config, metric: str) -> dict:
-    """Which images and noise seeds each role used: training, selection (merge weights, re-ranking), reporting."""
-    searched = not cfg.merge_weights and cfg.merge_method != "average"
+    """Which images and noise seeds each role used: training, selection (merge weights, re-ranking: as the merge
+    stage recorded it in merge/search.json), reporting."""
+    path = run_dir(cfg, "merge", "search.json")
+    record = json.loads(path.read_text()) if path.exists() else {}
+    search = record.get("search") or {}
     return dict(
         train=split_description(cfg, "train"),
-        select=(dict(images=cfg.search_images, source=split_description(cfg, "select"),
-                     noise_seed=role_seed(cfg.seed, "select"), objective=cfg.search_objective)
-                if searched else "none: --merge-weights given or --merge-method average"),
-        rerank=(dict(samples=cfg.rerank_samples, noise_seed=role_seed(cfg.seed, "rerank"), candidates=cfg.rerank)
-                if searched and cfg.rerank else "off"),
+        select=(dict(images=search["images"], source=search["source"], noise_seed=search["noise_seed"],
+                     objective=search["objective_name"], weights=record["weights"])
+                if "noise_seed" in search else f"none: weights {record.get('weights')} given or averaged"),
+        rerank=(dict(samples=search["rerank_samples"], noise_seed=search["rerank_noise_seed"],
+                     candidates=len(search["rerank"])) if "rerank" in search else "off"),
         report_loss=dict(images=cfg.report_images, source=split_description(cfg, "report"),
                          noise_seed=role_seed(cfg.seed, "report")),
         report_samples=dict(samples=cfg.n_samples, noise_seed=role_seed(cfg.seed, "samples"),
@@ -2031,9 +2095,9 @@ def results_markdown(results, cfg: Config) -> str:
         lines[0] += (f" Real vs real at the same N: {results['real_vs_real']:.4f} (pixels average-pooled "
                      f"{results['pixel_pool']}x{results['pixel_pool']}).")
     p = results["protocol"]
-    sel = (f"merge weights selected on {p['select']['images']} images ({p['select']['source']}; noise seed "
-           f"{p['select']['noise_seed']}; objective {p['select']['objective']})" if isinstance(p["select"], dict)
-           else f"merge weights: {p['select']}")
+    sel = (f"merge weights {p['select']['weights']} selected on {p['select']['images']} images "
+           f"({p['select']['source']}; noise seed {p['select']['noise_seed']}; objective {p['select']['objective']})"
+           if isinstance(p["select"], dict) else f"merge weights: {p['select']}")
     if isinstance(p["rerank"], dict):
         sel += f", re-ranked on {p['rerank']['samples']} samples of noise seed {p['rerank']['noise_seed']}"
     lines += ["", f"Protocol: trained on {p['train']}; {sel}; held-out loss on {p['report_loss']['images']} other "
@@ -3105,10 +3169,13 @@ def stage_pipeline(cfg: Config, env: Env):
     diffusion = GaussianDiffusion()
     theta0 = theta0_model(cfg, env, diffusion)
     stage_finetune(cfg, env, diffusion, theta0)
+    models = [m.strip() for m in cfg.models.split(",")]
     if cfg.baseline:
         stage_baseline(cfg, env, diffusion, theta0)
-    elif "baseline" in cfg.models:
-        cfg = dataclasses.replace(cfg, models=",".join(m for m in cfg.models.split(",") if m != "baseline"))
+        models = [baseline_name(cfg) if m == "baseline" else m for m in models]  # the weighting that was trained
+    else:
+        models = [m for m in models if not m.startswith("baseline")]
+    cfg = dataclasses.replace(cfg, models=",".join(models))
     stage_merge(cfg, env, diffusion, theta0)
     stage_evaluate(cfg, env, diffusion, theta0)
     if env.master:
