@@ -627,13 +627,19 @@ def make_dataset(cfg: Config, split="train", n=None):
     return ImageFolder(cfg.data_dir, size, False, role, cfg.heldout_fraction)
 
 
-def heldout_images(cfg: Config, n, role) -> torch.Tensor:
-    """The first n images of the "select" or "report" split (make_dataset), as one (n, 3, H, W) tensor in [-1, 1]."""
+def held_out_split(cfg: Config, n, role):
+    """The "select" or "report" split (make_dataset), or one line saying it holds fewer than the n images asked for."""
     ds = make_dataset(cfg, role, n)
     if len(ds) < n:
         flag = "--search-images" if role == "select" else "--report-images"
         raise UserError(f"the {role} split of {cfg.dataset} has {len(ds)} images, fewer than {flag} {n}; lower "
-                        f"{flag}" + (" or raise --heldout-fraction" if cfg.dataset not in ("cifar10",) else ""))
+                        f"{flag}" + ("" if cfg.dataset == "cifar10" else " or raise --heldout-fraction"))
+    return ds
+
+
+def heldout_images(cfg: Config, n, role) -> torch.Tensor:
+    """The first n images of the "select" or "report" split, as one (n, 3, H, W) tensor in [-1, 1]."""
+    ds = held_out_split(cfg, n, role)
     if isinstance(ds, TensorImages):
         return to_unit(ds.images[:n])
     return torch.stack([ds[i] for i in range(n)])
@@ -980,7 +986,7 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
         if scaler.is_enabled() and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         elif scaler.is_enabled() or state["scaler"]:
-            lost.append("the fp16 gradient scaler's state (saved in another precision; it starts afresh)")
+            lost.append("the fp16 gradient scaler's state (the run changed precision)")
         if env.world > 1:  # rank 0's global states were saved; dropout must not repeat rank 0's masks
             torch.manual_seed(seed * 7919 + env.rank + 2 + 1_000_003 * start)
         if lost and env.master:
@@ -1964,6 +1970,13 @@ def pixel_pool(res, channels, n) -> int:
     return pool
 
 
+def check_pixel_reference(size, n):
+    """One line unless a training split of `size` images holds the 2 x n real images the pixel metric compares."""
+    if size < 2 * n:
+        raise UserError(f"the training split has {size} images, fewer than 2 x {n} for the pixel Fréchet distance "
+                        f"and its real-vs-real floor; lower --n-samples (and --rerank-samples)")
+
+
 def real_image_sets(cfg: Config, n, role="report"):
     """Two disjoint sets of n real images, the pixel metric's reference and its real-vs-real floor; the re-ranking
     (role "rerank") gets its own (synthetic: other seeds; folders: the next training images of the same shuffle,
@@ -1973,8 +1986,7 @@ def real_image_sets(cfg: Config, n, role="report"):
         a, b = {"report": (2_000_003, 3_000_017), "rerank": (5_000_011, 6_000_023)}[role]
         return synthetic_images(n, res, seed=cfg.seed + a), synthetic_images(n, res, seed=cfg.seed + b)
     ds = make_dataset(cfg, "eval")
-    if len(ds) < 2 * n:
-        raise UserError(f"the dataset has {len(ds)} images, fewer than 2 x --n-samples {n}; lower --n-samples")
+    check_pixel_reference(len(ds), n)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))
     first = 2 * n if role == "rerank" and len(ds) >= 4 * n else 0
     images = torch.stack([ds[int(i)] for i in idx[first:first + 2 * n]])
@@ -3271,31 +3283,16 @@ def preflight(cfg: Config, env: Env, stage: str):
                 raise UserError(f"the training split has {size} images, fewer than one micro-batch of "
                                 f"{cfg.batch_size // cfg.grad_accum}; lower --batch-size")
         if searches or stage == "analyze":
-            split_size_check(cfg, "select")
+            held_out_split(cfg, cfg.search_images, "select")
         if evaluates:
-            split_size_check(cfg, "report")
+            held_out_split(cfg, cfg.report_images, "report")
         if (evaluates or (searches and cfg.rerank)) and metric == "pixel" and cfg.dataset != "synthetic":
             n = max(cfg.n_samples if evaluates else 0, cfg.rerank_samples if searches and cfg.rerank else 0)
-            size = len(make_dataset(cfg, "eval"))
-            if size < 2 * n:
-                raise UserError(f"the training split has {size} images, fewer than 2 x {n} for the pixel Fréchet "
-                                f"distance and its real-vs-real floor; lower --n-samples (and --rerank-samples)")
+            check_pixel_reference(len(make_dataset(cfg, "eval")), n)
         if cfg.fid_stats:
             load_stats(cfg.fid_stats)
         if (evaluates or (searches and cfg.rerank)) and metric == "fid":
             FIDInception(cfg.inception_weights or None)  # found (or downloaded once), hash and layout checked
-
-
-def split_size_check(cfg: Config, role):
-    """A one-line error unless the select (report) split holds --search-images (--report-images) images."""
-    need = cfg.search_images if role == "select" else cfg.report_images
-    if cfg.dataset == "synthetic":
-        return
-    size = len(make_dataset(cfg, role))
-    if size < need:
-        flag = "--search-images" if role == "select" else "--report-images"
-        raise UserError(f"the {role} split of {cfg.dataset} has {size} images, fewer than {flag} {need}; lower {flag}"
-                        + ("" if cfg.dataset == "cifar10" else " or raise --heldout-fraction"))
 
 
 def main(argv=None):
