@@ -28,7 +28,8 @@ class UserError(Exception):
     """A user's mistake; the command line prints its one-line message without a traceback."""
 
 
-# Constructor arguments of UNet; the first two are the published models (Ho et al. 2020, Appendix B), `tiny` is for CPU work.
+# Constructor arguments of UNet; the first two are the published models (Ho et al. 2020, Appendix B); `tiny` is for
+# CPU work.
 PRESETS = {
     "cifar10": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
                     resolution=32),

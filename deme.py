@@ -479,7 +479,8 @@ def image_files(folder) -> list:
     from PIL import Image
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist; check --data-dir")
+        raise UserError(f"image folder {folder} does not exist; check the path (--data-dir, or the folders given "
+                        f"to fid)")
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     good, bad = [], []
     for p in paths:
@@ -1192,7 +1193,8 @@ def min_snr_weight(snr, gamma=5.0):
 
 
 def p2_weight(snr, k=1.0, gamma=1.0):
-    """P2 weighting (Choi et al., CVPR 2022): the simple loss at t weighted by 1 / (k + SNR)^γ (their code: k = 1, γ = 1)."""
+    """P2 weighting (Choi et al., CVPR 2022): the simple loss at t weighted by 1 / (k + SNR)^γ (their code's
+    defaults: k = 1, γ = 1)."""
     return 1.0 / (k + snr) ** gamma
 
 
@@ -1492,7 +1494,7 @@ def stage_merge(cfg: Config, env: Env, diffusion=None, theta0=None):
         values = cache.get("values", {}) if cache.get("scored_with") == scored_with else {}
         model = build_model(config, base).to(env.device)
 
-        def losses(w):  # held-out loss of θ0 + Σ w_i τ_i, [mean, per range]; on disk, so a resumed search repeats none
+        def losses(w):  # [mean, per range] held-out loss of θ0 + Σ w_i τ_i; on disk: a resumed search repeats none
             key = json.dumps([round(x, 6) for x in w])
             if key not in values:
                 model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
@@ -1512,7 +1514,8 @@ def stage_merge(cfg: Config, env: Env, diffusion=None, theta0=None):
                                f"stratified over [0, {diffusion.T}), noise seed {seed}")
         search.update(objective_name=cfg.search_objective, images=len(images),
                       source=split_description(cfg, "select"), noise_seed=seed)
-        search["chosen"] = dict(zip(("loss", "loss_per_range"), losses(weights)), theta0_loss_per_range=theta0_per_range)
+        search["chosen"] = dict(zip(("loss", "loss_per_range"), losses(weights)),
+                                theta0_loss_per_range=theta0_per_range)
         if cfg.rerank > 1:  # the loss is a proxy: let sample quality pick among the best few it found
 
             def quality(w):
