@@ -59,6 +59,9 @@ class Config:
     download: bool = _opt(False, "download CIFAR-10 into --data-dir if it is missing")
     out: str = _opt("", "run folder; every file this run writes goes under it (default runs/<dataset>)")
     seed: int = _opt(0, "seed of everything: data order, noise, timesteps, samples")
+    seeds: str = _opt("", "several seeds, e.g. 0,1,2: the pipeline's comparison (finetune, baseline, merge, evaluate) "
+                          "once per seed from the same θ0, each under --out/seed_<s>/, then each model's mean and "
+                          "min-max over the seeds in seeds.{json,md} and seeds.png")
     device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     resume: bool = _opt(False, "continue the interrupted stages of this run folder from their last checkpoint")
     overwrite: bool = _opt(False, "start over, replacing what this run folder holds")
@@ -201,6 +204,8 @@ def check_config(cfg: Config):
         range_indices(cfg)
     if cfg.merge_weights:
         merge_weight_list(cfg)
+    if cfg.seeds:
+        seed_list(cfg)
     if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
         raise UserError(f"--adam-betas {cfg.adam_betas} must be two numbers in [0, 1), e.g. 0.95,0.999")
     if not 0 <= cfg.ema_decay < 1 or cfg.workers < 0 or cfg.image_size < 0:
@@ -239,6 +244,17 @@ def range_indices(cfg: Config) -> list:
     if bad or not idx:
         raise UserError(f"--ranges {cfg.ranges!r}: indices must lie in 0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
     return idx
+
+
+def seed_list(cfg: Config) -> list:
+    """--seeds as distinct integers."""
+    try:
+        seeds = [int(v) for v in cfg.seeds.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {cfg.seeds!r} is not a list of integers; write for example --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f"--seeds {cfg.seeds!r}: give distinct non-negative integers, e.g. 0,1,2")
+    return seeds
 
 
 def merge_weight_list(cfg: Config) -> list:
@@ -2127,6 +2143,59 @@ def results_markdown(results, cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_summary(rows_by_seed: dict) -> dict:
+    """Each model's spread over seeds: {model: {"value", "heldout_loss": {mean, min, max, values},
+    "heldout_loss_per_range": [{mean, min, max, values} per range]}}, from {seed: results rows}."""
+    def spread(values):
+        return dict(mean=float(np.mean(values)), min=float(np.min(values)), max=float(np.max(values)),
+                    values=[float(v) for v in values])
+    summary = {}
+    for name in [r["model"] for r in next(iter(rows_by_seed.values()))]:
+        rows = [next(r for r in seed_rows if r["model"] == name) for seed_rows in rows_by_seed.values()]
+        summary[name] = dict(value=spread([r["value"] for r in rows]),
+                             heldout_loss=spread([r["heldout_loss"] for r in rows]),
+                             heldout_loss_per_range=[spread(v) for v in zip(*(r["heldout_loss_per_range"]
+                                                                               for r in rows))])
+    return summary
+
+
+def write_seed_summary(cfg: Config, rows_by_seed: dict):
+    """seeds.json, seeds.md (mean [min, max] per model) and seeds.png (the same as bars with min-max whiskers)."""
+    summary, seeds = seed_summary(rows_by_seed), list(rows_by_seed)
+    metric = ("pixel Fréchet distance (not FID)" if eval_metric(cfg) == "pixel" else "FID")
+    metric += f", {cfg.n_samples} samples"
+    cell = lambda d, f: f"{d['mean']:{f}} [{d['min']:{f}}, {d['max']:{f}}]"
+    head = ["model", metric.split(",")[0], "held-out loss"] + [f"loss t∈[{a},{b})" for a, b in
+                                                                timestep_ranges(cfg.n_ranges)]
+    lines = [f"Mean [min, max] over seeds {', '.join(map(str, seeds))} ({metric}; each seed's own report images and "
+             f"noise: seed_<s>/results.md).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, d in summary.items():
+        cells = [name, cell(d["value"], ".4f"), cell(d["heldout_loss"], ".5f")]
+        lines.append("| " + " | ".join(cells + [cell(r, ".5f") for r in d["heldout_loss_per_range"]]) + " |")
+    table = "\n".join(lines) + "\n"
+    atomic_write_text(json.dumps(dict(seeds=seeds, metric=metric, models=summary), indent=2),
+                      run_dir(cfg, "seeds.json"))
+    atomic_write_text(table, run_dir(cfg, "seeds.md"))
+    print("\n" + table)
+    try:
+        Figure, canvas = _matplotlib()
+    except UserError as e:
+        print(f"warning: no seeds.png ({e})", file=sys.stderr)
+        return
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    names = list(summary)
+    for ax, key, label in zip(fig.subplots(1, 2), ("heldout_loss", "value"), ("held-out loss (report split)", metric)):
+        mean = np.array([summary[n][key]["mean"] for n in names])
+        low = mean - [summary[n][key]["min"] for n in names]
+        high = np.array([summary[n][key]["max"] for n in names]) - mean
+        ax.bar(names, mean, yerr=[low, high], capsize=6, color="#6a9fd4")
+        lo = min(summary[n][key]["min"] for n in names)
+        ax.set_ylim(lo - 0.1 * (max(summary[n][key]["max"] for n in names) - lo + 1e-12), None)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(f"Mean and min-max over seeds {', '.join(map(str, seeds))}")
+    _save_png(fig, canvas, run_dir(cfg, "seeds.png"))
+
+
 def side_by_side(grids: dict, path, scale=None):
     """One image: each model's first 64 samples as an 8x8 grid, titled, left to right."""
     from PIL import Image, ImageDraw
@@ -3179,10 +3248,26 @@ def bench_table(r: dict) -> str:
 
 
 def stage_pipeline(cfg: Config, env: Env):
-    """Everything, in the paper's order: θ0, the N ranges, the equal-compute baseline, the merge, the evaluation."""
+    """Everything, in the paper's order: θ0, the N ranges, the equal-compute baseline, the merge, the evaluation;
+    with --seeds, all but θ0 once per seed, and the spread over the seeds."""
     start = time.perf_counter()
     diffusion = GaussianDiffusion()
     theta0 = theta0_model(cfg, env, diffusion)
+    if not cfg.seeds:
+        compare(cfg, env, diffusion, theta0)
+    else:
+        theta0_file = cfg.pretrained or str(run_dir(cfg, "pretrain", "ckpt.pt"))
+        rows = {s: compare(dataclasses.replace(cfg, seed=s, seeds="", out=str(run_dir(cfg, f"seed_{s}")),
+                                               pretrained=theta0_file), env, diffusion, theta0)
+                for s in seed_list(cfg)}
+        if env.master:
+            write_seed_summary(cfg, rows)
+    if env.master:
+        print(f"pipeline finished in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+def compare(cfg: Config, env: Env, diffusion, theta0) -> list:
+    """From θ0: the N ranges, the equal-compute baseline, the merge and the evaluation; returns the results rows."""
     stage_finetune(cfg, env, diffusion, theta0)
     models = [m.strip() for m in cfg.models.split(",")]
     if cfg.baseline:
@@ -3192,9 +3277,7 @@ def stage_pipeline(cfg: Config, env: Env):
         models = [m for m in models if not m.startswith("baseline")]
     cfg = dataclasses.replace(cfg, models=",".join(models))
     stage_merge(cfg, env, diffusion, theta0)
-    stage_evaluate(cfg, env, diffusion, theta0)
-    if env.master:
-        print(f"pipeline finished in {(time.perf_counter() - start) / 60:.1f} min")
+    return stage_evaluate(cfg, env, diffusion, theta0)
 
 
 def stage_sample(cfg: Config, env: Env):

@@ -2542,3 +2542,37 @@ def test_pretraining_writes_the_held_out_loss_curve_of_its_ema_and_a_resume_redo
     final = heldout_loss(ema, GaussianDiffusion(), heldout_images(cfg, 16, "select"), setup_env(cfg), 4,
                          role_seed(cfg.seed, "select"))[0]
     assert float(rows[-1].split(",")[1]) == pytest.approx(final, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Seeds: the comparison once per seed from the same θ0, and each model's spread
+
+def test_seed_summary_is_each_models_mean_and_min_max_over_seeds():
+    row = lambda model, value, loss, per_range: dict(model=model, value=value, heldout_loss=loss,
+                                                     heldout_loss_per_range=per_range)
+    rows = {0: [row("theta0", 9.0, 0.030, [0.09, 0.01]), row("merged", 8.0, 0.029, [0.08, 0.02])],
+            1: [row("theta0", 7.0, 0.034, [0.10, 0.03]), row("merged", 8.5, 0.031, [0.07, 0.01])],
+            2: [row("theta0", 8.0, 0.032, [0.11, 0.02]), row("merged", 9.5, 0.027, [0.09, 0.03])]}
+    summary = seed_summary(rows)
+    assert list(summary) == ["theta0", "merged"]
+    assert summary["theta0"]["value"] == dict(mean=8.0, min=7.0, max=9.0, values=[9.0, 7.0, 8.0])
+    assert summary["merged"]["heldout_loss"]["mean"] == pytest.approx(0.029)
+    assert (summary["merged"]["heldout_loss"]["min"], summary["merged"]["heldout_loss"]["max"]) == (0.027, 0.031)
+    assert [r["mean"] for r in summary["theta0"]["heldout_loss_per_range"]] == pytest.approx([0.10, 0.02])
+    assert summary["merged"]["heldout_loss_per_range"][1]["max"] == 0.03
+
+
+def test_seeds_run_the_comparison_per_seed_from_one_theta0_and_write_the_spread(tmp_path):
+    out = tmp_path / "run"
+    run_one_process("--out", str(out), *FAST, "--seeds", "3,5", "--no-baseline", "--models", "theta0,merged",
+                    "--n-ranges", "2")
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [3, 5] and list(summary["models"]) == ["theta0", "merged"]
+    for s in (3, 5):
+        rows = json.loads((out / f"seed_{s}" / "results.json").read_text())["rows"]
+        assert summary["models"]["merged"]["value"]["values"][[3, 5].index(s)] == rows[1]["value"]
+        assert json.loads((out / f"seed_{s}" / "results.json").read_text())["seed"] == s
+    assert not (out / "seed_3" / "pretrain").exists() and (out / "pretrain" / "ckpt.pt").exists()  # one θ0
+    assert "[" in (out / "seeds.md").read_text() and (out / "seeds.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(UserError, match="distinct"):
+        resolve_config(dict(seeds="1,1"))
