@@ -386,11 +386,6 @@ class SampleNoise:
         return torch.stack([torch.randn(self.shape, generator=g, device=self.device) for g in self.generators])
 
 
-def start_noise(seed, indices, shape) -> torch.Tensor:
-    """Starting noise x_T (B, *shape) of samples `indices`; sample i's noise depends only on (seed, i)."""
-    return SampleNoise(seed, indices, shape)()
-
-
 def sample_images(diffusion, model, x_T, cfg: "Config", noise=None, **cond):
     """Samples from starting noise x_T with the configured sampler; noise() gives the steps' z (eta > 0, DDPM)."""
     if cfg.sampler == "ddim":
@@ -402,7 +397,7 @@ def sample_batch(cfg: "Config", env: "Env", diffusion, model, indices, seed, sha
     """Samples `indices` of noise seed `seed` as (B, *shape) float32 on the CPU, in [-1, 1]: the one sampling driver
     of evaluation, grids and the benchmark, in the evaluation precision (Env.evaluation)."""
     noise = SampleNoise(seed, indices, shape, env.device)
-    with torch.no_grad(), env.evaluation():
+    with env.evaluation():  # (the samplers run without gradients)
         return sample_images(diffusion, model, noise(), cfg, noise, **cond).float().cpu()
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1444,7 +1439,7 @@ def heldout_loss(model, diffusion, images, env: Env, n_ranges=4, seed=0, batch=2
     model.eval()
     for s in range(0, n, batch):
         x0, eps, tb = (v[s:s + batch].to(env.device) for v in (images, noise, t))
-        with torch.no_grad(), env.evaluation():
+        with env.evaluation():
             pred = model(diffusion.q_sample(x0, tb, eps), tb).float()
         losses[s:s + batch] = (pred - eps).pow(2).flatten(1).mean(1).double().cpu()
     which = t * n_ranges // diffusion.T

@@ -1394,7 +1394,7 @@ def test_generated_samples_do_not_depend_on_batch_size_processes_or_resume(tmp_p
     made = []
     def sample_fn(indices, seed=3):  # a deterministic stand-in for a sampler
         made.append(len(indices))
-        return torch.tanh(start_noise(seed, indices, (3, 8, 8)))
+        return torch.tanh(SampleNoise(seed, indices, (3, 8, 8))())
     for rank in (0, 1):
         generate_samples(sample_fn, 10, tmp_path / "two", batch_size=4, rank=rank, world=2)
     generate_samples(sample_fn, 10, tmp_path / "one", batch_size=3)
