@@ -49,7 +49,12 @@ PRETRAINED = {
     "lsun_bedroom": dict(url="https://heibox.uni-heidelberg.de/f/b95206528f384185889b/?dl=1",
                          md5="1921fa46b66a3665e450e42f36c2720f", file="ema_diffusion_lsun_bedroom_model-2388000.ckpt",
                          preset="lsun256"),
+    # θ0 of the CPU pipeline, shipped in assets/: the tiny preset trained to convergence on the synthetic shapes by
+    # this project's own train stage (README: "A converged θ0"); its MD5 is checked on every load
+    "tiny_synthetic": dict(file="theta0_tiny_synthetic.pt", md5="7ee37a82669d907e9ec4777c89efa883", preset="tiny",
+                           local=True),
 }
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -574,9 +579,25 @@ def model_from_state_dict(sd, preset=None):
     return model
 
 
+def _md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _hub_file(name):
-    """Path of a PRETRAINED checkpoint in the torch hub cache, downloaded once (MD5-checked) when missing."""
+    """Path of a PRETRAINED checkpoint: in assets/ (MD5-checked), or in the torch hub cache, downloaded once
+    (MD5-checked) when missing."""
     info = PRETRAINED[name]
+    if info.get("local"):
+        path = os.path.join(ASSETS, info["file"])
+        md5 = _md5(path) if os.path.isfile(path) else None
+        if md5 != info["md5"]:
+            raise UserError(f"{path} is {'missing' if md5 is None else f'not the shipped file (MD5 {md5})'}; restore "
+                            f"it with `git checkout -- assets/{info['file']}`, or pass your own θ0 as --pretrained PATH")
+        return path
     path = os.path.join(torch.hub.get_dir(), "checkpoints", info["file"])
     if os.path.isfile(path):
         return path  # a file already in place is trusted: the MD5 is checked only right after downloading
@@ -589,11 +610,7 @@ def _hub_file(name):
             os.remove(tmp)
         raise UserError(f"could not download the {name} checkpoint ({type(e).__name__}: {e}); fetch {info['url']} "
                         f"by hand and save it as {path}") from None
-    digest = hashlib.md5()
-    with open(tmp, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    md5 = digest.hexdigest()
+    md5 = _md5(tmp)
     if md5 != info["md5"]:
         os.remove(tmp)
         raise UserError(f"the download of {info['url']} has MD5 {md5}, expected {info['md5']}; try again, or fetch "

@@ -86,6 +86,9 @@ class Config:
     train_steps: int = _opt(2000, "optimizer steps to pretrain θ0")
     train_lr: float = _opt(2e-4, "pretraining learning rate (DDPM: 2e-4)")
     train_warmup: int = _opt(100, "pretraining linear warm-up steps (DDPM: 5000)")
+    train_schedule: str = _opt("constant", "pretraining learning rate after the warm-up: constant (DDPM) or cosine "
+                                           "(decays to 0 at --train-steps: a θ0 that has settled in the steps given)",
+                               ["constant", "cosine"])
     curve_every: int = _opt(0, "pretraining: the held-out loss of the EMA weights every this many steps, on "
                                "--search-images selection images, into pretrain/heldout_curve.csv (0: off)")
     # decoupled finetuning (finetune and baseline stages)
@@ -161,19 +164,20 @@ class Config:
     sd_resolution: int = _opt(512, "image resolution for training and sampling (SD v1: 512)")
 
 
+# The CPU recipe: θ0 trained to convergence (cosine decay; about an hour on 2 cores), then DeMe in minutes.
+CPU_RECIPE = dict(preset="tiny", train_steps=12000, train_lr=1e-3, train_schedule="cosine", steps=64, batch_size=32,
+                  lr=2e-4, ckpt_every=100, sample_steps=20, n_samples=512, eval_batch=256, search_images=256,
+                  search_evals=30, report_images=1024)
 DATASET_PRESETS = {
-    # the CPU pipeline: everything in minutes on 2 cores
-    # (eta 1: deterministic DDIM amplifies the ε errors of a θ0 this far from converged into visible noise)
-    "synthetic": dict(preset="tiny", train_lr=1e-3, steps=150, batch_size=32, lr=2e-4, ckpt_every=100, eta=1.0,
-                      sample_steps=20, n_samples=2048, eval_batch=512, search_images=256, search_evals=30,
-                      report_images=1024),
+    # the CPU pipeline, from the θ0 shipped in assets/ (`python deme.py train` trains it afresh)
+    "synthetic": dict(CPU_RECIPE, pretrained="tiny_synthetic"),
     # the paper's recipes (DeMe Sec. 4 and the official scripts; DDIM-100 for CIFAR-10, 50 steps for LSUN)
     "cifar10": dict(preset="cifar10", pretrained="cifar10", flip=True, sample_steps=100),
     "lsun_church": dict(preset="lsun256", pretrained="lsun_church", batch_size=64, grad_accum=4, sample_steps=50,
                         eval_batch=64, variance="fixedsmall"),
     "lsun_bedroom": dict(preset="lsun256", pretrained="lsun_bedroom", batch_size=64, grad_accum=4, sample_steps=50,
                          eval_batch=64, variance="fixedsmall"),
-    "folder": dict(),
+    "folder": dict(),  # on a GPU the paper's finetuning budget; on a CPU the CPU recipe (resolve_config)
 }
 
 
@@ -182,7 +186,11 @@ def resolve_config(given: dict) -> Config:
     dataset = given.get("dataset", Config.dataset)
     if dataset not in DATASET_PRESETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_PRESETS)}")
-    cfg = Config(**{**DATASET_PRESETS[dataset], **given})
+    preset = DATASET_PRESETS[dataset]
+    device = given.get("device", Config.device)
+    if dataset == "folder" and (device == "cpu" or device == "auto" and not torch.cuda.is_available()):
+        preset = dict(CPU_RECIPE, metric="pixel")  # your own images on a laptop: θ0 trained here first (`train`)
+    cfg = Config(**{**preset, **given})
     if not cfg.out:
         cfg.out = f"runs/{cfg.dataset}"
     check_config(cfg)
@@ -429,6 +437,12 @@ def synthetic_images(n, size=16, seed=0) -> torch.Tensor:
     return img * 2 - 1
 
 
+# the synthetic dataset's splits: the training images (20,000), the held-out select and report images (2,048 each),
+# and the pixel metric's real images (two disjoint sets each for reporting and for re-ranking)
+SYNTHETIC_SEEDS = {"train": 0, "eval": 0, "select": 1_000_001, "report": 4_000_037,
+                   "real_report": (2_000_003, 3_000_017), "real_rerank": (5_000_011, 6_000_023)}
+
+
 class TensorImages(torch.utils.data.Dataset):
     """Images held in memory as one tensor: uint8 in [0, 255] or float in [-1, 1]."""
 
@@ -622,10 +636,9 @@ def make_dataset(cfg: Config, split="train", n=None):
     training never sees: CIFAR-10's test split in halves; folders and LSUN by heldout_role; synthetic: other seeds)."""
     assert split in SPLITS, split
     size = cfg.image_size or PRESETS[cfg.preset]["resolution"]
-    if cfg.dataset == "synthetic":
+    if cfg.dataset == "synthetic":  # a fixed dataset, like the real ones: --seed changes the training, not the data
         count = n or (20000 if split in ("train", "eval") else 2048)
-        offset = {"train": 0, "eval": 0, "select": 1_000_001, "report": 4_000_037}[split]
-        return TensorImages(synthetic_images(count, size, seed=cfg.seed + offset))
+        return TensorImages(synthetic_images(count, size, seed=SYNTHETIC_SEEDS[split]))
     if cfg.dataset == "cifar10":
         if size != 32:
             raise UserError(f"CIFAR-10 images are 32x32 but the model takes {size}; use --preset cifar10 or tiny "
@@ -742,8 +755,36 @@ class Env:
                 self.barrier()
 
 
-def setup_env(cfg: Config) -> Env:
-    """Device and precision from the config; torch.distributed when torchrun started several processes."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, and bf16
+    autocast runs several times slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cpu_training_precision(cfg: Config, measure=True) -> str:
+    """--precision auto on a CPU: bf16 autocast where the CPU has native bf16 and a few timed training steps of this
+    run's UNet show it faster than fp32 (by 10% or more); fp32 everywhere else. Evaluation stays fp32 either way."""
+    if not cpu_has_bf16():
+        return "fp32"
+    if not measure:  # not a training command, or torchrun (every process must choose alike): native bf16 is used
+        return "bf16"
+    model = set_dropout(UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {})),
+                        0.0)
+    batch = max(1, min(8, cfg.batch_size // cfg.grad_accum))
+    steps = {p: bench_train_step(copy.deepcopy(model), Env(torch.device("cpu"), precision=p), GaussianDiffusion(),
+                                 batch) for p in ("fp32", "bf16")}
+    times = {p: float(np.median(ts)) for p, ts in time_alternately(steps, 3, 1, torch.device("cpu")).items()}
+    speedup = times["fp32"] / times["bf16"]
+    choice = "bf16" if speedup >= 1.1 else "fp32"
+    print(f"precision auto: {choice} for training (this CPU has native bf16; bf16 autocast measured {speedup:.2f}x "
+          f"the speed of fp32 on {batch}-image steps of the {cfg.preset} UNet); evaluation stays fp32")
+    return choice
+
+
+def setup_env(cfg: Config, trains=True) -> Env:
+    """Device and precision from the config (`trains`: time bf16 against fp32 where --precision auto meets a CPU
+    with native bf16); torch.distributed when torchrun started several processes."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
@@ -759,8 +800,10 @@ def setup_env(cfg: Config) -> Env:
         if device.type == "cuda" and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {cfg.device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
     precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "auto" and device.type == "cuda":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    elif precision == "auto":
+        precision = cpu_training_precision(cfg, measure=trains and world == 1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # TF32 only where training is not fp32 anyway; evaluation switches it off (Env.exact)
@@ -959,7 +1002,7 @@ def check_batch_split(cfg: Config, world: int) -> int:
 
 def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, steps, lr, warmup, timesteps,
                identity: dict, teacher=None, lam=0.0, desc="train", seed=0, encode=None, grid=None,
-               weighting=None, curve=None) -> dict:
+               weighting=None, curve=None, schedule="constant") -> dict:
     """Trains `model` in place and returns its EMA weights; the loop of DDPM Algorithm 1, with DeMe's consistency
     loss to `teacher` when given (Eq. 4-5). Resumable: the checkpoint holds everything, RNG states included.
     `encode(batch) -> (x0, cond)` turns a data batch into the diffused tensor and the model's extra inputs (Stable
@@ -978,7 +1021,7 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
     place(model, env).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
                             eps=cfg.adam_eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, steps, warmup, schedule))
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
     ema = EMA(model, cfg.ema_decay)
     # Every rank draws the timesteps, coins, noise and flips of the whole global micro-batch from the same seeds and
@@ -1089,6 +1132,16 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
     return ema.state
 
 
+def lr_factor(k, steps, warmup, schedule="constant") -> float:
+    """The learning rate of step k as a fraction of the peak: a linear warm-up, then constant or a cosine decay to
+    0 at the last step (SGDR, Loshchilov & Hutter 2017, without restarts)."""
+    if k < warmup:
+        return (k + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (k - warmup) / max(1, steps - warmup))))
+
+
 def run_dir(cfg: Config, *parts) -> Path:
     """A path inside the run folder (nothing is written outside it)."""
     return Path(cfg.out).joinpath(*parts)
@@ -1098,7 +1151,10 @@ def theta0_model(cfg: Config, env: Env, diffusion) -> UNet:
     """θ0: the published checkpoint named by --pretrained, or one pretrained here from scratch (cached in the run)."""
     if cfg.pretrained:
         with env.master_first():  # one download, not one per process
-            return load_pretrained(cfg.pretrained).eval()
+            model = load_pretrained(cfg.pretrained).eval()
+        if env.master:
+            print(f"θ0: {cfg.pretrained} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+        return model
     stage_train(cfg, env, diffusion)  # returns at once when the run folder holds the finished stage
     return load_model(run_dir(cfg, "pretrain", "ckpt.pt")).eval()
 
@@ -1117,15 +1173,24 @@ def stage_train(cfg: Config, env: Env, diffusion=None):
     overrides = dict(resolution=cfg.image_size or None, dropout=cfg.dropout)
     model = UNet.from_preset(cfg.preset, **{k: v for k, v in overrides.items() if v is not None})
     uniform = lambda b, g: torch.randint(0, diffusion.T, (b,), generator=g)
-    identity = stage_identity(cfg, stage="pretrain", preset=cfg.preset, model=model.config, warmup=cfg.train_warmup)
+    identity = stage_identity(dataclasses.replace(cfg, pretrained=""),  # from scratch, whatever --pretrained says
+                              stage="pretrain", preset=cfg.preset, model=model.config, warmup=cfg.train_warmup,
+                              schedule=cfg.train_schedule)
     curve = None
     if cfg.curve_every:  # how far from converged θ0 is: its EMA's held-out loss along the way (selection images)
         images = heldout_images(cfg, cfg.search_images, "select")
         curve = lambda step, ema: heldout_loss(build_model(model.config, ema), diffusion, images, env, cfg.n_ranges,
                                                role_seed(cfg.seed, "select"))
-    train_loop(cfg, env, run_dir(cfg, "pretrain"), model, make_dataset(cfg), diffusion, steps=cfg.train_steps,
-               lr=cfg.train_lr, warmup=cfg.train_warmup, timesteps=uniform, identity=identity, desc="pretrain θ0",
-               seed=cfg.seed, curve=curve)
+    ema = train_loop(cfg, env, run_dir(cfg, "pretrain"), model, make_dataset(cfg), diffusion, steps=cfg.train_steps,
+                     lr=cfg.train_lr, warmup=cfg.train_warmup, timesteps=uniform, identity=identity,
+                     desc="pretrain θ0", seed=cfg.seed, curve=curve, schedule=cfg.train_schedule)
+    if env.master:  # θ0 alone, in the layout assets/ ships it in
+        atomic_save({k: v.float() for k, v in ema.items()}, run_dir(cfg, "pretrain", "theta0.pt"))
+        if cfg.curve_every and run_dir(cfg, "pretrain", "heldout_curve.csv").exists():
+            try:
+                print(f"held-out loss curve: {plot_curve(run_dir(cfg, 'pretrain', 'heldout_curve.csv'))}")
+            except UserError as e:
+                print(f"warning: no curve plot ({e})", file=sys.stderr)
 
 
 def append_curve(path: Path, step, losses):
@@ -1997,8 +2062,8 @@ def real_image_sets(cfg: Config, n, role="report"):
     where there are enough)."""
     if cfg.dataset == "synthetic":
         res = cfg.image_size or PRESETS[cfg.preset]["resolution"]
-        a, b = {"report": (2_000_003, 3_000_017), "rerank": (5_000_011, 6_000_023)}[role]
-        return synthetic_images(n, res, seed=cfg.seed + a), synthetic_images(n, res, seed=cfg.seed + b)
+        a, b = SYNTHETIC_SEEDS["real_" + role]
+        return synthetic_images(n, res, seed=a), synthetic_images(n, res, seed=b)
     ds = make_dataset(cfg, "eval")
     check_pixel_reference(len(ds), n)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))
@@ -2028,8 +2093,7 @@ def reference_stats(cfg: Config, env: Env, inception):
 def split_description(cfg: Config, role) -> str:
     """Which images a split holds, in words, for the results files."""
     if cfg.dataset == "synthetic":
-        offset = {"train": 0, "select": 1_000_001, "report": 4_000_037}[role]
-        return f"synthetic images of seed {cfg.seed + offset}"
+        return f"synthetic images of seed {SYNTHETIC_SEEDS[role]}"
     if cfg.dataset == "cifar10":
         return {"train": "the CIFAR-10 training split", "select": "CIFAR-10 test images 0-4999",
                 "report": "CIFAR-10 test images 5000-9999"}[role]
@@ -2058,42 +2122,72 @@ def evaluation_protocol(cfg: Config, metric: str) -> dict:
                             precision=cfg.eval_precision))
 
 
+def evaluation_reference(cfg: Config, env: Env) -> dict:
+    """What every model is compared with: the report split's images and loss seed, the samples' noise seed, and the
+    metric's real side (pixel: real images and their real-vs-real floor; FID: the training-set statistics)."""
+    ref = dict(metric=eval_metric(cfg), heldout=heldout_images(cfg, cfg.report_images, "report"),
+               loss_seed=role_seed(cfg.seed, "report"), sample_seed=role_seed(cfg.seed, "samples"), floor=None,
+               pool=None)
+    if ref["metric"] == "pixel":
+        ref["real"], real_b = real_image_sets(cfg, cfg.n_samples)
+        ref["pool"] = pixel_pool(ref["real"].shape[-1], ref["real"].shape[1], cfg.n_samples)
+        ref["floor"] = pixel_frechet(real_b, ref["real"], ref["pool"]) if env.master else None
+    else:
+        ref["inception"] = FIDInception(cfg.inception_weights or None)
+        ref["stats"] = reference_stats(cfg, env, ref["inception"])  # sharded over the ranks, then cached
+    return ref
+
+
+def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict, n_ranges=None) -> tuple:
+    """(results row, its first 64 samples) of one model: the metric on --n-samples samples and the held-out loss per
+    range (n_ranges, default --n-ranges). Kept under evaluations/, keyed by the model's weights and everything the
+    numbers depend on: evaluating the same model the same way again costs nothing."""
+    n_ranges = n_ranges or cfg.n_ranges
+    protocol = dict(metric=ref["metric"], n=cfg.n_samples, sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
+                    variance=cfg.variance, precision=cfg.eval_precision, report=cfg.report_images,
+                    seeds=[ref["loss_seed"], ref["sample_seed"]], ranges=n_ranges, dataset=cfg.dataset,
+                    data=cfg.data_dir if cfg.dataset != "synthetic" else "", fid_stats=cfg.fid_stats)
+    key = hashlib.sha256(json.dumps([model_fingerprint(model), protocol]).encode()).hexdigest()[:16]
+    path = run_dir(cfg, "evaluations", f"{key}.pt")
+    if path.exists() and not cfg.overwrite:
+        env.barrier()  # every rank has looked before rank 0 could write anything new
+        kept = load_checkpoint(path)
+        return dict(kept["row"], model=name), kept["grid"].float() / 127.5 - 1
+    env.barrier()
+    start = time.perf_counter()
+    if ref["metric"] == "pixel":
+        samples = gather_strided(sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, ref["sample_seed"],
+                                                  env.rank, env.world), env)
+        value = pixel_frechet(samples, ref["real"], ref["pool"]) if env.master else None
+        grid = samples[:64]
+    else:
+        folder = write_samples(cfg, env, diffusion, model, name)
+        paths = [folder / f"{i:06d}.png" for i in range(cfg.n_samples)]  # exactly these, whatever else is there
+        stats = inception_statistics(png_batches(paths[env.rank::env.world], cfg.eval_batch), len(paths),
+                                     ref["inception"], env, f"FID features of {name}")
+        value = frechet_distance(*stats, *ref["stats"])
+        grid = torch.stack([load_image(p) * 2 - 1 for p in paths[:64]])
+    seconds = time.perf_counter() - start
+    loss, per_range = heldout_loss(model.to(env.device), diffusion, ref["heldout"], env, n_ranges, ref["loss_seed"])
+    row = dict(model=name, value=value, heldout_loss=loss, heldout_loss_per_range=per_range,
+               params=sum(p.numel() for p in model.parameters()), sample_seconds=seconds)
+    if env.master:
+        grid8 = ((grid.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        atomic_save(dict(row=row, grid=grid8, protocol=protocol), path)
+    return row, grid
+
+
 def stage_evaluate(cfg: Config, env: Env, diffusion=None, theta0=None):
     """Compares models with one sampler and sample count, on images and noise that selected nothing: the held-out
     loss on the report split, samples from their own noise seed. Writes results.{json,md} and models.png."""
     diffusion = diffusion or GaussianDiffusion()
     names = [s.strip() for s in cfg.models.split(",") if s.strip()]
-    metric = eval_metric(cfg)
-    heldout, loss_seed = heldout_images(cfg, cfg.report_images, "report"), role_seed(cfg.seed, "report")
-    sample_seed = role_seed(cfg.seed, "samples")
-    if metric == "pixel":
-        real_a, real_b = real_image_sets(cfg, cfg.n_samples)
-        _, res = real_a.shape[1], real_a.shape[-1]
-        pool = pixel_pool(res, real_a.shape[1], cfg.n_samples)
-        floor = pixel_frechet(real_b, real_a, pool) if env.master else None
-    else:
-        inception = FIDInception(cfg.inception_weights or None)
-        mu_ref, sigma_ref = reference_stats(cfg, env, inception)  # sharded over the ranks, then cached
+    ref = evaluation_reference(cfg, env)
+    metric, floor, pool = ref["metric"], ref["floor"], ref["pool"]
     rows, grids = [], {}
     for name in names:
-        model = named_model(cfg, env, name, theta0)
-        start = time.perf_counter()
-        if metric == "pixel":
-            samples = gather_strided(sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, sample_seed,
-                                                      env.rank, env.world), env)
-            value = pixel_frechet(samples, real_a, pool) if env.master else None
-            grids[name] = samples[:64]
-        else:
-            folder = write_samples(cfg, env, diffusion, model, name)
-            paths = [folder / f"{i:06d}.png" for i in range(cfg.n_samples)]  # exactly these, whatever else is there
-            stats = inception_statistics(png_batches(paths[env.rank::env.world], cfg.eval_batch), len(paths),
-                                         inception, env, f"FID features of {name}")
-            value = frechet_distance(*stats, mu_ref, sigma_ref)
-            grids[name] = torch.stack([load_image(p) * 2 - 1 for p in paths[:64]])
-        seconds = time.perf_counter() - start
-        loss, per_range = heldout_loss(model.to(env.device), diffusion, heldout, env, cfg.n_ranges, loss_seed)
-        rows.append(dict(model=name, value=value, heldout_loss=loss, heldout_loss_per_range=per_range,
-                         params=sum(p.numel() for p in model.parameters()), sample_seconds=seconds))
+        row, grids[name] = evaluate_model(cfg, env, diffusion, named_model(cfg, env, name, theta0), name, ref)
+        rows.append(row)
     if not env.master:
         return rows
     label = ("pixel Fréchet distance (not FID)" if metric == "pixel" else "FID") + f", {cfg.n_samples} samples"
@@ -2154,41 +2248,61 @@ def seed_summary(rows_by_seed: dict) -> dict:
     return summary
 
 
-def write_seed_summary(cfg: Config, rows_by_seed: dict):
-    """seeds.json, seeds.md (mean [min, max] per model) and seeds.png (the same as bars with min-max whiskers)."""
+def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
+    """{name}.json, {name}.md (mean [min, max] over seeds per model) and {name}.png: the held-out loss, each range's
+    held-out loss relative to θ0's (when θ0 is a row) and the sample metric, as bars with min-max whiskers."""
     summary, seeds = seed_summary(rows_by_seed), list(rows_by_seed)
     metric = ("pixel Fréchet distance (not FID)" if eval_metric(cfg) == "pixel" else "FID")
     metric += f", {cfg.n_samples} samples"
+    ranges = timestep_ranges(cfg.n_ranges)
     cell = lambda d, f: f"{d['mean']:{f}} [{d['min']:{f}}, {d['max']:{f}}]"
-    head = ["model", metric.split(",")[0], "held-out loss"] + [f"loss t∈[{a},{b})" for a, b in
-                                                                timestep_ranges(cfg.n_ranges)]
-    lines = [f"Mean [min, max] over seeds {', '.join(map(str, seeds))} ({metric}; each seed's own report images and "
-             f"noise: seed_<s>/results.md).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, d in summary.items():
-        cells = [name, cell(d["value"], ".4f"), cell(d["heldout_loss"], ".5f")]
+    head = ["model", metric.split(",")[0], "held-out loss"] + [f"loss t∈[{a},{b})" for a, b in ranges]
+    lines = [f"Mean [min, max] over seeds {', '.join(map(str, seeds))} ({metric}; held-out loss on the report split; "
+             f"each seed's own noise). {note}".rstrip(), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, d in summary.items():
+        cells = [model, cell(d["value"], ".4f"), cell(d["heldout_loss"], ".5f")]
         lines.append("| " + " | ".join(cells + [cell(r, ".5f") for r in d["heldout_loss_per_range"]]) + " |")
     table = "\n".join(lines) + "\n"
-    atomic_write_text(json.dumps(dict(seeds=seeds, metric=metric, models=summary), indent=2),
-                      run_dir(cfg, "seeds.json"))
-    atomic_write_text(table, run_dir(cfg, "seeds.md"))
+    atomic_write_text(json.dumps(dict(seeds=seeds, metric=metric, note=note, models=summary), indent=2),
+                      run_dir(cfg, f"{name}.json"))
+    atomic_write_text(table, run_dir(cfg, f"{name}.md"))
     print("\n" + table)
     try:
         Figure, canvas = _matplotlib()
     except UserError as e:
-        print(f"warning: no seeds.png ({e})", file=sys.stderr)
+        print(f"warning: no {name}.png ({e})", file=sys.stderr)
         return
-    fig = Figure(figsize=(10, 4), layout="constrained")
     names = list(summary)
-    for ax, key, label in zip(fig.subplots(1, 2), ("heldout_loss", "value"), ("held-out loss (report split)", metric)):
+    base = "theta0" if "theta0" in summary else "θ0" if "θ0" in summary else None
+    fig = Figure(figsize=(5 + 1.2 * len(names), 8 if base else 4), layout="constrained")
+    axes = fig.subplots(2 if base else 1, 2, squeeze=False).ravel()
+    colors = [f"C{i % 10}" for i in range(len(names))]
+    for ax, key, label in zip(axes, ("heldout_loss", "value"), ("held-out loss (report split)", metric)):
         mean = np.array([summary[n][key]["mean"] for n in names])
         low = mean - [summary[n][key]["min"] for n in names]
         high = np.array([summary[n][key]["max"] for n in names]) - mean
-        ax.bar(names, mean, yerr=[low, high], capsize=6, color="#6a9fd4")
-        lo = min(summary[n][key]["min"] for n in names)
-        ax.set_ylim(lo - 0.1 * (max(summary[n][key]["max"] for n in names) - lo + 1e-12), None)
+        ax.bar(range(len(names)), mean, yerr=[low, high], capsize=5, color=colors)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        lo, hi = min(summary[n][key]["min"] for n in names), max(summary[n][key]["max"] for n in names)
+        ax.set_ylim(lo - 0.15 * (hi - lo + 1e-12), hi + 0.1 * (hi - lo + 1e-12))
         ax.set_title(label, fontsize=9)
+    if base:  # each range's loss relative to θ0's mean on it: where finetuning gained or lost
+        ax = fig.add_subplot(2, 1, 2)
+        width = 0.8 / len(names)
+        for k, n in enumerate(names):
+            ref = [r["mean"] for r in summary[base]["heldout_loss_per_range"]]
+            d = summary[n]["heldout_loss_per_range"]
+            mean = np.array([r["mean"] / b for r, b in zip(d, ref)])
+            err = [mean - [r["min"] / b for r, b in zip(d, ref)], [r["max"] / b for r, b in zip(d, ref)] - mean]
+            ax.bar(np.arange(len(ranges)) + (k - (len(names) - 1) / 2) * width, mean, width, yerr=err, capsize=2,
+                   color=colors[k], label=n)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(ranges)), [f"t ∈ [{a}, {b})" for a, b in ranges])
+        ax.set_ylabel(f"held-out loss / {base}'s")
+        ax.legend(fontsize=7, ncol=3)
+        axes[2].remove(), axes[3].remove()
     fig.suptitle(f"Mean and min-max over seeds {', '.join(map(str, seeds))}")
-    _save_png(fig, canvas, run_dir(cfg, "seeds.png"))
+    _save_png(fig, canvas, run_dir(cfg, f"{name}.png"))
 
 
 def side_by_side(grids: dict, path, scale=None):
@@ -2341,6 +2455,26 @@ def _save_png(fig, canvas, path):
 def _csv(header, rows) -> str:
     fmt = lambda v: f"{v:.8g}" if isinstance(v, (float, np.floating)) else str(v)
     return "\n".join(",".join(fmt(v) for v in row) for row in [header] + list(rows)) + "\n"
+
+
+def plot_curve(csv_path) -> Path:
+    """heldout_curve.png next to heldout_curve.csv: θ0's held-out loss over pretraining, overall and per range
+    (each relative to its last value: a flat line is a range that has stopped improving)."""
+    rows = np.loadtxt(csv_path, delimiter=",", skiprows=1, ndmin=2)
+    head = Path(csv_path).read_text().splitlines()[0].split(",")
+    Figure, canvas = _matplotlib()
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.plot(rows[:, 0], rows[:, 1], marker="o", ms=3)
+    left.set(xlabel="pretraining step", ylabel="held-out loss (selection images)", title="θ0's EMA weights")
+    for k in range(2, rows.shape[1]):
+        right.plot(rows[:, 0], rows[:, k] / rows[-1, k], marker="o", ms=3, label=head[k].replace("loss_", ""))
+    right.axhline(1.0, color="black", lw=0.8)
+    right.set(xlabel="pretraining step", ylabel="loss / its final value", title="per timestep range")
+    right.legend(fontsize=8)
+    path = Path(csv_path).with_suffix(".png")
+    _save_png(fig, canvas, path)
+    return path
 
 
 def plot_gradient_conflict(cos, timesteps, folder, note="") -> Path:
@@ -3085,6 +3219,12 @@ def stage_bench(cfg: Config, env: Env):
     times = time_alternately(steps, iters, warmup, dev)
     for name, ts in times.items():
         ours[f"train_{name}_img_s"] = train_batch / float(np.median(ts))
+    if dev.type == "cpu":  # what --precision auto weighs on a CPU (cpu_training_precision)
+        steps = {p: bench_train_step(copy.deepcopy(theta0), dataclasses.replace(env, precision=p), diffusion,
+                                     train_batch) for p in ("fp32", "bf16")}
+        for p, ts in time_alternately(steps, iters, warmup, dev).items():
+            ours[f"train_plain_{p}_img_s"] = train_batch / float(np.median(ts))
+        ours["cpu_native_bf16"] = cpu_has_bf16()
     del steps, student
 
     # inference: θ0 vs the merged model with 9 (or 13) projections, unfolded and folded; random non-identity
@@ -3171,32 +3311,92 @@ def stage_bench(cfg: Config, env: Env):
     return result
 
 
-def projected_time(cfg: Config, r: dict) -> list:
-    """[(what, seconds)] of this run's recipe on one device at the measured rates (data loading not included)."""
+def projected_time(cfg: Config, r: dict, stages=("train", "finetune", "baseline", "merge", "evaluate")) -> list:
+    """[(what, seconds)] of this run's recipe (the given stages; train only where θ0 is not --pretrained or it is the
+    one stage) on one device at the rates `r` (data loading not included); --seeds repeats all but train."""
     n, batch, S = cfg.n_ranges, cfg.batch_size, r["sample_steps"]
     names = [s.strip() for s in cfg.models.split(",") if s.strip()]
+    k = len(seed_list(cfg)) if cfg.seeds else 1
+    each = f", x {k} seeds" if k > 1 else ""
     plan = []
-    if not cfg.pretrained:
+    if "train" in stages and (not cfg.pretrained or tuple(stages) == ("train",)):
         plan.append((f"pretrain θ0: {cfg.train_steps} steps x {batch}",
                      cfg.train_steps * batch / r["train_plain_img_s"]))
-    plan.append((f"DeMe finetuning: {n} ranges x {cfg.steps} steps x {batch}",
-                 n * cfg.steps * batch / r["train_deme_img_s"]))
-    if cfg.baseline:
-        plan.append((f"baseline: {n * cfg.steps} steps x {batch}", n * cfg.steps * batch / r["train_plain_img_s"]))
-    if not cfg.merge_weights and cfg.merge_method != "average":
-        plan.append((f"merge search: {cfg.search_evals} x {cfg.search_images} held-out images",
-                     cfg.search_evals * cfg.search_images / r["forward_merged_img_s"]))
-    # the merged model is saved folded; the ensemble's range models keep all their projections
-    forward = {"merged": r["forward_folded_img_s"], "ensemble": r["forward_merged_img_s"]}
-    for name in names:
-        slowdown = r["forward_theta0_img_s"] / forward.get(name, r["forward_theta0_img_s"])
-        plan.append((f"sample {name}: {cfg.n_samples} x {S} steps", cfg.n_samples * slowdown / r["sampling_img_s"]))
-    if "inception_img_s" in r:
-        plan.append((f"FID features: {len(names)} x {cfg.n_samples} samples",
-                     len(names) * cfg.n_samples / r["inception_img_s"]))
-        ref = DATASET_SIZES.get(cfg.dataset, cfg.n_samples)
-        plan.append((f"FID reference statistics: {ref} images, once", ref / r["inception_img_s"]))
+    if "finetune" in stages:
+        m = len(range_indices(cfg))
+        plan.append((f"DeMe finetuning: {m} ranges x {cfg.steps} steps x {batch}{each}",
+                     k * m * cfg.steps * batch / r["train_deme_img_s"]))
+    if "baseline" in stages and cfg.baseline:
+        plan.append((f"{baseline_name(cfg)}: {n * cfg.steps} steps x {batch}{each}",
+                     k * n * cfg.steps * batch / r["train_plain_img_s"]))
+    if "merge" in stages and not cfg.merge_weights and cfg.merge_method != "average":
+        plan.append((f"merge search: {cfg.search_evals} x {cfg.search_images} held-out images{each}",
+                     k * cfg.search_evals * cfg.search_images / r["forward_merged_img_s"]))
+    if "evaluate" in stages:
+        # the merged model is saved folded; the ensemble's range models keep all their projections
+        forward = {"merged": r["forward_folded_img_s"], "ensemble": r["forward_merged_img_s"]}
+        for name in names:
+            slowdown = r["forward_theta0_img_s"] / forward.get(name, r["forward_theta0_img_s"])
+            plan.append((f"sample {name}: {cfg.n_samples} x {S} steps{each}",
+                         k * cfg.n_samples * slowdown / r["sampling_img_s"]))
+        if "inception_img_s" in r:
+            plan.append((f"FID features: {len(names)} x {cfg.n_samples} samples{each}",
+                         k * len(names) * cfg.n_samples / r["inception_img_s"]))
+            ref = DATASET_SIZES.get(cfg.dataset, cfg.n_samples)
+            plan.append((f"FID reference statistics: {ref} images, once", ref / r["inception_img_s"]))
     return plan + [("total", sum(s for _, s in plan))]
+
+
+def quick_rates(cfg: Config, env: Env) -> dict:
+    """The rates projected_time needs, timed in a few seconds: eager training steps (plain, and DeMe's with CP and
+    the teacher) and forward passes of a fresh UNet of the run's preset; sampling = one forward pass per step.
+    Training steps use the run's micro-batch (on a CPU 8 images, where a step of the full one would take over 1 s)."""
+    diffusion, dev = GaussianDiffusion(), env.device
+    quick = dataclasses.replace(env, compile=False, world=1)
+    model = set_dropout(UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {})),
+                        0.0)
+    micro = max(1, cfg.batch_size // (cfg.grad_accum * env.world))
+    student = add_channel_projections(copy.deepcopy(model)) if cfg.projections else copy.deepcopy(model)
+    teacher = place(frozen(copy.deepcopy(model)), quick) if cfg.consistency > 0 else None
+    batch = min(micro, 8) if dev.type == "cpu" else micro
+    while True:
+        steps = {"plain": bench_train_step(copy.deepcopy(model), quick, diffusion, batch),
+                 "deme": bench_train_step(student, quick, diffusion, batch, teacher=teacher, lam=cfg.consistency)}
+        times = {k: float(np.median(ts)) for k, ts in time_alternately(steps, 2, 1, dev).items()}
+        if batch == micro or times["deme"] * micro / batch > 1.0:  # a full micro-batch step would take > 1 s
+            break
+        batch = micro  # cheap enough to time at the real batch, whose per-image rate is higher
+    r = {f"train_{k}_img_s": env.world * batch / t for k, t in times.items()}
+    c, res = model.config["in_channels"], model.config["resolution"]
+    x = torch.randn(min(cfg.eval_batch, 64), c, res, res, device=dev)
+    t = torch.randint(0, diffusion.T, (len(x),), device=dev)
+    net = place(model, quick).eval()
+
+    def forward():
+        with torch.no_grad(), quick.evaluation():
+            net(x, t)
+    fwd = env.world * len(x) / float(np.median(time_alternately({"f": forward}, 2, 1, dev)["f"]))
+    S = cfg.sample_steps if cfg.sampler == "ddim" else diffusion.T
+    r.update(forward_theta0_img_s=fwd, forward_merged_img_s=fwd, forward_folded_img_s=fwd, sampling_img_s=fwd / S,
+             sample_steps=S)
+    return r
+
+
+PLANNED = {"pipeline": ("train", "finetune", "baseline", "merge", "evaluate"), "train": ("train",),
+           "finetune": ("finetune",), "baseline": ("baseline",), "evaluate": ("evaluate",)}
+
+
+def announce_plan(cfg: Config, env: Env, stage: str):
+    """One line before the work starts: what this command will run and how long it projects to on this device."""
+    if stage not in PLANNED and stage != "ablation":
+        return
+    r = quick_rates(cfg, env)
+    plan = ablation_plan(cfg, r) if stage == "ablation" else projected_time(cfg, r, PLANNED[stage])
+    if env.master and len(plan) > 1:
+        where = "a GPU" if env.device.type == "cuda" else f"this CPU ({torch.get_num_threads()} threads)"
+        print(f"plan: {'; '.join(f'{what} ~{_duration(s)}' for what, s in plan[:-1])}. Projected {_duration(plan[-1][1])} "
+              f"on {where}, {env.precision}, from rates timed just now (finished stages are reused and take no time)",
+              flush=True)
 
 
 def _duration(seconds) -> str:
@@ -3214,6 +3414,10 @@ def bench_table(r: dict) -> str:
             ("training, DeMe finetuning (CP + frozen θ0 + CL)", f"{r['train_deme_img_s']:.1f} img/s",
              f"{r['train_deme_img_s'] / r['train_plain_img_s']:.2f}x plain"),
             (f"DDIM-{r['sample_steps']} sampling, θ0", f"{r['sampling_img_s']:.3g} img/s", ""),
+            *([(f"training, plain, fp32 vs bf16 autocast (native bf16: {'yes' if r['cpu_native_bf16'] else 'no'})",
+                f"{r['train_plain_fp32_img_s']:.1f} vs {r['train_plain_bf16_img_s']:.1f} img/s",
+                f"bf16 {r['train_plain_bf16_img_s'] / r['train_plain_fp32_img_s']:.2f}x fp32")]
+              if "train_plain_bf16_img_s" in r else []),
             ("forward, θ0", f"{r['forward_theta0_img_s']:.1f} img/s", "")]
     for name, label in (("merged", "forward, merged, projections unfolded"), ("folded", "forward, merged, folded")):
         rows.append((f"{label} ({r[name + '_projections']} projections)", f"{r[f'forward_{name}_img_s']:.1f} img/s",
@@ -3248,17 +3452,20 @@ def stage_pipeline(cfg: Config, env: Env):
     start = time.perf_counter()
     diffusion = GaussianDiffusion()
     theta0 = theta0_model(cfg, env, diffusion)
-    if not cfg.seeds:
-        compare(cfg, env, diffusion, theta0)
-    else:
-        theta0_file = cfg.pretrained or str(run_dir(cfg, "pretrain", "ckpt.pt"))
-        rows = {s: compare(dataclasses.replace(cfg, seed=s, seeds="", out=str(run_dir(cfg, f"seed_{s}")),
-                                               pretrained=theta0_file), env, diffusion, theta0)
-                for s in seed_list(cfg)}
-        if env.master:
-            write_seed_summary(cfg, rows)
+    rows = {s: compare(c, env, diffusion, theta0) for s, c in seed_runs(cfg)}
+    if env.master and cfg.seeds:
+        write_seed_summary(cfg, rows)
     if env.master:
         print(f"pipeline finished in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+def seed_runs(cfg: Config) -> list:
+    """[(seed, config)]: the run itself, or with --seeds one run per seed under --out/seed_<s>/, all from one θ0."""
+    if not cfg.seeds:
+        return [(cfg.seed, cfg)]
+    theta0_file = cfg.pretrained or str(run_dir(cfg, "pretrain", "ckpt.pt"))
+    return [(s, dataclasses.replace(cfg, seed=s, seeds="", out=str(run_dir(cfg, f"seed_{s}")), pretrained=theta0_file))
+            for s in seed_list(cfg)]
 
 
 def compare(cfg: Config, env: Env, diffusion, theta0) -> list:
@@ -3273,6 +3480,83 @@ def compare(cfg: Config, env: Env, diffusion, theta0) -> list:
     cfg = dataclasses.replace(cfg, models=",".join(models))
     stage_merge(cfg, env, diffusion, theta0)
     return stage_evaluate(cfg, env, diffusion, theta0)
+
+
+# DeMe Table 3 (ablation) at this run's scale, and the loss-reweighting baselines of Table 1: every row finetunes the
+# same θ0 for the same number of optimizer steps in all (N x --steps of the pipeline), then is merged (N > 1)
+ABLATION = {
+    "θ0": dict(),
+    "N=1, continued finetuning": dict(baseline="none"),
+    "N=1 + CP": dict(n_ranges=1, consistency=0.0, projections=True),
+    "N=8 + PS": dict(n_ranges=8, consistency=0.0, projections=False),
+    "N=8 + PS + CL": dict(n_ranges=8, projections=False),
+    "N=8 + PS + CL + CP": dict(n_ranges=8),
+    "N=4 + PS + CL + CP (DeMe)": dict(n_ranges=4),
+    "Min-SNR-γ, γ = 5": dict(baseline="minsnr"),
+    "P2, γ = 1, k = 1": dict(baseline="p2"),
+}
+
+
+def ablation_config(cfg: Config, row: dict) -> Config:
+    """The configuration that trains one ablation row's model from the pipeline's configuration."""
+    total = cfg.n_ranges * cfg.steps
+    if "baseline" in row:  # the baseline stage: N x steps on all timesteps, in the pipeline's folder
+        return dataclasses.replace(cfg, baseline_weighting=row["baseline"])
+    n = row.get("n_ranges", cfg.n_ranges)
+    techniques = dict(consistency=row.get("consistency", cfg.consistency),
+                      projections=row.get("projections", cfg.projections))
+    if n == cfg.n_ranges and techniques == dict(consistency=cfg.consistency, projections=cfg.projections):
+        return cfg  # DeMe itself: the pipeline's ranges and merge
+    slug = f"n{n}" + "".join(f"_{k}{int(bool(v))}" for k, v in techniques.items())
+    return dataclasses.replace(cfg, n_ranges=n, steps=total // n, ranges="all", out=str(run_dir(cfg, "ablation", slug)),
+                               merge_weights="", **techniques)
+
+
+def ablation_model(cfg: Config, env: Env, diffusion, theta0, row: dict):
+    """Trains (or reuses) one ablation row's model and returns it."""
+    if not row:
+        return theta0
+    c = ablation_config(cfg, row)
+    if "baseline" in row:
+        stage_baseline(c, env, diffusion, theta0)
+        return named_model(c, env, baseline_name(c))
+    stage_finetune(c, env, diffusion, theta0)
+    if c.n_ranges == 1:  # nothing to merge: the finetuned model itself
+        return range_models(c)[0]
+    stage_merge(c, env, diffusion, theta0)
+    return named_model(c, env, "merged")
+
+
+def ablation_plan(cfg: Config, r: dict) -> list:
+    """projected_time of every row that trains."""
+    plan = []
+    for label, row in ABLATION.items():
+        if row:
+            c = ablation_config(cfg, row)
+            stages = ("baseline",) if "baseline" in row else ("finetune", "merge") if c.n_ranges > 1 else ("finetune",)
+            plan += [(f"{label}: {what}", sec) for what, sec in projected_time(c, r, stages)[:-1]]
+    n = len(ABLATION) * (len(seed_list(cfg)) if cfg.seeds else 1)
+    plan.append((f"evaluate {n} models", projected_time(dataclasses.replace(cfg, models=",".join(["theta0"] * n),
+                                                                            seeds=""), r, ("evaluate",))[-1][1]))
+    return plan + [("total", sum(s for _, s in plan))]
+
+
+def stage_ablation(cfg: Config, env: Env):
+    """Every row of ABLATION for each seed (--seeds; reusing the pipeline's finished stages), evaluated alike; writes
+    ablation.{json,md} and ablation.png (the report-split loss per range and the sample metric, with seed spread)."""
+    start, diffusion = time.perf_counter(), GaussianDiffusion()
+    theta0 = theta0_model(cfg, env, diffusion)
+    rows = {}
+    for s, c in seed_runs(cfg):
+        ref = evaluation_reference(c, env)
+        rows[s] = [evaluate_model(c, env, diffusion, ablation_model(c, env, diffusion, theta0, row), label, ref)[0]
+                   for label, row in ABLATION.items()]
+    if env.master:
+        steps = {label: (ablation_config(cfg, row).steps, ablation_config(cfg, row).n_ranges) for label, row in
+                 ABLATION.items() if row}
+        write_seed_summary(cfg, rows, "ablation", note=" ".join(
+            f"{label}: {n} x {k} steps." for label, (k, n) in steps.items() if "baseline" not in ABLATION[label]))
+        print(f"ablation finished in {(time.perf_counter() - start) / 60:.1f} min")
 
 
 def stage_sample(cfg: Config, env: Env):
@@ -3295,6 +3579,7 @@ STAGES = {
     "evaluate": (lambda cfg, env: stage_evaluate(cfg, env), "compare the models named by --models"),
     "bench": (stage_bench, "throughput of training, DeMe finetuning and sampling on this device; projected run time"),
     "analyze": (lambda cfg, env: stage_analyze(cfg, env), "the paper's figures (Fig. 1a, 6a, 6b) as PNG and CSV"),
+    "ablation": (stage_ablation, "DeMe Table 3 and Table 1's loss reweightings at equal compute, with --seeds"),
 }
 
 GROUPS = {"dataset": "run", "preset": "model", "train_steps": "pretraining θ0 (train stage)",
@@ -3347,15 +3632,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TRAINING_STAGES = ("pipeline", "train", "finetune", "baseline")
+TRAINING_STAGES = ("pipeline", "train", "finetune", "baseline", "ablation")
 
 
 def preflight(cfg: Config, env: Env, stage: str):
     """Every check that could otherwise fail after hours of training, run before the first step: the data and its
     held-out splits are there and large enough, the Inception weights and FID statistics can be read."""
-    searches = stage in ("pipeline", "merge") and not cfg.merge_weights and cfg.merge_method != "average"
-    evaluates = stage in ("pipeline", "evaluate")
+    searches = stage in ("pipeline", "merge", "ablation") and not cfg.merge_weights and cfg.merge_method != "average"
+    evaluates = stage in ("pipeline", "evaluate", "ablation")
     metric = eval_metric(cfg)
+    if stage == "ablation" and cfg.n_ranges * cfg.steps % 8:
+        raise UserError(f"the ablation splits N x --steps = {cfg.n_ranges * cfg.steps} optimizer steps over 8 ranges; "
+                        f"choose --steps so that it divides by 8")
     with env.master_first():  # one process lists a folder or an lmdb first (LSUN: writes its key list once)
         if stage in TRAINING_STAGES:
             check_batch_split(cfg, env.world)
@@ -3390,7 +3678,7 @@ def main(argv=None):
             return
         given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
         cfg = resolve_config(given)
-        env = setup_env(cfg)
+        env = setup_env(cfg, trains=args.stage in TRAINING_STAGES)
         out = Path(cfg.out)
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -3407,6 +3695,7 @@ def main(argv=None):
                             f"{args.stage!r} and use --ranges to split the finetuning")
         if cfg.model != "sd":
             preflight(cfg, env, args.stage)  # (the SD stage checks its pipeline and captions before it trains)
+            announce_plan(cfg, env, args.stage)
         (stage_sd if cfg.model == "sd" else STAGES[args.stage][0])(cfg, env)
     except UserError as e:
         stop(f"error: {e}", 2)

@@ -533,8 +533,8 @@ def test_batches_resume_where_they_stopped_and_ranks_split_each_global_batch():
 
 def tiny_cfg(tmp_path, **kw):
     """A config for runs that take seconds: tiny model, small batches, few steps."""
-    base = dict(out=str(tmp_path / "run"), device="cpu", batch_size=8, steps=4, train_steps=4, ckpt_every=2,
-                n_samples=32, eval_batch=32, sample_steps=5, search_images=32, search_evals=4)
+    base = dict(out=str(tmp_path / "run"), device="cpu", pretrained="", batch_size=8, steps=4, train_steps=4,
+                ckpt_every=2, n_samples=32, eval_batch=32, sample_steps=5, search_images=32, search_evals=4)
     return deme.resolve_config({**base, **kw})
 
 
@@ -705,7 +705,7 @@ def test_checkpoints_that_run_code_are_refused_without_running_it(tmp_path):
 # The whole pipeline, as a user runs it
 # ======================================================================================================================
 
-FAST = ["--device", "cpu", "--train-steps", "10", "--steps", "2", "--batch-size", "8", "--n-samples", "64",
+FAST = ["--device", "cpu", "--pretrained", "", "--train-steps", "10", "--steps", "2", "--batch-size", "8", "--n-samples", "64",
         "--sample-steps", "4", "--eval-batch", "64", "--search-images", "32", "--search-evals", "5",
         "--report-images", "32"]
 
@@ -802,7 +802,7 @@ def test_bad_numbers_get_one_line_each(capsys, tmp_path):
     assert "--adam-betas" in cli_error(capsys, "train", "--adam-betas", "0.9", *out)
     assert "runs as one command" in cli_error(capsys, "merge", "--model", "sd", "--dataset", "folder", "--pretrained",
                                               str(tmp_path), "--data-dir", str(tmp_path), *out)
-    assert "never trained" in cli_error(capsys, "evaluate", *out)
+    assert "never trained" in cli_error(capsys, "evaluate", "--pretrained", "", *out)
 
 
 def test_missing_or_empty_data_is_a_clear_error(capsys, tmp_path):
@@ -1607,7 +1607,7 @@ def test_analyze_refuses_an_unfinished_range(tmp_path):
 DEME = sys.modules[Config.__module__]  # the deme module, to run its main() and patch its sample grids
 
 # The smallest run that still goes through every stage: θ0 pretraining, 2 ranges, merge-weight search, evaluation.
-TINY_RUN = ["--device", "cpu", "--preset", "tiny", "--train-steps", "3", "--steps", "2", "--n-ranges", "2",
+TINY_RUN = ["--device", "cpu", "--pretrained", "", "--preset", "tiny", "--train-steps", "3", "--steps", "2", "--n-ranges", "2",
             "--batch-size", "4", "--no-baseline", "--models", "theta0,merged", "--search-images", "16",
             "--search-evals", "3", "--n-samples", "8", "--sample-steps", "2", "--eval-batch", "4", "--eta", "0",
             "--report-images", "16"]
@@ -1809,8 +1809,9 @@ def test_bench_stage_measures_and_writes_bench_json(tmp_path):
                "--out", str(tmp_path)])
     r = json.loads((tmp_path / "bench.json").read_text())
     for key in ("train_plain_img_s", "train_deme_img_s", "sampling_img_s", "forward_theta0_img_s",
-                "forward_folded_img_s"):
+                "forward_folded_img_s", "train_plain_fp32_img_s", "train_plain_bf16_img_s"):  # a CPU: both precisions
         assert r[key] > 0, key
+    assert r["cpu_native_bf16"] == DEME.cpu_has_bf16() and "fp32 vs bf16 autocast" in bench_table(r)
     assert r["merged_projections"] == 7 and r["n_folded"] >= 2  # tiny: 2 upsampling convs take theirs
     assert r["folded_projections"] == r["merged_projections"] - r["n_folded"]
     assert 0 < r["folded_flops_overhead_pct"] < r["merged_flops_overhead_pct"]
@@ -2422,8 +2423,8 @@ def test_a_failure_on_any_process_ends_the_whole_job_at_once_with_its_one_line_e
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-CUDA_RUN = ["--device", "cuda", "--preset", "tiny", "--train-steps", "6", "--steps", "3", "--n-ranges", "2",
-            "--batch-size", "8", "--ckpt-every", "2", "--search-images", "16", "--report-images", "16",
+CUDA_RUN = ["--device", "cuda", "--pretrained", "", "--preset", "tiny", "--train-steps", "6", "--steps", "3",
+            "--n-ranges", "2", "--batch-size", "8", "--ckpt-every", "2", "--search-images", "16", "--report-images", "16",
             "--search-evals", "3", "--n-samples", "16", "--sample-steps", "4", "--eval-batch", "8",
             "--models", "theta0,baseline,ensemble,merged"]
 
@@ -2576,3 +2577,154 @@ def test_seeds_run_the_comparison_per_seed_from_one_theta0_and_write_the_spread(
     assert "[" in (out / "seeds.md").read_text() and (out / "seeds.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(UserError, match="distinct"):
         resolve_config(dict(seeds="1,1"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The paper's regime on a laptop: the shipped converged θ0, precision auto, the plan line, the ablation
+
+def test_the_shipped_theta0_loads_safely_has_the_tiny_layout_and_samples_shapes():
+    path = ROOT / "assets" / ddpm_unet.PRETRAINED["tiny_synthetic"]["file"]
+    assert path.stat().st_size <= 5 * 2 ** 20
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    want = UNet.from_preset("tiny").state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in want.items()}
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    theta0 = ddpm_unet.load_pretrained("tiny_synthetic")
+    cfg = resolve_config(dict(device="cpu"))
+    assert cfg.pretrained == "tiny_synthetic" and cfg.train_schedule == "cosine"
+    env, d = setup_env(cfg, trains=False), GaussianDiffusion()
+    # trained: its held-out loss is a fraction of an untrained UNet's (about 1 for ε-prediction)
+    images = heldout_images(cfg, 64, "select")
+    trained = heldout_loss(theta0, d, images, env, 4, 0)[0]
+    untrained = heldout_loss(UNet.from_preset("tiny").eval(), d, images, env, 4, 0)[0]
+    assert trained < 0.05 and untrained > 0.5
+    x = sample_in_memory(dataclasses.replace(cfg, sample_steps=10), env, d, theta0, 8, seed=0)
+    assert x.shape == (8, 3, 16, 16) and x.abs().max() <= 1 and x.std() > 0.2  # images, not noise or flat grey
+
+
+def test_a_changed_or_missing_shipped_theta0_is_refused_with_the_way_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(ddpm_unet, "ASSETS", str(tmp_path))
+    with pytest.raises(UserError, match="missing; restore it with `git checkout"):
+        ddpm_unet.load_pretrained("tiny_synthetic")
+    torch.save(UNet.from_preset("tiny").state_dict(), tmp_path / ddpm_unet.PRETRAINED["tiny_synthetic"]["file"])
+    with pytest.raises(UserError, match=r"not the shipped file \(MD5 [0-9a-f]{32}\).*--pretrained PATH"):
+        ddpm_unet.load_pretrained("tiny_synthetic")
+
+
+def test_the_pretraining_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
+    f = lambda k: lr_factor(k, steps=1100, warmup=100, schedule="cosine")
+    assert [f(0), f(49), f(99)] == pytest.approx([0.01, 0.5, 1.0])
+    assert f(100) == 1.0 and f(600) == pytest.approx(0.5) and f(1099) == pytest.approx(0.0, abs=1e-5)
+    assert all(f(k) >= f(k + 1) for k in range(100, 1099))
+    assert lr_factor(5000, 1100, 100) == 1.0  # constant, DDPM
+
+
+def test_train_writes_theta0_alone_in_the_layout_the_pipeline_loads(tmp_path):
+    cfg = tiny_cfg(tmp_path, train_steps=2, train_schedule="cosine")
+    stage_train(cfg, setup_env(cfg))
+    path = tmp_path / "run" / "pretrain" / "theta0.pt"
+    ema = _load(tmp_path / "run" / "pretrain" / "ckpt.pt")["ema"]
+    sd = torch.load(path, weights_only=True)
+    assert sd.keys() == ema.keys() and all(torch.equal(sd[k], ema[k]) for k in sd)
+    assert ddpm_unet.load_pretrained(path).config == UNet.from_preset("tiny").config
+
+
+def test_precision_auto_trains_in_bf16_only_on_a_cpu_with_native_bf16_where_it_measured_faster(monkeypatch, capsys):
+    cfg = resolve_config(dict(device="cpu"))
+    timed = []
+    monkeypatch.setattr(DEME, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(DEME, "time_alternately",
+                        lambda fns, *a, **k: timed.append(1) or {"fp32": [1.0], "bf16": [0.5]})
+    assert setup_env(cfg).precision == "fp32" and not timed  # emulated bf16: not even timed
+    monkeypatch.setattr(DEME, "cpu_has_bf16", lambda: True)
+    env = setup_env(cfg)
+    assert env.precision == "bf16" and env.eval_precision == "fp32" and timed == [1]
+    assert "bf16 for training" in capsys.readouterr().out
+    monkeypatch.setattr(DEME, "time_alternately", lambda fns, *a, **k: {"fp32": [1.0], "bf16": [0.95]})
+    assert setup_env(cfg).precision == "fp32"  # 5% is not worth bf16's rounding
+    assert setup_env(dataclasses.replace(cfg, precision="fp32")).precision == "fp32"
+    assert setup_env(cfg, trains=False).precision == "bf16"  # nothing trains: nothing to time
+
+
+def test_the_synthetic_dataset_is_fixed_and_a_seed_changes_only_the_training():
+    a, b = (make_dataset(resolve_config(dict(seed=s)), split).images for s in (0, 7) for split in ["train"])
+    assert torch.equal(a, b)
+    assert torch.equal(heldout_images(resolve_config(dict(seed=0)), 8, "report"),
+                       heldout_images(resolve_config(dict(seed=7)), 8, "report"))
+
+
+def test_a_folder_on_a_cpu_gets_the_cpu_recipe_and_on_a_gpu_the_papers(tmp_path):
+    cpu = resolve_config(dict(dataset="folder", device="cpu"))
+    assert (cpu.steps, cpu.train_steps, cpu.train_schedule, cpu.metric, cpu.pretrained) == \
+        (CPU_RECIPE["steps"], CPU_RECIPE["train_steps"], "cosine", "pixel", "")
+    assert resolve_config(dict(dataset="folder", device="cpu", steps=7)).steps == 7  # flags still win
+    gpu = resolve_config(dict(dataset="folder", device="cuda"))
+    assert gpu.steps == Config.steps == 20000 and gpu.n_samples == 50000
+
+
+def test_every_training_command_first_prints_its_plan_and_projected_duration(tmp_path, capsys):
+    run_one_process("--out", str(tmp_path / "run"), *FAST, "--n-ranges", "2", "--models", "theta0,merged")
+    out = capsys.readouterr().out
+    plan = [line for line in out.splitlines() if line.startswith("plan: ")]
+    assert len(plan) == 1 and "pretrain θ0: 10 steps" in plan[0] and "DeMe finetuning: 2 ranges x 2 steps" in plan[0]
+    assert "sample merged: 64 x 4 steps" in plan[0] and "Projected" in plan[0]
+    assert out.index("plan: ") < out.index("merged 2 ranges")  # before the work
+    r = dict(train_plain_img_s=10.0, train_deme_img_s=5.0, forward_theta0_img_s=100.0, forward_merged_img_s=100.0,
+             forward_folded_img_s=100.0, sampling_img_s=10.0, sample_steps=10)
+    cfg = resolve_config(dict(steps=100, batch_size=10, n_samples=50, models="theta0,merged", seeds="0,1"))
+    plan = dict(projected_time(cfg, r, ("finetune", "baseline", "evaluate")))
+    assert plan["DeMe finetuning: 4 ranges x 100 steps x 10, x 2 seeds"] == pytest.approx(2 * 4 * 100 * 10 / 5.0)
+    assert plan["baseline: 400 steps x 10, x 2 seeds"] == pytest.approx(2 * 400 * 10 / 10.0)
+    assert plan["total"] == pytest.approx(1600 + 800 + 2 * 2 * 50 / 10)
+
+
+def test_an_evaluation_is_kept_and_reused_only_for_the_same_model_and_protocol(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, n_samples=16, sample_steps=2, report_images=16)
+    env, d = setup_env(cfg), GaussianDiffusion()
+    calls = []
+    real = DEME.sample_in_memory
+    monkeypatch.setattr(DEME, "sample_in_memory", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ref = evaluation_reference(cfg, env)
+    a, b = tiny_theta0(0), tiny_theta0(1)
+    first, grid = evaluate_model(cfg, env, d, a, "a", ref)
+    again, grid2 = evaluate_model(cfg, env, d, a, "renamed", ref)
+    assert len(calls) == 1 and again == dict(first, model="renamed")
+    assert (grid2 - grid).abs().max() <= 1 / 127.5 + 1e-6  # kept as 8-bit images
+    evaluate_model(cfg, env, d, b, "b", ref)  # another model
+    evaluate_model(dataclasses.replace(cfg, sample_steps=3), env, d, a, "a", ref)  # another sampler
+    assert len(calls) == 3
+
+
+def test_the_ablation_runs_every_row_at_equal_compute_and_writes_its_table_and_chart(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--out", str(out), *FAST, "--steps", "2", "--n-samples", "16", "--report-images", "16",
+            "--search-evals", "3", "--sample-steps", "2", "--seeds", "0,1"]
+    run_one_process("ablation", *argv)
+    table = json.loads((out / "ablation.json").read_text())
+    assert table["seeds"] == [0, 1] and list(table["models"]) == list(ABLATION)
+    for name, d in table["models"].items():
+        assert len(d["heldout_loss"]["values"]) == 2 and len(d["heldout_loss_per_range"]) == 4, name
+        assert d["heldout_loss"]["min"] <= d["heldout_loss"]["mean"] <= d["heldout_loss"]["max"]
+    # DeMe's row is the pipeline's own run (range_*, baseline, merge in seed_<s>/, as `--seeds` makes them), so a
+    # pipeline run with the same flags afterwards reuses every stage and every evaluation
+    assert (out / "seed_1" / "merge" / "merged.pt").exists() and (out / "seed_1" / "range_3" / "ckpt.pt").exists()
+    kept = len(list((out / "seed_1" / "evaluations").iterdir()))
+    run_one_process(*argv, "--models", "theta0,baseline,merged")
+    assert len(list((out / "seed_1" / "evaluations").iterdir())) == kept
+    rows = json.loads((out / "seed_1" / "results.json").read_text())["rows"]
+    deme_row = table["models"]["N=4 + PS + CL + CP (DeMe)"]["heldout_loss"]["values"][1]
+    assert deme_row == next(r["heldout_loss"] for r in rows if r["model"] == "merged")
+    steps = {}
+    for folder in sorted((out / "seed_0" / "ablation").iterdir()):
+        cks = [_load(folder / f"range_{i}" / "ckpt.pt") for i in range(8) if (folder / f"range_{i}").exists()]
+        steps[folder.name] = (len(cks), cks[0]["step"], cks[0]["identity"]["consistency"],
+                              cks[0]["identity"]["projections"])
+    assert steps == {"n1_consistency0_projections1": (1, 8, 0.0, True),
+                     "n8_consistency0_projections0": (8, 1, 0.0, False),
+                     "n8_consistency1_projections0": (8, 1, 1.0, False),
+                     "n8_consistency1_projections1": (8, 1, 1.0, True)}
+    assert _load(out / "seed_0" / "baseline_p2" / "ckpt.pt")["step"] == 8
+    assert "| N=8 + PS + CL + CP |" in (out / "ablation.md").read_text()
+    assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        run_one_process("ablation", *argv, "--steps", "3")  # 12 steps do not split over 8 ranges
