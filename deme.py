@@ -2162,7 +2162,8 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict, n_r
         value = pixel_frechet(samples, ref["real"], ref["pool"]) if env.master else None
         grid = samples[:64]
     else:
-        folder = write_samples(cfg, env, diffusion, model, name)
+        folder = write_samples(cfg, env, diffusion, model, "".join(c if c.isalnum() or c in "._-" else "_"
+                                                                   for c in name))  # ablation rows have spaces
         paths = [folder / f"{i:06d}.png" for i in range(cfg.n_samples)]  # exactly these, whatever else is there
         stats = inception_statistics(png_batches(paths[env.rank::env.world], cfg.eval_batch), len(paths),
                                      ref["inception"], env, f"FID features of {name}")
@@ -2235,23 +2236,36 @@ def results_markdown(results, cfg: Config) -> str:
 
 def seed_summary(rows_by_seed: dict) -> dict:
     """Each model's spread over seeds: {model: {"value", "heldout_loss": {mean, min, max, values},
-    "heldout_loss_per_range": [{mean, min, max, values} per range]}}, from {seed: results rows}."""
+    "heldout_loss_per_range": [{mean, min, max, values} per range]}}, from {seed: results rows}. With a θ0 row
+    ("theta0" or "θ0"), also the paired differences to it, seed by seed (same report images, same noise), which the
+    evaluation noise shared by both does not blur: "value_vs_theta0" (difference), "loss_vs_theta0_pct" and
+    "loss_per_range_vs_theta0_pct" (relative, in %)."""
     def spread(values):
         return dict(mean=float(np.mean(values)), min=float(np.min(values)), max=float(np.max(values)),
                     values=[float(v) for v in values])
+    names = [r["model"] for r in next(iter(rows_by_seed.values()))]
+    rows = {n: [next(r for r in seed_rows if r["model"] == n) for seed_rows in rows_by_seed.values()] for n in names}
+    base = next((rows[n] for n in ("theta0", "θ0") if n in rows), None)
+    pct = lambda a, b: 100 * (a / b - 1)
     summary = {}
-    for name in [r["model"] for r in next(iter(rows_by_seed.values()))]:
-        rows = [next(r for r in seed_rows if r["model"] == name) for seed_rows in rows_by_seed.values()]
-        summary[name] = dict(value=spread([r["value"] for r in rows]),
-                             heldout_loss=spread([r["heldout_loss"] for r in rows]),
-                             heldout_loss_per_range=[spread(v) for v in zip(*(r["heldout_loss_per_range"]
-                                                                               for r in rows))])
+    for name, rs in rows.items():
+        summary[name] = dict(value=spread([r["value"] for r in rs]),
+                             heldout_loss=spread([r["heldout_loss"] for r in rs]),
+                             heldout_loss_per_range=[spread(v) for v in zip(*(r["heldout_loss_per_range"] for r in rs))])
+        if base is not None:
+            summary[name].update(
+                value_vs_theta0=spread([r["value"] - b["value"] for r, b in zip(rs, base)]),
+                loss_vs_theta0_pct=spread([pct(r["heldout_loss"], b["heldout_loss"]) for r, b in zip(rs, base)]),
+                loss_per_range_vs_theta0_pct=[spread([pct(r["heldout_loss_per_range"][i],
+                                                          b["heldout_loss_per_range"][i]) for r, b in zip(rs, base)])
+                                              for i in range(len(rs[0]["heldout_loss_per_range"]))])
     return summary
 
 
 def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
-    """{name}.json, {name}.md (mean [min, max] over seeds per model) and {name}.png: the held-out loss, each range's
-    held-out loss relative to θ0's (when θ0 is a row) and the sample metric, as bars with min-max whiskers."""
+    """{name}.json, {name}.md (mean [min, max] over seeds per model, and the paired differences to θ0 when θ0 is a
+    row) and {name}.png: the held-out loss, the sample metric and each range's held-out loss relative to θ0's on
+    the same seed, as bars with min-max whiskers."""
     summary, seeds = seed_summary(rows_by_seed), list(rows_by_seed)
     metric = ("pixel Fréchet distance (not FID)" if eval_metric(cfg) == "pixel" else "FID")
     metric += f", {cfg.n_samples} samples"
@@ -2263,6 +2277,14 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
     for model, d in summary.items():
         cells = [model, cell(d["value"], ".4f"), cell(d["heldout_loss"], ".5f")]
         lines.append("| " + " | ".join(cells + [cell(r, ".5f") for r in d["heldout_loss_per_range"]]) + " |")
+    if "loss_vs_theta0_pct" in next(iter(summary.values())):
+        lines += ["", "Paired with θ0, seed by seed (the same report images and noise): mean [min, max] of the model's "
+                  "difference to θ0; a model beats θ0 beyond the seed spread where the whole interval is below 0.", "",
+                  "| model | Δ " + metric.split(",")[0] + " | Δ held-out loss (%) | " +
+                  " | ".join(f"Δ loss t∈[{a},{b}) (%)" for a, b in ranges) + " |", "|" + "---|" * (len(ranges) + 3)]
+        for model, d in summary.items():
+            cells = [model, cell(d["value_vs_theta0"], "+.4f"), cell(d["loss_vs_theta0_pct"], "+.2f")]
+            lines.append("| " + " | ".join(cells + [cell(r, "+.2f") for r in d["loss_per_range_vs_theta0_pct"]]) + " |")
     table = "\n".join(lines) + "\n"
     atomic_write_text(json.dumps(dict(seeds=seeds, metric=metric, note=note, models=summary), indent=2),
                       run_dir(cfg, f"{name}.json"))
@@ -2276,9 +2298,12 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
     names = list(summary)
     base = "theta0" if "theta0" in summary else "θ0" if "θ0" in summary else None
     fig = Figure(figsize=(5 + 1.2 * len(names), 8 if base else 4), layout="constrained")
-    axes = fig.subplots(2 if base else 1, 2, squeeze=False).ravel()
+    axes = fig.subplot_mosaic([["heldout_loss", "value"]] + ([["range", "range"]] if base else []))
     colors = [f"C{i % 10}" for i in range(len(names))]
-    for ax, key, label in zip(axes, ("heldout_loss", "value"), ("held-out loss (report split)", metric)):
+    loss_panel = ("loss_vs_theta0_pct", f"held-out loss (report split) vs {base}, same seed (%)") if base else \
+        ("heldout_loss", "held-out loss (report split)")  # paired: the evaluation noise both share drops out
+    for (key, label), place_ in zip((loss_panel, ("value", metric)), ("heldout_loss", "value")):
+        ax = axes[place_]
         mean = np.array([summary[n][key]["mean"] for n in names])
         low = mean - [summary[n][key]["min"] for n in names]
         high = np.array([summary[n][key]["max"] for n in names]) - mean
@@ -2287,21 +2312,19 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
         lo, hi = min(summary[n][key]["min"] for n in names), max(summary[n][key]["max"] for n in names)
         ax.set_ylim(lo - 0.15 * (hi - lo + 1e-12), hi + 0.1 * (hi - lo + 1e-12))
         ax.set_title(label, fontsize=9)
-    if base:  # each range's loss relative to θ0's mean on it: where finetuning gained or lost
-        ax = fig.add_subplot(2, 1, 2)
+    if base:  # each range's loss relative to θ0's on the same seed: where finetuning gained or lost
+        ax = axes["range"]
         width = 0.8 / len(names)
         for k, n in enumerate(names):
-            ref = [r["mean"] for r in summary[base]["heldout_loss_per_range"]]
-            d = summary[n]["heldout_loss_per_range"]
-            mean = np.array([r["mean"] / b for r, b in zip(d, ref)])
-            err = [mean - [r["min"] / b for r, b in zip(d, ref)], [r["max"] / b for r, b in zip(d, ref)] - mean]
+            d = summary[n]["loss_per_range_vs_theta0_pct"]
+            mean = np.array([r["mean"] for r in d])
+            err = [mean - [r["min"] for r in d], np.array([r["max"] for r in d]) - mean]
             ax.bar(np.arange(len(ranges)) + (k - (len(names) - 1) / 2) * width, mean, width, yerr=err, capsize=2,
                    color=colors[k], label=n)
-        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xticks(range(len(ranges)), [f"t ∈ [{a}, {b})" for a, b in ranges])
-        ax.set_ylabel(f"held-out loss / {base}'s")
+        ax.set_ylabel(f"held-out loss vs {base}, same seed (%)")
         ax.legend(fontsize=7, ncol=3)
-        axes[2].remove(), axes[3].remove()
     fig.suptitle(f"Mean and min-max over seeds {', '.join(map(str, seeds))}")
     _save_png(fig, canvas, run_dir(cfg, f"{name}.png"))
 
@@ -3363,20 +3386,20 @@ def quick_rates(cfg: Config, env: Env) -> dict:
     while True:
         steps = {"plain": bench_train_step(copy.deepcopy(model), quick, diffusion, batch),
                  "deme": bench_train_step(student, quick, diffusion, batch, teacher=teacher, lam=cfg.consistency)}
-        times = {k: float(np.median(ts)) for k, ts in time_alternately(steps, 2, 1, dev).items()}
+        times = {k: float(np.median(ts)) for k, ts in time_alternately(steps, 1, 1, dev, min_seconds=0).items()}
         if batch == micro or times["deme"] * micro / batch > 1.0:  # a full micro-batch step would take > 1 s
             break
         batch = micro  # cheap enough to time at the real batch, whose per-image rate is higher
     r = {f"train_{k}_img_s": env.world * batch / t for k, t in times.items()}
     c, res = model.config["in_channels"], model.config["resolution"]
-    x = torch.randn(min(cfg.eval_batch, 64), c, res, res, device=dev)
+    x = torch.randn(min(cfg.eval_batch, batch), c, res, res, device=dev)
     t = torch.randint(0, diffusion.T, (len(x),), device=dev)
     net = place(model, quick).eval()
 
     def forward():
         with torch.no_grad(), quick.evaluation():
             net(x, t)
-    fwd = env.world * len(x) / float(np.median(time_alternately({"f": forward}, 2, 1, dev)["f"]))
+    fwd = env.world * len(x) / float(np.median(time_alternately({"f": forward}, 1, 1, dev, min_seconds=0)["f"]))
     S = cfg.sample_steps if cfg.sampler == "ddim" else diffusion.T
     r.update(forward_theta0_img_s=fwd, forward_merged_img_s=fwd, forward_folded_img_s=fwd, sampling_img_s=fwd / S,
              sample_steps=S)
@@ -3395,9 +3418,9 @@ def announce_plan(cfg: Config, env: Env, stage: str):
     plan = ablation_plan(cfg, r) if stage == "ablation" else projected_time(cfg, r, PLANNED[stage])
     if env.master and len(plan) > 1:
         where = "a GPU" if env.device.type == "cuda" else f"this CPU ({torch.get_num_threads()} threads)"
-        print(f"plan: {'; '.join(f'{what} ~{_duration(s)}' for what, s in plan[:-1])}. Projected {_duration(plan[-1][1])} "
-              f"on {where}, {env.precision}, from rates timed just now (finished stages are reused and take no time)",
-              flush=True)
+        print(f"plan: {'; '.join(f'{what} ~{_duration(s)}' for what, s in plan[:-1])}. Projected "
+              f"{_duration(plan[-1][1])} on {where}, {env.precision}, from rates timed just now (finished stages are "
+              f"reused and take no time)", flush=True)
 
 
 def _duration(seconds) -> str:
