@@ -579,8 +579,9 @@ def model_from_state_dict(sd, preset=None):
     return model
 
 
-def _md5(path):
-    digest = hashlib.md5()
+def file_digest(path, algorithm="md5"):
+    """Hex digest of a file (hashlib's `algorithm`), read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
@@ -593,7 +594,7 @@ def _hub_file(name):
     info = PRETRAINED[name]
     if info.get("local"):
         path = os.path.join(ASSETS, info["file"])
-        md5 = _md5(path) if os.path.isfile(path) else None
+        md5 = file_digest(path) if os.path.isfile(path) else None
         if md5 != info["md5"]:
             raise UserError(f"{path} is {'missing' if md5 is None else f'not the shipped file (MD5 {md5})'}; restore "
                             f"it with `git checkout -- assets/{info['file']}`, or pass your own θ0 as --pretrained PATH")
@@ -610,7 +611,7 @@ def _hub_file(name):
             os.remove(tmp)
         raise UserError(f"could not download the {name} checkpoint ({type(e).__name__}: {e}); fetch {info['url']} "
                         f"by hand and save it as {path}") from None
-    md5 = _md5(tmp)
+    md5 = file_digest(tmp)
     if md5 != info["md5"]:
         os.remove(tmp)
         raise UserError(f"the download of {info['url']} has MD5 {md5}, expected {info['md5']}; try again, or fetch "

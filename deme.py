@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddpm_unet import (PRESETS, UNet, UserError, add_channel_projections, atomic_save, bench_unet,
+from ddpm_unet import (PRESETS, UNet, UserError, add_channel_projections, atomic_save, bench_unet, file_digest,
                        fold_channel_projections, load_pretrained, model_from_state_dict)
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1663,15 +1663,6 @@ def _inception_e(block, x, pool):
     return torch.cat([block.branch1x1(x), b3x3, b3x3dbl, block.branch_pool(pool(x))], 1)
 
 
-def sha256_of_file(path):
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fid_weights_file(weights_path=None):
     """The Inception weights file: weights_path, or pytorch-fid's file in the torch hub cache, downloaded once."""
     if weights_path is not None:
@@ -1706,7 +1697,7 @@ class FIDInception(nn.Module):
             self.add_module(name, module)
         path = fid_weights_file(weights_path)
         if check_hash:
-            digest = sha256_of_file(path)
+            digest = file_digest(path, "sha256")
             if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
                 raise UserError(f"{path} has SHA-256 {digest}, not {FID_WEIGHTS_SHA256_PREFIX}...; it is not "
                                 f"pytorch-fid's {FID_WEIGHTS_NAME}: download {FID_WEIGHTS_URL}")
