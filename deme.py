@@ -763,6 +763,13 @@ def cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def timing_unet(cfg: Config) -> UNet:
+    """A fresh UNet of the run's preset and resolution, without dropout as finetuning runs it (official code): what
+    the benchmark, the plan line and --precision auto time (speed does not depend on the weights)."""
+    return set_dropout(UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {})),
+                       0.0)
+
+
 def cpu_training_precision(cfg: Config, measure=True) -> str:
     """--precision auto on a CPU: bf16 autocast where the CPU has native bf16 and a few timed training steps of this
     run's UNet show it faster than fp32 (by 10% or more); fp32 everywhere else. Evaluation stays fp32 either way."""
@@ -770,8 +777,7 @@ def cpu_training_precision(cfg: Config, measure=True) -> str:
         return "fp32"
     if not measure:  # not a training command, or torchrun (every process must choose alike): native bf16 is used
         return "bf16"
-    model = set_dropout(UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {})),
-                        0.0)
+    model = timing_unet(cfg)
     batch = max(1, min(8, cfg.batch_size // cfg.grad_accum))
     steps = {p: bench_train_step(copy.deepcopy(model), Env(torch.device("cpu"), precision=p), GaussianDiffusion(),
                                  batch) for p in ("fp32", "bf16")}
@@ -3211,8 +3217,7 @@ def stage_bench(cfg: Config, env: Env):
         return  # one device is measured; data-parallel runs scale it by the number of processes
     diffusion = GaussianDiffusion()
     torch.manual_seed(cfg.seed)
-    theta0 = UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {}))
-    theta0 = set_dropout(theta0, 0.0).eval()  # finetuning runs without dropout (official code)
+    theta0 = timing_unet(cfg).eval()
     res, c = theta0.config["resolution"], theta0.config["in_channels"]
     train_batch = cfg.bench_batch or cfg.batch_size // (cfg.grad_accum * env.world)
     eval_batch = cfg.bench_batch or cfg.eval_batch
@@ -3368,8 +3373,7 @@ def quick_rates(cfg: Config, env: Env) -> dict:
     Training steps use the run's micro-batch (on a CPU 8 images, where a step of the full one would take over 1 s)."""
     diffusion, dev = GaussianDiffusion(), env.device
     quick = dataclasses.replace(env, compile=False, world=1)
-    model = set_dropout(UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {})),
-                        0.0)
+    model = timing_unet(cfg)
     micro = max(1, cfg.batch_size // (cfg.grad_accum * env.world))
     student = add_channel_projections(copy.deepcopy(model)) if cfg.projections else copy.deepcopy(model)
     teacher = place(frozen(copy.deepcopy(model)), quick) if cfg.consistency > 0 else None
