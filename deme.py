@@ -1,19 +1,19 @@
 """DeMe: Decouple-then-Merge (Ma et al., CVPR 2025) for DDPM, from scratch in plain PyTorch.
 
-Reads in the order of the paper:
-  1. configuration            one dataclass that is also the command line; dataset presets hold the paper's values
-  2. schedule and samplers    DDPM (Ho et al. 2020) and DDIM (Song et al. 2021)
-  3. data                     synthetic shapes, CIFAR-10, LSUN, any image folder
-  4. training                 EMA, checkpoints, one loop for pretraining, finetuning and the baseline
-  5. decoupled finetuning     timestep ranges, probabilistic sampling (Eq. 6), consistency loss (Eq. 4-5), projections
-  6. merge                    task vectors, DeMe Eq. 8, TIES, DARE, merge-weight search, the ensemble (Eq. 7)
-  7. evaluation               FID as pytorch-fid computes it, pixel Fréchet distance, the paper's analysis figures
-  8. Stable Diffusion         the same method on a text-conditioned latent UNet (diffusers, optional)
-  9. benchmark                throughput, the projections' inference cost, the projected wall time of the recipe
- 10. command line             `python deme.py` runs everything on a CPU in minutes; `--dataset cifar10` is the paper
+Part I, the method, reads in the order of the paper and is all a reader needs to follow it:
+  I.1  the paper's hyperparameters      I.6  decoupled finetuning (Sec. 3.2) and the equal-compute baseline
+  I.2  schedule and samplers (DDPM, DDIM) I.7  task vectors and the merges: Eq. 8, TIES, DARE (Sec. 3.3)
+  I.3  synthetic data                    I.8  the ensemble before merging (Eq. 7)
+  I.4  the DeMe loss (Eq. 4-5)           I.9  the merge-weight search and the merge stage
+  I.5  timestep ranges, Eq. 6            I.10 evaluation and the pipeline
+Part II, the machinery (configuration and its checks, devices, the training loop with checkpoints and resume, data
+loaders, FID, figures, Stable Diffusion, benchmark, command line), starts at its banner; the method never needs it.
+The network and its channel-wise projections are in ddpm_unet.py.
 
 Run `python deme.py --help` for the stages and flags.
 """
+
+
 import argparse
 import contextlib
 import copy
@@ -40,245 +40,16 @@ from tqdm import tqdm
 from ddpm_unet import (PRESETS, UNet, UserError, add_channel_projections, atomic_save, bench_unet, file_digest,
                        fold_channel_projections, load_pretrained, model_from_state_dict)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 1. Configuration
-# ----------------------------------------------------------------------------------------------------------------------
+
+# ======================================================================================================================
+# Part I: the method
+# ======================================================================================================================
 
 
-def _opt(default, help, choices=None):
-    """A config field with its command-line help."""
-    return field(default=default, metadata=dict(help=help, choices=choices))
+# --- I.1 The paper's hyperparameters ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Config:
-    """Every setting of every stage; dataset presets below fill in the paper's values, flags override them."""
-    # run
-    dataset: str = _opt("synthetic", "training data", ["synthetic", "cifar10", "lsun_church", "lsun_bedroom", "folder"])
-    data_dir: str = _opt("data", "where the dataset lives (CIFAR-10: the folder holding cifar-10-batches-py)")
-    download: bool = _opt(False, "download CIFAR-10 into --data-dir if it is missing")
-    out: str = _opt("", "run folder; every file this run writes goes under it (default runs/<dataset>)")
-    seed: int = _opt(0, "seed of everything: data order, noise, timesteps, samples")
-    seeds: str = _opt("", "several seeds, e.g. 0,1,2: the pipeline's comparison (finetune, baseline, merge, evaluate) "
-                          "once per seed from the same θ0, each under --out/seed_<s>/, then each model's mean and "
-                          "min-max over the seeds in seeds.{json,md} and seeds.png")
-    device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    resume: bool = _opt(False, "continue the interrupted stages of this run folder from their last checkpoint")
-    overwrite: bool = _opt(False, "start over, replacing what this run folder holds")
-    precision: str = _opt("auto", "training autocast precision (auto: bf16 on a GPU that has it, else fp32)",
-                          ["auto", "fp32", "bf16", "fp16"])
-    eval_precision: str = _opt("fp32", "precision of everything that measures or selects: the merge-weight search, "
-                                       "every sampler and FID (bf16: faster, less exact)", ["fp32", "bf16"])
-    compile: Optional[bool] = _opt(None, "torch.compile the model (default: on for CUDA, off on CPU)")
-    channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for CUDA, off on CPU)")
-    workers: int = _opt(0, "data-loading worker processes (0 loads in the main process)")
-    # model
-    model: str = _opt("ddpm", "ddpm: the pixel-space UNet; sd: a diffusers Stable Diffusion folder (--pretrained) "
-                              "finetuned on image-caption pairs (--data-dir)", ["ddpm", "sd"])
-    preset: str = _opt("tiny", "UNet size: " + ", ".join(PRESETS))
-    pretrained: str = _opt("", "θ0: a named checkpoint (cifar10, lsun_church, lsun_bedroom), a file or a diffusers "
-                               "folder; empty: train θ0 from scratch (the CPU pipeline)")
-    image_size: int = _opt(0, "training resolution (0: the preset's)")
-    flip: bool = _opt(False, "random horizontal flips")
-    dropout: Optional[float] = _opt(None, "dropout while training (default: the preset's for pretraining, 0 for "
-                                          "finetuning as in the official code)")
-    # pretraining θ0 from scratch (train stage)
-    train_steps: int = _opt(2000, "optimizer steps to pretrain θ0")
-    train_lr: float = _opt(2e-4, "pretraining learning rate (DDPM: 2e-4)")
-    train_warmup: int = _opt(100, "pretraining linear warm-up steps (DDPM: 5000)")
-    train_schedule: str = _opt("constant", "pretraining learning rate after the warm-up: constant (DDPM) or cosine "
-                                           "(decays to 0 at --train-steps: a θ0 that has settled in the steps given)",
-                               ["constant", "cosine"])
-    curve_every: int = _opt(0, "pretraining: the held-out loss of the EMA weights every this many steps, on "
-                               "--search-images selection images, into pretrain/heldout_curve.csv (0: off)")
-    # decoupled finetuning (finetune and baseline stages)
-    n_ranges: int = _opt(4, "N, the number of timestep ranges (paper: 4; 8 in the ablation)")
-    ranges: str = _opt("all", "which ranges this invocation finetunes: all, or indices such as 0,2")
-    steps: int = _opt(20000, "optimizer steps per range (paper: 20K); the baseline gets N times as many")
-    batch_size: int = _opt(64, "images per optimizer step over all processes")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step (official LSUN script: 4 x 16)")
-    lr: float = _opt(5e-5, "finetuning learning rate (official: 5e-5, constant)")
-    adam_betas: tuple = _opt((0.95, 0.999), "AdamW betas")
-    weight_decay: float = _opt(1e-6, "AdamW weight decay")
-    adam_eps: float = _opt(1e-8, "AdamW epsilon")
-    grad_clip: float = _opt(1.0, "gradient clipping norm (0: off)")
-    ema_decay: float = _opt(0.9999, "EMA decay ceiling; the decay warms up as min(ceiling, 1 - k^-3/4)")
-    p_global: float = _opt(0.3, "probabilistic sampling: chance of drawing timesteps from all of [0, T) (Eq. 6)")
-    per_sample: bool = _opt(False, "flip the probabilistic-sampling coin per sample instead of per batch (official)")
-    antithetic: bool = _opt(True, "draw timesteps in antithetic pairs (t, lo+hi-1-t) as the official code does")
-    consistency: float = _opt(1.0, "λ, weight of the consistency loss to the frozen θ0 (Eq. 4-5; 0: off)")
-    projections: bool = _opt(True, "channel-wise projections (identity-initialised 1x1 convs)")
-    baseline: bool = _opt(True, "also run the equal-compute baseline: plain finetuning on all timesteps, N x steps")
-    baseline_weighting: str = _opt("none", "the baseline's loss weighting: none (DDPM's simple loss), minsnr "
-                                           "(Min-SNR-γ, γ = 5) or p2 (P2, k = 1, γ = 1), the loss-reweighting "
-                                           "baselines of DeMe Table 1", ["none", "minsnr", "p2"])
-    ckpt_every: int = _opt(1000, "save a resumable checkpoint every this many steps")
-    grid_every: int = _opt(0, "save a sample grid every this many steps (0: only at the end)")
-    # merge (merge stage)
-    merge_method: str = _opt("task_arithmetic", "how to merge", ["task_arithmetic", "average", "ties", "dare"])
-    merge_weights: str = _opt("", "w_1..w_N, comma-separated, low t first; empty: search them (LSUN official: "
-                                  "0.1,0.1,0.2,0.5)")
-    heldout_fraction: float = _opt(0.1, "folder and LSUN: the share of images held out from training, chosen by a "
-                                        "hash of each file's path (half selects, half reports)")
-    search_images: int = _opt(512, "selection images (held out from training) scoring the merge-weight search")
-    search_objective: str = _opt("loss", "what the search minimises: loss (the held-out loss with t uniform over "
-                                         "[0, T)) or per_range (each range's held-out loss relative to θ0's on that "
-                                         "range, averaged over ranges); README: loss won on the report split",
-                                 ["loss", "per_range"])
-    search_evals: int = _opt(60, "most merge candidates the search scores")
-    rerank: int = _opt(0, "re-rank this many of the search's best candidates by sample quality (pixel Fréchet "
-                          "distance or FID, as --metric); 0: off")
-    rerank_samples: int = _opt(2048, "samples per candidate when re-ranking")
-    ties_k: float = _opt(20.0, "TIES: percent of each task vector's entries kept")
-    ties_lam: float = _opt(1.0, "TIES: scale of the merged task vector")
-    dare_p: float = _opt(0.9, "DARE: drop probability (DARE's main setting)")
-    # evaluation (sample and evaluate stages)
-    sampler: str = _opt("ddim", "sampler for evaluation", ["ddim", "ddpm"])
-    sample_steps: int = _opt(100, "DDIM steps (paper: 100 for CIFAR-10, 50 for LSUN)")
-    eta: float = _opt(0.0, "DDIM eta (0: deterministic)")
-    variance: str = _opt("fixedlarge", "DDPM sampling variance", ["fixedlarge", "fixedsmall"])
-    n_samples: int = _opt(50000, "samples per model for the metric (paper: 50K)")
-    report_images: int = _opt(512, "report images (held out from training and from selection) of the results "
-                                   "table's held-out loss")
-    eval_batch: int = _opt(256, "sampling batch size")
-    metric: str = _opt("auto", "fid (Inception) or pixel (Fréchet distance on pixels, for tiny runs); auto picks "
-                               "pixel for synthetic", ["auto", "fid", "pixel"])
-    inception_weights: str = _opt("", "pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
-    fid_stats: str = _opt("", "reference statistics .npz of the training set (default: computed once, cached)")
-    models: str = _opt("theta0,baseline,ensemble,merged", "models the evaluate stage compares")
-    # benchmark (bench stage)
-    bench_batch: int = _opt(0, "images per timed step (0: --batch-size / (--grad-accum x processes) for training, "
-                               "--eval-batch for sampling; on a CPU try 8)")
-    bench_iters: int = _opt(5, "timed rounds per measurement after a warm-up; the median is reported (the forward "
-                               "pass of θ0 vs the merged model gets 3x as many)")
-    # analysis (analyze stage)
-    figures: str = _opt("conflict,landscape,norms", "analysis figures the analyze stage draws: conflict (gradient "
-                        "conflict, Fig. 1a), landscape (merge landscape, Fig. 6a), norms (task-vector norms, Fig. 6b)")
-    conflict_timesteps: int = _opt(20, "K, the timesteps of the gradient-conflict figure: the centres of K equal bins")
-    landscape_ranges: str = _opt("", "i,j: the two ranges whose task vectors span the merge-landscape plane "
-                                     "(default: 0 and N-1)")
-    landscape_points: int = _opt(15, "grid points per axis of the merge landscape, weights from -0.25 to 1.5")
-    # Stable Diffusion (--model sd)
-    prompts: str = _opt("", "prompts to draw, a file with one per line or 'a|b|c' (default: 8 captions of the data)")
-    guidance_scale: float = _opt(7.5, "classifier-free guidance scale (1: none)")
-    sd_resolution: int = _opt(512, "image resolution for training and sampling (SD v1: 512)")
-
-
-# The CPU recipe: θ0 trained to convergence (cosine decay; about an hour on 2 cores), then DeMe in minutes.
-# Finetuning keeps the paper's lr 5e-5: on the selection split it beat 2e-4 and 1e-5 (README, "A converged θ0").
-CPU_RECIPE = dict(preset="tiny", train_steps=12000, train_lr=1e-3, train_schedule="cosine", steps=64, batch_size=32,
-                  ckpt_every=100, sample_steps=20, n_samples=512, eval_batch=256, search_images=256, search_evals=30,
-                  report_images=1024)
-DATASET_PRESETS = {
-    # the CPU pipeline, from the θ0 shipped in assets/ (`python deme.py train` trains it afresh)
-    "synthetic": dict(CPU_RECIPE, pretrained="tiny_synthetic"),
-    # the paper's recipes (DeMe Sec. 4 and the official scripts; DDIM-100 for CIFAR-10, 50 steps for LSUN)
-    "cifar10": dict(preset="cifar10", pretrained="cifar10", flip=True, sample_steps=100),
-    "lsun_church": dict(preset="lsun256", pretrained="lsun_church", batch_size=64, grad_accum=4, sample_steps=50,
-                        eval_batch=64, variance="fixedsmall"),
-    "lsun_bedroom": dict(preset="lsun256", pretrained="lsun_bedroom", batch_size=64, grad_accum=4, sample_steps=50,
-                         eval_batch=64, variance="fixedsmall"),
-    "folder": dict(),  # on a GPU the paper's finetuning budget; on a CPU the CPU recipe (resolve_config)
-}
-
-
-def resolve_config(given: dict) -> Config:
-    """Defaults < dataset preset < flags given on the command line; then check the values."""
-    dataset = given.get("dataset", Config.dataset)
-    if dataset not in DATASET_PRESETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_PRESETS)}")
-    preset = DATASET_PRESETS[dataset]
-    device = given.get("device", Config.device)
-    if dataset == "folder" and (device == "cpu" or device == "auto" and not torch.cuda.is_available()):
-        preset = dict(CPU_RECIPE, metric="pixel")  # your own images on a laptop: θ0 trained here first (`train`)
-    cfg = Config(**{**preset, **given})
-    if not cfg.out:
-        cfg.out = f"runs/{cfg.dataset}"
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg: Config):
-    """One clear line for each value that cannot work."""
-    if cfg.model == "sd" and (cfg.dataset != "folder" or not cfg.pretrained):
-        raise UserError("--model sd needs --pretrained SD_PIPELINE_FOLDER and --dataset folder --data-dir DIR "
-                        "(images plus metadata.jsonl)")
-    if cfg.preset not in PRESETS:
-        raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
-    if not 1 <= cfg.n_ranges <= 1000 or 1000 % cfg.n_ranges:
-        raise UserError(f"--n-ranges {cfg.n_ranges} does not split the 1000 timesteps evenly; use 1, 2, 4, 5, 8, 10, ...")
-    if not 0.0 <= cfg.p_global <= 1.0:
-        raise UserError(f"--p-global {cfg.p_global} is not a probability; give a value in [0, 1]")
-    if cfg.ranges != "all":
-        range_indices(cfg)
-    if cfg.merge_weights:
-        merge_weight_list(cfg)
-    if cfg.seeds:
-        seed_list(cfg)
-    if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
-        raise UserError(f"--adam-betas {cfg.adam_betas} must be two numbers in [0, 1), e.g. 0.95,0.999")
-    if not 0 <= cfg.ema_decay < 1 or cfg.workers < 0 or cfg.image_size < 0:
-        raise UserError("--ema-decay must lie in [0, 1), --workers and --image-size must not be negative")
-    if cfg.model != "sd" and cfg.model != "ddpm":
-        raise UserError(f"unknown --model {cfg.model!r}; use ddpm or sd")
-    for name in ("steps", "batch_size", "grad_accum", "n_samples", "eval_batch", "sample_steps", "train_steps",
-                 "ckpt_every", "search_evals", "search_images", "report_images", "bench_iters", "rerank_samples"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.eta < 0:
-        raise UserError(f"--eta {cfg.eta} is negative; DDIM's eta is 0 (deterministic) or more (1: DDPM-like)")
-    if cfg.rerank == 1 or cfg.rerank < 0 or cfg.rerank > cfg.search_evals:
-        raise UserError(f"--rerank {cfg.rerank}: give 0 (off) or K in 2..--search-evals ({cfg.search_evals}) "
-                        f"candidates to re-rank; one candidate has nothing to be ranked against")
-    if not 0.0 < cfg.heldout_fraction < 1.0:
-        raise UserError(f"--heldout-fraction {cfg.heldout_fraction} must lie strictly between 0 and 1, e.g. 0.1")
-    if 1000 % cfg.sample_steps and cfg.sampler == "ddim":
-        raise UserError(f"--sample-steps {cfg.sample_steps} does not divide the 1000 timesteps; use 10, 20, 50, 100, ...")
-    resolution = cfg.image_size or PRESETS[cfg.preset]["resolution"]
-    levels = len(PRESETS[cfg.preset]["ch_mult"])
-    if resolution % 2 ** (levels - 1):
-        raise UserError(f"--image-size {resolution} cannot pass the {levels - 1} downsamplings of preset "
-                        f"{cfg.preset}; use a multiple of {2 ** (levels - 1)}")
-
-
-def range_indices(cfg: Config) -> list:
-    """The range indices this invocation finetunes."""
-    if cfg.ranges == "all":
-        return list(range(cfg.n_ranges))
-    try:
-        idx = [int(s) for s in cfg.ranges.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--ranges {cfg.ranges!r} is not a list of integers; write for example --ranges 0,2") from None
-    bad = [i for i in idx if not 0 <= i < cfg.n_ranges]
-    if bad or not idx:
-        raise UserError(f"--ranges {cfg.ranges!r}: indices must lie in 0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
-    return idx
-
-
-def seed_list(cfg: Config) -> list:
-    """--seeds as distinct integers."""
-    try:
-        seeds = [int(v) for v in cfg.seeds.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--seeds {cfg.seeds!r} is not a list of integers; write for example --seeds 0,1,2") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise UserError(f"--seeds {cfg.seeds!r}: give distinct non-negative integers, e.g. 0,1,2")
-    return seeds
-
-
-def merge_weight_list(cfg: Config) -> list:
-    """--merge-weights as floats, one per range."""
-    try:
-        w = [float(s) for s in cfg.merge_weights.split(",")]
-    except ValueError:
-        raise UserError(f"--merge-weights {cfg.merge_weights!r} is not a list of numbers; write e.g. 0.1,0.1,0.2,0.5") from None
-    if len(w) != cfg.n_ranges:
-        raise UserError(f"--merge-weights has {len(w)} values but there are {cfg.n_ranges} ranges; give one per range")
-    return w
-
-# ----------------------------------------------------------------------------------------------------------------------
-# 2. Schedule and samplers
-# ----------------------------------------------------------------------------------------------------------------------
+# --- I.2 Schedule and samplers: DDPM (Ho et al. 2020) and DDIM (Song et al. 2021) ------------------------------------
 
 
 class GaussianDiffusion:
@@ -409,11 +180,8 @@ def sample_batch(cfg: "Config", env: "Env", diffusion, model, indices, seed, sha
     with env.evaluation():  # (the samplers run without gradients)
         return sample_images(diffusion, model, noise(), cfg, noise, **cond).float().cpu()
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 3. Data: every dataset yields (3, H, W) images in [-1, 1]
-# ----------------------------------------------------------------------------------------------------------------------
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# --- I.3 Data: synthetic shapes (every dataset yields (3, H, W) images in [-1, 1]) -----------------------------------
 
 
 def synthetic_images(n, size=16, seed=0) -> torch.Tensor:
@@ -442,6 +210,1254 @@ def synthetic_images(n, size=16, seed=0) -> torch.Tensor:
 # and the pixel metric's real images (two disjoint sets each for reporting and for re-ranking)
 SYNTHETIC_SEEDS = {"train": 0, "eval": 0, "select": 1_000_001, "report": 4_000_037,
                    "real_report": (2_000_003, 3_000_017), "real_rerank": (5_000_011, 6_000_023)}
+
+
+# --- I.4 The DeMe loss: DDPM's simple loss plus the consistency loss to θ0 (Eq. 4-5) ---------------------------------
+
+
+# --- I.5 Timestep ranges and probabilistic sampling (Sec. 3.1, Eq. 6) ------------------------------------------------
+
+
+def timestep_ranges(n, T=1000):
+    """DeMe Sec. 3.1: N contiguous ranges [i*T/N, (i+1)*T/N) of [0, T), i = 0..N-1."""
+    if not isinstance(n, int) or not 1 <= n <= T:
+        raise UserError(f"number of timestep ranges must be an integer in [1, {T}], got {n!r}; "
+                        "use 4 (the paper) or 8 (its ablation)")
+    # Boundaries ceil(i*T/n): exact when n divides T; otherwise range i is exactly {t : t*n//T == i}, Eq. 7's routing.
+    edges = [-(-i * T // n) for i in range(n + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(n)]
+
+
+def sample_timesteps(batch_size, lo, hi, T=1000, p=0.3, per_batch=True, antithetic=True, generator=None):
+    """DeMe Eq. 6: with probability p draw t from [0, T), otherwise from the range [lo, hi)."""
+    if not 0 <= lo < hi <= T:
+        raise UserError(f"timestep range [{lo}, {hi}) must satisfy 0 <= lo < hi <= T={T}; use timestep_ranges(n, T)")
+    if not 0.0 <= p <= 1.0:
+        raise UserError(f"global-sampling probability p must be in [0, 1], got {p}; the official script uses 0.3")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    n_draw = math.ceil(batch_size / 2) if antithetic else batch_size
+    # One coin per batch (official), or one per draw; an antithetic pair shares its draw's coin and interval.
+    coin = torch.rand(1 if per_batch else n_draw, generator=generator) < p
+    a = torch.where(coin, torch.tensor(0), torch.tensor(lo))
+    b = torch.where(coin, torch.tensor(T), torch.tensor(hi))
+    u = torch.rand(n_draw, generator=generator, dtype=torch.float64)
+    t = a + (u * (b - a)).long()  # uniform on [a, b)
+    if antithetic:
+        t = torch.cat([t, a + b - 1 - t])[:batch_size]  # pairs (t, a+b-1-t)
+    return t
+
+
+# --- I.6 Decoupled finetuning (Sec. 3.2) and the equal-compute baseline ----------------------------------------------
+
+
+def stage_finetune(cfg: "Config", env: "Env", diffusion=None, theta0=None):
+    """Decoupled finetuning (DeMe Sec. 3.2): one copy of θ0 per timestep range, with PS, CL and CP."""
+    diffusion = diffusion or GaussianDiffusion()
+    theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
+    data = make_dataset(cfg)
+    ranges = timestep_ranges(cfg.n_ranges, diffusion.T)
+    for i in range_indices(cfg):
+        lo, hi = ranges[i]
+        student = set_dropout(copy.deepcopy(theta0), cfg.dropout or 0.0)
+        if cfg.projections:
+            add_channel_projections(student)
+        teacher = frozen(theta0) if cfg.consistency > 0 else None
+
+        def timesteps(b, g, lo=lo, hi=hi):  # DeMe Eq. 6
+            return sample_timesteps(b, lo, hi, diffusion.T, cfg.p_global, not cfg.per_sample, cfg.antithetic, g)
+
+        identity = stage_identity(cfg, stage="finetune", range=[lo, hi], n_ranges=cfg.n_ranges,
+                                     p_global=cfg.p_global, per_sample=cfg.per_sample, antithetic=cfg.antithetic,
+                                     consistency=cfg.consistency, projections=cfg.projections)
+        train_loop(cfg, env, run_dir(cfg, f"range_{i}"), student, data, diffusion, steps=cfg.steps, lr=cfg.lr,
+                   warmup=0, timesteps=timesteps, identity=identity, teacher=teacher, lam=cfg.consistency,
+                   desc=f"range {i} [{lo},{hi})", seed=cfg.seed + 1 + i)
+
+
+def min_snr_weight(snr, gamma=5.0):
+    """Min-SNR-γ (Hang et al., ICCV 2023), for ε-prediction: the simple loss at t weighted by min(SNR, γ) / SNR."""
+    return snr.clamp(max=gamma) / snr
+
+
+def p2_weight(snr, k=1.0, gamma=1.0):
+    """P2 weighting (Choi et al., CVPR 2022): the simple loss at t weighted by 1 / (k + SNR)^γ (their code's
+    defaults: k = 1, γ = 1)."""
+    return 1.0 / (k + snr) ** gamma
+
+
+LOSS_WEIGHTINGS = {"minsnr": min_snr_weight, "p2": p2_weight}  # each method's own defaults; the paper gives none
+
+
+def baseline_name(cfg: "Config") -> str:
+    """The baseline's model name and run-folder stage: baseline, or baseline_minsnr / baseline_p2."""
+    return "baseline" if cfg.baseline_weighting == "none" else f"baseline_{cfg.baseline_weighting}"
+
+
+def stage_baseline(cfg: "Config", env: "Env", diffusion=None, theta0=None):
+    """The paper's equal-compute baseline: plain finetuning of θ0 on all timesteps for N x steps (N = 1, no PS/CL/CP),
+    with DDPM's simple loss or one of Table 1's loss reweightings (--baseline-weighting)."""
+    diffusion = diffusion or GaussianDiffusion()
+    theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
+    student = set_dropout(copy.deepcopy(theta0), cfg.dropout or 0.0)
+    uniform = lambda b, g: torch.randint(0, diffusion.T, (b,), generator=g)
+    steps, name = cfg.steps * cfg.n_ranges, baseline_name(cfg)
+    weighting = LOSS_WEIGHTINGS.get(cfg.baseline_weighting)
+    extra = {} if weighting is None else dict(weighting=cfg.baseline_weighting)
+    train_loop(cfg, env, run_dir(cfg, name), student, make_dataset(cfg), diffusion, steps=steps, lr=cfg.lr,
+               warmup=0, timesteps=uniform, identity=stage_identity(cfg, stage="baseline", **extra),
+               desc=f"{name} ({steps} steps)", seed=cfg.seed + 999,
+               weighting=None if weighting is None else lambda t: weighting(diffusion.snr(t)).float())
+
+
+# --- I.7 Task vectors and the merges (Sec. 3.3, Eq. 8; TIES; DARE) ---------------------------------------------------
+
+
+def _check_state_dicts(base_sd, finetuned_sds):
+    if len(finetuned_sds) == 0:
+        raise UserError("no finetuned models to merge; pass at least one state dict")
+    for i, sd in enumerate(finetuned_sds):
+        if sd.keys() != base_sd.keys():
+            diff = sorted(set(sd.keys()) ^ set(base_sd.keys()))[:5]
+            raise UserError(f"finetuned model {i} and the base model have different keys (first: {diff}); "
+                            "merge checkpoints of the same architecture")
+        for k, v in base_sd.items():
+            if torch.is_tensor(v) and sd[k].shape != v.shape:
+                raise UserError(f"finetuned model {i}, key {k!r}: shape {tuple(sd[k].shape)} != base "
+                                f"{tuple(v.shape)}; merge checkpoints of the same architecture")
+
+
+def _is_weight(v):
+    return torch.is_tensor(v) and torch.is_floating_point(v)
+
+
+def _compute_dtype(v):
+    return torch.promote_types(v.dtype, torch.float32)  # float32, or float64 for float64 weights
+
+
+def task_vectors(base_sd, finetuned_sds):
+    """DeMe Sec. 3.3: τ_i = θ_i - θ0 for every floating-point tensor, in float32."""
+    _check_state_dicts(base_sd, finetuned_sds)
+    return [{k: sd[k].to(_compute_dtype(v)) - v.to(_compute_dtype(v)) for k, v in base_sd.items() if _is_weight(v)}
+            for sd in finetuned_sds]
+
+
+def _ties(tau, w, k=20.0, lam=1.0):
+    """TIES (Yadav et al. 2023): trim to top-k%, elect signs, disjoint mean; tau is (N, ...)."""
+    tau = w * tau  # weights act before trimming
+    flat = tau.reshape(tau.shape[0], -1)  # (N, D)
+    n_keep = max(1, round(k / 100 * flat.shape[1]))
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.abs().topk(n_keep, dim=1).indices, True)
+    trimmed = (flat * keep).view_as(tau)
+    elected = torch.sign(trimmed.sum(0))  # (...)
+    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    return lam * (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def _dare(tau, w, generator, p=0.9):
+    """DARE (Yu et al. 2024): drop entries with probability p, rescale by 1/(1-p), then Σ w_i τ_i."""
+    keep = torch.rand(tau.shape, generator=generator) >= p
+    return (w * tau * keep.to(tau.device) / (1 - p)).sum(0)
+
+
+# Options and defaults per method. TIES: k = percent kept, trimmed per tensor (as mergekit; the TIES reference code
+# trims over the whole flattened model), k=20 as in the reference code; weights scale τ_i before trimming.
+# DARE: p = 0.9, the DARE paper's main drop rate; it assumes small deltas, lower it if DARE hurts.
+MERGE_OPTIONS = {"task_arithmetic": {}, "average": {}, "ties": {"k": 20.0, "lam": 1.0}, "dare": {"p": 0.9, "seed": 0}}
+
+
+def merge(base_sd, finetuned_sds, weights=None, method="task_arithmetic", **options):
+    """DeMe Eq. 8: θ0 + Σ w_i τ_i, or the uniform average, TIES or DARE of the same task vectors."""
+    if method not in MERGE_OPTIONS:
+        raise UserError(f"unknown merge method {method!r}; choose one of {sorted(MERGE_OPTIONS)}")
+    unknown = sorted(set(options) - set(MERGE_OPTIONS[method]))
+    if unknown:
+        raise UserError(f"unknown option(s) {unknown} for merge method {method!r}; "
+                        f"valid: {sorted(MERGE_OPTIONS[method]) or 'none'}")
+    opts = {**MERGE_OPTIONS[method], **options}
+    _check_state_dicts(base_sd, finetuned_sds)
+    n = len(finetuned_sds)
+    if method == "average" or weights is None:
+        weights = [1.0] * n if method == "ties" else [1.0 / n] * n  # TIES already averages: default w_i = 1
+    weights = [float(w_i) for w_i in weights]
+    if len(weights) != n:
+        raise UserError(f"got {len(weights)} merge weights for {n} finetuned models; pass one weight per model")
+    if method == "ties" and not 0 < opts["k"] <= 100:
+        raise UserError(f"TIES k is the percent of entries kept and must be in (0, 100], got {opts['k']}")
+    if method == "dare":
+        if not 0 <= opts["p"] < 1:
+            raise UserError(f"DARE drop probability p must be in [0, 1), got {opts['p']}")
+        seed = opts.pop("seed")
+        generator = torch.Generator().manual_seed(int(seed))
+
+    merged = {}
+    for key, theta0 in base_sd.items():
+        if not _is_weight(theta0):
+            merged[key] = theta0.clone() if torch.is_tensor(theta0) else theta0  # integer buffers pass through
+            continue
+        dtype = _compute_dtype(theta0)
+        tau = torch.stack([sd[key].to(dtype) - theta0.to(dtype) for sd in finetuned_sds])  # (N, ...)
+        w = torch.tensor(weights, dtype=dtype, device=tau.device).view(-1, *[1] * theta0.dim())  # (N, 1, ...)
+        if method == "ties":
+            tau_m = _ties(tau, w, **opts)
+        elif method == "dare":
+            tau_m = _dare(tau, w, generator, **opts)
+        else:
+            tau_m = (w * tau).sum(0)
+        merged[key] = (theta0.to(dtype) + tau_m).to(theta0.dtype)
+    return merged
+
+
+# --- I.8 The ensemble before merging (Eq. 7) -------------------------------------------------------------------------
+
+
+class RangeEnsemble(nn.Module):
+    """DeMe Eq. 7: at timestep t use θ_i with i = floor(t*N/T) (N models at inference, no merge)."""
+
+    def __init__(self, models, T=1000):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.T = T
+
+    def forward(self, x, t):
+        B, N = x.shape[0], len(self.models)
+        t = torch.as_tensor(t, device=x.device).long().expand(B) if not torch.is_tensor(t) or t.dim() == 0 else t
+        if t.min() < 0 or t.max() >= self.T:
+            raise UserError(f"timesteps must lie in [0, {self.T}), got {t.min().item()}..{t.max().item()}")
+        idx = t * N // self.T  # (B,) model of each sample
+        if (idx == idx[0]).all():
+            return self.models[int(idx[0])](x, t)
+        out = None
+        for i in idx.unique().tolist():
+            rows = (idx == i).nonzero().squeeze(1)
+            y = self.models[i](x[rows], t[rows])
+            out = y.new_empty((B, *y.shape[1:])) if out is None else out
+            out[rows] = y
+        return out
+
+
+# --- I.9 Choosing the merge weights on held-out images, and the merge stage ------------------------------------------
+
+
+def search_merge_weights(objective, n, grid=(0.0, 0.25, 0.5, 0.75, 1.0), refine_steps=(0.1, 0.05), max_evals=60,
+                         init=None, progress=True):
+    """Choose w for DeMe Eq. 8 by minimising objective(w): shared-scalar grid, then coordinate descent."""
+    w_min, w_max = 0.0, 1.5  # no task negation; up to 50% extrapolation past θ_i
+    cache, path = {}, []
+    bar = tqdm(total=max_evals, desc="merge weights", disable=not progress)
+
+    def evaluate(w):
+        w = tuple(round(min(max(wi, w_min), w_max), 6) for wi in w)
+        if w not in cache and len(path) < max_evals:
+            value = float(objective(w))
+            cache[w] = value if not math.isnan(value) else math.inf
+            path.append({"w": list(w), "value": value})
+            bar.update(1)
+            bar.set_postfix(best=min(cache.values()))
+        return w, cache.get(w, math.inf)
+
+    # (a) coarse: w_i = s for all i, the uniform average and θ0 itself
+    starts = ([tuple(init)] if init is not None else []) + [(s,) * n for s in grid] + [(1.0 / n,) * n, (0.0,) * n]
+    for w in starts:
+        evaluate(w)
+    best = min(cache, key=cache.get)  # first minimum in evaluation order
+    # (b) coordinate descent: step along each coordinate while it improves, until a full sweep does not; then refine
+    for step in refine_steps:
+        improved = True
+        while improved and len(path) < max_evals:
+            improved = False
+            for i in range(n):
+                for direction in (+step, -step):
+                    moved = False
+                    while True:
+                        w, value = evaluate(best[:i] + (best[i] + direction,) + best[i + 1:])
+                        if not value < cache[best]:
+                            break
+                        best, moved, improved = w, True, True
+                    if moved:
+                        break
+    bar.close()
+    return dict(weights=list(best), value=cache[best], path=path, evals=len(path))
+
+
+def rerank(candidates, score):
+    """Re-score a few candidate weight vectors with a costlier score (e.g. FID); best (lowest) first."""
+    scored = [{"w": list(w), "score": float(score(tuple(w)))} for w in candidates]
+    return sorted(scored, key=lambda c: c["score"])
+
+
+@torch.no_grad()
+def heldout_loss(model, diffusion, images, env: "Env", n_ranges=4, seed=0, batch=256):
+    """DDPM's simple loss on held-out images, with t stratified over [0, T) and noise fixed by `seed`: the same
+    objective the models train on, on data they did not see, with common random numbers so that two models'
+    values differ by the models alone. Returns (mean, [mean over each of the N timestep ranges])."""
+    n = len(images)
+    g = torch.Generator().manual_seed(seed)
+    t = ((torch.arange(n) + 0.5) * diffusion.T / n).long()[torch.randperm(n, generator=g)]  # (n,) stratified
+    noise = torch.randn(images.shape, generator=g)
+    losses = torch.empty(n, dtype=torch.float64)
+    model.eval()
+    for s in range(0, n, batch):
+        x0, eps, tb = (v[s:s + batch].to(env.device) for v in (images, noise, t))
+        with env.evaluation():
+            pred = model(diffusion.q_sample(x0, tb, eps), tb).float()
+        losses[s:s + batch] = (pred - eps).pow(2).flatten(1).mean(1).double().cpu()
+    which = t * n_ranges // diffusion.T
+    return losses.mean().item(), [losses[which == i].mean().item() for i in range(n_ranges)]
+
+
+def search_score(mean, per_range, base_per_range, objective="loss") -> float:
+    """The merge search's objective from a candidate's held-out loss: "loss", the loss with t uniform over [0, T)
+    (dominated by the low-t ranges, whose loss is largest); "per_range", the mean over ranges of each range's loss
+    relative to θ0's on that range, so that every range counts alike."""
+    if objective == "loss":
+        return mean
+    return sum(loss / base for loss, base in zip(per_range, base_per_range)) / len(per_range)
+
+
+# Each evaluation role draws its noise from its own seed (and its images from its own split, make_dataset), so that
+# nothing that selected a model (merge weights, re-ranking) is also what reports on it.
+ROLE_SEEDS = {"select": 1, "rerank": 2, "report": 3, "samples": 4}
+
+
+def role_seed(seed, role) -> int:
+    """The noise seed of an evaluation role for the run's --seed: distinct for every role and every seed."""
+    return 10 * seed + ROLE_SEEDS[role]
+
+
+def merge_base(theta0, with_projections) -> dict:
+    """θ0's state dict in the finetuned models' layout (identity projections, so their task vector is W_i - I)."""
+    base = copy.deepcopy(unwrap(theta0))
+    return (add_channel_projections(base) if with_projections else base).state_dict()
+
+
+def merge_options(cfg: "Config") -> dict:
+    return {"ties": dict(k=cfg.ties_k, lam=cfg.ties_lam), "dare": dict(p=cfg.dare_p, seed=cfg.seed)}.get(
+        cfg.merge_method, {})
+
+
+def stage_merge(cfg: "Config", env: "Env", diffusion=None, theta0=None):
+    """DeMe Eq. 8: θ0 + Σ w_i τ_i with w given, or searched on the selection split; saves merge/merged.pt."""
+    diffusion = diffusion or GaussianDiffusion()
+    theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
+    finetuned = [m.state_dict() for m in range_models(cfg)]
+    base = merge_base(theta0, any(k.endswith(".proj.weight") for k in finetuned[0]))
+    config = unwrap(theta0).config
+    folder = run_dir(cfg, "merge")
+    folder.mkdir(parents=True, exist_ok=True)
+    search = None
+    if cfg.merge_weights:
+        weights = merge_weight_list(cfg)
+    elif cfg.merge_method == "average":
+        weights = [1.0 / cfg.n_ranges] * cfg.n_ranges
+    else:
+        if cfg.rerank and eval_metric(cfg) == "fid":  # the reference statistics first, shared by all ranks
+            reference_stats(cfg, env, FIDInception(cfg.inception_weights or None))
+        if not env.master:  # the search runs on rank 0 alone
+            env.barrier()
+            return
+        images, seed = heldout_images(cfg, cfg.search_images, "select"), role_seed(cfg.seed, "select")
+        cache_path = folder / "search_cache.json"
+        # the losses depend on these; a cache made with anything else is dropped, never reused
+        scored_with = dict(method=cfg.merge_method, options=merge_options(cfg), images=len(images), split="select",
+                           seed=seed, ranges=[state_fingerprint(sd) for sd in finetuned])
+        cache = json.loads(cache_path.read_text()) if cache_path.exists() and not cfg.overwrite else {}
+        values = cache.get("values", {}) if cache.get("scored_with") == scored_with else {}
+        model = build_model(config, base).to(env.device)
+
+        def losses(w):  # [mean, per range] held-out loss of θ0 + Σ w_i τ_i; on disk: a resumed search repeats none
+            key = json.dumps([round(x, 6) for x in w])
+            if key not in values:
+                model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
+                values[key] = list(heldout_loss(model, diffusion, images, env, cfg.n_ranges, seed))
+                atomic_write_text(json.dumps(dict(scored_with=scored_with, values=values)), cache_path)
+            return values[key]
+
+        theta0_per_range = losses((0.0,) * cfg.n_ranges)[1]
+        search = search_merge_weights(lambda w: search_score(*losses(w), theta0_per_range, cfg.search_objective),
+                                      cfg.n_ranges, max_evals=cfg.search_evals, progress=env.master)
+        for point in search["path"]:
+            point["loss"], point["loss_per_range"] = losses(point["w"])
+        weights = search["weights"]
+        what = ("each range's held-out loss relative to θ0's, averaged over the ranges"
+                if cfg.search_objective == "per_range" else "held-out loss")
+        search["objective"] = (f"{what}; {len(images)} selection images ({split_description(cfg, 'select')}), t "
+                               f"stratified over [0, {diffusion.T}), noise seed {seed}")
+        search.update(objective_name=cfg.search_objective, images=len(images),
+                      source=split_description(cfg, "select"), noise_seed=seed)
+        search["chosen"] = dict(zip(("loss", "loss_per_range"), losses(weights)),
+                                theta0_loss_per_range=theta0_per_range)
+        if cfg.rerank > 1:  # the loss is a proxy: let sample quality pick among the best few it found
+
+            def quality(w):
+                model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
+                return sample_quality(cfg, env, diffusion, model, cfg.rerank_samples, role_seed(cfg.seed, "rerank"))
+
+            best = sorted(search["path"], key=lambda p: p["value"])[:cfg.rerank]
+            search["rerank"] = rerank([p["w"] for p in best], quality)
+            search.update(rerank_noise_seed=role_seed(cfg.seed, "rerank"), rerank_samples=cfg.rerank_samples)
+            weights = search["rerank"][0]["w"]
+    merged = merge(base, finetuned, weights, cfg.merge_method, **merge_options(cfg))
+    if env.master:
+        model = build_model(config, merged)
+        folded = fold_channel_projections(model)  # exact: P (W x + b) = (P W) x + P b, one conv less at inference
+        merged = model.state_dict()
+        record = dict(method=cfg.merge_method, weights=weights, options=merge_options(cfg), search=search,
+                      folded_projections=folded)
+        atomic_write_text(json.dumps(record, indent=2), folder / "search.json")
+        atomic_save(dict(ema=merged, model_config=config, merge=record, config=dataclasses.asdict(cfg)),
+                    folder / "merged.pt")
+        print(f"merged {cfg.n_ranges} ranges with {cfg.merge_method}, w = {[round(w, 3) for w in weights]} -> "
+              f"{folder / 'merged.pt'}")
+    env.barrier()
+
+
+# --- I.10 Evaluation and the pipeline --------------------------------------------------------------------------------
+
+
+def stage_evaluate(cfg: "Config", env: "Env", diffusion=None, theta0=None):
+    """Compares models with one sampler and sample count, on images and noise that selected nothing: the held-out
+    loss on the report split, samples from their own noise seed. Writes results.{json,md} and models.png."""
+    diffusion = diffusion or GaussianDiffusion()
+    names = [s.strip() for s in cfg.models.split(",") if s.strip()]
+    ref = evaluation_reference(cfg, env)
+    metric, floor, pool = ref["metric"], ref["floor"], ref["pool"]
+    rows, grids = [], {}
+    for name in names:
+        row, grids[name] = evaluate_model(cfg, env, diffusion, named_model(cfg, env, name, theta0), name, ref)
+        rows.append(row)
+    if not env.master:
+        return rows
+    label = ("pixel Fréchet distance (not FID)" if metric == "pixel" else "FID") + f", {cfg.n_samples} samples"
+    sampler = (f"DDIM {cfg.sample_steps} steps, eta {cfg.eta}" if cfg.sampler == "ddim"
+               else f"DDPM {diffusion.T} steps, {cfg.variance}")
+    results = dict(metric=label, sampler=sampler, seed=cfg.seed, protocol=evaluation_protocol(cfg, metric), rows=rows,
+                   real_vs_real=floor if metric == "pixel" else None,
+                   pixel_pool=pool if metric == "pixel" else None, config=dataclasses.asdict(cfg))
+    table = results_markdown(results, cfg)
+    print("\n" + table)
+    atomic_write_text(json.dumps(results, indent=2), run_dir(cfg, "results.json"))
+    atomic_write_text(table, run_dir(cfg, "results.md"))
+    side_by_side(grids, run_dir(cfg, "models.png"))
+    print(f"results: {run_dir(cfg, 'results.md')}, samples side by side: {run_dir(cfg, 'models.png')}")
+    return rows
+
+
+def stage_pipeline(cfg: "Config", env: "Env"):
+    """Everything, in the paper's order: θ0, the N ranges, the equal-compute baseline, the merge, the evaluation;
+    with --seeds, all but θ0 once per seed, and the spread over the seeds."""
+    start = time.perf_counter()
+    diffusion = GaussianDiffusion()
+    theta0 = theta0_model(cfg, env, diffusion)
+    rows = {s: compare(c, env, diffusion, theta0) for s, c in seed_runs(cfg)}
+    if env.master and cfg.seeds:
+        write_seed_summary(cfg, rows)
+    if env.master:
+        print(f"pipeline finished in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+def compare(cfg: "Config", env: "Env", diffusion, theta0) -> list:
+    """From θ0: the N ranges, the equal-compute baseline, the merge and the evaluation; returns the results rows."""
+    stage_finetune(cfg, env, diffusion, theta0)
+    models = [m.strip() for m in cfg.models.split(",")]
+    if cfg.baseline:
+        stage_baseline(cfg, env, diffusion, theta0)
+        models = [baseline_name(cfg) if m == "baseline" else m for m in models]  # the weighting that was trained
+    else:
+        models = [m for m in models if not m.startswith("baseline")]
+    cfg = dataclasses.replace(cfg, models=",".join(models))
+    stage_merge(cfg, env, diffusion, theta0)
+    return stage_evaluate(cfg, env, diffusion, theta0)
+
+
+def seed_runs(cfg: "Config") -> list:
+    """[(seed, config)]: the run itself, or with --seeds one run per seed under --out/seed_<s>/, all from one θ0."""
+    if not cfg.seeds:
+        return [(cfg.seed, cfg)]
+    theta0_file = cfg.pretrained or str(run_dir(cfg, "pretrain", "ckpt.pt"))
+    return [(s, dataclasses.replace(cfg, seed=s, seeds="", out=str(run_dir(cfg, f"seed_{s}")), pretrained=theta0_file))
+            for s in seed_list(cfg)]
+
+
+# ======================================================================================================================
+# Part II: machinery
+# Not needed to follow the paper: configuration and its checks, devices and torch.distributed, the training
+# loop (EMA, checkpoints, resume, RNG state), data loaders, FID, figures, Stable Diffusion, benchmark, command line.
+# ======================================================================================================================
+
+
+# --- II.1 Configuration: one dataclass that is also the command line, and its checks ---------------------------------
+
+
+def _opt(default, help, choices=None):
+    """A config field with its command-line help."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
+@dataclass
+class Config:
+    """Every setting of every stage; dataset presets below fill in the paper's values, flags override them."""
+    # run
+    dataset: str = _opt("synthetic", "training data", ["synthetic", "cifar10", "lsun_church", "lsun_bedroom", "folder"])
+    data_dir: str = _opt("data", "where the dataset lives (CIFAR-10: the folder holding cifar-10-batches-py)")
+    download: bool = _opt(False, "download CIFAR-10 into --data-dir if it is missing")
+    out: str = _opt("", "run folder; every file this run writes goes under it (default runs/<dataset>)")
+    seed: int = _opt(0, "seed of everything: data order, noise, timesteps, samples")
+    seeds: str = _opt("", "several seeds, e.g. 0,1,2: the pipeline's comparison (finetune, baseline, merge, evaluate) "
+                          "once per seed from the same θ0, each under --out/seed_<s>/, then each model's mean and "
+                          "min-max over the seeds in seeds.{json,md} and seeds.png")
+    device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    resume: bool = _opt(False, "continue the interrupted stages of this run folder from their last checkpoint")
+    overwrite: bool = _opt(False, "start over, replacing what this run folder holds")
+    precision: str = _opt("auto", "training autocast precision (auto: bf16 on a GPU that has it, else fp32)",
+                          ["auto", "fp32", "bf16", "fp16"])
+    eval_precision: str = _opt("fp32", "precision of everything that measures or selects: the merge-weight search, "
+                                       "every sampler and FID (bf16: faster, less exact)", ["fp32", "bf16"])
+    compile: Optional[bool] = _opt(None, "torch.compile the model (default: on for CUDA, off on CPU)")
+    channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for CUDA, off on CPU)")
+    workers: int = _opt(0, "data-loading worker processes (0 loads in the main process)")
+    # model
+    model: str = _opt("ddpm", "ddpm: the pixel-space UNet; sd: a diffusers Stable Diffusion folder (--pretrained) "
+                              "finetuned on image-caption pairs (--data-dir)", ["ddpm", "sd"])
+    preset: str = _opt("tiny", "UNet size: " + ", ".join(PRESETS))
+    pretrained: str = _opt("", "θ0: a named checkpoint (cifar10, lsun_church, lsun_bedroom), a file or a diffusers "
+                               "folder; empty: train θ0 from scratch (the CPU pipeline)")
+    image_size: int = _opt(0, "training resolution (0: the preset's)")
+    flip: bool = _opt(False, "random horizontal flips")
+    dropout: Optional[float] = _opt(None, "dropout while training (default: the preset's for pretraining, 0 for "
+                                          "finetuning as in the official code)")
+    # pretraining θ0 from scratch (train stage)
+    train_steps: int = _opt(2000, "optimizer steps to pretrain θ0")
+    train_lr: float = _opt(2e-4, "pretraining learning rate (DDPM: 2e-4)")
+    train_warmup: int = _opt(100, "pretraining linear warm-up steps (DDPM: 5000)")
+    train_schedule: str = _opt("constant", "pretraining learning rate after the warm-up: constant (DDPM) or cosine "
+                                           "(decays to 0 at --train-steps: a θ0 that has settled in the steps given)",
+                               ["constant", "cosine"])
+    curve_every: int = _opt(0, "pretraining: the held-out loss of the EMA weights every this many steps, on "
+                               "--search-images selection images, into pretrain/heldout_curve.csv (0: off)")
+    # decoupled finetuning (finetune and baseline stages)
+    n_ranges: int = _opt(4, "N, the number of timestep ranges (paper: 4; 8 in the ablation)")
+    ranges: str = _opt("all", "which ranges this invocation finetunes: all, or indices such as 0,2")
+    steps: int = _opt(20000, "optimizer steps per range (paper: 20K); the baseline gets N times as many")
+    batch_size: int = _opt(64, "images per optimizer step over all processes")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (official LSUN script: 4 x 16)")
+    lr: float = _opt(5e-5, "finetuning learning rate (official: 5e-5, constant)")
+    adam_betas: tuple = _opt((0.95, 0.999), "AdamW betas")
+    weight_decay: float = _opt(1e-6, "AdamW weight decay")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon")
+    grad_clip: float = _opt(1.0, "gradient clipping norm (0: off)")
+    ema_decay: float = _opt(0.9999, "EMA decay ceiling; the decay warms up as min(ceiling, 1 - k^-3/4)")
+    p_global: float = _opt(0.3, "probabilistic sampling: chance of drawing timesteps from all of [0, T) (Eq. 6)")
+    per_sample: bool = _opt(False, "flip the probabilistic-sampling coin per sample instead of per batch (official)")
+    antithetic: bool = _opt(True, "draw timesteps in antithetic pairs (t, lo+hi-1-t) as the official code does")
+    consistency: float = _opt(1.0, "λ, weight of the consistency loss to the frozen θ0 (Eq. 4-5; 0: off)")
+    projections: bool = _opt(True, "channel-wise projections (identity-initialised 1x1 convs)")
+    baseline: bool = _opt(True, "also run the equal-compute baseline: plain finetuning on all timesteps, N x steps")
+    baseline_weighting: str = _opt("none", "the baseline's loss weighting: none (DDPM's simple loss), minsnr "
+                                           "(Min-SNR-γ, γ = 5) or p2 (P2, k = 1, γ = 1), the loss-reweighting "
+                                           "baselines of DeMe Table 1", ["none", "minsnr", "p2"])
+    ckpt_every: int = _opt(1000, "save a resumable checkpoint every this many steps")
+    grid_every: int = _opt(0, "save a sample grid every this many steps (0: only at the end)")
+    # merge (merge stage)
+    merge_method: str = _opt("task_arithmetic", "how to merge", ["task_arithmetic", "average", "ties", "dare"])
+    merge_weights: str = _opt("", "w_1..w_N, comma-separated, low t first; empty: search them (LSUN official: "
+                                  "0.1,0.1,0.2,0.5)")
+    heldout_fraction: float = _opt(0.1, "folder and LSUN: the share of images held out from training, chosen by a "
+                                        "hash of each file's path (half selects, half reports)")
+    search_images: int = _opt(512, "selection images (held out from training) scoring the merge-weight search")
+    search_objective: str = _opt("loss", "what the search minimises: loss (the held-out loss with t uniform over "
+                                         "[0, T)) or per_range (each range's held-out loss relative to θ0's on that "
+                                         "range, averaged over ranges); README: loss won on the report split",
+                                 ["loss", "per_range"])
+    search_evals: int = _opt(60, "most merge candidates the search scores")
+    rerank: int = _opt(0, "re-rank this many of the search's best candidates by sample quality (pixel Fréchet "
+                          "distance or FID, as --metric); 0: off")
+    rerank_samples: int = _opt(2048, "samples per candidate when re-ranking")
+    ties_k: float = _opt(20.0, "TIES: percent of each task vector's entries kept")
+    ties_lam: float = _opt(1.0, "TIES: scale of the merged task vector")
+    dare_p: float = _opt(0.9, "DARE: drop probability (DARE's main setting)")
+    # evaluation (sample and evaluate stages)
+    sampler: str = _opt("ddim", "sampler for evaluation", ["ddim", "ddpm"])
+    sample_steps: int = _opt(100, "DDIM steps (paper: 100 for CIFAR-10, 50 for LSUN)")
+    eta: float = _opt(0.0, "DDIM eta (0: deterministic)")
+    variance: str = _opt("fixedlarge", "DDPM sampling variance", ["fixedlarge", "fixedsmall"])
+    n_samples: int = _opt(50000, "samples per model for the metric (paper: 50K)")
+    report_images: int = _opt(512, "report images (held out from training and from selection) of the results "
+                                   "table's held-out loss")
+    eval_batch: int = _opt(256, "sampling batch size")
+    metric: str = _opt("auto", "fid (Inception) or pixel (Fréchet distance on pixels, for tiny runs); auto picks "
+                               "pixel for synthetic", ["auto", "fid", "pixel"])
+    inception_weights: str = _opt("", "pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+    fid_stats: str = _opt("", "reference statistics .npz of the training set (default: computed once, cached)")
+    models: str = _opt("theta0,baseline,ensemble,merged", "models the evaluate stage compares")
+    # benchmark (bench stage)
+    bench_batch: int = _opt(0, "images per timed step (0: --batch-size / (--grad-accum x processes) for training, "
+                               "--eval-batch for sampling; on a CPU try 8)")
+    bench_iters: int = _opt(5, "timed rounds per measurement after a warm-up; the median is reported (the forward "
+                               "pass of θ0 vs the merged model gets 3x as many)")
+    # analysis (analyze stage)
+    figures: str = _opt("conflict,landscape,norms", "analysis figures the analyze stage draws: conflict (gradient "
+                        "conflict, Fig. 1a), landscape (merge landscape, Fig. 6a), norms (task-vector norms, Fig. 6b)")
+    conflict_timesteps: int = _opt(20, "K, the timesteps of the gradient-conflict figure: the centres of K equal bins")
+    landscape_ranges: str = _opt("", "i,j: the two ranges whose task vectors span the merge-landscape plane "
+                                     "(default: 0 and N-1)")
+    landscape_points: int = _opt(15, "grid points per axis of the merge landscape, weights from -0.25 to 1.5")
+    # Stable Diffusion (--model sd)
+    prompts: str = _opt("", "prompts to draw, a file with one per line or 'a|b|c' (default: 8 captions of the data)")
+    guidance_scale: float = _opt(7.5, "classifier-free guidance scale (1: none)")
+    sd_resolution: int = _opt(512, "image resolution for training and sampling (SD v1: 512)")
+
+
+# The CPU recipe: θ0 trained to convergence (cosine decay; about an hour on 2 cores), then DeMe in minutes.
+# Finetuning keeps the paper's lr 5e-5: on the selection split it beat 2e-4 and 1e-5 (README, "A converged θ0").
+CPU_RECIPE = dict(preset="tiny", train_steps=12000, train_lr=1e-3, train_schedule="cosine", steps=64, batch_size=32,
+                  ckpt_every=100, sample_steps=20, n_samples=512, eval_batch=256, search_images=256, search_evals=30,
+                  report_images=1024)
+
+
+DATASET_PRESETS = {
+    # the CPU pipeline, from the θ0 shipped in assets/ (`python deme.py train` trains it afresh)
+    "synthetic": dict(CPU_RECIPE, pretrained="tiny_synthetic"),
+    # the paper's recipes (DeMe Sec. 4 and the official scripts; DDIM-100 for CIFAR-10, 50 steps for LSUN)
+    "cifar10": dict(preset="cifar10", pretrained="cifar10", flip=True, sample_steps=100),
+    "lsun_church": dict(preset="lsun256", pretrained="lsun_church", batch_size=64, grad_accum=4, sample_steps=50,
+                        eval_batch=64, variance="fixedsmall"),
+    "lsun_bedroom": dict(preset="lsun256", pretrained="lsun_bedroom", batch_size=64, grad_accum=4, sample_steps=50,
+                         eval_batch=64, variance="fixedsmall"),
+    "folder": dict(),  # on a GPU the paper's finetuning budget; on a CPU the CPU recipe (resolve_config)
+}
+
+
+def resolve_config(given: dict) -> Config:
+    """Defaults < dataset preset < flags given on the command line; then check the values."""
+    dataset = given.get("dataset", Config.dataset)
+    if dataset not in DATASET_PRESETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_PRESETS)}")
+    preset = DATASET_PRESETS[dataset]
+    device = given.get("device", Config.device)
+    if dataset == "folder" and (device == "cpu" or device == "auto" and not torch.cuda.is_available()):
+        preset = dict(CPU_RECIPE, metric="pixel")  # your own images on a laptop: θ0 trained here first (`train`)
+    cfg = Config(**{**preset, **given})
+    if not cfg.out:
+        cfg.out = f"runs/{cfg.dataset}"
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config):
+    """One clear line for each value that cannot work."""
+    if cfg.model == "sd" and (cfg.dataset != "folder" or not cfg.pretrained):
+        raise UserError("--model sd needs --pretrained SD_PIPELINE_FOLDER and --dataset folder --data-dir DIR "
+                        "(images plus metadata.jsonl)")
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    if not 1 <= cfg.n_ranges <= 1000 or 1000 % cfg.n_ranges:
+        raise UserError(f"--n-ranges {cfg.n_ranges} does not split the 1000 timesteps evenly; use 1, 2, 4, 5, 8, 10, ...")
+    if not 0.0 <= cfg.p_global <= 1.0:
+        raise UserError(f"--p-global {cfg.p_global} is not a probability; give a value in [0, 1]")
+    if cfg.ranges != "all":
+        range_indices(cfg)
+    if cfg.merge_weights:
+        merge_weight_list(cfg)
+    if cfg.seeds:
+        seed_list(cfg)
+    if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
+        raise UserError(f"--adam-betas {cfg.adam_betas} must be two numbers in [0, 1), e.g. 0.95,0.999")
+    if not 0 <= cfg.ema_decay < 1 or cfg.workers < 0 or cfg.image_size < 0:
+        raise UserError("--ema-decay must lie in [0, 1), --workers and --image-size must not be negative")
+    if cfg.model != "sd" and cfg.model != "ddpm":
+        raise UserError(f"unknown --model {cfg.model!r}; use ddpm or sd")
+    for name in ("steps", "batch_size", "grad_accum", "n_samples", "eval_batch", "sample_steps", "train_steps",
+                 "ckpt_every", "search_evals", "search_images", "report_images", "bench_iters", "rerank_samples"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.eta < 0:
+        raise UserError(f"--eta {cfg.eta} is negative; DDIM's eta is 0 (deterministic) or more (1: DDPM-like)")
+    if cfg.rerank == 1 or cfg.rerank < 0 or cfg.rerank > cfg.search_evals:
+        raise UserError(f"--rerank {cfg.rerank}: give 0 (off) or K in 2..--search-evals ({cfg.search_evals}) "
+                        f"candidates to re-rank; one candidate has nothing to be ranked against")
+    if not 0.0 < cfg.heldout_fraction < 1.0:
+        raise UserError(f"--heldout-fraction {cfg.heldout_fraction} must lie strictly between 0 and 1, e.g. 0.1")
+    if 1000 % cfg.sample_steps and cfg.sampler == "ddim":
+        raise UserError(f"--sample-steps {cfg.sample_steps} does not divide the 1000 timesteps; use 10, 20, 50, 100, ...")
+    resolution = cfg.image_size or PRESETS[cfg.preset]["resolution"]
+    levels = len(PRESETS[cfg.preset]["ch_mult"])
+    if resolution % 2 ** (levels - 1):
+        raise UserError(f"--image-size {resolution} cannot pass the {levels - 1} downsamplings of preset "
+                        f"{cfg.preset}; use a multiple of {2 ** (levels - 1)}")
+
+
+def range_indices(cfg: Config) -> list:
+    """The range indices this invocation finetunes."""
+    if cfg.ranges == "all":
+        return list(range(cfg.n_ranges))
+    try:
+        idx = [int(s) for s in cfg.ranges.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--ranges {cfg.ranges!r} is not a list of integers; write for example --ranges 0,2") from None
+    bad = [i for i in idx if not 0 <= i < cfg.n_ranges]
+    if bad or not idx:
+        raise UserError(f"--ranges {cfg.ranges!r}: indices must lie in 0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
+    return idx
+
+
+def seed_list(cfg: Config) -> list:
+    """--seeds as distinct integers."""
+    try:
+        seeds = [int(v) for v in cfg.seeds.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {cfg.seeds!r} is not a list of integers; write for example --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f"--seeds {cfg.seeds!r}: give distinct non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
+def merge_weight_list(cfg: Config) -> list:
+    """--merge-weights as floats, one per range."""
+    try:
+        w = [float(s) for s in cfg.merge_weights.split(",")]
+    except ValueError:
+        raise UserError(f"--merge-weights {cfg.merge_weights!r} is not a list of numbers; write e.g. 0.1,0.1,0.2,0.5") from None
+    if len(w) != cfg.n_ranges:
+        raise UserError(f"--merge-weights has {len(w)} values but there are {cfg.n_ranges} ranges; give one per range")
+    return w
+
+
+# --- II.2 Devices, precision, torch.distributed ----------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    """Where and how this process runs: device, its rank among torchrun's processes, precision."""
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    precision: str = "fp32"
+    compile: bool = False
+    channels_last: bool = False
+    eval_precision: str = "fp32"
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        """Training's bf16/fp16 autocast, or nothing for fp32."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    @contextlib.contextmanager
+    def exact(self):
+        """fp32 as written: no autocast and no TF32 (on GPUs, TF32 rounds fp32 matrix products to 10 mantissa bits)."""
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    def evaluation(self):
+        """Where everything that measures or selects runs: exact fp32, or bf16 autocast with --eval-precision bf16."""
+        if self.eval_precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return self.exact()
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    @contextlib.contextmanager
+    def master_first(self):
+        """Rank 0 runs the block first (downloads, caches); the other ranks run it after, and find its files."""
+        if not self.master:
+            self.barrier()
+        try:
+            yield
+        finally:  # also when rank 0 fails: the others then meet the same error rather than wait forever
+            if self.master:
+                self.barrier()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, and bf16
+    autocast runs several times slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def timing_unet(cfg: Config) -> UNet:
+    """A fresh UNet of the run's preset and resolution, without dropout as finetuning runs it (official code): what
+    the benchmark, the plan line and --precision auto time (speed does not depend on the weights)."""
+    return set_dropout(UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {})),
+                       0.0)
+
+
+def cpu_training_precision(cfg: Config, measure=True) -> str:
+    """--precision auto on a CPU: bf16 autocast where the CPU has native bf16 and a few timed training steps of this
+    run's UNet show it faster than fp32 (by 10% or more); fp32 everywhere else. Evaluation stays fp32 either way."""
+    if not cpu_has_bf16():
+        return "fp32"
+    if not measure:  # not a training command, or torchrun (every process must choose alike): native bf16 is used
+        return "bf16"
+    model = timing_unet(cfg)
+    batch = max(1, min(8, cfg.batch_size // cfg.grad_accum))
+    steps = {p: bench_train_step(copy.deepcopy(model), Env(torch.device("cpu"), precision=p), GaussianDiffusion(),
+                                 batch) for p in ("fp32", "bf16")}
+    times = {p: float(np.median(ts)) for p, ts in time_alternately(steps, 3, 1, torch.device("cpu")).items()}
+    speedup = times["fp32"] / times["bf16"]
+    choice = "bf16" if speedup >= 1.1 else "fp32"
+    print(f"precision auto: {choice} for training (this CPU has native bf16; bf16 autocast measured {speedup:.2f}x "
+          f"the speed of fp32 on {batch}-image steps of the {cfg.preset} UNet); evaluation stays fp32")
+    return choice
+
+
+def setup_env(cfg: Config, trains=True) -> Env:
+    """Device and precision from the config (`trains`: time bf16 against fp32 where --precision auto meets a CPU
+    with native bf16); torch.distributed when torchrun started several processes."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise UserError(f"--device {cfg.device!r} is not a device; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device} asked for a GPU but torch sees none; use --device cpu")
+        if device.type == "cuda" and (world > 1 or device.index is None):  # torchrun: the GPU of this LOCAL_RANK
+            device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+        if device.type == "cuda" and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {cfg.device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+    precision = cfg.precision
+    if precision == "auto" and device.type == "cuda":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    elif precision == "auto":
+        precision = cpu_training_precision(cfg, measure=trains and world == 1)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # TF32 only where training is not fp32 anyway; evaluation switches it off (Env.exact)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    if world > 1 and not torch.distributed.is_initialized():
+        from datetime import timedelta
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
+                                             device_id=device if device.type == "cuda" else None)
+    on_gpu = device.type == "cuda"
+    return Env(device, rank, world, precision,
+               compile=on_gpu if cfg.compile is None else cfg.compile,
+               channels_last=on_gpu if cfg.channels_last is None else cfg.channels_last,
+               eval_precision=cfg.eval_precision)
+
+
+def unwrap(model):
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def set_dropout(model, p):
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    return model
+
+
+def frozen(model):
+    """A copy that never trains: eval mode, no gradients (θ0 as the consistency-loss teacher)."""
+    return copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+
+
+def place(model, env: Env):
+    """The model on the device, in its memory format (in place; do this before taking references to weights)."""
+    return model.to(env.device, memory_format=torch.channels_last if env.channels_last else torch.preserve_format)
+
+
+def prepare(model, env: Env, train=False):
+    """The model placed, then wrapped for torchrun and compiled as configured."""
+    model = place(model, env)
+    if train and env.world > 1:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if env.compile:
+        model = torch.compile(model)
+    return model
+
+
+# --- II.3 The training loop: EMA, checkpoints, resume, RNG state, atomic writes --------------------------------------
+
+
+class EMA:
+    """Exponential moving average of the weights; decay at optimizer step k is min(max_decay, 1 - k^-3/4), the
+    warm-up of diffusers' EMAModel (inv_gamma 1, power 3/4) that the official code uses."""
+
+    def __init__(self, model, max_decay=0.9999, power=0.75):
+        self.max_decay, self.power, self.step = max_decay, power, 0
+        self.state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+        live = unwrap(model).state_dict()
+        self._pairs = [(self.state[k], live[k]) for k in self.state if self.state[k].is_floating_point()]
+
+    def decay(self):
+        return min(self.max_decay, 1.0 - self.step ** -self.power) if self.step > 0 else 0.0
+
+    @torch.no_grad()
+    def update(self):
+        """ema = d * ema + (1 - d) * θ after optimizer step k = self.step + 1."""
+        self.step += 1
+        ema, live = zip(*self._pairs)
+        torch._foreach_lerp_(list(ema), list(live), 1.0 - self.decay())
+
+    def load(self, state, step):
+        for k, v in state.items():
+            self.state[k].copy_(v)
+        self.step = step
+
+
+def rng_state(*generators) -> dict:
+    """Every random state a resumed run needs: torch, CUDA, numpy, python, and the loop's own generators."""
+    np_state = np.random.get_state()
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
+                           has_gauss=int(np_state[3]), cached=float(np_state[4])),
+                python=[list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+                generators=[g.get_state() for g in generators])
+
+
+def set_rng_state(state: dict, *generators, fallback_seed=0) -> list:
+    """Restores what rng_state saved, as far as this machine allows; returns what it could not restore: the CUDA
+    states of GPUs this machine lacks, and generators saved on another device type (their states differ in kind),
+    which are seeded with fallback_seed + their position instead (the same on every rank)."""
+    lost = []
+    torch.set_rng_state(state["torch"])
+    cuda, gpus = state["cuda"], torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i, s in enumerate(cuda[:gpus]):
+        torch.cuda.set_rng_state(s, i)
+    if len(cuda) > gpus:
+        lost.append(f"the CUDA random state of {len(cuda) - gpus} of {len(cuda)} GPU(s)")
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    for k, (g, s) in enumerate(zip(generators, state["generators"])):
+        try:
+            g.set_state(s)
+        except RuntimeError:
+            lost.append(f"the {g.device.type} noise generator (saved on another kind of device)")
+            g.manual_seed(fallback_seed + k)
+    return lost
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint dict of this project, loaded safely (weights_only: no code in a pickle runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path or run the stage that makes it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} cannot be read ({first}); it is truncated, corrupt or not a plain "
+                        f"weights file: delete it and rerun the stage") from None
+
+
+def build_model(model_config: dict, state_dict=None) -> UNet:
+    """A UNet from its config, holding `state_dict` (with the projections the weights have) when given."""
+    return UNet(**model_config) if state_dict is None else model_from_state_dict(state_dict, model_config)
+
+
+def load_model(path, which="ema") -> UNet:
+    """The model saved in one of this project's checkpoints (its EMA weights by default)."""
+    ck = load_checkpoint(path)
+    if "model_config" not in ck:
+        raise UserError(f"{path} is not a checkpoint of this project (no model_config); use --pretrained for "
+                        f"published weights")
+    return build_model(ck["model_config"], ck.get(which) or ck["model"])
+
+
+def stage_checkpoint(path: Path, identity: dict, cfg: Config) -> Optional[dict]:
+    """The stage's saved state if it may be reused (finished) or resumed (--resume); None to start fresh."""
+    if cfg.overwrite or not path.exists():
+        return None
+    ck = load_checkpoint(path)
+    diff = [f"{k}: {ck['identity'].get(k)!r} there vs {v!r} now" for k, v in identity.items()
+            if ck.get("identity", {}).get(k) != v]
+    if diff:
+        raise UserError(f"{path} was made with other settings ({'; '.join(diff[:3])}); choose another --out, or "
+                        f"pass --overwrite to replace it")
+    if ck["step"] < identity["steps"] and not cfg.resume:
+        raise UserError(f"{path} holds an unfinished stage (step {ck['step']} of {identity['steps']}); pass "
+                        f"--resume to continue it or --overwrite to start over")
+    return ck
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name beside `path` (same suffix, so image writers pick the format); it replaces `path` only when
+    the block completes, so a crash never leaves half a file where a good one was."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    yield tmp
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text, path):
+    """Writes text to a temporary file beside `path`, then renames it into place."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_grid(model, diffusion, path, env: Env, cfg: Config, seed=0):
+    """A grid of samples (the evaluation's sampler) from fixed noise, so grids of two models compare image by image."""
+    from torchvision.utils import save_image
+    m = unwrap(model).to(env.device)
+    res = m.config["resolution"]
+    n = 64 if res <= 64 else 16
+    was_training = m.training
+    m.eval()
+    x = sample_batch(cfg, env, diffusion, m, range(n), seed, (m.config["in_channels"], res, res))
+    m.train(was_training)
+    with atomic_path(path) as tmp:
+        save_image(x.float() * 0.5 + 0.5, tmp, nrow=int(math.sqrt(n)))
+    return x
+
+
+def check_batch_split(cfg: Config, world: int) -> int:
+    """Images per process per micro-batch: --batch-size / (--grad-accum x processes), which must be whole."""
+    micro, rest = divmod(cfg.batch_size, cfg.grad_accum * world)
+    if rest or micro == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} does not split into --grad-accum {cfg.grad_accum} x "
+                        f"{world} process(es); use a multiple of {cfg.grad_accum * world}")
+    return micro
+
+
+def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, steps, lr, warmup, timesteps,
+               identity: dict, teacher=None, lam=0.0, desc="train", seed=0, encode=None, grid=None,
+               weighting=None, curve=None, schedule="constant") -> dict:
+    """Trains `model` in place and returns its EMA weights; the loop of DDPM Algorithm 1, with DeMe's consistency
+    loss to `teacher` when given (Eq. 4-5). Resumable: the checkpoint holds everything, RNG states included.
+    `encode(batch) -> (x0, cond)` turns a data batch into the diffused tensor and the model's extra inputs (Stable
+    Diffusion: VAE latents and text embeddings); `grid(ema_state, path)` draws a sample grid (default: a UNet's);
+    `weighting(t) -> (B,)` weights each sample's simple loss (the loss-reweighting baselines); `curve(step,
+    ema_state) -> row` is called every cfg.curve_every steps and its rows go to heldout_curve.csv."""
+    stage_dir = Path(stage_dir)
+    ckpt_path = stage_dir / "ckpt.pt"
+    identity = dict(identity, steps=steps, lr=lr, batch_size=cfg.batch_size, seed=seed)
+    state = stage_checkpoint(ckpt_path, identity, cfg)
+    if state is not None and state["step"] >= steps:
+        if env.master:
+            print(f"{desc}: reusing the finished stage in {ckpt_path}")
+        return state["ema"]
+    micro = check_batch_split(cfg, env.world)
+    place(model, env).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
+                            eps=cfg.adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, steps, warmup, schedule))
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
+    ema = EMA(model, cfg.ema_decay)
+    # Every rank draws the timesteps, coins, noise and flips of the whole global micro-batch from the same seeds and
+    # keeps its slice of them, so N processes train what one process trains (up to float rounding; dropout aside).
+    mine = slice(env.rank * micro, (env.rank + 1) * micro)
+    t_gen = torch.Generator().manual_seed(seed * 7919)  # timesteps and coins (CPU)
+    x_gen = torch.Generator(env.device).manual_seed(seed * 7919 + 1)  # noise and flips (device)
+    torch.manual_seed(seed * 7919 + env.rank + 2)  # dropout, different on every rank
+    start = 0
+    if state is not None:  # on any device, precision or number of processes: what cannot be restored is said
+        start = state["step"]
+        model.load_state_dict(state["model"])
+        ema.load(state["ema"], start)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        lost = set_rng_state(state["rng"], t_gen, x_gen, fallback_seed=seed * 7919 + 1_000_003 * start)
+        if scaler.is_enabled() and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        elif scaler.is_enabled() or state["scaler"]:
+            lost.append("the fp16 gradient scaler's state (the run changed precision)")
+        if env.world > 1:  # rank 0's global states were saved; dropout must not repeat rank 0's masks
+            torch.manual_seed(seed * 7919 + env.rank + 2 + 1_000_003 * start)
+        if lost and env.master:
+            print(f"{desc}: resumed at step {start} with the model, EMA, optimizer, step and data position; could not "
+                  f"restore {'; '.join(lost)}")
+    if teacher is not None:
+        teacher = prepare(teacher, dataclasses.replace(env, world=1))
+    net = prepare(model, env, train=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+    def save(step):
+        if env.master:
+            atomic_save(dict(model=unwrap(model).state_dict(), ema=ema.state, optimizer=opt.state_dict(),
+                             scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=step,
+                             rng=rng_state(t_gen, x_gen), identity=identity, config=dataclasses.asdict(cfg),
+                             model_config=getattr(unwrap(model), "config", None)), ckpt_path)
+
+    data_iter = batches(data, micro, seed, env.rank, env.world, start=start * cfg.grad_accum, workers=cfg.workers)
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not env.master, dynamic_ncols=True)
+    smooth, bad_steps, tick = None, 0, time.perf_counter()
+    for step in range(start, steps):
+        total = torch.zeros((), device=env.device)
+        for m in range(cfg.grad_accum):
+            batch = next(data_iter)
+            x0, cond = encode(batch) if encode else (batch.to(env.device, non_blocking=True), {})
+            if cfg.flip:
+                flip = (torch.rand(micro * env.world, generator=x_gen, device=env.device) < 0.5)[mine]
+                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+            if env.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            t = timesteps(micro * env.world, t_gen)[mine].to(env.device)
+            noise = torch.randn((micro * env.world, *x0.shape[1:]), generator=x_gen, device=env.device)[mine]
+            x_t = diffusion.q_sample(x0, t, noise)
+            sync = net.no_sync() if env.world > 1 and m < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with env.autocast():
+                    eps = net(x_t, t, **cond).float()
+                    if weighting is None:
+                        loss = F.mse_loss(eps, noise)  # DDPM Algorithm 1
+                    else:  # Min-SNR-γ, P2: the per-sample simple loss, weighted by SNR(t)
+                        loss = (weighting(t) * (eps - noise).pow(2).flatten(1).mean(1)).mean()
+                    if teacher is not None and lam > 0:  # DeMe Eq. 4-5: stay close to the frozen θ0
+                        with torch.no_grad():
+                            eps0 = teacher(x_t, t, **cond).float()
+                        loss = loss + lam * F.mse_loss(eps, eps0)
+                scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+        if env.world > 1:
+            torch.distributed.all_reduce(total)
+            total /= env.world
+        value = total.item()
+        if not math.isfinite(value):
+            bad_steps += 1
+            if env.precision != "fp16" or bad_steps > 50:  # fp16: the scaler skips overflowing steps
+                bar.close()
+                raise UserError(f"{desc}: the loss became {value} at step {step + 1}; stopped, and {ckpt_path} still "
+                                f"holds the last good checkpoint; lower the learning rate, then --resume")
+        else:
+            bad_steps = 0
+        scaler.unscale_(opt)
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        ema.update()
+        if math.isfinite(value):
+            smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
+        now = time.perf_counter()
+        bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "nan",
+                        img_s=f"{cfg.batch_size / max(now - tick, 1e-9):.0f}", refresh=False)
+        tick = now
+        bar.update(1)
+        done = step + 1
+        if done % cfg.ckpt_every == 0 or done == steps:
+            save(done)
+        if curve is not None and env.master and cfg.curve_every and done % cfg.curve_every == 0:
+            append_curve(stage_dir / "heldout_curve.csv", done, curve(done, ema.state))
+        if env.master and (done == steps or (cfg.grid_every and done % cfg.grid_every == 0)):
+            path = stage_dir / f"grid_{done:06d}.png"
+            if grid:
+                grid(ema.state, path)
+            else:
+                save_grid(build_model(unwrap(model).config, ema.state), diffusion, path, env, cfg)
+    bar.close()
+    env.barrier()
+    return ema.state
+
+
+def lr_factor(k, steps, warmup, schedule="constant") -> float:
+    """The learning rate of step k as a fraction of the peak: a linear warm-up, then constant or a cosine decay to
+    0 at the last step (SGDR, Loshchilov & Hutter 2017, without restarts)."""
+    if k < warmup:
+        return (k + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (k - warmup) / max(1, steps - warmup))))
+
+
+def run_dir(cfg: Config, *parts) -> Path:
+    """A path inside the run folder (nothing is written outside it)."""
+    return Path(cfg.out).joinpath(*parts)
+
+
+def theta0_model(cfg: Config, env: Env, diffusion) -> UNet:
+    """θ0: the published checkpoint named by --pretrained, or one pretrained here from scratch (cached in the run)."""
+    if cfg.pretrained:
+        with env.master_first():  # one download, not one per process
+            model = load_pretrained(cfg.pretrained).eval()
+        if env.master:
+            print(f"θ0: {cfg.pretrained} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+        return model
+    stage_train(cfg, env, diffusion)  # returns at once when the run folder holds the finished stage
+    return load_model(run_dir(cfg, "pretrain", "ckpt.pt")).eval()
+
+
+def stage_identity(cfg: Config, **extra) -> dict:
+    """The settings that make a trained model what it is (a reused checkpoint must agree on all of them)."""
+    return dict(dataset=cfg.dataset, pretrained=cfg.pretrained or "pretrain/ckpt.pt", grad_accum=cfg.grad_accum,
+                adam_betas=list(cfg.adam_betas), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                ema_decay=cfg.ema_decay, flip=cfg.flip, dropout=cfg.dropout or 0.0, **extra)
+
+
+def stage_train(cfg: Config, env: Env, diffusion=None):
+    """Pretrains θ0 from scratch (DDPM Algorithm 1) on the configured dataset: the θ0 of the CPU pipeline."""
+    diffusion = diffusion or GaussianDiffusion()
+    torch.manual_seed(cfg.seed)  # the same initial θ in every run and on every rank
+    overrides = dict(resolution=cfg.image_size or None, dropout=cfg.dropout)
+    model = UNet.from_preset(cfg.preset, **{k: v for k, v in overrides.items() if v is not None})
+    uniform = lambda b, g: torch.randint(0, diffusion.T, (b,), generator=g)
+    identity = stage_identity(dataclasses.replace(cfg, pretrained=""),  # from scratch, whatever --pretrained says
+                              stage="pretrain", preset=cfg.preset, model=model.config, warmup=cfg.train_warmup,
+                              schedule=cfg.train_schedule)
+    curve = None
+    if cfg.curve_every:  # how far from converged θ0 is: its EMA's held-out loss along the way (selection images)
+        images = heldout_images(cfg, cfg.search_images, "select")
+        curve = lambda step, ema: heldout_loss(build_model(model.config, ema), diffusion, images, env, cfg.n_ranges,
+                                               role_seed(cfg.seed, "select"))
+    ema = train_loop(cfg, env, run_dir(cfg, "pretrain"), model, make_dataset(cfg), diffusion, steps=cfg.train_steps,
+                     lr=cfg.train_lr, warmup=cfg.train_warmup, timesteps=uniform, identity=identity,
+                     desc="pretrain θ0", seed=cfg.seed, curve=curve, schedule=cfg.train_schedule)
+    if env.master:  # θ0 alone, in the layout assets/ ships it in
+        atomic_save({k: v.float() for k, v in ema.items()}, run_dir(cfg, "pretrain", "theta0.pt"))
+        if cfg.curve_every and run_dir(cfg, "pretrain", "heldout_curve.csv").exists():
+            try:
+                print(f"held-out loss curve: {plot_curve(run_dir(cfg, 'pretrain', 'heldout_curve.csv'))}")
+            except UserError as e:
+                print(f"warning: no curve plot ({e})", file=sys.stderr)
+
+
+def append_curve(path: Path, step, losses):
+    """One row (step, held-out loss, loss per range) of a curve CSV; rows at or past `step` (a resumed run redoes
+    them) are dropped first."""
+    mean, per_range = losses
+    rows = path.read_text().splitlines() if path.exists() else []
+    rows = rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) < step]
+    head = "step,heldout_loss," + ",".join(f"loss_range{i}" for i in range(len(per_range)))
+    atomic_write_text("\n".join((rows or [head]) + [",".join(f"{v:.6g}" for v in [step, mean, *per_range])]) + "\n",
+                      path)
+
+
+def range_models(cfg: Config) -> list:
+    """θ_1..θ_N: the EMA weights of every finished range."""
+    models = []
+    for i in range(cfg.n_ranges):
+        path = run_dir(cfg, f"range_{i}", "ckpt.pt")
+        if not path.exists():
+            raise UserError(f"range {i} has no checkpoint at {path}; run `python deme.py finetune --ranges {i}` "
+                            f"with the same --out first")
+        ck = load_checkpoint(path)
+        if ck["step"] < ck["identity"]["steps"]:
+            raise UserError(f"range {i} is unfinished ({path}, step {ck['step']} of {ck['identity']['steps']}); "
+                            f"finish it with `python deme.py finetune --ranges {i} --resume`")
+        models.append(build_model(ck["model_config"], ck["ema"]).eval())
+    return models
+
+
+# --- II.4 Data loaders: CIFAR-10, LSUN, image folders, held-out splits -----------------------------------------------
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class TensorImages(torch.utils.data.Dataset):
@@ -697,940 +1713,20 @@ def batches(dataset, batch, seed, rank=0, world=1, start=0, workers=0):
             yield x
             k += 1
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 4. Training: where it runs, EMA, checkpoints, and the one loop every stage uses
-# ----------------------------------------------------------------------------------------------------------------------
 
+# --- II.5 Evaluation: FID as pytorch-fid computes it, samples on disk, pixel Fréchet distance, results files ---------
 
-@dataclass
-class Env:
-    """Where and how this process runs: device, its rank among torchrun's processes, precision."""
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    precision: str = "fp32"
-    compile: bool = False
-    channels_last: bool = False
-    eval_precision: str = "fp32"
 
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def autocast(self):
-        """Training's bf16/fp16 autocast, or nothing for fp32."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
-
-    @contextlib.contextmanager
-    def exact(self):
-        """fp32 as written: no autocast and no TF32 (on GPUs, TF32 rounds fp32 matrix products to 10 mantissa bits)."""
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
-            with torch.autocast(self.device.type, enabled=False):
-                yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-    def evaluation(self):
-        """Where everything that measures or selects runs: exact fp32, or bf16 autocast with --eval-precision bf16."""
-        if self.eval_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return self.exact()
-
-    def barrier(self):
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    @contextlib.contextmanager
-    def master_first(self):
-        """Rank 0 runs the block first (downloads, caches); the other ranks run it after, and find its files."""
-        if not self.master:
-            self.barrier()
-        try:
-            yield
-        finally:  # also when rank 0 fails: the others then meet the same error rather than wait forever
-            if self.master:
-                self.barrier()
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, and bf16
-    autocast runs several times slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def timing_unet(cfg: Config) -> UNet:
-    """A fresh UNet of the run's preset and resolution, without dropout as finetuning runs it (official code): what
-    the benchmark, the plan line and --precision auto time (speed does not depend on the weights)."""
-    return set_dropout(UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {})),
-                       0.0)
-
-
-def cpu_training_precision(cfg: Config, measure=True) -> str:
-    """--precision auto on a CPU: bf16 autocast where the CPU has native bf16 and a few timed training steps of this
-    run's UNet show it faster than fp32 (by 10% or more); fp32 everywhere else. Evaluation stays fp32 either way."""
-    if not cpu_has_bf16():
-        return "fp32"
-    if not measure:  # not a training command, or torchrun (every process must choose alike): native bf16 is used
-        return "bf16"
-    model = timing_unet(cfg)
-    batch = max(1, min(8, cfg.batch_size // cfg.grad_accum))
-    steps = {p: bench_train_step(copy.deepcopy(model), Env(torch.device("cpu"), precision=p), GaussianDiffusion(),
-                                 batch) for p in ("fp32", "bf16")}
-    times = {p: float(np.median(ts)) for p, ts in time_alternately(steps, 3, 1, torch.device("cpu")).items()}
-    speedup = times["fp32"] / times["bf16"]
-    choice = "bf16" if speedup >= 1.1 else "fp32"
-    print(f"precision auto: {choice} for training (this CPU has native bf16; bf16 autocast measured {speedup:.2f}x "
-          f"the speed of fp32 on {batch}-image steps of the {cfg.preset} UNet); evaluation stays fp32")
-    return choice
-
-
-def setup_env(cfg: Config, trains=True) -> Env:
-    """Device and precision from the config (`trains`: time bf16 against fp32 where --precision auto meets a CPU
-    with native bf16); torch.distributed when torchrun started several processes."""
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(cfg.device)
-        except RuntimeError:
-            raise UserError(f"--device {cfg.device!r} is not a device; use cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {cfg.device} asked for a GPU but torch sees none; use --device cpu")
-        if device.type == "cuda" and (world > 1 or device.index is None):  # torchrun: the GPU of this LOCAL_RANK
-            device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
-        if device.type == "cuda" and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {cfg.device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
-    precision = cfg.precision
-    if precision == "auto" and device.type == "cuda":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    elif precision == "auto":
-        precision = cpu_training_precision(cfg, measure=trains and world == 1)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        # TF32 only where training is not fp32 anyway; evaluation switches it off (Env.exact)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    if world > 1 and not torch.distributed.is_initialized():
-        from datetime import timedelta
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
-                                             device_id=device if device.type == "cuda" else None)
-    on_gpu = device.type == "cuda"
-    return Env(device, rank, world, precision,
-               compile=on_gpu if cfg.compile is None else cfg.compile,
-               channels_last=on_gpu if cfg.channels_last is None else cfg.channels_last,
-               eval_precision=cfg.eval_precision)
-
-
-def unwrap(model):
-    """The plain module under DistributedDataParallel and torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
-class EMA:
-    """Exponential moving average of the weights; decay at optimizer step k is min(max_decay, 1 - k^-3/4), the
-    warm-up of diffusers' EMAModel (inv_gamma 1, power 3/4) that the official code uses."""
-
-    def __init__(self, model, max_decay=0.9999, power=0.75):
-        self.max_decay, self.power, self.step = max_decay, power, 0
-        self.state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
-        live = unwrap(model).state_dict()
-        self._pairs = [(self.state[k], live[k]) for k in self.state if self.state[k].is_floating_point()]
-
-    def decay(self):
-        return min(self.max_decay, 1.0 - self.step ** -self.power) if self.step > 0 else 0.0
-
-    @torch.no_grad()
-    def update(self):
-        """ema = d * ema + (1 - d) * θ after optimizer step k = self.step + 1."""
-        self.step += 1
-        ema, live = zip(*self._pairs)
-        torch._foreach_lerp_(list(ema), list(live), 1.0 - self.decay())
-
-    def load(self, state, step):
-        for k, v in state.items():
-            self.state[k].copy_(v)
-        self.step = step
-
-
-def rng_state(*generators) -> dict:
-    """Every random state a resumed run needs: torch, CUDA, numpy, python, and the loop's own generators."""
-    np_state = np.random.get_state()
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
-                           has_gauss=int(np_state[3]), cached=float(np_state[4])),
-                python=[list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-                generators=[g.get_state() for g in generators])
-
-
-def set_rng_state(state: dict, *generators, fallback_seed=0) -> list:
-    """Restores what rng_state saved, as far as this machine allows; returns what it could not restore: the CUDA
-    states of GPUs this machine lacks, and generators saved on another device type (their states differ in kind),
-    which are seeded with fallback_seed + their position instead (the same on every rank)."""
-    lost = []
-    torch.set_rng_state(state["torch"])
-    cuda, gpus = state["cuda"], torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for i, s in enumerate(cuda[:gpus]):
-        torch.cuda.set_rng_state(s, i)
-    if len(cuda) > gpus:
-        lost.append(f"the CUDA random state of {len(cuda) - gpus} of {len(cuda)} GPU(s)")
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    for k, (g, s) in enumerate(zip(generators, state["generators"])):
-        try:
-            g.set_state(s)
-        except RuntimeError:
-            lost.append(f"the {g.device.type} noise generator (saved on another kind of device)")
-            g.manual_seed(fallback_seed + k)
-    return lost
-
-
-def load_checkpoint(path) -> dict:
-    """A checkpoint dict of this project, loaded safely (weights_only: no code in a pickle runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; check the path or run the stage that makes it")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} cannot be read ({first}); it is truncated, corrupt or not a plain "
-                        f"weights file: delete it and rerun the stage") from None
-
-
-def build_model(model_config: dict, state_dict=None) -> UNet:
-    """A UNet from its config, holding `state_dict` (with the projections the weights have) when given."""
-    return UNet(**model_config) if state_dict is None else model_from_state_dict(state_dict, model_config)
-
-
-def load_model(path, which="ema") -> UNet:
-    """The model saved in one of this project's checkpoints (its EMA weights by default)."""
-    ck = load_checkpoint(path)
-    if "model_config" not in ck:
-        raise UserError(f"{path} is not a checkpoint of this project (no model_config); use --pretrained for "
-                        f"published weights")
-    return build_model(ck["model_config"], ck.get(which) or ck["model"])
-
-
-def stage_checkpoint(path: Path, identity: dict, cfg: Config) -> Optional[dict]:
-    """The stage's saved state if it may be reused (finished) or resumed (--resume); None to start fresh."""
-    if cfg.overwrite or not path.exists():
-        return None
-    ck = load_checkpoint(path)
-    diff = [f"{k}: {ck['identity'].get(k)!r} there vs {v!r} now" for k, v in identity.items()
-            if ck.get("identity", {}).get(k) != v]
-    if diff:
-        raise UserError(f"{path} was made with other settings ({'; '.join(diff[:3])}); choose another --out, or "
-                        f"pass --overwrite to replace it")
-    if ck["step"] < identity["steps"] and not cfg.resume:
-        raise UserError(f"{path} holds an unfinished stage (step {ck['step']} of {identity['steps']}); pass "
-                        f"--resume to continue it or --overwrite to start over")
-    return ck
-
-
-def set_dropout(model, p):
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-    return model
-
-
-def frozen(model):
-    """A copy that never trains: eval mode, no gradients (θ0 as the consistency-loss teacher)."""
-    return copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
-
-
-def place(model, env: Env):
-    """The model on the device, in its memory format (in place; do this before taking references to weights)."""
-    return model.to(env.device, memory_format=torch.channels_last if env.channels_last else torch.preserve_format)
-
-
-def prepare(model, env: Env, train=False):
-    """The model placed, then wrapped for torchrun and compiled as configured."""
-    model = place(model, env)
-    if train and env.world > 1:
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if env.compile:
-        model = torch.compile(model)
-    return model
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """A temporary name beside `path` (same suffix, so image writers pick the format); it replaces `path` only when
-    the block completes, so a crash never leaves half a file where a good one was."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    yield tmp
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text, path):
-    """Writes text to a temporary file beside `path`, then renames it into place."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def save_grid(model, diffusion, path, env: Env, cfg: Config, seed=0):
-    """A grid of samples (the evaluation's sampler) from fixed noise, so grids of two models compare image by image."""
-    from torchvision.utils import save_image
-    m = unwrap(model).to(env.device)
-    res = m.config["resolution"]
-    n = 64 if res <= 64 else 16
-    was_training = m.training
-    m.eval()
-    x = sample_batch(cfg, env, diffusion, m, range(n), seed, (m.config["in_channels"], res, res))
-    m.train(was_training)
-    with atomic_path(path) as tmp:
-        save_image(x.float() * 0.5 + 0.5, tmp, nrow=int(math.sqrt(n)))
-    return x
-
-
-def check_batch_split(cfg: Config, world: int) -> int:
-    """Images per process per micro-batch: --batch-size / (--grad-accum x processes), which must be whole."""
-    micro, rest = divmod(cfg.batch_size, cfg.grad_accum * world)
-    if rest or micro == 0:
-        raise UserError(f"--batch-size {cfg.batch_size} does not split into --grad-accum {cfg.grad_accum} x "
-                        f"{world} process(es); use a multiple of {cfg.grad_accum * world}")
-    return micro
-
-
-def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, steps, lr, warmup, timesteps,
-               identity: dict, teacher=None, lam=0.0, desc="train", seed=0, encode=None, grid=None,
-               weighting=None, curve=None, schedule="constant") -> dict:
-    """Trains `model` in place and returns its EMA weights; the loop of DDPM Algorithm 1, with DeMe's consistency
-    loss to `teacher` when given (Eq. 4-5). Resumable: the checkpoint holds everything, RNG states included.
-    `encode(batch) -> (x0, cond)` turns a data batch into the diffused tensor and the model's extra inputs (Stable
-    Diffusion: VAE latents and text embeddings); `grid(ema_state, path)` draws a sample grid (default: a UNet's);
-    `weighting(t) -> (B,)` weights each sample's simple loss (the loss-reweighting baselines); `curve(step,
-    ema_state) -> row` is called every cfg.curve_every steps and its rows go to heldout_curve.csv."""
-    stage_dir = Path(stage_dir)
-    ckpt_path = stage_dir / "ckpt.pt"
-    identity = dict(identity, steps=steps, lr=lr, batch_size=cfg.batch_size, seed=seed)
-    state = stage_checkpoint(ckpt_path, identity, cfg)
-    if state is not None and state["step"] >= steps:
-        if env.master:
-            print(f"{desc}: reusing the finished stage in {ckpt_path}")
-        return state["ema"]
-    micro = check_batch_split(cfg, env.world)
-    place(model, env).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
-                            eps=cfg.adam_eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, steps, warmup, schedule))
-    scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
-    ema = EMA(model, cfg.ema_decay)
-    # Every rank draws the timesteps, coins, noise and flips of the whole global micro-batch from the same seeds and
-    # keeps its slice of them, so N processes train what one process trains (up to float rounding; dropout aside).
-    mine = slice(env.rank * micro, (env.rank + 1) * micro)
-    t_gen = torch.Generator().manual_seed(seed * 7919)  # timesteps and coins (CPU)
-    x_gen = torch.Generator(env.device).manual_seed(seed * 7919 + 1)  # noise and flips (device)
-    torch.manual_seed(seed * 7919 + env.rank + 2)  # dropout, different on every rank
-    start = 0
-    if state is not None:  # on any device, precision or number of processes: what cannot be restored is said
-        start = state["step"]
-        model.load_state_dict(state["model"])
-        ema.load(state["ema"], start)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        lost = set_rng_state(state["rng"], t_gen, x_gen, fallback_seed=seed * 7919 + 1_000_003 * start)
-        if scaler.is_enabled() and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        elif scaler.is_enabled() or state["scaler"]:
-            lost.append("the fp16 gradient scaler's state (the run changed precision)")
-        if env.world > 1:  # rank 0's global states were saved; dropout must not repeat rank 0's masks
-            torch.manual_seed(seed * 7919 + env.rank + 2 + 1_000_003 * start)
-        if lost and env.master:
-            print(f"{desc}: resumed at step {start} with the model, EMA, optimizer, step and data position; could not "
-                  f"restore {'; '.join(lost)}")
-    if teacher is not None:
-        teacher = prepare(teacher, dataclasses.replace(env, world=1))
-    net = prepare(model, env, train=True)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-
-    def save(step):
-        if env.master:
-            atomic_save(dict(model=unwrap(model).state_dict(), ema=ema.state, optimizer=opt.state_dict(),
-                             scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=step,
-                             rng=rng_state(t_gen, x_gen), identity=identity, config=dataclasses.asdict(cfg),
-                             model_config=getattr(unwrap(model), "config", None)), ckpt_path)
-
-    data_iter = batches(data, micro, seed, env.rank, env.world, start=start * cfg.grad_accum, workers=cfg.workers)
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not env.master, dynamic_ncols=True)
-    smooth, bad_steps, tick = None, 0, time.perf_counter()
-    for step in range(start, steps):
-        total = torch.zeros((), device=env.device)
-        for m in range(cfg.grad_accum):
-            batch = next(data_iter)
-            x0, cond = encode(batch) if encode else (batch.to(env.device, non_blocking=True), {})
-            if cfg.flip:
-                flip = (torch.rand(micro * env.world, generator=x_gen, device=env.device) < 0.5)[mine]
-                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-            if env.channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            t = timesteps(micro * env.world, t_gen)[mine].to(env.device)
-            noise = torch.randn((micro * env.world, *x0.shape[1:]), generator=x_gen, device=env.device)[mine]
-            x_t = diffusion.q_sample(x0, t, noise)
-            sync = net.no_sync() if env.world > 1 and m < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
-                with env.autocast():
-                    eps = net(x_t, t, **cond).float()
-                    if weighting is None:
-                        loss = F.mse_loss(eps, noise)  # DDPM Algorithm 1
-                    else:  # Min-SNR-γ, P2: the per-sample simple loss, weighted by SNR(t)
-                        loss = (weighting(t) * (eps - noise).pow(2).flatten(1).mean(1)).mean()
-                    if teacher is not None and lam > 0:  # DeMe Eq. 4-5: stay close to the frozen θ0
-                        with torch.no_grad():
-                            eps0 = teacher(x_t, t, **cond).float()
-                        loss = loss + lam * F.mse_loss(eps, eps0)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            total += loss.detach() / cfg.grad_accum
-        if env.world > 1:
-            torch.distributed.all_reduce(total)
-            total /= env.world
-        value = total.item()
-        if not math.isfinite(value):
-            bad_steps += 1
-            if env.precision != "fp16" or bad_steps > 50:  # fp16: the scaler skips overflowing steps
-                bar.close()
-                raise UserError(f"{desc}: the loss became {value} at step {step + 1}; stopped, and {ckpt_path} still "
-                                f"holds the last good checkpoint; lower the learning rate, then --resume")
-        else:
-            bad_steps = 0
-        scaler.unscale_(opt)
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        ema.update()
-        if math.isfinite(value):
-            smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
-        now = time.perf_counter()
-        bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "nan",
-                        img_s=f"{cfg.batch_size / max(now - tick, 1e-9):.0f}", refresh=False)
-        tick = now
-        bar.update(1)
-        done = step + 1
-        if done % cfg.ckpt_every == 0 or done == steps:
-            save(done)
-        if curve is not None and env.master and cfg.curve_every and done % cfg.curve_every == 0:
-            append_curve(stage_dir / "heldout_curve.csv", done, curve(done, ema.state))
-        if env.master and (done == steps or (cfg.grid_every and done % cfg.grid_every == 0)):
-            path = stage_dir / f"grid_{done:06d}.png"
-            if grid:
-                grid(ema.state, path)
-            else:
-                save_grid(build_model(unwrap(model).config, ema.state), diffusion, path, env, cfg)
-    bar.close()
-    env.barrier()
-    return ema.state
-
-
-def lr_factor(k, steps, warmup, schedule="constant") -> float:
-    """The learning rate of step k as a fraction of the peak: a linear warm-up, then constant or a cosine decay to
-    0 at the last step (SGDR, Loshchilov & Hutter 2017, without restarts)."""
-    if k < warmup:
-        return (k + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (k - warmup) / max(1, steps - warmup))))
-
-
-def run_dir(cfg: Config, *parts) -> Path:
-    """A path inside the run folder (nothing is written outside it)."""
-    return Path(cfg.out).joinpath(*parts)
-
-
-def theta0_model(cfg: Config, env: Env, diffusion) -> UNet:
-    """θ0: the published checkpoint named by --pretrained, or one pretrained here from scratch (cached in the run)."""
-    if cfg.pretrained:
-        with env.master_first():  # one download, not one per process
-            model = load_pretrained(cfg.pretrained).eval()
-        if env.master:
-            print(f"θ0: {cfg.pretrained} ({sum(p.numel() for p in model.parameters()):,} parameters)")
-        return model
-    stage_train(cfg, env, diffusion)  # returns at once when the run folder holds the finished stage
-    return load_model(run_dir(cfg, "pretrain", "ckpt.pt")).eval()
-
-
-def stage_identity(cfg: Config, **extra) -> dict:
-    """The settings that make a trained model what it is (a reused checkpoint must agree on all of them)."""
-    return dict(dataset=cfg.dataset, pretrained=cfg.pretrained or "pretrain/ckpt.pt", grad_accum=cfg.grad_accum,
-                adam_betas=list(cfg.adam_betas), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                ema_decay=cfg.ema_decay, flip=cfg.flip, dropout=cfg.dropout or 0.0, **extra)
-
-
-def stage_train(cfg: Config, env: Env, diffusion=None):
-    """Pretrains θ0 from scratch (DDPM Algorithm 1) on the configured dataset: the θ0 of the CPU pipeline."""
-    diffusion = diffusion or GaussianDiffusion()
-    torch.manual_seed(cfg.seed)  # the same initial θ in every run and on every rank
-    overrides = dict(resolution=cfg.image_size or None, dropout=cfg.dropout)
-    model = UNet.from_preset(cfg.preset, **{k: v for k, v in overrides.items() if v is not None})
-    uniform = lambda b, g: torch.randint(0, diffusion.T, (b,), generator=g)
-    identity = stage_identity(dataclasses.replace(cfg, pretrained=""),  # from scratch, whatever --pretrained says
-                              stage="pretrain", preset=cfg.preset, model=model.config, warmup=cfg.train_warmup,
-                              schedule=cfg.train_schedule)
-    curve = None
-    if cfg.curve_every:  # how far from converged θ0 is: its EMA's held-out loss along the way (selection images)
-        images = heldout_images(cfg, cfg.search_images, "select")
-        curve = lambda step, ema: heldout_loss(build_model(model.config, ema), diffusion, images, env, cfg.n_ranges,
-                                               role_seed(cfg.seed, "select"))
-    ema = train_loop(cfg, env, run_dir(cfg, "pretrain"), model, make_dataset(cfg), diffusion, steps=cfg.train_steps,
-                     lr=cfg.train_lr, warmup=cfg.train_warmup, timesteps=uniform, identity=identity,
-                     desc="pretrain θ0", seed=cfg.seed, curve=curve, schedule=cfg.train_schedule)
-    if env.master:  # θ0 alone, in the layout assets/ ships it in
-        atomic_save({k: v.float() for k, v in ema.items()}, run_dir(cfg, "pretrain", "theta0.pt"))
-        if cfg.curve_every and run_dir(cfg, "pretrain", "heldout_curve.csv").exists():
-            try:
-                print(f"held-out loss curve: {plot_curve(run_dir(cfg, 'pretrain', 'heldout_curve.csv'))}")
-            except UserError as e:
-                print(f"warning: no curve plot ({e})", file=sys.stderr)
-
-
-def append_curve(path: Path, step, losses):
-    """One row (step, held-out loss, loss per range) of a curve CSV; rows at or past `step` (a resumed run redoes
-    them) are dropped first."""
-    mean, per_range = losses
-    rows = path.read_text().splitlines() if path.exists() else []
-    rows = rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) < step]
-    head = "step,heldout_loss," + ",".join(f"loss_range{i}" for i in range(len(per_range)))
-    atomic_write_text("\n".join((rows or [head]) + [",".join(f"{v:.6g}" for v in [step, mean, *per_range])]) + "\n",
-                      path)
-
-
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# 5. Decoupled finetuning: timestep ranges, probabilistic sampling (Eq. 6), CL (Eq. 4-5), CP
-# ----------------------------------------------------------------------------------------------------------------------
-def timestep_ranges(n, T=1000):
-    """DeMe Sec. 3.1: N contiguous ranges [i*T/N, (i+1)*T/N) of [0, T), i = 0..N-1."""
-    if not isinstance(n, int) or not 1 <= n <= T:
-        raise UserError(f"number of timestep ranges must be an integer in [1, {T}], got {n!r}; "
-                        "use 4 (the paper) or 8 (its ablation)")
-    # Boundaries ceil(i*T/n): exact when n divides T; otherwise range i is exactly {t : t*n//T == i}, Eq. 7's routing.
-    edges = [-(-i * T // n) for i in range(n + 1)]
-    return [(edges[i], edges[i + 1]) for i in range(n)]
-
-
-def sample_timesteps(batch_size, lo, hi, T=1000, p=0.3, per_batch=True, antithetic=True, generator=None):
-    """DeMe Eq. 6: with probability p draw t from [0, T), otherwise from the range [lo, hi)."""
-    if not 0 <= lo < hi <= T:
-        raise UserError(f"timestep range [{lo}, {hi}) must satisfy 0 <= lo < hi <= T={T}; use timestep_ranges(n, T)")
-    if not 0.0 <= p <= 1.0:
-        raise UserError(f"global-sampling probability p must be in [0, 1], got {p}; the official script uses 0.3")
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
-    n_draw = math.ceil(batch_size / 2) if antithetic else batch_size
-    # One coin per batch (official), or one per draw; an antithetic pair shares its draw's coin and interval.
-    coin = torch.rand(1 if per_batch else n_draw, generator=generator) < p
-    a = torch.where(coin, torch.tensor(0), torch.tensor(lo))
-    b = torch.where(coin, torch.tensor(T), torch.tensor(hi))
-    u = torch.rand(n_draw, generator=generator, dtype=torch.float64)
-    t = a + (u * (b - a)).long()  # uniform on [a, b)
-    if antithetic:
-        t = torch.cat([t, a + b - 1 - t])[:batch_size]  # pairs (t, a+b-1-t)
-    return t
-
-
-def stage_finetune(cfg: Config, env: Env, diffusion=None, theta0=None):
-    """Decoupled finetuning (DeMe Sec. 3.2): one copy of θ0 per timestep range, with PS, CL and CP."""
-    diffusion = diffusion or GaussianDiffusion()
-    theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
-    data = make_dataset(cfg)
-    ranges = timestep_ranges(cfg.n_ranges, diffusion.T)
-    for i in range_indices(cfg):
-        lo, hi = ranges[i]
-        student = set_dropout(copy.deepcopy(theta0), cfg.dropout or 0.0)
-        if cfg.projections:
-            add_channel_projections(student)
-        teacher = frozen(theta0) if cfg.consistency > 0 else None
-
-        def timesteps(b, g, lo=lo, hi=hi):  # DeMe Eq. 6
-            return sample_timesteps(b, lo, hi, diffusion.T, cfg.p_global, not cfg.per_sample, cfg.antithetic, g)
-
-        identity = stage_identity(cfg, stage="finetune", range=[lo, hi], n_ranges=cfg.n_ranges,
-                                     p_global=cfg.p_global, per_sample=cfg.per_sample, antithetic=cfg.antithetic,
-                                     consistency=cfg.consistency, projections=cfg.projections)
-        train_loop(cfg, env, run_dir(cfg, f"range_{i}"), student, data, diffusion, steps=cfg.steps, lr=cfg.lr,
-                   warmup=0, timesteps=timesteps, identity=identity, teacher=teacher, lam=cfg.consistency,
-                   desc=f"range {i} [{lo},{hi})", seed=cfg.seed + 1 + i)
-
-
-def min_snr_weight(snr, gamma=5.0):
-    """Min-SNR-γ (Hang et al., ICCV 2023), for ε-prediction: the simple loss at t weighted by min(SNR, γ) / SNR."""
-    return snr.clamp(max=gamma) / snr
-
-
-def p2_weight(snr, k=1.0, gamma=1.0):
-    """P2 weighting (Choi et al., CVPR 2022): the simple loss at t weighted by 1 / (k + SNR)^γ (their code's
-    defaults: k = 1, γ = 1)."""
-    return 1.0 / (k + snr) ** gamma
-
-
-LOSS_WEIGHTINGS = {"minsnr": min_snr_weight, "p2": p2_weight}  # each method's own defaults; the paper gives none
-
-
-def baseline_name(cfg: Config) -> str:
-    """The baseline's model name and run-folder stage: baseline, or baseline_minsnr / baseline_p2."""
-    return "baseline" if cfg.baseline_weighting == "none" else f"baseline_{cfg.baseline_weighting}"
-
-
-def stage_baseline(cfg: Config, env: Env, diffusion=None, theta0=None):
-    """The paper's equal-compute baseline: plain finetuning of θ0 on all timesteps for N x steps (N = 1, no PS/CL/CP),
-    with DDPM's simple loss or one of Table 1's loss reweightings (--baseline-weighting)."""
-    diffusion = diffusion or GaussianDiffusion()
-    theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
-    student = set_dropout(copy.deepcopy(theta0), cfg.dropout or 0.0)
-    uniform = lambda b, g: torch.randint(0, diffusion.T, (b,), generator=g)
-    steps, name = cfg.steps * cfg.n_ranges, baseline_name(cfg)
-    weighting = LOSS_WEIGHTINGS.get(cfg.baseline_weighting)
-    extra = {} if weighting is None else dict(weighting=cfg.baseline_weighting)
-    train_loop(cfg, env, run_dir(cfg, name), student, make_dataset(cfg), diffusion, steps=steps, lr=cfg.lr,
-               warmup=0, timesteps=uniform, identity=stage_identity(cfg, stage="baseline", **extra),
-               desc=f"{name} ({steps} steps)", seed=cfg.seed + 999,
-               weighting=None if weighting is None else lambda t: weighting(diffusion.snr(t)).float())
-
-
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# 6. Merge: task vectors, DeMe Eq. 8, TIES, DARE, merge-weight search, the ensemble (Eq. 7)
-# ----------------------------------------------------------------------------------------------------------------------
-
-def _check_state_dicts(base_sd, finetuned_sds):
-    if len(finetuned_sds) == 0:
-        raise UserError("no finetuned models to merge; pass at least one state dict")
-    for i, sd in enumerate(finetuned_sds):
-        if sd.keys() != base_sd.keys():
-            diff = sorted(set(sd.keys()) ^ set(base_sd.keys()))[:5]
-            raise UserError(f"finetuned model {i} and the base model have different keys (first: {diff}); "
-                            "merge checkpoints of the same architecture")
-        for k, v in base_sd.items():
-            if torch.is_tensor(v) and sd[k].shape != v.shape:
-                raise UserError(f"finetuned model {i}, key {k!r}: shape {tuple(sd[k].shape)} != base "
-                                f"{tuple(v.shape)}; merge checkpoints of the same architecture")
-
-
-def _is_weight(v):
-    return torch.is_tensor(v) and torch.is_floating_point(v)
-
-
-def _compute_dtype(v):
-    return torch.promote_types(v.dtype, torch.float32)  # float32, or float64 for float64 weights
-
-
-def task_vectors(base_sd, finetuned_sds):
-    """DeMe Sec. 3.3: τ_i = θ_i - θ0 for every floating-point tensor, in float32."""
-    _check_state_dicts(base_sd, finetuned_sds)
-    return [{k: sd[k].to(_compute_dtype(v)) - v.to(_compute_dtype(v)) for k, v in base_sd.items() if _is_weight(v)}
-            for sd in finetuned_sds]
-
-
-def _ties(tau, w, k=20.0, lam=1.0):
-    """TIES (Yadav et al. 2023): trim to top-k%, elect signs, disjoint mean; tau is (N, ...)."""
-    tau = w * tau  # weights act before trimming
-    flat = tau.reshape(tau.shape[0], -1)  # (N, D)
-    n_keep = max(1, round(k / 100 * flat.shape[1]))
-    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.abs().topk(n_keep, dim=1).indices, True)
-    trimmed = (flat * keep).view_as(tau)
-    elected = torch.sign(trimmed.sum(0))  # (...)
-    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-    return lam * (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
-
-
-def _dare(tau, w, generator, p=0.9):
-    """DARE (Yu et al. 2024): drop entries with probability p, rescale by 1/(1-p), then Σ w_i τ_i."""
-    keep = torch.rand(tau.shape, generator=generator) >= p
-    return (w * tau * keep.to(tau.device) / (1 - p)).sum(0)
-
-
-# Options and defaults per method. TIES: k = percent kept, trimmed per tensor (as mergekit; the TIES reference code
-# trims over the whole flattened model), k=20 as in the reference code; weights scale τ_i before trimming.
-# DARE: p = 0.9, the DARE paper's main drop rate; it assumes small deltas, lower it if DARE hurts.
-MERGE_OPTIONS = {"task_arithmetic": {}, "average": {}, "ties": {"k": 20.0, "lam": 1.0}, "dare": {"p": 0.9, "seed": 0}}
-
-
-def merge(base_sd, finetuned_sds, weights=None, method="task_arithmetic", **options):
-    """DeMe Eq. 8: θ0 + Σ w_i τ_i, or the uniform average, TIES or DARE of the same task vectors."""
-    if method not in MERGE_OPTIONS:
-        raise UserError(f"unknown merge method {method!r}; choose one of {sorted(MERGE_OPTIONS)}")
-    unknown = sorted(set(options) - set(MERGE_OPTIONS[method]))
-    if unknown:
-        raise UserError(f"unknown option(s) {unknown} for merge method {method!r}; "
-                        f"valid: {sorted(MERGE_OPTIONS[method]) or 'none'}")
-    opts = {**MERGE_OPTIONS[method], **options}
-    _check_state_dicts(base_sd, finetuned_sds)
-    n = len(finetuned_sds)
-    if method == "average" or weights is None:
-        weights = [1.0] * n if method == "ties" else [1.0 / n] * n  # TIES already averages: default w_i = 1
-    weights = [float(w_i) for w_i in weights]
-    if len(weights) != n:
-        raise UserError(f"got {len(weights)} merge weights for {n} finetuned models; pass one weight per model")
-    if method == "ties" and not 0 < opts["k"] <= 100:
-        raise UserError(f"TIES k is the percent of entries kept and must be in (0, 100], got {opts['k']}")
-    if method == "dare":
-        if not 0 <= opts["p"] < 1:
-            raise UserError(f"DARE drop probability p must be in [0, 1), got {opts['p']}")
-        seed = opts.pop("seed")
-        generator = torch.Generator().manual_seed(int(seed))
-
-    merged = {}
-    for key, theta0 in base_sd.items():
-        if not _is_weight(theta0):
-            merged[key] = theta0.clone() if torch.is_tensor(theta0) else theta0  # integer buffers pass through
-            continue
-        dtype = _compute_dtype(theta0)
-        tau = torch.stack([sd[key].to(dtype) - theta0.to(dtype) for sd in finetuned_sds])  # (N, ...)
-        w = torch.tensor(weights, dtype=dtype, device=tau.device).view(-1, *[1] * theta0.dim())  # (N, 1, ...)
-        if method == "ties":
-            tau_m = _ties(tau, w, **opts)
-        elif method == "dare":
-            tau_m = _dare(tau, w, generator, **opts)
-        else:
-            tau_m = (w * tau).sum(0)
-        merged[key] = (theta0.to(dtype) + tau_m).to(theta0.dtype)
-    return merged
-
-
-# ----------------------------------------------------------------------------- ensemble before merge
-
-class RangeEnsemble(nn.Module):
-    """DeMe Eq. 7: at timestep t use θ_i with i = floor(t*N/T) (N models at inference, no merge)."""
-
-    def __init__(self, models, T=1000):
-        super().__init__()
-        self.models = nn.ModuleList(models)
-        self.T = T
-
-    def forward(self, x, t):
-        B, N = x.shape[0], len(self.models)
-        t = torch.as_tensor(t, device=x.device).long().expand(B) if not torch.is_tensor(t) or t.dim() == 0 else t
-        if t.min() < 0 or t.max() >= self.T:
-            raise UserError(f"timesteps must lie in [0, {self.T}), got {t.min().item()}..{t.max().item()}")
-        idx = t * N // self.T  # (B,) model of each sample
-        if (idx == idx[0]).all():
-            return self.models[int(idx[0])](x, t)
-        out = None
-        for i in idx.unique().tolist():
-            rows = (idx == i).nonzero().squeeze(1)
-            y = self.models[i](x[rows], t[rows])
-            out = y.new_empty((B, *y.shape[1:])) if out is None else out
-            out[rows] = y
-        return out
-
-
-# ----------------------------------------------------------------------------- merge-weight search
-
-def search_merge_weights(objective, n, grid=(0.0, 0.25, 0.5, 0.75, 1.0), refine_steps=(0.1, 0.05), max_evals=60,
-                         init=None, progress=True):
-    """Choose w for DeMe Eq. 8 by minimising objective(w): shared-scalar grid, then coordinate descent."""
-    w_min, w_max = 0.0, 1.5  # no task negation; up to 50% extrapolation past θ_i
-    cache, path = {}, []
-    bar = tqdm(total=max_evals, desc="merge weights", disable=not progress)
-
-    def evaluate(w):
-        w = tuple(round(min(max(wi, w_min), w_max), 6) for wi in w)
-        if w not in cache and len(path) < max_evals:
-            value = float(objective(w))
-            cache[w] = value if not math.isnan(value) else math.inf
-            path.append({"w": list(w), "value": value})
-            bar.update(1)
-            bar.set_postfix(best=min(cache.values()))
-        return w, cache.get(w, math.inf)
-
-    # (a) coarse: w_i = s for all i, the uniform average and θ0 itself
-    starts = ([tuple(init)] if init is not None else []) + [(s,) * n for s in grid] + [(1.0 / n,) * n, (0.0,) * n]
-    for w in starts:
-        evaluate(w)
-    best = min(cache, key=cache.get)  # first minimum in evaluation order
-    # (b) coordinate descent: step along each coordinate while it improves, until a full sweep does not; then refine
-    for step in refine_steps:
-        improved = True
-        while improved and len(path) < max_evals:
-            improved = False
-            for i in range(n):
-                for direction in (+step, -step):
-                    moved = False
-                    while True:
-                        w, value = evaluate(best[:i] + (best[i] + direction,) + best[i + 1:])
-                        if not value < cache[best]:
-                            break
-                        best, moved, improved = w, True, True
-                    if moved:
-                        break
-    bar.close()
-    return dict(weights=list(best), value=cache[best], path=path, evals=len(path))
-
-
-def rerank(candidates, score):
-    """Re-score a few candidate weight vectors with a costlier score (e.g. FID); best (lowest) first."""
-    scored = [{"w": list(w), "score": float(score(tuple(w)))} for w in candidates]
-    return sorted(scored, key=lambda c: c["score"])
-
-
-def range_models(cfg: Config) -> list:
-    """θ_1..θ_N: the EMA weights of every finished range."""
-    models = []
-    for i in range(cfg.n_ranges):
-        path = run_dir(cfg, f"range_{i}", "ckpt.pt")
-        if not path.exists():
-            raise UserError(f"range {i} has no checkpoint at {path}; run `python deme.py finetune --ranges {i}` "
-                            f"with the same --out first")
-        ck = load_checkpoint(path)
-        if ck["step"] < ck["identity"]["steps"]:
-            raise UserError(f"range {i} is unfinished ({path}, step {ck['step']} of {ck['identity']['steps']}); "
-                            f"finish it with `python deme.py finetune --ranges {i} --resume`")
-        models.append(build_model(ck["model_config"], ck["ema"]).eval())
-    return models
-
-
-@torch.no_grad()
-def heldout_loss(model, diffusion, images, env: Env, n_ranges=4, seed=0, batch=256):
-    """DDPM's simple loss on held-out images, with t stratified over [0, T) and noise fixed by `seed`: the same
-    objective the models train on, on data they did not see, with common random numbers so that two models'
-    values differ by the models alone. Returns (mean, [mean over each of the N timestep ranges])."""
-    n = len(images)
-    g = torch.Generator().manual_seed(seed)
-    t = ((torch.arange(n) + 0.5) * diffusion.T / n).long()[torch.randperm(n, generator=g)]  # (n,) stratified
-    noise = torch.randn(images.shape, generator=g)
-    losses = torch.empty(n, dtype=torch.float64)
-    model.eval()
-    for s in range(0, n, batch):
-        x0, eps, tb = (v[s:s + batch].to(env.device) for v in (images, noise, t))
-        with env.evaluation():
-            pred = model(diffusion.q_sample(x0, tb, eps), tb).float()
-        losses[s:s + batch] = (pred - eps).pow(2).flatten(1).mean(1).double().cpu()
-    which = t * n_ranges // diffusion.T
-    return losses.mean().item(), [losses[which == i].mean().item() for i in range(n_ranges)]
-
-
-def search_score(mean, per_range, base_per_range, objective="loss") -> float:
-    """The merge search's objective from a candidate's held-out loss: "loss", the loss with t uniform over [0, T)
-    (dominated by the low-t ranges, whose loss is largest); "per_range", the mean over ranges of each range's loss
-    relative to θ0's on that range, so that every range counts alike."""
-    if objective == "loss":
-        return mean
-    return sum(loss / base for loss, base in zip(per_range, base_per_range)) / len(per_range)
-
-
-# Each evaluation role draws its noise from its own seed (and its images from its own split, make_dataset), so that
-# nothing that selected a model (merge weights, re-ranking) is also what reports on it.
-ROLE_SEEDS = {"select": 1, "rerank": 2, "report": 3, "samples": 4}
-
-
-def role_seed(seed, role) -> int:
-    """The noise seed of an evaluation role for the run's --seed: distinct for every role and every seed."""
-    return 10 * seed + ROLE_SEEDS[role]
-
-
-def merge_base(theta0, with_projections) -> dict:
-    """θ0's state dict in the finetuned models' layout (identity projections, so their task vector is W_i - I)."""
-    base = copy.deepcopy(unwrap(theta0))
-    return (add_channel_projections(base) if with_projections else base).state_dict()
-
-
-def merge_options(cfg: Config) -> dict:
-    return {"ties": dict(k=cfg.ties_k, lam=cfg.ties_lam), "dare": dict(p=cfg.dare_p, seed=cfg.seed)}.get(
-        cfg.merge_method, {})
-
-
-def stage_merge(cfg: Config, env: Env, diffusion=None, theta0=None):
-    """DeMe Eq. 8: θ0 + Σ w_i τ_i with w given, or searched on the selection split; saves merge/merged.pt."""
-    diffusion = diffusion or GaussianDiffusion()
-    theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
-    finetuned = [m.state_dict() for m in range_models(cfg)]
-    base = merge_base(theta0, any(k.endswith(".proj.weight") for k in finetuned[0]))
-    config = unwrap(theta0).config
-    folder = run_dir(cfg, "merge")
-    folder.mkdir(parents=True, exist_ok=True)
-    search = None
-    if cfg.merge_weights:
-        weights = merge_weight_list(cfg)
-    elif cfg.merge_method == "average":
-        weights = [1.0 / cfg.n_ranges] * cfg.n_ranges
-    else:
-        if cfg.rerank and eval_metric(cfg) == "fid":  # the reference statistics first, shared by all ranks
-            reference_stats(cfg, env, FIDInception(cfg.inception_weights or None))
-        if not env.master:  # the search runs on rank 0 alone
-            env.barrier()
-            return
-        images, seed = heldout_images(cfg, cfg.search_images, "select"), role_seed(cfg.seed, "select")
-        cache_path = folder / "search_cache.json"
-        # the losses depend on these; a cache made with anything else is dropped, never reused
-        scored_with = dict(method=cfg.merge_method, options=merge_options(cfg), images=len(images), split="select",
-                           seed=seed, ranges=[state_fingerprint(sd) for sd in finetuned])
-        cache = json.loads(cache_path.read_text()) if cache_path.exists() and not cfg.overwrite else {}
-        values = cache.get("values", {}) if cache.get("scored_with") == scored_with else {}
-        model = build_model(config, base).to(env.device)
-
-        def losses(w):  # [mean, per range] held-out loss of θ0 + Σ w_i τ_i; on disk: a resumed search repeats none
-            key = json.dumps([round(x, 6) for x in w])
-            if key not in values:
-                model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
-                values[key] = list(heldout_loss(model, diffusion, images, env, cfg.n_ranges, seed))
-                atomic_write_text(json.dumps(dict(scored_with=scored_with, values=values)), cache_path)
-            return values[key]
-
-        theta0_per_range = losses((0.0,) * cfg.n_ranges)[1]
-        search = search_merge_weights(lambda w: search_score(*losses(w), theta0_per_range, cfg.search_objective),
-                                      cfg.n_ranges, max_evals=cfg.search_evals, progress=env.master)
-        for point in search["path"]:
-            point["loss"], point["loss_per_range"] = losses(point["w"])
-        weights = search["weights"]
-        what = ("each range's held-out loss relative to θ0's, averaged over the ranges"
-                if cfg.search_objective == "per_range" else "held-out loss")
-        search["objective"] = (f"{what}; {len(images)} selection images ({split_description(cfg, 'select')}), t "
-                               f"stratified over [0, {diffusion.T}), noise seed {seed}")
-        search.update(objective_name=cfg.search_objective, images=len(images),
-                      source=split_description(cfg, "select"), noise_seed=seed)
-        search["chosen"] = dict(zip(("loss", "loss_per_range"), losses(weights)),
-                                theta0_loss_per_range=theta0_per_range)
-        if cfg.rerank > 1:  # the loss is a proxy: let sample quality pick among the best few it found
-
-            def quality(w):
-                model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
-                return sample_quality(cfg, env, diffusion, model, cfg.rerank_samples, role_seed(cfg.seed, "rerank"))
-
-            best = sorted(search["path"], key=lambda p: p["value"])[:cfg.rerank]
-            search["rerank"] = rerank([p["w"] for p in best], quality)
-            search.update(rerank_noise_seed=role_seed(cfg.seed, "rerank"), rerank_samples=cfg.rerank_samples)
-            weights = search["rerank"][0]["w"]
-    merged = merge(base, finetuned, weights, cfg.merge_method, **merge_options(cfg))
-    if env.master:
-        model = build_model(config, merged)
-        folded = fold_channel_projections(model)  # exact: P (W x + b) = (P W) x + P b, one conv less at inference
-        merged = model.state_dict()
-        record = dict(method=cfg.merge_method, weights=weights, options=merge_options(cfg), search=search,
-                      folded_projections=folded)
-        atomic_write_text(json.dumps(record, indent=2), folder / "search.json")
-        atomic_save(dict(ema=merged, model_config=config, merge=record, config=dataclasses.asdict(cfg)),
-                    folder / "merged.pt")
-        print(f"merged {cfg.n_ranges} ranges with {cfg.merge_method}, w = {[round(w, 3) for w in weights]} -> "
-              f"{folder / 'merged.pt'}")
-    env.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# 7. Evaluation: FID as pytorch-fid computes it, samples on disk, pixel Fréchet distance
-# ----------------------------------------------------------------------------------------------------------------------
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
+
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+
+
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"
+
+
 FID_DIMS = 2048
 
 
@@ -2176,34 +2272,6 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict, n_r
     return row, grid
 
 
-def stage_evaluate(cfg: Config, env: Env, diffusion=None, theta0=None):
-    """Compares models with one sampler and sample count, on images and noise that selected nothing: the held-out
-    loss on the report split, samples from their own noise seed. Writes results.{json,md} and models.png."""
-    diffusion = diffusion or GaussianDiffusion()
-    names = [s.strip() for s in cfg.models.split(",") if s.strip()]
-    ref = evaluation_reference(cfg, env)
-    metric, floor, pool = ref["metric"], ref["floor"], ref["pool"]
-    rows, grids = [], {}
-    for name in names:
-        row, grids[name] = evaluate_model(cfg, env, diffusion, named_model(cfg, env, name, theta0), name, ref)
-        rows.append(row)
-    if not env.master:
-        return rows
-    label = ("pixel Fréchet distance (not FID)" if metric == "pixel" else "FID") + f", {cfg.n_samples} samples"
-    sampler = (f"DDIM {cfg.sample_steps} steps, eta {cfg.eta}" if cfg.sampler == "ddim"
-               else f"DDPM {diffusion.T} steps, {cfg.variance}")
-    results = dict(metric=label, sampler=sampler, seed=cfg.seed, protocol=evaluation_protocol(cfg, metric), rows=rows,
-                   real_vs_real=floor if metric == "pixel" else None,
-                   pixel_pool=pool if metric == "pixel" else None, config=dataclasses.asdict(cfg))
-    table = results_markdown(results, cfg)
-    print("\n" + table)
-    atomic_write_text(json.dumps(results, indent=2), run_dir(cfg, "results.json"))
-    atomic_write_text(table, run_dir(cfg, "results.md"))
-    side_by_side(grids, run_dir(cfg, "models.png"))
-    print(f"results: {run_dir(cfg, 'results.md')}, samples side by side: {run_dir(cfg, 'models.png')}")
-    return rows
-
-
 def results_markdown(results, cfg: Config) -> str:
     """The results table as Markdown."""
     ranges = timestep_ranges(cfg.n_ranges)
@@ -2348,7 +2416,9 @@ def side_by_side(grids: dict, path, scale=None):
     with atomic_path(path) as tmp:
         out.save(tmp)
 
-# ---- the paper's analysis figures: gradient conflict (Fig. 1a), merge landscape (Fig. 6a), task-vector norms (Fig. 6b)
+
+# --- II.6 The paper's analysis figures: gradient conflict (Fig. 1a), merge landscape (Fig. 6a), task vectors (Fig. 6b) ---
+
 
 ANALYSIS_FIGURES = ("conflict", "landscape", "norms")
 
@@ -2453,8 +2523,6 @@ def task_vector_norms(base_sd, finetuned_sds) -> dict:
     total = np.array([torch.stack([v.double().norm() for v in tau.values()]).norm().item() for tau in taus])
     return dict(layers=layers, norms=np.sqrt(squared), total=total, base=np.sqrt(base))
 
-
-# ----------------------------------------------------------------------------- figures on disk: CSV first, then PNG
 
 def _matplotlib():
     """matplotlib's Figure and its Agg canvas (no display, no pyplot state); matplotlib is an optional extra."""
@@ -2593,8 +2661,6 @@ def plot_task_vector_norms(norms: dict, folder, ranges=None) -> Path:
     return folder / "task_vector_norms.png"
 
 
-# ----------------------------------------------------------------------------- the analyze stage
-
 def analysis_figure_list(cfg: Config) -> list:
     """--figures as a list of names."""
     names = [s.strip() for s in cfg.figures.split(",") if s.strip()]
@@ -2697,15 +2763,16 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
     return written
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 8. Stable Diffusion: the same finetuning, merge and ensemble on a text-conditioned latent UNet (paper: SD v1.4)
-# ----------------------------------------------------------------------------------------------------------------------
+# --- II.7 Stable Diffusion: the same method on a text-conditioned latent UNet (paper: SD v1.4) -----------------------
 # diffusers and transformers are optional extras, imported on first use. A local diffusers pipeline folder becomes what
 # the DDPM path works with: θ0 is an SDUNet called as eps(x_t, t, encoder_hidden_states), the data are VAE latents and
 # CLIP text embeddings (train_loop's `encode`), and everything else (Eq. 6 timesteps, Eq. 4-5 consistency loss, Eq. 8
 # merge, Eq. 7 ensemble, EMA, checkpoints) is the code above. Projections are forward hooks: diffusers stays unedited.
 
+
 SD_EXTRAS = "the Stable Diffusion path needs diffusers and transformers: pip install -r requirements-extra.txt"
+
+
 PROJECTION_SIDECAR = "deme_projections.safetensors"
 
 
@@ -2949,8 +3016,6 @@ def sd_prompts(cfg: Config, data: CaptionedImages) -> list:
     return prompts
 
 
-# ----------------------------------------------------------------------------- merge and export for diffusers
-
 def sd_merge_base(theta0_state, finetuned_state) -> dict:
     """θ0 in the finetuned layout: its weights plus identity projections, so a projection's task vector is W_i - I."""
     eye = {k: torch.eye(v.shape[0], dtype=v.dtype)[:, :, None, None] for k, v in finetuned_state.items()
@@ -3059,8 +3124,6 @@ def load_sd_unet(folder) -> SDUNet:
     return model.eval()
 
 
-# ----------------------------------------------------------------------------- the stage
-
 def sd_range_states(cfg: Config) -> Optional[list]:
     """θ_1..θ_N as EMA state dicts, or None (saying which) while a range is unfinished."""
     states = []
@@ -3132,9 +3195,8 @@ def stage_sd(cfg: Config, env: Env):
         print(f"{len(prompts)} images of {name} in {out}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 9. Benchmark: throughput on this device, the projections' inference cost, the projected wall time of a run
-# ----------------------------------------------------------------------------------------------------------------------
+# --- II.8 Benchmark, the plan line, the ablation ---------------------------------------------------------------------
+
 
 # Training-set sizes, for the FID reference statistics (computed once, then cached in the run folder).
 DATASET_SIZES = {"cifar10": 50_000, "lsun_church": 126_227, "lsun_bedroom": 3_033_042}
@@ -3460,47 +3522,6 @@ def bench_table(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 10. Command line
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def stage_pipeline(cfg: Config, env: Env):
-    """Everything, in the paper's order: θ0, the N ranges, the equal-compute baseline, the merge, the evaluation;
-    with --seeds, all but θ0 once per seed, and the spread over the seeds."""
-    start = time.perf_counter()
-    diffusion = GaussianDiffusion()
-    theta0 = theta0_model(cfg, env, diffusion)
-    rows = {s: compare(c, env, diffusion, theta0) for s, c in seed_runs(cfg)}
-    if env.master and cfg.seeds:
-        write_seed_summary(cfg, rows)
-    if env.master:
-        print(f"pipeline finished in {(time.perf_counter() - start) / 60:.1f} min")
-
-
-def seed_runs(cfg: Config) -> list:
-    """[(seed, config)]: the run itself, or with --seeds one run per seed under --out/seed_<s>/, all from one θ0."""
-    if not cfg.seeds:
-        return [(cfg.seed, cfg)]
-    theta0_file = cfg.pretrained or str(run_dir(cfg, "pretrain", "ckpt.pt"))
-    return [(s, dataclasses.replace(cfg, seed=s, seeds="", out=str(run_dir(cfg, f"seed_{s}")), pretrained=theta0_file))
-            for s in seed_list(cfg)]
-
-
-def compare(cfg: Config, env: Env, diffusion, theta0) -> list:
-    """From θ0: the N ranges, the equal-compute baseline, the merge and the evaluation; returns the results rows."""
-    stage_finetune(cfg, env, diffusion, theta0)
-    models = [m.strip() for m in cfg.models.split(",")]
-    if cfg.baseline:
-        stage_baseline(cfg, env, diffusion, theta0)
-        models = [baseline_name(cfg) if m == "baseline" else m for m in models]  # the weighting that was trained
-    else:
-        models = [m for m in models if not m.startswith("baseline")]
-    cfg = dataclasses.replace(cfg, models=",".join(models))
-    stage_merge(cfg, env, diffusion, theta0)
-    return stage_evaluate(cfg, env, diffusion, theta0)
-
-
 # DeMe Table 3 (ablation) at this run's scale, and the loss-reweighting baselines of Table 1: every row finetunes the
 # same θ0 for the same number of optimizer steps in all (N x --steps of the pipeline), then is merged (N > 1)
 ABLATION = {
@@ -3578,6 +3599,9 @@ def stage_ablation(cfg: Config, env: Env):
         print(f"ablation finished in {(time.perf_counter() - start) / 60:.1f} min")
 
 
+# --- II.9 Command line -----------------------------------------------------------------------------------------------
+
+
 def stage_sample(cfg: Config, env: Env):
     """Writes --n-samples PNGs of one model (--models NAME) under samples/NAME/, plus a grid."""
     diffusion = GaussianDiffusion()
@@ -3601,10 +3625,12 @@ STAGES = {
     "ablation": (stage_ablation, "DeMe Table 3 and Table 1's loss reweightings at equal compute, with --seeds"),
 }
 
+
 GROUPS = {"dataset": "run", "preset": "model", "train_steps": "pretraining θ0 (train stage)",
           "n_ranges": "decoupled finetuning (finetune and baseline stages)", "merge_method": "merge stage",
           "sampler": "evaluation (sample and evaluate stages)", "bench_batch": "benchmark (bench stage)",
           "figures": "analysis (analyze stage)", "prompts": "Stable Diffusion (--model sd)"}
+
 
 EXAMPLES = """examples:
   python deme.py                                   the whole pipeline on synthetic shapes, on a CPU, in minutes
