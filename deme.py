@@ -48,6 +48,31 @@ from ddpm_unet import (PRESETS, UNet, UserError, add_channel_projections, atomic
 
 # --- I.1 The paper's hyperparameters ---------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Paper:
+    """DeMe's knobs with the values of the paper (Sec. 4) and of the official code where the paper is silent. Every
+    default of the command line (Config) and of the functions below comes from here."""
+    T: int = 1000                       # diffusion timesteps (DDPM)
+    n_ranges: int = 4                   # N, the number of timestep ranges (Sec. 3.1; 8 in the ablation, Table 3)
+    p_global: float = 0.3               # probabilistic sampling: chance of drawing t from all of [0, T) (Eq. 6)
+    per_sample: bool = False            # one coin per batch, not per sample (official code)
+    antithetic: bool = True             # timesteps in antithetic pairs (t, lo + hi - 1 - t) (official code)
+    consistency: float = 1.0            # λ, weight of the consistency loss to the frozen θ0 (Eq. 4-5)
+    projections: bool = True            # channel-wise projections, identity-initialised 1x1 convs (Sec. 3.2)
+    steps: int = 20000                  # optimizer steps per range
+    batch_size: int = 64                # images per optimizer step
+    lr: float = 5e-5                    # AdamW learning rate, constant (official code)
+    adam_betas: tuple = (0.95, 0.999)   # (official code)
+    weight_decay: float = 1e-6          # (official code)
+    grad_clip: float = 1.0              # gradient-norm clipping (official code)
+    ema_decay: float = 0.9999           # EMA ceiling; warm-up min(ceiling, 1 - k^-3/4), diffusers' EMAModel
+    ties_k: float = 20.0                # TIES: percent of each task vector kept (TIES reference code)
+    ties_lam: float = 1.0               # TIES: scale of the merged task vector
+    dare_p: float = 0.9                 # DARE: drop probability (DARE's main setting)
+
+
+PAPER = Paper()
+
 
 # --- I.2 Schedule and samplers: DDPM (Ho et al. 2020) and DDIM (Song et al. 2021) ------------------------------------
 
@@ -78,11 +103,6 @@ class GaussianDiffusion:
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, DDPM Eq. 4."""
         return self._at(self.alphas_bar.sqrt(), t, x0) * x0 + self._at((1 - self.alphas_bar).sqrt(), t, x0) * noise
-
-    def loss(self, model, x0, t, noise=None, **cond):
-        """||ε - ε_θ(x_t, t)||², the simple loss of DDPM Algorithm 1 (element mean)."""
-        noise = torch.randn_like(x0) if noise is None else noise
-        return F.mse_loss(model(self.q_sample(x0, t, noise), t, **cond).float(), noise.float())
 
     def snr(self, t):
         """SNR(t) = ᾱ_t / (1 - ᾱ_t), the signal-to-noise ratio of x_t (float64, on t's device)."""
@@ -214,28 +234,54 @@ SYNTHETIC_SEEDS = {"train": 0, "eval": 0, "select": 1_000_001, "report": 4_000_0
 
 # --- I.4 The DeMe loss: DDPM's simple loss plus the consistency loss to θ0 (Eq. 4-5) ---------------------------------
 
+def deme_loss(eps, noise, eps0=None, lam=PAPER.consistency, weight=None, reduction="mean"):
+    """DeMe Eq. 4-5: ||ε - ε_θ(x_t, t)||² + λ ||ε_θ(x_t, t) - ε_θ0(x_t, t)||², DDPM's simple loss (Algorithm 1) plus
+    the consistency loss that keeps the finetuned θ near the frozen θ0 at the same x_t and t.
+    eps = ε_θ(x_t, t), noise = ε, eps0 = ε_θ0(x_t, t) or None (no consistency term): each (B, C, H, W).
+    weight: (B,) weights of each sample's simple loss (the loss-reweighting baselines of Table 1), or None.
+    reduction: "mean", the element mean (F.mse_loss's); "none", each sample's element mean, (B,)."""
+    assert eps.shape == noise.shape and (eps0 is None or eps0.shape == eps.shape), (eps.shape, noise.shape)
+
+    def mse(a, b):
+        return (a - b).pow(2).flatten(1).mean(1) if reduction == "none" else F.mse_loss(a, b)
+
+    if weight is None:
+        loss = mse(eps, noise)
+    else:
+        loss = weight * (eps - noise).pow(2).flatten(1).mean(1)
+        loss = loss if reduction == "none" else loss.mean()
+    if eps0 is not None and lam > 0:
+        loss = loss + lam * mse(eps, eps0)
+    return loss
+
+
+def training_loss(model, teacher, diffusion, x0, t, noise, lam=PAPER.consistency, weight=None, **cond):
+    """The loss of one training batch: x_t from q (DDPM Eq. 4), then deme_loss with the frozen θ0 `teacher` (None:
+    DDPM's plain simple loss). cond: the model's extra inputs (Stable Diffusion: the text embeddings)."""
+    x_t = diffusion.q_sample(x0, t, noise)
+    eps = model(x_t, t, **cond).float()
+    eps0 = None
+    if teacher is not None and lam > 0:
+        with torch.no_grad():
+            eps0 = teacher(x_t, t, **cond).float()
+    return deme_loss(eps, noise, eps0, lam, weight)
+
 
 # --- I.5 Timestep ranges and probabilistic sampling (Sec. 3.1, Eq. 6) ------------------------------------------------
 
 
-def timestep_ranges(n, T=1000):
+def timestep_ranges(n, T=PAPER.T):
     """DeMe Sec. 3.1: N contiguous ranges [i*T/N, (i+1)*T/N) of [0, T), i = 0..N-1."""
-    if not isinstance(n, int) or not 1 <= n <= T:
-        raise UserError(f"number of timestep ranges must be an integer in [1, {T}], got {n!r}; "
-                        "use 4 (the paper) or 8 (its ablation)")
+    assert isinstance(n, int) and 1 <= n <= T, n
     # Boundaries ceil(i*T/n): exact when n divides T; otherwise range i is exactly {t : t*n//T == i}, Eq. 7's routing.
     edges = [-(-i * T // n) for i in range(n + 1)]
     return [(edges[i], edges[i + 1]) for i in range(n)]
 
 
-def sample_timesteps(batch_size, lo, hi, T=1000, p=0.3, per_batch=True, antithetic=True, generator=None):
-    """DeMe Eq. 6: with probability p draw t from [0, T), otherwise from the range [lo, hi)."""
-    if not 0 <= lo < hi <= T:
-        raise UserError(f"timestep range [{lo}, {hi}) must satisfy 0 <= lo < hi <= T={T}; use timestep_ranges(n, T)")
-    if not 0.0 <= p <= 1.0:
-        raise UserError(f"global-sampling probability p must be in [0, 1], got {p}; the official script uses 0.3")
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
+def sample_timesteps(batch_size, lo, hi, T=PAPER.T, p=PAPER.p_global, per_batch=not PAPER.per_sample,
+                     antithetic=PAPER.antithetic, generator=None):
+    """DeMe Eq. 6: with probability p draw t from [0, T), otherwise from the range [lo, hi). Returns (batch_size,)."""
+    assert 0 <= lo < hi <= T and 0.0 <= p <= 1.0 and batch_size >= 1, (lo, hi, T, p, batch_size)
     n_draw = math.ceil(batch_size / 2) if antithetic else batch_size
     # One coin per batch (official), or one per draw; an antithetic pair shares its draw's coin and interval.
     coin = torch.rand(1 if per_batch else n_draw, generator=generator) < p
@@ -313,36 +359,27 @@ def stage_baseline(cfg: "Config", env: "Env", diffusion=None, theta0=None):
 # --- I.7 Task vectors and the merges (Sec. 3.3, Eq. 8; TIES; DARE) ---------------------------------------------------
 
 
-def _check_state_dicts(base_sd, finetuned_sds):
-    if len(finetuned_sds) == 0:
-        raise UserError("no finetuned models to merge; pass at least one state dict")
-    for i, sd in enumerate(finetuned_sds):
-        if sd.keys() != base_sd.keys():
-            diff = sorted(set(sd.keys()) ^ set(base_sd.keys()))[:5]
-            raise UserError(f"finetuned model {i} and the base model have different keys (first: {diff}); "
-                            "merge checkpoints of the same architecture")
-        for k, v in base_sd.items():
-            if torch.is_tensor(v) and sd[k].shape != v.shape:
-                raise UserError(f"finetuned model {i}, key {k!r}: shape {tuple(sd[k].shape)} != base "
-                                f"{tuple(v.shape)}; merge checkpoints of the same architecture")
-
-
-def _is_weight(v):
-    return torch.is_tensor(v) and torch.is_floating_point(v)
-
-
-def _compute_dtype(v):
-    return torch.promote_types(v.dtype, torch.float32)  # float32, or float64 for float64 weights
+def task_vector(theta_i, theta0):
+    """DeMe Sec. 3.3: τ_i = θ_i - θ0 of one tensor, in float32 (float64 for float64 weights)."""
+    dtype = torch.promote_types(theta0.dtype, torch.float32)
+    return theta_i.to(dtype) - theta0.to(dtype)
 
 
 def task_vectors(base_sd, finetuned_sds):
-    """DeMe Sec. 3.3: τ_i = θ_i - θ0 for every floating-point tensor, in float32."""
-    _check_state_dicts(base_sd, finetuned_sds)
-    return [{k: sd[k].to(_compute_dtype(v)) - v.to(_compute_dtype(v)) for k, v in base_sd.items() if _is_weight(v)}
-            for sd in finetuned_sds]
+    """τ_1..τ_N: {key: τ_i} of every floating-point tensor, for each finetuned state dict."""
+    return [{k: task_vector(sd[k], v) for k, v in base_sd.items() if _is_weight(v)} for sd in finetuned_sds]
 
 
-def _ties(tau, w, k=20.0, lam=1.0):
+def _is_weight(v):
+    return torch.is_tensor(v) and torch.is_floating_point(v)  # integer buffers are not merged
+
+
+def task_arithmetic(tau, w):
+    """DeMe Eq. 8's Σ_i w_i τ_i: tau (N, ...) the task vectors of one tensor, w (N, 1, ...) their weights."""
+    return (w * tau).sum(0)
+
+
+def _ties(tau, w, k, lam):
     """TIES (Yadav et al. 2023): trim to top-k%, elect signs, disjoint mean; tau is (N, ...)."""
     tau = w * tau  # weights act before trimming
     flat = tau.reshape(tau.shape[0], -1)  # (N, D)
@@ -354,57 +391,45 @@ def _ties(tau, w, k=20.0, lam=1.0):
     return lam * (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
-def _dare(tau, w, generator, p=0.9):
+def _dare(tau, w, generator, p):
     """DARE (Yu et al. 2024): drop entries with probability p, rescale by 1/(1-p), then Σ w_i τ_i."""
     keep = torch.rand(tau.shape, generator=generator) >= p
-    return (w * tau * keep.to(tau.device) / (1 - p)).sum(0)
+    return task_arithmetic(tau * keep.to(tau.device) / (1 - p), w)
 
 
 # Options and defaults per method. TIES: k = percent kept, trimmed per tensor (as mergekit; the TIES reference code
-# trims over the whole flattened model), k=20 as in the reference code; weights scale τ_i before trimming.
-# DARE: p = 0.9, the DARE paper's main drop rate; it assumes small deltas, lower it if DARE hurts.
-MERGE_OPTIONS = {"task_arithmetic": {}, "average": {}, "ties": {"k": 20.0, "lam": 1.0}, "dare": {"p": 0.9, "seed": 0}}
+# trims over the whole flattened model); weights scale τ_i before trimming. DARE assumes small deltas: lower p if it
+# hurts.
+MERGE_OPTIONS = {"task_arithmetic": {}, "average": {}, "ties": {"k": PAPER.ties_k, "lam": PAPER.ties_lam},
+                 "dare": {"p": PAPER.dare_p, "seed": 0}}
 
 
 def merge(base_sd, finetuned_sds, weights=None, method="task_arithmetic", **options):
-    """DeMe Eq. 8: θ0 + Σ w_i τ_i, or the uniform average, TIES or DARE of the same task vectors."""
-    if method not in MERGE_OPTIONS:
-        raise UserError(f"unknown merge method {method!r}; choose one of {sorted(MERGE_OPTIONS)}")
-    unknown = sorted(set(options) - set(MERGE_OPTIONS[method]))
-    if unknown:
-        raise UserError(f"unknown option(s) {unknown} for merge method {method!r}; "
-                        f"valid: {sorted(MERGE_OPTIONS[method]) or 'none'}")
-    opts = {**MERGE_OPTIONS[method], **options}
-    _check_state_dicts(base_sd, finetuned_sds)
+    """DeMe Eq. 8: θ0 + Σ w_i τ_i, or the uniform average, TIES or DARE of the same task vectors. Each tensor is
+    merged on its own, so merging never holds N copies of a large model."""
+    assert method in MERGE_OPTIONS and set(options) <= set(MERGE_OPTIONS[method]), (method, sorted(options))
+    assert finetuned_sds and all(sd.keys() == base_sd.keys() for sd in finetuned_sds), "state dicts differ in keys"
     n = len(finetuned_sds)
     if method == "average" or weights is None:
         weights = [1.0] * n if method == "ties" else [1.0 / n] * n  # TIES already averages: default w_i = 1
-    weights = [float(w_i) for w_i in weights]
-    if len(weights) != n:
-        raise UserError(f"got {len(weights)} merge weights for {n} finetuned models; pass one weight per model")
-    if method == "ties" and not 0 < opts["k"] <= 100:
-        raise UserError(f"TIES k is the percent of entries kept and must be in (0, 100], got {opts['k']}")
+    assert len(weights) == n, f"{len(weights)} merge weights for {n} models"
+    opts = {**MERGE_OPTIONS[method], **options}
     if method == "dare":
-        if not 0 <= opts["p"] < 1:
-            raise UserError(f"DARE drop probability p must be in [0, 1), got {opts['p']}")
-        seed = opts.pop("seed")
-        generator = torch.Generator().manual_seed(int(seed))
-
+        generator = torch.Generator().manual_seed(int(opts.pop("seed")))
     merged = {}
     for key, theta0 in base_sd.items():
         if not _is_weight(theta0):
-            merged[key] = theta0.clone() if torch.is_tensor(theta0) else theta0  # integer buffers pass through
+            merged[key] = theta0.clone() if torch.is_tensor(theta0) else theta0
             continue
-        dtype = _compute_dtype(theta0)
-        tau = torch.stack([sd[key].to(dtype) - theta0.to(dtype) for sd in finetuned_sds])  # (N, ...)
-        w = torch.tensor(weights, dtype=dtype, device=tau.device).view(-1, *[1] * theta0.dim())  # (N, 1, ...)
+        tau = torch.stack([task_vector(sd[key], theta0) for sd in finetuned_sds])  # (N, ...)
+        w = torch.tensor([float(x) for x in weights], dtype=tau.dtype, device=tau.device).view(-1, *[1] * theta0.dim())
         if method == "ties":
             tau_m = _ties(tau, w, **opts)
         elif method == "dare":
             tau_m = _dare(tau, w, generator, **opts)
         else:
-            tau_m = (w * tau).sum(0)
-        merged[key] = (theta0.to(dtype) + tau_m).to(theta0.dtype)
+            tau_m = task_arithmetic(tau, w)
+        merged[key] = (theta0.to(tau.dtype) + tau_m).to(theta0.dtype)
     return merged
 
 
@@ -422,9 +447,7 @@ class RangeEnsemble(nn.Module):
     def forward(self, x, t):
         B, N = x.shape[0], len(self.models)
         t = torch.as_tensor(t, device=x.device).long().expand(B) if not torch.is_tensor(t) or t.dim() == 0 else t
-        if t.min() < 0 or t.max() >= self.T:
-            raise UserError(f"timesteps must lie in [0, {self.T}), got {t.min().item()}..{t.max().item()}")
-        idx = t * N // self.T  # (B,) model of each sample
+        idx = t * N // self.T  # (B,) the model of each sample; t must lie in [0, T)
         if (idx == idx[0]).all():
             return self.models[int(idx[0])](x, t)
         out = None
@@ -487,7 +510,7 @@ def rerank(candidates, score):
 
 
 @torch.no_grad()
-def heldout_loss(model, diffusion, images, env: "Env", n_ranges=4, seed=0, batch=256):
+def heldout_loss(model, diffusion, images, env: "Env", n_ranges=PAPER.n_ranges, seed=0, batch=256):
     """DDPM's simple loss on held-out images, with t stratified over [0, T) and noise fixed by `seed`: the same
     objective the models train on, on data they did not see, with common random numbers so that two models'
     values differ by the models alone. Returns (mean, [mean over each of the N timestep ranges])."""
@@ -501,7 +524,7 @@ def heldout_loss(model, diffusion, images, env: "Env", n_ranges=4, seed=0, batch
         x0, eps, tb = (v[s:s + batch].to(env.device) for v in (images, noise, t))
         with env.evaluation():
             pred = model(diffusion.q_sample(x0, tb, eps), tb).float()
-        losses[s:s + batch] = (pred - eps).pow(2).flatten(1).mean(1).double().cpu()
+        losses[s:s + batch] = deme_loss(pred, eps, reduction="none").double().cpu()  # (B,) simple loss
     which = t * n_ranges // diffusion.T
     return losses.mean().item(), [losses[which == i].mean().item() for i in range(n_ranges)]
 
@@ -736,22 +759,22 @@ class Config:
     curve_every: int = _opt(0, "pretraining: the held-out loss of the EMA weights every this many steps, on "
                                "--search-images selection images, into pretrain/heldout_curve.csv (0: off)")
     # decoupled finetuning (finetune and baseline stages)
-    n_ranges: int = _opt(4, "N, the number of timestep ranges (paper: 4; 8 in the ablation)")
+    n_ranges: int = _opt(PAPER.n_ranges, "N, the number of timestep ranges (paper: 4; 8 in the ablation)")
     ranges: str = _opt("all", "which ranges this invocation finetunes: all, or indices such as 0,2")
-    steps: int = _opt(20000, "optimizer steps per range (paper: 20K); the baseline gets N times as many")
-    batch_size: int = _opt(64, "images per optimizer step over all processes")
+    steps: int = _opt(PAPER.steps, "optimizer steps per range (paper: 20K); the baseline gets N times as many")
+    batch_size: int = _opt(PAPER.batch_size, "images per optimizer step over all processes")
     grad_accum: int = _opt(1, "micro-batches per optimizer step (official LSUN script: 4 x 16)")
-    lr: float = _opt(5e-5, "finetuning learning rate (official: 5e-5, constant)")
-    adam_betas: tuple = _opt((0.95, 0.999), "AdamW betas")
-    weight_decay: float = _opt(1e-6, "AdamW weight decay")
+    lr: float = _opt(PAPER.lr, "finetuning learning rate (official: 5e-5, constant)")
+    adam_betas: tuple = _opt(PAPER.adam_betas, "AdamW betas")
+    weight_decay: float = _opt(PAPER.weight_decay, "AdamW weight decay")
     adam_eps: float = _opt(1e-8, "AdamW epsilon")
-    grad_clip: float = _opt(1.0, "gradient clipping norm (0: off)")
-    ema_decay: float = _opt(0.9999, "EMA decay ceiling; the decay warms up as min(ceiling, 1 - k^-3/4)")
-    p_global: float = _opt(0.3, "probabilistic sampling: chance of drawing timesteps from all of [0, T) (Eq. 6)")
-    per_sample: bool = _opt(False, "flip the probabilistic-sampling coin per sample instead of per batch (official)")
-    antithetic: bool = _opt(True, "draw timesteps in antithetic pairs (t, lo+hi-1-t) as the official code does")
-    consistency: float = _opt(1.0, "λ, weight of the consistency loss to the frozen θ0 (Eq. 4-5; 0: off)")
-    projections: bool = _opt(True, "channel-wise projections (identity-initialised 1x1 convs)")
+    grad_clip: float = _opt(PAPER.grad_clip, "gradient clipping norm (0: off)")
+    ema_decay: float = _opt(PAPER.ema_decay, "EMA decay ceiling; the decay warms up as min(ceiling, 1 - k^-3/4)")
+    p_global: float = _opt(PAPER.p_global, "probabilistic sampling: chance of drawing timesteps from all of [0, T) (Eq. 6)")
+    per_sample: bool = _opt(PAPER.per_sample, "flip the probabilistic-sampling coin per sample instead of per batch (official)")
+    antithetic: bool = _opt(PAPER.antithetic, "draw timesteps in antithetic pairs (t, lo+hi-1-t) as the official code does")
+    consistency: float = _opt(PAPER.consistency, "λ, weight of the consistency loss to the frozen θ0 (Eq. 4-5; 0: off)")
+    projections: bool = _opt(PAPER.projections, "channel-wise projections (identity-initialised 1x1 convs)")
     baseline: bool = _opt(True, "also run the equal-compute baseline: plain finetuning on all timesteps, N x steps")
     baseline_weighting: str = _opt("none", "the baseline's loss weighting: none (DDPM's simple loss), minsnr "
                                            "(Min-SNR-γ, γ = 5) or p2 (P2, k = 1, γ = 1), the loss-reweighting "
@@ -773,9 +796,9 @@ class Config:
     rerank: int = _opt(0, "re-rank this many of the search's best candidates by sample quality (pixel Fréchet "
                           "distance or FID, as --metric); 0: off")
     rerank_samples: int = _opt(2048, "samples per candidate when re-ranking")
-    ties_k: float = _opt(20.0, "TIES: percent of each task vector's entries kept")
-    ties_lam: float = _opt(1.0, "TIES: scale of the merged task vector")
-    dare_p: float = _opt(0.9, "DARE: drop probability (DARE's main setting)")
+    ties_k: float = _opt(PAPER.ties_k, "TIES: percent of each task vector's entries kept")
+    ties_lam: float = _opt(PAPER.ties_lam, "TIES: scale of the merged task vector")
+    dare_p: float = _opt(PAPER.dare_p, "DARE: drop probability (DARE's main setting)")
     # evaluation (sample and evaluate stages)
     sampler: str = _opt("ddim", "sampler for evaluation", ["ddim", "ddpm"])
     sample_steps: int = _opt(100, "DDIM steps (paper: 100 for CIFAR-10, 50 for LSUN)")
@@ -855,6 +878,10 @@ def check_config(cfg: Config):
         raise UserError(f"--n-ranges {cfg.n_ranges} does not split the 1000 timesteps evenly; use 1, 2, 4, 5, 8, 10, ...")
     if not 0.0 <= cfg.p_global <= 1.0:
         raise UserError(f"--p-global {cfg.p_global} is not a probability; give a value in [0, 1]")
+    if not 0 < cfg.ties_k <= 100:
+        raise UserError(f"--ties-k {cfg.ties_k} must lie in (0, 100]: the percent of each task vector TIES keeps")
+    if not 0 <= cfg.dare_p < 1:
+        raise UserError(f"--dare-p {cfg.dare_p} must lie in [0, 1): the probability DARE drops an entry")
     if cfg.ranges != "all":
         range_indices(cfg)
     if cfg.merge_weights:
@@ -1092,7 +1119,7 @@ class EMA:
     """Exponential moving average of the weights; decay at optimizer step k is min(max_decay, 1 - k^-3/4), the
     warm-up of diffusers' EMAModel (inv_gamma 1, power 3/4) that the official code uses."""
 
-    def __init__(self, model, max_decay=0.9999, power=0.75):
+    def __init__(self, model, max_decay=PAPER.ema_decay, power=0.75):
         self.max_decay, self.power, self.step = max_decay, power, 0
         self.state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
         live = unwrap(model).state_dict()
@@ -1308,19 +1335,11 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             t = timesteps(micro * env.world, t_gen)[mine].to(env.device)
             noise = torch.randn((micro * env.world, *x0.shape[1:]), generator=x_gen, device=env.device)[mine]
-            x_t = diffusion.q_sample(x0, t, noise)
             sync = net.no_sync() if env.world > 1 and m < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync:
-                with env.autocast():
-                    eps = net(x_t, t, **cond).float()
-                    if weighting is None:
-                        loss = F.mse_loss(eps, noise)  # DDPM Algorithm 1
-                    else:  # Min-SNR-γ, P2: the per-sample simple loss, weighted by SNR(t)
-                        loss = (weighting(t) * (eps - noise).pow(2).flatten(1).mean(1)).mean()
-                    if teacher is not None and lam > 0:  # DeMe Eq. 4-5: stay close to the frozen θ0
-                        with torch.no_grad():
-                            eps0 = teacher(x_t, t, **cond).float()
-                        loss = loss + lam * F.mse_loss(eps, eps0)
+                with env.autocast():  # DDPM Algorithm 1 with DeMe's consistency loss (Eq. 4-5)
+                    loss = training_loss(net, teacher, diffusion, x0, t, noise, lam,
+                                         None if weighting is None else weighting(t), **cond)
                 scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
         if env.world > 1:
@@ -1865,10 +1884,14 @@ def load_stats(path):
     """(mu, sigma) from an .npz written by save_stats or by pytorch-fid --save-stats."""
     try:
         with np.load(path) as f:
-            return f["mu"][:], f["sigma"][:]
+            mu, sigma = f["mu"][:], f["sigma"][:]
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot read FID statistics (keys mu, sigma) from {path} ({type(e).__name__}); "
                         f"pass an .npz written by pytorch-fid --save-stats or by this program") from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{path} holds no finite Gaussian statistics (mu {mu.shape}, sigma {sigma.shape}); compute "
+                        f"them with pytorch-fid --save-stats or this program")
+    return mu, sigma
 
 
 def _psd_eigenvalues(w):
@@ -1882,11 +1905,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise UserError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
-                        f"{sigma2.shape}; compute both with the same feature extractor and dims")
-    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
-        raise UserError("statistics contain NaN or inf; the features they come from are broken")
+    assert mu2.shape == (d,) and sigma1.shape == sigma2.shape == (d, d), (mu1.shape, mu2.shape, sigma1.shape, sigma2.shape)
     # S1 S2 is similar to the PSD matrix S1^(1/2) S2 S1^(1/2), so tr (S1 S2)^(1/2) = sum of sqrt of its eigenvalues;
     # with S1 = V W V^T, that matrix is V (B^T S2 B) V^T for B = V W^(1/2), and B^T S2 B has the same eigenvalues.
     w1, V1 = np.linalg.eigh(sigma1)
@@ -1966,6 +1985,9 @@ def fid_command(path_a, path_b, batch_size=50, device="cpu", inception_weights=N
     (mu_a, sigma_a), (mu_b, sigma_b) = [x if isinstance(x, tuple) else dataset_stats(p, model, batch_size, device,
                                                                                      paths=x)
                                         for p, x in zip((path_a, path_b), inputs)]
+    if len(mu_a) != len(mu_b):
+        raise UserError(f"statistics do not match: {len(mu_a)} vs {len(mu_b)} dimensions; compute both with the "
+                        f"same feature extractor and dims")
     fid = frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
     print("FID: ", fid)
     return fid
@@ -2456,7 +2478,7 @@ def gradient_conflict(model, diffusion, images, timesteps, env: Env, batch=64, s
             for s in range(0, n, batch):
                 x0, eps = images[s:s + batch].to(env.device), noise[s:s + batch].to(env.device)
                 tb = torch.full((len(x0),), int(t), device=env.device, dtype=torch.long)
-                loss = diffusion.loss(model, x0, tb, eps) * (len(x0) / n)  # this batch's share of the mean
+                loss = training_loss(model, None, diffusion, x0, tb, eps) * (len(x0) / n)  # this batch's share of the mean
                 g = torch.autograd.grad(loss, params, allow_unused=True)
                 grads[k] += torch.cat([(gi if gi is not None else torch.zeros_like(p)).float().flatten()
                                        for gi, p in zip(g, params)])
@@ -3226,7 +3248,7 @@ def time_alternately(fns: dict, iters: int, warmup: int, device, min_seconds=0.0
     return times
 
 
-def bench_train_step(model, env: Env, diffusion, batch, teacher=None, lam=1.0):
+def bench_train_step(model, env: Env, diffusion, batch, teacher=None, lam=PAPER.consistency):
     """One optimizer step of train_loop on random images as a closure: autocast forward, simple loss (+ the
     consistency loss to the frozen teacher when given, DeMe Eq. 4-5), backward, clipping, AdamW, EMA."""
     model = place(model, env).train()
@@ -3241,17 +3263,11 @@ def bench_train_step(model, env: Env, diffusion, batch, teacher=None, lam=1.0):
     def step():
         t = torch.randint(0, diffusion.T, (batch,), device=env.device)
         noise = torch.randn(x0.shape, device=env.device)
-        x_t = diffusion.q_sample(x0, t, noise)
         with env.autocast():
-            eps = net(x_t, t).float()
-            loss = F.mse_loss(eps, noise)
-            if teacher is not None:
-                with torch.no_grad():
-                    eps0 = teacher(x_t, t).float()
-                loss = loss + lam * F.mse_loss(eps, eps0)
+            loss = training_loss(net, teacher, diffusion, x0, t, noise, lam)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(model.parameters(), PAPER.grad_clip)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -3703,8 +3719,9 @@ def preflight(cfg: Config, env: Env, stage: str):
         if (evaluates or (searches and cfg.rerank)) and metric == "pixel" and cfg.dataset != "synthetic":
             n = max(cfg.n_samples if evaluates else 0, cfg.rerank_samples if searches and cfg.rerank else 0)
             check_pixel_reference(len(make_dataset(cfg, "eval")), n)
-        if cfg.fid_stats:
-            load_stats(cfg.fid_stats)
+        if cfg.fid_stats and len(load_stats(cfg.fid_stats)[0]) != FID_DIMS:
+            raise UserError(f"--fid-stats {cfg.fid_stats} holds {len(load_stats(cfg.fid_stats)[0])}-d statistics, "
+                            f"not FID's {FID_DIMS}-d pool3 statistics; compute them with pytorch-fid --save-stats")
         if (evaluates or (searches and cfg.rerank)) and metric == "fid":
             FIDInception(cfg.inception_weights or None)  # found (or downloaded once), hash and layout checked
 
