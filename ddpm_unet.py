@@ -11,13 +11,14 @@ them: export_diffusers drops identity projections and refuses any other. Presets
 diffusers directories and from tensor shapes otherwise. A PRETRAINED file already in the hub cache is trusted; its
 MD5 is checked only right after downloading it.
 """
+import contextlib
 import hashlib
 import json
 import math
 import os
 import pickle
 import re
-import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -463,26 +464,43 @@ def config_from_diffusers(cfg, where="config.json"):
 # Files
 
 
-def atomic_write_bytes(data, path):
-    """Write bytes to path + '.tmp', fsync, then rename over path, so a crash never leaves half a file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+@contextlib.contextmanager
+def atomic_path(path):
+    """The one atomic write: the block writes a temporary file beside `path` (same suffix, so writers pick the
+    format), which is synced and renamed over `path` only when the block completes, and removed when it fails: a
+    crash never leaves half a file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_save(obj, path):
-    """torch.save to path + '.tmp', fsync, then rename over path."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
+    """torch.save, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+
+
+def download(url, path, digest, algorithm="md5"):
+    """The one hash-checked download: `url` to `path` (atomically), kept only if the file's `algorithm` digest starts
+    with `digest`; one line naming the manual fix when offline or when the file differs."""
+    with atomic_path(path) as tmp:
+        try:
+            torch.hub.download_url_to_file(url, str(tmp), progress=True)
+        except Exception as e:  # offline, proxy, HTTP errors, disk full: all mean the same thing to the user
+            raise UserError(f"could not download {url} ({type(e).__name__}: {' '.join(str(e).split())}); fetch it by "
+                            f"hand and save it as {path}") from None
+        got = file_digest(tmp, algorithm)
+        if not got.startswith(digest):
+            raise UserError(f"the download of {url} has {algorithm.upper()} {got}, expected {digest}...; try again, "
+                            f"or fetch it by hand and save it as {path}")
+    return path
 
 
 def _is_tensor_dict(obj):
@@ -602,22 +620,7 @@ def _hub_file(name):
     path = os.path.join(torch.hub.get_dir(), "checkpoints", info["file"])
     if os.path.isfile(path):
         return path  # a file already in place is trusted: the MD5 is checked only right after downloading
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".download"
-    try:
-        torch.hub.download_url_to_file(info["url"], tmp, progress=True)
-    except Exception as e:  # offline, HTTP errors, disk full: all mean the same thing to the user
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not download the {name} checkpoint ({type(e).__name__}: {e}); fetch {info['url']} "
-                        f"by hand and save it as {path}") from None
-    md5 = file_digest(tmp)
-    if md5 != info["md5"]:
-        os.remove(tmp)
-        raise UserError(f"the download of {info['url']} has MD5 {md5}, expected {info['md5']}; try again, or fetch "
-                        f"it by hand and save it as {path}")
-    os.replace(tmp, path)
-    return path
+    return str(download(info["url"], path, info["md5"]))
 
 
 def load_pretrained(name_or_path, preset=None):
@@ -664,58 +667,9 @@ def export_diffusers(model, directory):
     config = json.dumps(diffusers_config(model.config), indent=2, sort_keys=True).encode()
     try:
         import safetensors.torch
-        atomic_write_bytes(safetensors.torch.save(sd, metadata={"format": "pt"}),
-                           os.path.join(directory, "diffusion_pytorch_model.safetensors"))
+        with atomic_path(os.path.join(directory, "diffusion_pytorch_model.safetensors")) as tmp:
+            tmp.write_bytes(safetensors.torch.save(sd, metadata={"format": "pt"}))
     except ImportError:
         atomic_save(sd, os.path.join(directory, "diffusion_pytorch_model.bin"))
-    atomic_write_bytes(config, os.path.join(directory, "config.json"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmark
-
-
-def bench_unet(preset="cifar10", batch=8, device="cpu", steps=5, warmup=2, dtype=torch.float32, compile=False,
-               channels_last=False):
-    """Forward+backward images/s of this UNet and of diffusers' UNet2DModel with the same config (from the fastest
-    of `steps` timed steps, the two models timed alternately so that background load hits both alike)."""
-    device = torch.device(device)
-    ours = UNet.from_preset(preset)
-    models = {"ours": ours}
-    try:
-        from diffusers import UNet2DModel
-        models["diffusers"] = UNet2DModel.from_config(diffusers_config(ours.config))
-    except ImportError:
-        pass
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for name, m in models.items():
-        m = m.to(device=device, memory_format=memory_format).train()
-        m = m.to(dtype) if dtype != torch.float32 else m  # diffusers warns on every dtype cast
-        models[name] = torch.compile(m) if compile else m
-    res = ours.config["resolution"]
-    x = torch.randn(batch, ours.config["in_channels"], res, res, device=device, dtype=dtype)
-    x = x.contiguous(memory_format=memory_format)
-    t = torch.randint(0, 1000, (batch,), device=device)
-
-    def step(name):
-        out = models[name](x, t)
-        out = out if torch.is_tensor(out) else out.sample
-        out.float().square().mean().backward()
-        models[name].zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    times = {name: [] for name in models}
-    for i in range(warmup + steps):
-        for name in (list(models) if i % 2 else list(models)[::-1]):
-            start = time.perf_counter()
-            step(name)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    result = dict(preset=preset, batch=batch, device=str(device), dtype=str(dtype).replace("torch.", ""),
-                  steps=steps, compile=compile, channels_last=channels_last)
-    for name, ts in times.items():
-        result[f"{name}_img_per_s"] = batch / min(ts)
-    if "diffusers" in models:
-        result["ratio"] = result["ours_img_per_s"] / result["diffusers_img_per_s"]
-    return result
+    with atomic_path(os.path.join(directory, "config.json")) as tmp:
+        tmp.write_bytes(config)

@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddpm_unet import (PRESETS, UNet, UserError, add_channel_projections, atomic_save, bench_unet, file_digest,
-                       fold_channel_projections, load_pretrained, model_from_state_dict)
+from ddpm_unet import (PRESETS, UNet, UserError, add_channel_projections, atomic_path, atomic_save, diffusers_config,
+                       download, file_digest, fold_channel_projections, load_pretrained, model_from_state_dict)
 
 
 # ======================================================================================================================
@@ -1219,22 +1219,10 @@ def stage_checkpoint(path: Path, identity: dict, cfg: Config) -> Optional[dict]:
     return ck
 
 
-@contextlib.contextmanager
-def atomic_path(path):
-    """A temporary name beside `path` (same suffix, so image writers pick the format); it replaces `path` only when
-    the block completes, so a crash never leaves half a file where a good one was."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    yield tmp
-    os.replace(tmp, path)
-
-
 def atomic_write_text(text, path):
-    """Writes text to a temporary file beside `path`, then renames it into place."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    """Writes text to `path` atomically (ddpm_unet.atomic_path)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def save_grid(model, diffusion, path, env: Env, cfg: Config, seed=0):
@@ -1784,7 +1772,7 @@ def _inception_e(block, x, pool):
     return torch.cat([block.branch1x1(x), b3x3, b3x3dbl, block.branch_pool(pool(x))], 1)
 
 
-def fid_weights_file(weights_path=None):
+def fid_weights_file(weights_path=None, check_hash=True):
     """The Inception weights file: weights_path, or pytorch-fid's file in the torch hub cache, downloaded once."""
     if weights_path is not None:
         if not Path(weights_path).is_file():
@@ -1794,17 +1782,10 @@ def fid_weights_file(weights_path=None):
     path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_NAME
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
     try:
-        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(partial), progress=True)
-    except Exception as e:  # offline, proxy, HTTP error: all mean the same to the user
-        partial.unlink(missing_ok=True)
-        reason = " ".join(str(e).split())
-        raise UserError(f"Inception weights missing and download failed ({type(e).__name__}: {reason}); fetch "
-                        f"{FID_WEIGHTS_URL} and save it as {path}, or pass --inception-weights FILE") from None
-    os.replace(partial, path)
-    return path
+        return download(FID_WEIGHTS_URL, path, FID_WEIGHTS_SHA256_PREFIX if check_hash else "", "sha256")
+    except UserError as e:
+        raise UserError(f"Inception weights missing: {e}, or pass --inception-weights FILE") from None
 
 
 class FIDInception(nn.Module):
@@ -1816,7 +1797,7 @@ class FIDInception(nn.Module):
         net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
         for name, module in net.named_children():  # same state-dict keys as the weights file
             self.add_module(name, module)
-        path = fid_weights_file(weights_path)
+        path = fid_weights_file(weights_path, check_hash)
         if check_hash:
             digest = file_digest(path, "sha256")
             if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
@@ -1873,11 +1854,8 @@ def save_stats(path, mu, sigma):
     path = Path(path)
     if path.suffix != ".npz":
         raise UserError(f"statistics file {path} must end in .npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    with open(partial, "wb") as f:  # a file object, so numpy does not append .npz to the temp name
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=mu, sigma=sigma)
-    os.replace(partial, path)
 
 
 def load_stats(path):
@@ -2013,10 +1991,8 @@ def generate_samples(sample_fn, n, out_dir, batch_size, rank=0, world=1):
                 images = sample_fn(indices)                                    # (B, C, H, W) in [-1, 1]
             assert images.ndim == 4 and len(images) == len(indices), f"sample_fn gave shape {tuple(images.shape)}"
             for i, pixels in zip(indices, images_to_uint8(images)):           # (H, W, C) uint8
-                path = out_dir / f"{i:06d}.png"
-                partial = path.with_name(path.name + ".tmp")
-                Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(partial, format="PNG")
-                os.replace(partial, path)
+                with atomic_path(out_dir / f"{i:06d}.png") as tmp:
+                    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(tmp, format="PNG")
             bar.update(len(indices))
     return len(todo)
 
@@ -3008,7 +2984,8 @@ def write_sd_samples(sd: StableDiffusion, models, prompts, folder, cfg: Config):
         idx = todo[s:s + cfg.eval_batch]
         images = images_to_uint8(sd_sample(sd, models, [prompts[i] for i in idx], cfg, idx))  # (B, H, W, 3) uint8
         for i, pixels in zip(idx, images):
-            Image.fromarray(pixels).save(folder / f"{i:05d}.png")
+            with atomic_path(folder / f"{i:05d}.png") as tmp:
+                Image.fromarray(pixels).save(tmp)
     return folder
 
 
@@ -3387,13 +3364,13 @@ def stage_bench(cfg: Config, env: Env):
         ours["inception_img_s"] = eval_batch / float(np.median(times["inception"]))
     del nets, variants, merged, folded, teacher
 
-    # ours vs diffusers' UNet2DModel, forward + backward (ddpm_unet.bench_unet)
+    # ours vs diffusers' UNet2DModel, forward + backward
     if env.compile:
         torch.compiler.reset()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(env.precision, torch.float32)
-    versus = bench_unet(cfg.preset, train_batch, dev, iters, warmup, dtype, env.compile, env.channels_last)
+    versus = unet_vs_diffusers(theta0, env, train_batch, iters, warmup)
     if env.compile or env.channels_last:  # and diffusers as people run it: eager, default memory format
-        eager = bench_unet(cfg.preset, train_batch, dev, iters, warmup, dtype)
+        eager = unet_vs_diffusers(theta0, dataclasses.replace(env, compile=False, channels_last=False), train_batch,
+                                  iters, warmup)
         versus["diffusers_eager_img_per_s"] = eager.get("diffusers_img_per_s")
         versus["ours_eager_img_per_s"] = eager["ours_img_per_s"]
 
@@ -3406,6 +3383,37 @@ def stage_bench(cfg: Config, env: Env):
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(result, indent=2), run_dir(cfg, "bench.json"))
     print(f"written: {run_dir(cfg, 'bench.json')}")
+    return result
+
+
+def unet_vs_diffusers(model: UNet, env: Env, batch, iters, warmup) -> dict:
+    """Forward + backward images/s (median) of this UNet and of diffusers' UNet2DModel with the same config (when
+    diffusers is installed), timed alternately, in the training precision, compiled and laid out as configured."""
+    models = {"ours": copy.deepcopy(model)}
+    try:
+        from diffusers import UNet2DModel
+        models["diffusers"] = UNet2DModel.from_config(diffusers_config(model.config))
+    except ImportError:
+        pass
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(env.precision, torch.float32)
+    c, res = model.config["in_channels"], model.config["resolution"]
+    fmt = torch.channels_last if env.channels_last else torch.contiguous_format
+    x = torch.randn(batch, c, res, res, device=env.device, dtype=dtype).contiguous(memory_format=fmt)
+    t = torch.randint(0, 1000, (batch,), device=env.device)
+
+    def step(net):
+        def call():
+            out = net(x, t)
+            (out if torch.is_tensor(out) else out.sample).float().square().mean().backward()
+            net.zero_grad(set_to_none=True)
+        return call
+    nets = {name: prepare(m.to(dtype).train(), env) for name, m in models.items()}
+    times = time_alternately({name: step(net) for name, net in nets.items()}, iters, warmup, env.device)
+    result = {f"{name}_img_per_s": batch / float(np.median(ts)) for name, ts in times.items()}
+    result.update(batch=batch, dtype=str(dtype).replace("torch.", ""), compile=env.compile,
+                  channels_last=env.channels_last)
+    if "diffusers_img_per_s" in result:
+        result["ratio"] = result["ours_img_per_s"] / result["diffusers_img_per_s"]
     return result
 
 

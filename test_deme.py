@@ -181,7 +181,7 @@ def test_wrapped_state_dict_prefixes_are_stripped(tmp_path):
     model = UNet.from_preset("tiny")
     path = str(tmp_path / "wrapped.pt")
     ddpm_unet.atomic_save({f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}, path)
-    assert not os.path.exists(path + ".tmp")
+    assert os.listdir(tmp_path) == ["wrapped.pt"]  # no temporary file left beside it
     loaded = ddpm_unet.load_pretrained(path).state_dict()
     assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
 
@@ -682,7 +682,7 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_the_previous_one_loadabl
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE.format(root=str(ROOT), out=str(out))],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert (out / "pretrain" / "ckpt.pt.tmp").exists()  # the half-written file never replaced the good one
+    assert (out / "pretrain" / "ckpt.tmp.pt").exists()  # the half-written file never replaced the good one
     ck = deme.load_checkpoint(out / "pretrain" / "ckpt.pt")
     assert ck["step"] == 2
     proc = run_cli("train", "--out", str(out), "--device", "cpu", "--train-steps", "4", "--ckpt-every", "2",
@@ -1739,7 +1739,7 @@ def test_only_rank_0_logs_and_checkpoints_carry_no_wrapper_prefixes(runs):
         for key in ("model", "ema"):
             if key in ck:
                 assert not [k for k in ck[key] if k.startswith(("module.", "_orig_mod.")) or "._orig_mod." in k]
-    assert not list(two.rglob("*.tmp")) and not list(two.rglob(".write_test*"))
+    assert not list(two.rglob("*.tmp*")) and not list(two.rglob(".write_test*"))
 
 
 def test_two_processes_write_every_sample_once_as_one_process_does(runs):
