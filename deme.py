@@ -15,6 +15,7 @@ Run `python deme.py --help` for the stages and flags.
 
 
 import argparse
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -445,6 +446,8 @@ class RangeEnsemble(nn.Module):
         self.T = T
 
     def forward(self, x, t):
+        """ε(x_t, t) for x (B, C, H, W) and t (B,) or a scalar: sample b goes to model i = floor(t_b N / T); the
+        outputs come back in the batch's order."""
         B, N = x.shape[0], len(self.models)
         t = torch.as_tensor(t, device=x.device).long().expand(B) if not torch.is_tensor(t) or t.dim() == 0 else t
         idx = t * N // self.T  # (B,) the model of each sample; t must lie in [0, T)
@@ -1194,9 +1197,9 @@ def build_model(model_config: dict, state_dict=None) -> UNet:
     return UNet(**model_config) if state_dict is None else model_from_state_dict(state_dict, model_config)
 
 
-def load_model(path, which="ema") -> UNet:
-    """The model saved in one of this project's checkpoints (its EMA weights by default)."""
-    ck = load_checkpoint(path)
+def load_model(path, which="ema", ck=None) -> UNet:
+    """The model saved in one of this project's checkpoints (its EMA weights by default); `ck`: already loaded."""
+    ck = ck or load_checkpoint(path)
     if "model_config" not in ck:
         raise UserError(f"{path} is not a checkpoint of this project (no model_config); use --pretrained for "
                         f"published weights")
@@ -1445,20 +1448,27 @@ def append_curve(path: Path, step, losses):
                       path)
 
 
+def finished_checkpoint(path: Path, what: str, command: str) -> dict:
+    """The one "is this stage finished" check: the checkpoint at `path`, or one line saying that `what` is missing or
+    unfinished and the `command` that makes or finishes it."""
+    if not path.exists():
+        raise UserError(f"{what} has no checkpoint at {path}; run `{command}` with the same --out first")
+    ck = load_checkpoint(path)
+    if "step" in ck and ck["step"] < ck["identity"]["steps"]:
+        raise UserError(f"{what} is unfinished ({path}, step {ck['step']} of {ck['identity']['steps']}); finish it "
+                        f"with `{command} --resume`")
+    return ck
+
+
+def range_checkpoints(cfg: Config) -> list:
+    """The checkpoints of θ_1..θ_N, every range finished."""
+    return [finished_checkpoint(run_dir(cfg, f"range_{i}", "ckpt.pt"), f"range {i}",
+                                f"python deme.py finetune --ranges {i}") for i in range(cfg.n_ranges)]
+
+
 def range_models(cfg: Config) -> list:
-    """θ_1..θ_N: the EMA weights of every finished range."""
-    models = []
-    for i in range(cfg.n_ranges):
-        path = run_dir(cfg, f"range_{i}", "ckpt.pt")
-        if not path.exists():
-            raise UserError(f"range {i} has no checkpoint at {path}; run `python deme.py finetune --ranges {i}` "
-                            f"with the same --out first")
-        ck = load_checkpoint(path)
-        if ck["step"] < ck["identity"]["steps"]:
-            raise UserError(f"range {i} is unfinished ({path}, step {ck['step']} of {ck['identity']['steps']}); "
-                            f"finish it with `python deme.py finetune --ranges {i} --resume`")
-        models.append(build_model(ck["model_config"], ck["ema"]).eval())
-    return models
+    """θ_1..θ_N: the EMA weights of every finished range, as models."""
+    return [build_model(ck["model_config"], ck["ema"]).eval() for ck in range_checkpoints(cfg)]
 
 
 # --- II.4 Data loaders: CIFAR-10, LSUN, image folders, held-out splits -----------------------------------------------
@@ -2046,18 +2056,12 @@ def named_model(cfg: Config, env: Env, name: str, theta0=None):
         return RangeEnsemble(range_models(cfg))
     paths = {b: run_dir(cfg, b, "ckpt.pt") for b in ("baseline", "baseline_minsnr", "baseline_p2")}
     paths["merged"] = run_dir(cfg, "merge", "merged.pt")
-    path = paths.get(name, Path(name))
-    if name in paths and not path.exists():
-        how = "merge" if name == "merged" else "baseline" + (f" --baseline-weighting {name[9:]}" if "_" in name else "")
-        raise UserError(f"model {name!r} does not exist yet ({path}); run `python deme.py {how}` with the same "
-                        f"--out first")
-    if not path.exists():
+    if name not in paths and not Path(name).exists():
         raise UserError(f"model {name!r} is neither theta0, baseline, ensemble, merged nor a checkpoint file")
-    ck = load_checkpoint(path)
-    if "step" in ck and ck["step"] < ck["identity"]["steps"]:
-        raise UserError(f"{path} is unfinished (step {ck['step']} of {ck['identity']['steps']}); finish its stage "
-                        f"with --resume first")
-    return load_model(path).eval()
+    how = "merge" if name == "merged" else "baseline" + (f" --baseline-weighting {name[9:]}" if "_" in name else "")
+    path = paths.get(name, Path(name))
+    ck = finished_checkpoint(path, f"model {name!r}", f"python deme.py {how}" if name in paths else "its stage")
+    return load_model(path, ck=ck).eval()
 
 
 def write_samples(cfg: Config, env: Env, diffusion, model, name) -> Path:
@@ -3125,15 +3129,11 @@ def load_sd_unet(folder) -> SDUNet:
 
 def sd_range_states(cfg: Config) -> Optional[list]:
     """θ_1..θ_N as EMA state dicts, or None (saying which) while a range is unfinished."""
-    states = []
-    for i in range(cfg.n_ranges):
-        path = run_dir(cfg, f"range_{i}", "ckpt.pt")
-        ck = load_checkpoint(path) if path.exists() else None
-        if ck is None or ck["step"] < ck["identity"]["steps"]:
-            print(f"range {i} is not finished ({path}); finetune it with --ranges {i}, then run again to merge")
-            return None
-        states.append(ck["ema"])
-    return states
+    try:
+        return [ck["ema"] for ck in range_checkpoints(cfg)]
+    except UserError as e:
+        print(f"{e}; then run again to merge")
+        return None
 
 
 def stage_sd(cfg: Config, env: Env):
@@ -3623,7 +3623,83 @@ def stage_ablation(cfg: Config, env: Env):
         print(f"ablation finished in {(time.perf_counter() - start) / 60:.1f} min")
 
 
-# --- II.9 Command line -----------------------------------------------------------------------------------------------
+# --- II.9 Exercises: a student copy of the project ------------------------------------------------------------------
+
+# (part, file, function, what to write): the order to do them in; `pytest -m partN` grades part N (README, "Exercises")
+EXERCISES = [
+    (1, "deme.py", "GaussianDiffusion.q_sample", "x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε (DDPM Eq. 4)"),
+    (1, "deme.py", "GaussianDiffusion.ddim_step", "x_{t_prev} from x_t and ε (DDIM Eq. 12, σ_t of Eq. 16)"),
+    (2, "deme.py", "deme_loss", "the simple loss plus λ times the consistency loss to θ0 (DeMe Eq. 4-5)"),
+    (2, "deme.py", "sample_timesteps", "probabilistic sampling of t, in antithetic pairs (DeMe Eq. 6)"),
+    (2, "ddpm_unet.py", "_add_projection", "an identity-initialised, bias-free C x C 1x1 conv (DeMe Sec. 3.2)"),
+    (3, "deme.py", "task_vector", "τ_i = θ_i - θ0 (DeMe Sec. 3.3)"),
+    (3, "deme.py", "task_arithmetic", "Σ_i w_i τ_i, the sum of DeMe Eq. 8"),
+    (3, "deme.py", "RangeEnsemble.forward", "each sample to θ_i with i = floor(t N / T) (DeMe Eq. 7)"),
+    (4, "deme.py", "frechet_distance", "||μ1 - μ2||² + tr(Σ1 + Σ2 - 2 (Σ1 Σ2)^(1/2)) (Heusel et al. 2017)"),
+]
+PART_NAMES = {1: "DDPM", 2: "decoupled finetuning", 3: "merge and ensemble", 4: "evaluation"}
+PROJECT_FILES = ("deme.py", "ddpm_unet.py", "test_deme.py", "pytest.ini", "README.md", "requirements.txt",
+                 "requirements-extra.txt", "assets")
+
+
+def without_body(source: str, qualname: str, message: str) -> str:
+    """`source` with the body of the function `qualname` ("name" or "Class.method") replaced by
+    raise NotImplementedError(message); its signature, decorators and docstring stay."""
+    nodes = ast.parse(source).body
+    for name in qualname.split("."):
+        node = next(n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
+        nodes = node.body
+    first = node.body[0]
+    has_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+    keep = first.end_lineno if has_doc else first.lineno - 1  # lines kept before the body
+    lines = source.split("\n")
+    stub = " " * first.col_offset + f"raise NotImplementedError({message!r})"
+    return "\n".join(lines[:keep] + [stub] + lines[node.end_lineno:])
+
+
+def exercises_markdown(chosen) -> str:
+    """EXERCISES.md: the exercises in order, where each is and how to grade each part."""
+    lines = ["# Exercises: DeMe (Decouple-then-Merge, CVPR 2025) from the inside", "",
+             "Each function below raises `NotImplementedError` with its exercise number; its docstring says what it",
+             "takes and returns. Do them in this order, reading deme.py from the top beside the paper, and grade a part",
+             "with its tests (the optional extras need `pip install -r requirements-extra.txt`; without them add",
+             "`and not extras`). Every part's tests also use the parts before it.", ""]
+    for part in sorted({p for p, *_ in chosen}):
+        lines += [f"## Part {part}: {PART_NAMES[part]}  (`python -m pytest -m part{part} test_deme.py`)", ""]
+        lines += [f"{k}. `{func}` in {file}: {what}" for k, (p, file, func, what) in enumerate(EXERCISES, 1)
+                  if p == part and (p, file, func, what) in chosen]
+        lines.append("")
+    lines += ["When every part passes, `python -m pytest test_deme.py` runs the whole suite and `python deme.py` the",
+              "whole method on a CPU in minutes."]
+    return "\n".join(lines) + "\n"
+
+
+def exercise_command(out, parts=(1, 2, 3, 4)):
+    """`python deme.py exercise --out DIR`: a copy of this project in DIR with the exercises' bodies removed, and
+    EXERCISES.md; written beside DIR first and renamed into place, so DIR is whole or absent."""
+    import shutil
+    out, root = Path(out), Path(__file__).resolve().parent
+    if out.exists():
+        raise UserError(f"{out} already exists; choose a new folder for the student copy (--out)")
+    if set(parts) - set(PART_NAMES):
+        raise UserError(f"--parts {','.join(map(str, parts))}: the parts are 1, 2, 3 and 4")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        (shutil.copytree if (root / name).is_dir() else shutil.copy2)(root / name, tmp / name)
+    chosen = [e for e in EXERCISES if e[0] in parts]
+    for k, (part, file, func, what) in enumerate(EXERCISES, 1):
+        if (part, file, func, what) in chosen:
+            path = tmp / file
+            path.write_text(without_body(path.read_text(), func, f"Exercise {k}: {what}"))
+    (tmp / "EXERCISES.md").write_text(exercises_markdown(chosen))
+    os.replace(tmp, out)
+    print(f"student copy with {len(chosen)} exercises in {out}; start with {out / 'EXERCISES.md'}")
+    return out
+
+
+# --- II.10 Command line ----------------------------------------------------------------------------------------------
 
 
 def stage_sample(cfg: Config, env: Env):
@@ -3698,6 +3774,10 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--device", default="auto")
     fid.add_argument("--inception-weights", default=None)
     fid.add_argument("--dims", type=int, default=2048)
+    ex = sub.add_parser("exercise", help="write a student copy of this project for a course (EXERCISES.md)",
+                        description="A copy of the project with the key functions' bodies removed, and EXERCISES.md.")
+    ex.add_argument("--out", required=True, help="the new folder of the student copy")
+    ex.add_argument("--parts", default="1,2,3,4", help="which parts' exercises to remove, e.g. 2,3 (default: all)")
     return parser
 
 
@@ -3740,6 +3820,13 @@ def main(argv=None):
         argv.insert(0, "pipeline")
     args = build_parser().parse_args(argv)
     try:
+        if args.stage == "exercise":
+            try:
+                parts = tuple(int(p) for p in args.parts.split(",") if p.strip())
+            except ValueError:
+                raise UserError(f"--parts {args.parts!r} is not a list of part numbers; write e.g. --parts 1,2") from None
+            exercise_command(args.out, parts)
+            return
         if args.stage == "fid":
             device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
             device = "cpu" if device == "auto" else device

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,12 +82,20 @@ def _ours_from(diffusers_model):
     return ddpm_unet.model_from_state_dict(diffusers_model.state_dict()).eval()
 
 
+@pytest.mark.part1
 def test_parameter_counts_match_the_published_models():
     with torch.device("meta"):
         cifar, lsun = UNet.from_preset("cifar10"), UNet.from_preset("lsun256")
     assert (_n_params(cifar), len(cifar.state_dict())) == (35_746_307, 328)
     assert (_n_params(lsun), len(lsun.state_dict())) == (113_673_219, 450)
     assert not cifar.has_projections
+    assert json.loads(json.dumps(cifar.config)) == cifar.config
+
+
+@pytest.mark.part2
+def test_the_projections_add_9_and_13_convs_to_the_published_models():
+    with torch.device("meta"):
+        cifar, lsun = UNet.from_preset("cifar10"), UNet.from_preset("lsun256")
     ddpm_unet.add_channel_projections(cifar)
     ddpm_unet.add_channel_projections(lsun)
     assert cifar.has_projections
@@ -95,6 +104,8 @@ def test_parameter_counts_match_the_published_models():
     assert json.loads(json.dumps(cifar.config)) == cifar.config
 
 
+@pytest.mark.part1
+@pytest.mark.extras
 def test_timestep_embedding_is_the_original_formula():
     import math
     t = torch.arange(1000)
@@ -108,6 +119,8 @@ def test_timestep_embedding_is_the_original_formula():
     assert (ddpm_unet.timestep_embedding(t, 128) - theirs).abs().max() < 1e-4
 
 
+@pytest.mark.part1
+@pytest.mark.extras
 def test_cifar10_unet_equals_diffusers_on_the_same_weights():
     theirs = _diffusers_unet(dict(ddpm_unet.PRESETS["cifar10"]))
     ours = _ours_from(theirs)
@@ -121,6 +134,8 @@ def test_cifar10_unet_equals_diffusers_on_the_same_weights():
             assert (a - b).abs().max() < tol, dtype
 
 
+@pytest.mark.part1
+@pytest.mark.extras
 def test_lsun256_unet_equals_diffusers_at_reduced_size():
     theirs = _diffusers_unet(dict(ddpm_unet.PRESETS["lsun256"]))
     ours = _ours_from(theirs)
@@ -130,6 +145,8 @@ def test_lsun256_unet_equals_diffusers_at_reduced_size():
     assert a.abs().mean() > 0.1 and (a - b).abs().max() < 1e-4
 
 
+@pytest.mark.machinery
+@pytest.mark.extras
 def test_legacy_diffusers_attention_names_load():
     theirs = _diffusers_unet(dict(ddpm_unet.PRESETS["tiny"]))
     legacy = {}
@@ -143,6 +160,8 @@ def test_legacy_diffusers_attention_names_load():
         assert torch.equal(ddpm_unet.model_from_state_dict(legacy)(x, t), _ours_from(theirs)(x, t))
 
 
+@pytest.mark.machinery
+@pytest.mark.extras
 def test_export_diffusers_round_trip(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
@@ -168,6 +187,7 @@ def test_export_diffusers_round_trip(tmp_path):
         ddpm_unet.load_pretrained(tmp_path)
 
 
+@pytest.mark.machinery
 def test_export_refuses_projections_that_are_not_the_identity(tmp_path):
     model = ddpm_unet.add_channel_projections(UNet.from_preset("tiny"))
     ddpm_unet.export_diffusers(model, str(tmp_path / "identity"))  # identity projections change nothing: dropped
@@ -177,6 +197,7 @@ def test_export_refuses_projections_that_are_not_the_identity(tmp_path):
         ddpm_unet.export_diffusers(model, str(tmp_path / "trained"))
 
 
+@pytest.mark.machinery
 def test_wrapped_state_dict_prefixes_are_stripped(tmp_path):
     model = UNet.from_preset("tiny")
     path = str(tmp_path / "wrapped.pt")
@@ -186,6 +207,7 @@ def test_wrapped_state_dict_prefixes_are_stripped(tmp_path):
     assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.machinery
 def test_training_checkpoint_gives_its_ema_weights(tmp_path):
     model, ema = UNet.from_preset("tiny"), UNet.from_preset("tiny")
     path = str(tmp_path / "ckpt.pt")
@@ -194,6 +216,7 @@ def test_training_checkpoint_gives_its_ema_weights(tmp_path):
     assert torch.equal(ddpm_unet.load_state_dict_file(path, key="model")["conv_in.weight"], model.conv_in.weight)
 
 
+@pytest.mark.machinery
 def test_user_mistakes_get_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="cifar10, lsun256, tiny"):
         UNet.from_preset("imagenet")
@@ -226,6 +249,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.machinery
 def test_a_pickle_that_runs_code_is_refused(tmp_path):
     marker, path = str(tmp_path / "marker"), str(tmp_path / "evil.ckpt")
     torch.save({"conv_in.weight": torch.zeros(1), "payload": _Payload(marker)}, path)
@@ -234,6 +258,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     assert not os.path.exists(marker)
 
 
+@pytest.mark.part1
 def test_forward_takes_int_and_scalar_timesteps():
     model = UNet.from_preset("tiny").eval()
     x = torch.randn(2, 3, 16, 16)
@@ -260,6 +285,7 @@ def _skips_consumed_by_up_path(model, x, t):
     return produced, consumed
 
 
+@pytest.mark.part2
 def test_channel_projections_start_as_identity_on_the_main_path_only():
     torch.manual_seed(0)
     model = _perturbed(UNet.from_preset("tiny"))
@@ -279,6 +305,7 @@ def test_channel_projections_start_as_identity_on_the_main_path_only():
         assert torch.equal(block_input[:, -skip.shape[1]:], skip)
 
 
+@pytest.mark.part2
 def test_folding_projections_into_upsample_convs_keeps_the_output():
     torch.manual_seed(0)
     model = ddpm_unet.add_channel_projections(_perturbed(UNet.from_preset("cifar10")))
@@ -296,6 +323,7 @@ def test_folding_projections_into_upsample_convs_keeps_the_output():
         assert torch.equal(reloaded(x, t), model(x, t))
 
 
+@pytest.mark.machinery
 def test_pretrained_offline_error_names_url_and_path(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", torch.hub._hub_dir)  # restored after the test
     torch.hub.set_dir(str(tmp_path))
@@ -319,6 +347,7 @@ def test_pretrained_offline_error_names_url_and_path(tmp_path, monkeypatch):
     assert os.listdir(os.path.dirname(expected)) == []
 
 
+@pytest.mark.machinery
 def test_pretrained_file_already_in_the_hub_cache_is_used(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", torch.hub._hub_dir)
     torch.hub.set_dir(str(tmp_path))
@@ -334,6 +363,7 @@ def test_pretrained_file_already_in_the_hub_cache_is_used(tmp_path, monkeypatch)
 # Diffusion core: schedule, samplers against diffusers, EMA
 # ======================================================================================================================
 
+@pytest.mark.part1
 def test_linear_schedule_matches_the_ddpm_paper():
     d = deme.GaussianDiffusion()
     assert d.betas.dtype == torch.float64 and d.alphas_bar.dtype == torch.float64 and len(d.betas) == 1000
@@ -341,6 +371,7 @@ def test_linear_schedule_matches_the_ddpm_paper():
     assert d.alphas_bar[999].item() == pytest.approx(4.0358e-5, rel=1e-4)
 
 
+@pytest.mark.part1
 def test_q_sample_is_the_closed_form_of_t_noising_steps():
     d = deme.GaussianDiffusion()
     g = torch.Generator().manual_seed(0)
@@ -358,6 +389,8 @@ def _ddim_scheduler(clip):
                          clip_sample=clip, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
 
 
+@pytest.mark.part1
+@pytest.mark.extras
 @pytest.mark.parametrize("steps", [50, 100])
 @pytest.mark.parametrize("clip", [True, False])
 def test_ddim_visits_diffusers_timesteps_and_every_update_matches_its_step(steps, clip):
@@ -380,6 +413,8 @@ def test_ddim_visits_diffusers_timesteps_and_every_update_matches_its_step(steps
     assert clipped > steps // 2
 
 
+@pytest.mark.part1
+@pytest.mark.extras
 def test_ddim_with_eta_matches_diffusers_given_the_same_noise():
     d, sched = deme.GaussianDiffusion(), _ddim_scheduler(True)
     sched.set_timesteps(20)
@@ -390,6 +425,8 @@ def test_ddim_with_eta_matches_diffusers_given_the_same_noise():
     assert (mine - theirs).abs().max() < 1e-5
 
 
+@pytest.mark.part1
+@pytest.mark.extras
 @pytest.mark.parametrize("variance,theirs_name", [("fixedlarge", "fixed_large"), ("fixedsmall", "fixed_small")])
 def test_one_ddpm_step_matches_diffusers_for_both_variances(variance, theirs_name):
     from diffusers import DDPMScheduler
@@ -406,6 +443,7 @@ def test_one_ddpm_step_matches_diffusers_for_both_variances(variance, theirs_nam
         assert (mine - theirs).abs().max() < (1e-5 if t >= 100 else 1e-4), t
 
 
+@pytest.mark.part1
 def test_a_seed_fixes_every_sample_of_both_samplers():
     d, model = deme.GaussianDiffusion(T=1000), UNet.from_preset("tiny").eval()
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -417,6 +455,7 @@ def test_a_seed_fixes_every_sample_of_both_samplers():
     assert torch.equal(run(), run())
 
 
+@pytest.mark.part1
 def test_ema_decay_warms_up_as_one_minus_k_to_the_minus_three_quarters():
     model = nn.Linear(3, 3)
     ema = deme.EMA(model, max_decay=0.9999)
@@ -429,6 +468,7 @@ def test_ema_decay_warms_up_as_one_minus_k_to_the_minus_three_quarters():
     assert ema.decay() == 0.9999
 
 
+@pytest.mark.part1
 def test_ema_averages_the_weights_with_that_decay():
     model = nn.Linear(2, 1, bias=False)
     ema = deme.EMA(model)
@@ -461,6 +501,7 @@ def write_fake_cifar10(root, n=20):
     return batches
 
 
+@pytest.mark.machinery
 def test_a_fake_cifar10_in_the_real_format_loads_through_the_cifar10_path(tmp_path):
     batches = write_fake_cifar10(tmp_path)
     cfg = deme.resolve_config(dict(dataset="cifar10", preset="tiny", image_size=32, data_dir=str(tmp_path),
@@ -472,6 +513,7 @@ def test_a_fake_cifar10_in_the_real_format_loads_through_the_cifar10_path(tmp_pa
     assert len(deme.heldout_images(cfg, 7, "report")) == 7  # the test split
 
 
+@pytest.mark.machinery
 def test_cifar10_batch_files_that_run_code_are_refused(tmp_path):
     write_fake_cifar10(tmp_path)
     marker = tmp_path / "pwned"
@@ -482,11 +524,13 @@ def test_cifar10_batch_files_that_run_code_are_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.machinery
 def test_missing_cifar10_without_download_names_the_folder(tmp_path):
     with pytest.raises(UserError, match="--download"):
         deme.cifar10_images(tmp_path)
 
 
+@pytest.mark.machinery
 def test_a_folder_of_pngs_loads_through_folder_and_skips_what_is_not_an_image(tmp_path, capsys):
     from PIL import Image
     (tmp_path / "sub").mkdir()
@@ -502,6 +546,7 @@ def test_a_folder_of_pngs_loads_through_folder_and_skips_what_is_not_an_image(tm
     assert "skipped 2 file(s)" in capsys.readouterr().err
 
 
+@pytest.mark.machinery
 def test_an_empty_image_folder_is_a_clear_error(tmp_path):
     (tmp_path / "readme.txt").write_text("nothing here")
     with pytest.raises(UserError, match="no readable images"):
@@ -510,12 +555,14 @@ def test_an_empty_image_folder_is_a_clear_error(tmp_path):
         deme.image_files(tmp_path / "missing")
 
 
+@pytest.mark.part1
 def test_the_synthetic_set_is_identical_for_the_same_seed():
     a, b, c = deme.synthetic_images(16, 16, seed=5), deme.synthetic_images(16, 16, seed=5), deme.synthetic_images(16, 16, seed=6)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (16, 3, 16, 16) and a.min() >= -1 and a.max() <= 1 and a.std() > 0.3
 
 
+@pytest.mark.machinery
 def test_batches_resume_where_they_stopped_and_ranks_split_each_global_batch():
     ds = deme.TensorImages(torch.arange(40, dtype=torch.float32).view(40, 1, 1, 1))
     full = [b.flatten().tolist() for b in itertools.islice(deme.batches(ds, 4, seed=1), 25)]
@@ -538,6 +585,7 @@ def tiny_cfg(tmp_path, **kw):
     return deme.resolve_config({**base, **kw})
 
 
+@pytest.mark.part2
 def test_training_on_the_synthetic_set_lowers_the_loss(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_cfg(tmp_path, batch_size=32)
@@ -553,6 +601,7 @@ def test_training_on_the_synthetic_set_lowers_the_loss(tmp_path):
     assert (tmp_path / "train" / "ckpt.pt").exists() and (tmp_path / "train" / "grid_000040.png").exists()
 
 
+@pytest.mark.machinery
 def test_the_consistency_loss_is_zero_at_step_zero_and_projections_change_nothing():
     theta0 = UNet.from_preset("tiny").eval()
     student = deme.add_channel_projections(copy.deepcopy(theta0)).eval()
@@ -560,6 +609,7 @@ def test_the_consistency_loss_is_zero_at_step_zero_and_projections_change_nothin
     assert F.mse_loss(student(x, t), deme.frozen(theta0)(x, t)).item() == 0.0
 
 
+@pytest.mark.part2
 def test_finetuning_never_changes_the_frozen_teacher(tmp_path):
     cfg = tiny_cfg(tmp_path, ranges="3", steps=3)
     env, d = deme.setup_env(cfg), deme.GaussianDiffusion()
@@ -575,6 +625,7 @@ def test_finetuning_never_changes_the_frozen_teacher(tmp_path):
     assert all(torch.equal(v, theta0.state_dict()[k]) for k, v in teacher.state_dict().items())
 
 
+@pytest.mark.part2
 def test_a_finetuned_range_starts_from_theta0_and_learns_only_its_projections_and_weights(tmp_path):
     cfg = tiny_cfg(tmp_path, ranges="1", steps=2)
     env, d = deme.setup_env(cfg), deme.GaussianDiffusion()
@@ -598,6 +649,7 @@ def interrupt_after(monkeypatch, n):
     monkeypatch.setattr(deme.EMA, "update", update)
 
 
+@pytest.mark.machinery
 def test_an_interrupted_then_resumed_finetune_ends_with_exactly_the_same_weights(tmp_path, monkeypatch):
     theta0 = UNet.from_preset("tiny").eval()
     settings = dict(ranges="2", steps=6, ckpt_every=2, p_global=0.5, flip=True, grad_accum=2)
@@ -622,6 +674,7 @@ def test_an_interrupted_then_resumed_finetune_ends_with_exactly_the_same_weights
         assert all(torch.equal(whole[part][k], resumed[part][k]) for k in whole[part]), part
 
 
+@pytest.mark.machinery
 def test_a_finished_stage_is_reused_but_never_silently_replaced_by_other_settings(tmp_path):
     theta0 = UNet.from_preset("tiny").eval()
     cfg = tiny_cfg(tmp_path, ranges="0", steps=2)
@@ -637,6 +690,7 @@ def test_a_finished_stage_is_reused_but_never_silently_replaced_by_other_setting
     assert deme.load_checkpoint(path)["identity"]["p_global"] == 0.9
 
 
+@pytest.mark.machinery
 def test_a_non_finite_loss_stops_the_stage_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, steps=5, ckpt_every=1)
     env, d = deme.setup_env(cfg), deme.GaussianDiffusion()
@@ -677,6 +731,7 @@ deme.main(["train", "--out", {out!r}, "--device", "cpu", "--train-steps", "4", "
 """
 
 
+@pytest.mark.machinery
 def test_a_run_killed_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE.format(root=str(ROOT), out=str(out))],
@@ -691,6 +746,7 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_the_previous_one_loadabl
     assert deme.load_checkpoint(out / "pretrain" / "ckpt.pt")["step"] == 4
 
 
+@pytest.mark.machinery
 def test_checkpoints_that_run_code_are_refused_without_running_it(tmp_path):
     marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"model": RunsCode(str(marker))}, path)
@@ -710,6 +766,7 @@ FAST = ["--device", "cpu", "--pretrained", "", "--train-steps", "10", "--steps",
         "--report-images", "32"]
 
 
+@pytest.mark.machinery
 def test_the_pipeline_runs_every_stage_and_writes_its_table_and_grids(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("--out", str(out), *FAST)
@@ -744,6 +801,7 @@ def test_the_pipeline_runs_every_stage_and_writes_its_table_and_grids(tmp_path):
             assert cache["scored_with"]["method"] == method and len(cache["values"]) <= 5
 
 
+@pytest.mark.machinery
 def test_the_paper_path_runs_end_to_end_on_a_fake_cifar10_with_fid(tmp_path, monkeypatch, capsys):
     # The CIFAR-10 recipe with the paper's model at its real size, shrunk only in steps and samples: a fake CIFAR-10
     # in its real format, θ0 as a file in the original checkpoint layout, and a random-weight FID Inception (the real
@@ -788,6 +846,7 @@ def cli_error(capsys, *argv):
     return lines[0]
 
 
+@pytest.mark.machinery
 def test_bad_numbers_get_one_line_each(capsys, tmp_path):
     out = ["--out", str(tmp_path / "run"), "--device", "cpu"]
     assert "--n-ranges 0" in cli_error(capsys, "finetune", "--n-ranges", "0", *out)
@@ -805,6 +864,7 @@ def test_bad_numbers_get_one_line_each(capsys, tmp_path):
     assert "never trained" in cli_error(capsys, "evaluate", "--pretrained", "", *out)
 
 
+@pytest.mark.machinery
 def test_missing_or_empty_data_is_a_clear_error(capsys, tmp_path):
     out = ["--out", str(tmp_path / "run"), "--device", "cpu"]
     assert "does not exist" in cli_error(capsys, "train", "--dataset", "folder", "--data-dir",
@@ -817,6 +877,7 @@ def test_missing_or_empty_data_is_a_clear_error(capsys, tmp_path):
                                      "--data-dir", str(tmp_path), *out)
 
 
+@pytest.mark.machinery
 def test_bad_checkpoints_are_a_clear_error(capsys, tmp_path):
     out = ["--out", str(tmp_path / "run"), "--device", "cpu", "--steps", "1"]
     assert "no such file" in cli_error(capsys, "finetune", "--pretrained", str(tmp_path / "none.pt"), *out)
@@ -831,11 +892,13 @@ def test_bad_checkpoints_are_a_clear_error(capsys, tmp_path):
     assert "conv_in.weight" in line or "preset" in line
 
 
+@pytest.mark.machinery
 def test_an_unwritable_run_folder_is_a_clear_error(capsys, tmp_path):
     (tmp_path / "file").write_text("a file, not a folder")
     assert "cannot write to the run folder" in cli_error(capsys, "train", "--out", str(tmp_path / "file" / "run"))
 
 
+@pytest.mark.machinery
 def test_an_inception_file_with_the_wrong_hash_is_refused(capsys, tmp_path):
     from PIL import Image
     for name in ("a", "b"):
@@ -848,6 +911,7 @@ def test_an_inception_file_with_the_wrong_hash_is_refused(capsys, tmp_path):
     assert "6726825d" in line
 
 
+@pytest.mark.machinery
 def test_errors_reach_the_shell_as_one_line_and_exit_code_2(tmp_path):
     proc = run_cli("finetune", "--p-global", "2", "--out", str(tmp_path / "run"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -887,12 +951,14 @@ def small_net():
 
 # ----------------------------------------------------------------------------- merges
 
+@pytest.mark.part3
 def test_all_zero_weights_give_the_base_model_exactly():
     base, finetuned = make_state_dicts()
     merged = merge(base, finetuned, weights=[0.0] * 4)
     assert all(torch.equal(merged[k], base[k]) and merged[k].dtype == base[k].dtype for k in base)
 
 
+@pytest.mark.part3
 def test_one_model_with_weight_one_gives_that_model():
     base, finetuned = make_state_dicts(n=1)
     merged = merge(base, finetuned, weights=[1.0])
@@ -900,6 +966,7 @@ def test_one_model_with_weight_one_gives_that_model():
                              {k: v for k, v in finetuned[0].items() if v.is_floating_point()})
 
 
+@pytest.mark.part3
 def test_average_is_the_mean_of_the_finetuned_models_and_ignores_weights():
     base, finetuned = make_state_dicts(half=False)
     merged = merge(base, finetuned, weights=[5.0, 0.0, 0.0, 0.0], method="average")
@@ -907,6 +974,7 @@ def test_average_is_the_mean_of_the_finetuned_models_and_ignores_weights():
     assert_state_dicts_close({k: merged[k] for k in mean}, mean)
 
 
+@pytest.mark.part3
 def test_task_arithmetic_with_uniform_weights_equals_the_average():
     base, finetuned = make_state_dicts()
     average = merge(base, finetuned, method="average")
@@ -914,6 +982,7 @@ def test_task_arithmetic_with_uniform_weights_equals_the_average():
     assert_state_dicts_close(merge(base, finetuned), average)  # default weights are 1/N
 
 
+@pytest.mark.part3
 def test_task_arithmetic_is_theta0_plus_the_weighted_sum_of_task_vectors():
     base, finetuned = make_state_dicts(half=False)
     w = [0.1, 0.1, 0.2, 0.5]  # the official LSUN-Church weights
@@ -923,6 +992,7 @@ def test_task_arithmetic_is_theta0_plus_the_weighted_sum_of_task_vectors():
         torch.testing.assert_close(merged[k], base[k] + sum(w_i * tau[k] for w_i, tau in zip(w, taus)))
 
 
+@pytest.mark.part3
 def test_ties_with_k100_and_agreeing_signs_is_the_mean_task_vector():
     base, _ = make_state_dicts(half=False)
     g = torch.Generator().manual_seed(1)
@@ -934,6 +1004,7 @@ def test_ties_with_k100_and_agreeing_signs_is_the_mean_task_vector():
         torch.testing.assert_close(merged[k], torch.stack([sd[k] for sd in finetuned]).mean(0))
 
 
+@pytest.mark.part3
 def test_ties_keeps_only_the_top_k_percent_of_each_task_vector():
     base, finetuned = make_state_dicts(n=1)
     merged = merge(base, finetuned, method="ties", k=20)
@@ -947,6 +1018,7 @@ def test_ties_keeps_only_the_top_k_percent_of_each_task_vector():
             assert tau[changed].abs().min() >= tau[~changed].abs().max(), k  # the largest magnitudes survive
 
 
+@pytest.mark.part3
 def test_ties_drops_the_entries_that_disagree_with_the_elected_sign():
     base = {"w": torch.zeros(10)}
     finetuned = [{"w": torch.full((10,), 1.0)}, {"w": torch.full((10,), 2.0)}, {"w": torch.full((10,), -4.0)}]
@@ -954,12 +1026,14 @@ def test_ties_drops_the_entries_that_disagree_with_the_elected_sign():
     torch.testing.assert_close(merged["w"], torch.full((10,), 0.5 * -4.0))  # Σ = -1 elects "-": only -4 survives
 
 
+@pytest.mark.part3
 def test_dare_with_p0_is_task_arithmetic():
     base, finetuned = make_state_dicts()
     w = [0.1, 0.1, 0.2, 0.5]
     assert_state_dicts_close(merge(base, finetuned, w, method="dare", p=0.0), merge(base, finetuned, w))
 
 
+@pytest.mark.part3
 def test_dare_is_reproducible_by_seed_and_unbiased_over_seeds():
     base, finetuned = make_state_dicts(n=2, half=False)
     w = [0.5, 1.0]
@@ -975,6 +1049,7 @@ def test_dare_is_reproducible_by_seed_and_unbiased_over_seeds():
         assert (mean - tau_m).norm() / tau_m.norm() < 0.1, k
 
 
+@pytest.mark.part3
 @pytest.mark.parametrize("method", ["task_arithmetic", "average", "ties", "dare"])
 def test_integer_buffers_pass_through_from_the_base_untouched(method):
     base, finetuned = make_state_dicts()
@@ -983,6 +1058,7 @@ def test_integer_buffers_pass_through_from_the_base_untouched(method):
     assert merged["attn.weight"].dtype == torch.float16
 
 
+@pytest.mark.part3
 def test_float16_weights_come_back_float16_and_are_computed_in_float32():
     base, finetuned = make_state_dicts()
     w = [0.1, 0.1, 0.2, 0.5]
@@ -996,6 +1072,7 @@ def test_float16_weights_come_back_float16_and_are_computed_in_float32():
     assert not torch.equal(in_fp16, exact)  # fp16 arithmetic would have rounded differently
 
 
+@pytest.mark.part3
 def test_a_merged_state_dict_loads_into_a_real_network_and_w0_reproduces_theta0():
     torch.manual_seed(0)
     nets = [small_net() for _ in range(4)]
@@ -1008,6 +1085,7 @@ def test_a_merged_state_dict_loads_into_a_real_network_and_w0_reproduces_theta0(
     torch.testing.assert_close(merged_net(x), nets[2](x))
 
 
+@pytest.mark.part3
 def test_merge_mistakes_raise_user_errors():
     base, finetuned = make_state_dicts()
     renamed = dict(finetuned[1])
@@ -1028,6 +1106,7 @@ def test_merge_mistakes_raise_user_errors():
 
 # ----------------------------------------------------------------------------- timestep ranges and sampling
 
+@pytest.mark.part2
 def test_timestep_ranges_split_0_to_T_into_n_equal_contiguous_ranges():
     assert timestep_ranges(4) == [(0, 250), (250, 500), (500, 750), (750, 1000)]
     eight = timestep_ranges(8)
@@ -1041,6 +1120,7 @@ def test_timestep_ranges_split_0_to_T_into_n_equal_contiguous_ranges():
             timestep_ranges(bad)
 
 
+@pytest.mark.part2
 def test_sampled_timesteps_stay_in_their_range_when_p_is_0():
     g = torch.Generator().manual_seed(0)
     for lo, hi in timestep_ranges(4):
@@ -1049,12 +1129,14 @@ def test_sampled_timesteps_stay_in_their_range_when_p_is_0():
             assert t.dtype == torch.int64 and t.shape == (63,) and t.min() >= lo and t.max() < hi
 
 
+@pytest.mark.part2
 def test_sampled_timesteps_cover_all_of_0_to_T_when_p_is_1():
     g = torch.Generator().manual_seed(0)
     t = torch.cat([sample_timesteps(64, 0, 250, p=1.0, generator=g) for _ in range(200)])
     assert set(t.tolist()) == set(range(1000))
 
 
+@pytest.mark.part2
 def test_a_fraction_p_of_batches_is_drawn_from_all_timesteps():
     g = torch.Generator().manual_seed(0)
     batches = [sample_timesteps(16, 0, 250, p=0.3, generator=g) for _ in range(2000)]
@@ -1062,6 +1144,7 @@ def test_a_fraction_p_of_batches_is_drawn_from_all_timesteps():
     assert abs(frac_global - 0.3) < 0.04
 
 
+@pytest.mark.part2
 def test_per_sample_coins_draw_a_fraction_p_of_samples_from_all_timesteps():
     g = torch.Generator().manual_seed(0)
     t = torch.cat([sample_timesteps(16, 0, 250, p=0.3, per_batch=False, antithetic=False, generator=g)
@@ -1069,6 +1152,7 @@ def test_per_sample_coins_draw_a_fraction_p_of_samples_from_all_timesteps():
     assert abs((t >= 250).float().mean().item() - 0.3 * 0.75) < 0.02  # a global draw lands outside w.p. 0.75
 
 
+@pytest.mark.part2
 def test_antithetic_pairs_sum_to_a_plus_b_minus_1_of_their_interval():
     g = torch.Generator().manual_seed(0)
     t = sample_timesteps(9, 250, 500, p=0.0, generator=g)
@@ -1080,12 +1164,14 @@ def test_antithetic_pairs_sum_to_a_plus_b_minus_1_of_their_interval():
         assert set((t[:8] + t[8:]).tolist()) <= {749, 999}
 
 
+@pytest.mark.part2
 def test_the_same_generator_seed_gives_the_same_timesteps():
     a = sample_timesteps(32, 500, 750, generator=torch.Generator().manual_seed(7))
     b = sample_timesteps(32, 500, 750, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
 
 
+@pytest.mark.part2
 def test_invalid_sampling_arguments_fail_an_assertion_and_reach_users_as_one_line():
     for kwargs in (dict(p=-0.1), dict(p=1.5), dict(lo=250, hi=250), dict(lo=900, hi=1100), dict(lo=-1, hi=10)):
         with pytest.raises(AssertionError):
@@ -1109,6 +1195,7 @@ class TaggedModel(nn.Module):
         return x + 1000 * self.index
 
 
+@pytest.mark.part3
 def test_range_ensemble_routes_every_timestep_to_its_model_and_keeps_batch_order():
     models = [TaggedModel(i) for i in range(4)]
     ensemble = RangeEnsemble(models)
@@ -1135,6 +1222,7 @@ def quadratic(w_star, curvature):
     return objective, calls
 
 
+@pytest.mark.part3
 def test_search_finds_an_interior_optimum_without_repeating_evaluations():
     w_star = (0.1, 0.1, 0.2, 0.5)  # like the official LSUN-Church weights
     curvature = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)) + 0.3
@@ -1147,6 +1235,7 @@ def test_search_finds_an_interior_optimum_without_repeating_evaluations():
     assert result["value"] == min(p["value"] for p in result["path"]) == objective(tuple(result["weights"]))
 
 
+@pytest.mark.part3
 def test_search_is_deterministic_respects_max_evals_and_clips_weights():
     objective, _ = quadratic((2.0, -1.0), torch.eye(2, dtype=torch.float64))
     assert search_merge_weights(objective, 2, progress=False) == search_merge_weights(objective, 2, progress=False)
@@ -1154,6 +1243,7 @@ def test_search_is_deterministic_respects_max_evals_and_clips_weights():
     assert search_merge_weights(objective, 2, max_evals=4, progress=False)["evals"] == 4
 
 
+@pytest.mark.part3
 def test_rerank_sorts_candidates_by_the_second_score():
     ranked = rerank([(0.1, 0.2), (0.3, 0.3), (0.0, 0.0)], score=lambda w: abs(sum(w) - 0.6))
     assert [r["w"] for r in ranked] == [[0.3, 0.3], [0.1, 0.2], [0.0, 0.0]]
@@ -1170,6 +1260,7 @@ def _random_spd(d, rng, rank=None):
     return A @ A.T / (rank or d)
 
 
+@pytest.mark.part4
 def test_frechet_with_equal_covariances_is_squared_mean_distance():
     rng = np.random.default_rng(0)
     mu1, mu2, sigma = rng.standard_normal(32), rng.standard_normal(32), _random_spd(32, rng)
@@ -1177,6 +1268,7 @@ def test_frechet_with_equal_covariances_is_squared_mean_distance():
     assert frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.part4
 def test_frechet_with_commuting_covariances_is_closed_form():
     rng = np.random.default_rng(1)
     mu1, mu2, a, b = rng.standard_normal(16), rng.standard_normal(16), rng.uniform(0.1, 3, 16), rng.uniform(0, 3, 16)
@@ -1189,12 +1281,14 @@ def test_frechet_with_commuting_covariances_is_closed_form():
     assert got == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.part4
 def test_frechet_of_a_sample_against_itself_is_zero():
     features = np.random.default_rng(2).standard_normal((300, 64)) * np.linspace(0.1, 5, 64)
     mu, sigma = feature_stats(features)
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
 
 
+@pytest.mark.part4
 def test_frechet_with_singular_covariances_equals_nuclear_norm_reference():
     # 50 samples in 100 dims: S = A A^T, so tr (S1 S2)^(1/2) is the nuclear norm of A1^T A2 (exact, well conditioned).
     rng = np.random.default_rng(3)
@@ -1207,6 +1301,8 @@ def test_frechet_with_singular_covariances_equals_nuclear_norm_reference():
     assert np.isfinite(got) and got == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.part4
+@pytest.mark.extras
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # scipy.linalg.sqrtm's `disp`, used by pytorch-fid
 def test_frechet_matches_pytorch_fid_on_full_rank_statistics():
     fid_score = pytest.importorskip("pytorch_fid.fid_score")
@@ -1217,6 +1313,7 @@ def test_frechet_matches_pytorch_fid_on_full_rank_statistics():
     assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(reference, rel=1e-8)
 
 
+@pytest.mark.part4
 def test_frechet_of_mismatched_shapes_is_a_user_error_at_the_edge_and_an_assertion_inside(tmp_path):
     save_stats(tmp_path / "a.npz", np.zeros(3), np.eye(3))
     save_stats(tmp_path / "b.npz", np.zeros(4), np.eye(4))
@@ -1263,6 +1360,8 @@ def _pytorch_fid_inception(weights, monkeypatch):
     return inception.InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=True).eval()
 
 
+@pytest.mark.part4
+@pytest.mark.extras
 def test_fid_inception_equals_pytorch_fid_with_the_same_weights(calibrated_weights, monkeypatch):
     ours = FIDInception(calibrated_weights, check_hash=False)
     theirs = _pytorch_fid_inception(calibrated_weights, monkeypatch)
@@ -1275,6 +1374,8 @@ def test_fid_inception_equals_pytorch_fid_with_the_same_weights(calibrated_weigh
         assert ((f_ours - f_theirs).abs().max() / f_theirs.abs().max()) < 1e-4
 
 
+@pytest.mark.part4
+@pytest.mark.extras
 def test_the_comparison_detects_a_missing_tensorflow_pooling_patch(calibrated_weights, monkeypatch):
     from torchvision.models.inception import InceptionA, InceptionE
     ours = FIDInception(calibrated_weights, check_hash=False)
@@ -1291,6 +1392,7 @@ def test_the_comparison_detects_a_missing_tensorflow_pooling_patch(calibrated_we
         assert ((f_ours - f_unpatched).abs().max() / f_ours.abs().max()) > 1e-2
 
 
+@pytest.mark.part4
 def test_weights_with_a_wrong_sha256_are_refused_unless_unchecked(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save({"not": torch.zeros(1)}, path)
@@ -1303,6 +1405,7 @@ def test_weights_with_a_wrong_sha256_are_refused_unless_unchecked(tmp_path):
         FIDInception(path, check_hash=False)
 
 
+@pytest.mark.part4
 def test_missing_weights_offline_name_the_url_and_the_destination(tmp_path, monkeypatch):
     def offline(url, dst, *args, **kwargs):
         open(dst, "wb").write(b"half a file")
@@ -1318,6 +1421,8 @@ def test_missing_weights_offline_name_the_url_and_the_destination(tmp_path, monk
         FIDInception(tmp_path / "elsewhere.pth")
 
 
+@pytest.mark.part4
+@pytest.mark.extras
 def test_missing_weights_are_downloaded_once_into_the_hub_cache(calibrated_weights, tmp_path, monkeypatch):
     calls = []
     def download(url, dst, *args, **kwargs):
@@ -1330,6 +1435,8 @@ def test_missing_weights_are_downloaded_once_into_the_hub_cache(calibrated_weigh
     assert calls == [FID_WEIGHTS_URL] and os.listdir(tmp_path / "checkpoints") == [FID_WEIGHTS_NAME]
 
 
+@pytest.mark.part4
+@pytest.mark.extras
 def test_stats_npz_round_trip_is_readable_by_pytorch_fid(tmp_path):
     fid_score = pytest.importorskip("pytorch_fid.fid_score")
     mu, sigma = feature_stats(np.random.default_rng(5).standard_normal((20, 6)))
@@ -1342,6 +1449,7 @@ def test_stats_npz_round_trip_is_readable_by_pytorch_fid(tmp_path):
         save_stats(tmp_path / "stats", mu, sigma)
 
 
+@pytest.mark.part4
 def test_fid_command_on_two_npz_files_is_their_frechet_distance(tmp_path, capsys):
     rng = np.random.default_rng(6)
     stats_a, stats_b = feature_stats(rng.standard_normal((30, 8))), feature_stats(1 + rng.standard_normal((30, 8)))
@@ -1359,6 +1467,8 @@ def _write_pngs(folder, n, seed):
         Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
+@pytest.mark.part4
+@pytest.mark.extras
 def test_fid_command_on_image_folders_with_a_stats_cache(calibrated_weights, tmp_path, capsys):
     _write_pngs(tmp_path / "a", 3, seed=7)
     _write_pngs(tmp_path / "b", 3, seed=8)
@@ -1374,6 +1484,7 @@ def test_fid_command_on_image_folders_with_a_stats_cache(calibrated_weights, tmp
                        check_hash=False) == pytest.approx(fid, rel=1e-6)
 
 
+@pytest.mark.machinery
 def test_image_files_are_recursive_sorted_and_skip_unreadable_files(tmp_path, capsys):
     _write_pngs(tmp_path / "imgs" / "sub", 2, seed=9)
     _write_pngs(tmp_path / "imgs" / "a", 1, seed=10)
@@ -1388,6 +1499,7 @@ def test_image_files_are_recursive_sorted_and_skip_unreadable_files(tmp_path, ca
             image_files(folder)
 
 
+@pytest.mark.part4
 def test_uint8_conversion_matches_torchvision_save_image(tmp_path):
     from PIL import Image
     from torchvision.utils import save_image
@@ -1396,6 +1508,7 @@ def test_uint8_conversion_matches_torchvision_save_image(tmp_path):
     assert np.array_equal(images_to_uint8(x)[0], np.array(Image.open(tmp_path / "tv.png")))
 
 
+@pytest.mark.part4
 def test_generated_samples_do_not_depend_on_batch_size_processes_or_resume(tmp_path):
     from PIL import Image
     def read(folder):
@@ -1418,6 +1531,7 @@ def test_generated_samples_do_not_depend_on_batch_size_processes_or_resume(tmp_p
     assert generate_samples(lambda i: sample_fn(i, seed=4), 10, tmp_path / "one", batch_size=3) == 0
 
 
+@pytest.mark.part4
 def test_pixel_frechet_is_zero_for_identical_sets_and_dims_c2_for_a_shift(capsys):
     x = torch.rand(500, 3, 4, 4, generator=torch.Generator().manual_seed(11)) * 2 - 1  # N = 500 >= 10 x 48 dims
     assert abs(pixel_frechet(x, x)) < 1e-9
@@ -1428,6 +1542,7 @@ def test_pixel_frechet_is_zero_for_identical_sets_and_dims_c2_for_a_shift(capsys
     assert "N=100 < 10 x 48" in capsys.readouterr().err
 
 
+@pytest.mark.part4
 def test_pixel_frechet_report_gives_the_real_vs_real_floor_at_the_same_n():
     g = torch.Generator().manual_seed(12)
     real_a, real_b = torch.rand(300, 3, 4, 4, generator=g), torch.rand(200, 3, 4, 4, generator=g)
@@ -1451,6 +1566,7 @@ def perturbed(state_dict, scale, seed):
     return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state_dict.items()}
 
 
+@pytest.mark.part4
 def test_gradient_conflict_is_a_symmetric_cosine_matrix_with_ones_on_the_diagonal():
     cos = deme.gradient_conflict(tiny_theta0(), deme.GaussianDiffusion(), deme.synthetic_images(8, 16),
                                  [50, 500, 950], deme.Env(torch.device("cpu")), batch=4)
@@ -1461,6 +1577,7 @@ def test_gradient_conflict_is_a_symmetric_cosine_matrix_with_ones_on_the_diagona
     assert not np.allclose(cos, 1.0, atol=1e-3)  # a real UNet's gradients do differ between timesteps
 
 
+@pytest.mark.part4
 def test_gradient_conflict_batches_only_for_memory():
     args = (tiny_theta0(), deme.GaussianDiffusion(), deme.synthetic_images(8, 16), [100, 900],
             deme.Env(torch.device("cpu")))
@@ -1468,6 +1585,7 @@ def test_gradient_conflict_batches_only_for_memory():
                                atol=1e-5)
 
 
+@pytest.mark.part4
 def test_a_model_whose_loss_gradient_is_the_same_at_every_t_shows_no_conflict():
     class BiasOnly(nn.Module):
         """ε_θ(x_t, t) = b: with the same noise at every t (common random numbers), ∇_b of the loss ignores t."""
@@ -1484,11 +1602,13 @@ def test_a_model_whose_loss_gradient_is_the_same_at_every_t_shows_no_conflict():
     np.testing.assert_allclose(cos, np.ones((5, 5)), atol=1e-6)
 
 
+@pytest.mark.part4
 def test_conflict_timesteps_are_the_centres_of_K_equal_bins():
     assert deme.conflict_timesteps(10) == [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
     assert deme.conflict_timesteps(20)[:2] == [25, 75] and deme.conflict_timesteps(20)[-1] == 975
 
 
+@pytest.mark.machinery
 def test_the_merge_landscape_passes_through_theta0_and_both_finetuned_models():
     base = tiny_theta0().state_dict()
     finetuned = [perturbed(base, 0.01 * (r + 1), seed=r) for r in range(3)]
@@ -1509,6 +1629,7 @@ def test_the_merge_landscape_passes_through_theta0_and_both_finetuned_models():
         deme.merge_landscape(base, finetuned, 1, 1, loss, grid=[0.0])
 
 
+@pytest.mark.machinery
 def test_a_zero_task_vector_has_zero_norm_in_every_layer():
     base = tiny_theta0(projections=True).state_dict()
     norms = deme.task_vector_norms(base, [{k: v.clone() for k, v in base.items()}, perturbed(base, 0.01, seed=1)])
@@ -1516,6 +1637,7 @@ def test_a_zero_task_vector_has_zero_norm_in_every_layer():
     assert (norms["norms"][1] > 0).all() and norms["total"][1] > 0
 
 
+@pytest.mark.part4
 def test_per_layer_squared_norms_sum_to_the_total_squared_norm():
     base = tiny_theta0(projections=True).state_dict()
     norms = deme.task_vector_norms(base, [perturbed(base, 0.01 * (r + 1), seed=r) for r in range(3)])
@@ -1527,6 +1649,7 @@ def test_per_layer_squared_norms_sum_to_the_total_squared_norm():
     np.testing.assert_allclose(np.sqrt((norms["base"] ** 2).sum()), flat(base).norm().item(), rtol=1e-10)
 
 
+@pytest.mark.part4
 def test_a_task_vector_inside_one_layer_shows_only_in_that_layer():
     base = tiny_theta0().state_dict()
     theta = {k: v.clone() for k, v in base.items()}
@@ -1556,6 +1679,7 @@ def analysis_run(tmp_path_factory):
     return cfg, theta0
 
 
+@pytest.mark.part4
 def test_analyze_writes_each_figure_as_png_and_csv(analysis_run):
     cfg, theta0 = analysis_run
     written = deme.stage_analyze(cfg, deme.Env(torch.device("cpu")), theta0=theta0)
@@ -1572,6 +1696,7 @@ def test_analyze_writes_each_figure_as_png_and_csv(analysis_run):
     assert not list(folder.glob("*.tmp*"))
 
 
+@pytest.mark.part4
 def test_analyze_without_matplotlib_still_writes_the_csv(analysis_run, monkeypatch):
     cfg, theta0 = analysis_run
     cfg = dataclasses.replace(cfg, figures="norms")
@@ -1582,6 +1707,7 @@ def test_analyze_without_matplotlib_still_writes_the_csv(analysis_run, monkeypat
     assert deme.run_dir(cfg, "analysis", "task_vector_norms.csv").exists()
 
 
+@pytest.mark.part4
 @pytest.mark.parametrize("figures, settings, message", [
     ("landscape", {}, "landscape figure needs finished ranges.*python deme.py finetune"),
     ("norms", {}, "norms figure needs finished ranges"),
@@ -1596,6 +1722,7 @@ def test_analyze_says_which_input_is_missing(tmp_path, figures, settings, messag
         deme.stage_analyze(cfg, deme.Env(torch.device("cpu")))
 
 
+@pytest.mark.part4
 def test_analyze_refuses_an_unfinished_range(tmp_path):
     theta0 = tiny_theta0()
     sd = deme.merge_base(theta0, with_projections=True)
@@ -1679,6 +1806,7 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.machinery
 def test_two_processes_train_the_models_one_process_trains(runs):
     # Each rank takes half of every global batch and the same slice of the global batch's timesteps and noise, and
     # DDP averages the gradients: the weights differ from one process's by float rounding (which Adam amplifies
@@ -1696,6 +1824,7 @@ def test_two_processes_train_the_models_one_process_trains(runs):
             assert distance(a["ema"], b["ema"]) < distance(a["ema"], theta0) / 100, stage
 
 
+@pytest.mark.machinery
 def test_two_processes_merge_and_evaluate_like_one_process(runs):
     one, two, _ = runs
     search_a = json.loads((one / "merge" / "search.json").read_text())
@@ -1712,6 +1841,7 @@ def test_two_processes_merge_and_evaluate_like_one_process(runs):
         assert ra["heldout_loss"] == pytest.approx(rb["heldout_loss"], rel=1e-4)
 
 
+@pytest.mark.machinery
 def test_the_saved_merged_model_is_the_merge_with_projections_folded(runs):
     one, _, _ = runs
     record = json.loads((one / "merge" / "search.json").read_text())
@@ -1727,6 +1857,7 @@ def test_the_saved_merged_model_is_the_merge_with_projections_folded(runs):
         torch.testing.assert_close(merged(x, t), unfolded(x, t), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.machinery
 def test_only_rank_0_logs_and_checkpoints_carry_no_wrapper_prefixes(runs):
     _, two, logs = runs
     for stage, ranks in logs.items():
@@ -1742,6 +1873,7 @@ def test_only_rank_0_logs_and_checkpoints_carry_no_wrapper_prefixes(runs):
     assert not list(two.rglob("*.tmp*")) and not list(two.rglob(".write_test*"))
 
 
+@pytest.mark.machinery
 def test_two_processes_write_every_sample_once_as_one_process_does(runs):
     # Sample i starts from noise fixed by (seed, i) and DDIM with eta = 0 is deterministic, so splitting the indices
     # over ranks gives the same images; only batch composition differs, so allow one 8-bit level.
@@ -1767,6 +1899,7 @@ def _perturbed_projections(model, seed=0):
 
 
 # tiny, and the CIFAR-10 UNet's layout (4 levels, attention at 16x16) at a quarter of its width
+@pytest.mark.part2
 @pytest.mark.parametrize("config", [PRESETS["tiny"], dict(PRESETS["cifar10"], ch=32, num_res_blocks=1)])
 def test_folding_projections_changes_no_output(config):
     torch.manual_seed(0)
@@ -1795,6 +1928,7 @@ class CompiledStandIn(nn.Module):
         return self._orig_mod(*args, **kwargs)
 
 
+@pytest.mark.machinery
 @pytest.mark.parametrize("precision,compiled", [("bf16", True), ("fp16", False)])
 def test_mixed_precision_and_compile_train_on_cpu_and_save_plain_weights(tmp_path, monkeypatch, precision, compiled):
     monkeypatch.setattr(torch, "compile", CompiledStandIn)
@@ -1813,6 +1947,7 @@ def test_mixed_precision_and_compile_train_on_cpu_and_save_plain_weights(tmp_pat
     load_model(tmp_path / "stage" / "ckpt.pt")  # loads strictly into a plain UNet
 
 
+@pytest.mark.machinery
 def test_bench_stage_measures_and_writes_bench_json(tmp_path):
     DEME.main(["bench", "--preset", "tiny", "--device", "cpu", "--bench-batch", "2", "--bench-iters", "1",
                "--out", str(tmp_path)])
@@ -1939,6 +2074,8 @@ def randomise_projections(model, seed=0, scale=0.2):
     return model
 
 
+@pytest.mark.machinery
+@pytest.mark.extras
 def test_sd_v1_gets_nine_projections_holding_1_06_percent_of_the_parameters(one_thread):
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):  # SD v1.x's UNet shape (its config is the constructor's default but 768-d text)
@@ -1952,6 +2089,8 @@ def test_sd_v1_gets_nine_projections_holding_1_06_percent_of_the_parameters(one_
     assert round(100 * n_proj / (n_unet + n_proj), 2) == 1.06
 
 
+@pytest.mark.machinery
+@pytest.mark.extras
 def test_sd_projections_start_as_identity_and_never_touch_skip_tensors(tiny_sd, one_thread):
     from diffusers import UNet2DConditionModel
     unet = UNet2DConditionModel.from_pretrained(tiny_sd[0], subfolder="unet")
@@ -1970,6 +2109,8 @@ def test_sd_projections_start_as_identity_and_never_touch_skip_tensors(tiny_sd, 
     assert all(torch.equal(a, b) for a, b in zip(skips0, skips1))  # ... the skip tensors are not
 
 
+@pytest.mark.machinery
+@pytest.mark.extras
 def test_the_sd_wrapper_encodes_latents_and_captions_with_sds_schedule(tiny_sd, one_thread):
     sd = StableDiffusion(tiny_sd[0], cpu_env())
     assert sd.diffusion.T == 1000 and abs(sd.diffusion.betas[0].item() - 0.00085) < 1e-12
@@ -1986,6 +2127,8 @@ def test_the_sd_wrapper_encodes_latents_and_captions_with_sds_schedule(tiny_sd, 
         assert sd.unet(x0, torch.tensor([3, 700]), **cond).shape == x0.shape
 
 
+@pytest.mark.machinery
+@pytest.mark.extras
 def test_classifier_free_guidance_extrapolates_from_the_unconditional_prediction(tiny_sd, one_thread):
     sd = StableDiffusion(tiny_sd[0], cpu_env())
     x, t, _ = eps_inputs(sd.unet)
@@ -1996,6 +2139,8 @@ def test_classifier_free_guidance_extrapolates_from_the_unconditional_prediction
         assert torch.allclose(Prompted(sd.unet, emb, uncond, 7.5)(x, t), e_u + 7.5 * (e_c - e_u), atol=1e-4)
 
 
+@pytest.mark.machinery
+@pytest.mark.extras
 def test_a_caption_folder_holds_pairs_and_each_mistake_is_one_line(tmp_path, tiny_sd, one_thread):
     data = CaptionedImages(tiny_sd[1], 16)
     assert len(data) == 7  # six images, the last with two captions
@@ -2016,6 +2161,8 @@ def test_a_caption_folder_holds_pairs_and_each_mistake_is_one_line(tmp_path, tin
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.machinery
+@pytest.mark.extras
 def test_missing_diffusers_is_one_line_naming_the_extras(monkeypatch, one_thread):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # what `import diffusers` sees when it is not installed
     with pytest.raises(UserError, match="pip install -r requirements-extra.txt"):
@@ -2024,6 +2171,8 @@ def test_missing_diffusers_is_one_line_naming_the_extras(monkeypatch, one_thread
         load_sd_unet("anywhere")
 
 
+@pytest.mark.machinery
+@pytest.mark.extras
 def test_export_folds_what_it_can_and_the_sidecar_restores_the_rest(tmp_path, tiny_sd, capsys, one_thread):
     from diffusers import UNet2DConditionModel
     sd = StableDiffusion(tiny_sd[0], cpu_env())
@@ -2043,6 +2192,8 @@ def test_export_folds_what_it_can_and_the_sidecar_restores_the_rest(tmp_path, ti
         assert not torch.allclose(SDUNet(unet)(x, t, emb), want, atol=1e-3)  # plain diffusers drops the sidecar's W
 
 
+@pytest.mark.machinery
+@pytest.mark.extras
 def test_stable_diffusion_decouples_merges_exports_and_samples(tmp_path, tiny_sd, monkeypatch, one_thread):
     from diffusers import StableDiffusionPipeline
     cfg = sd_config(tmp_path, *tiny_sd)
@@ -2106,6 +2257,7 @@ def _png_folder(folder, n, size=(20, 24)):
     return folder
 
 
+@pytest.mark.machinery
 def test_folder_splits_are_disjoint_stable_and_training_never_sees_the_held_out_images(tmp_path):
     _png_folder(tmp_path / "data", 200)
     cfg = resolve_config(dict(dataset="folder", data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
@@ -2125,6 +2277,7 @@ def test_folder_splits_are_disjoint_stable_and_training_never_sees_the_held_out_
         assert names[role] <= grown and all(n.startswith("new_") for n in grown - names[role])
 
 
+@pytest.mark.machinery
 def test_the_cifar10_held_out_halves_are_the_two_halves_of_the_test_split(tmp_path):
     batches_ = write_fake_cifar10(tmp_path, n=6)
     cfg = resolve_config(dict(dataset="cifar10", preset="tiny", image_size=32, data_dir=str(tmp_path),
@@ -2148,6 +2301,7 @@ class _RecordingGenerator:
         return self.g.manual_seed(seed)
 
 
+@pytest.mark.part4
 def test_selection_and_reporting_share_no_image_and_no_noise_seed(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, ranges="all", n_ranges=2, steps=2, rerank=2, rerank_samples=16, search_evals=4,
                    n_samples=16, report_images=16, models="theta0,merged", baseline=False)
@@ -2183,11 +2337,13 @@ def test_selection_and_reporting_share_no_image_and_no_noise_seed(tmp_path, monk
                                                       if p["w"] == search["weights"])
 
 
+@pytest.mark.part4
 def test_role_seeds_differ_for_every_role_and_every_run_seed():
     seeds = [role_seed(s, role) for s in range(100) for role in deme.ROLE_SEEDS]
     assert len(set(seeds)) == len(seeds)
 
 
+@pytest.mark.machinery
 def test_the_per_range_objective_counts_a_small_high_t_loss_as_much_as_a_large_low_t_one():
     theta0 = [0.1, 0.01]  # the low-t range's loss is ten times the high-t range's
     a, b = [0.098, 0.01], [0.1, 0.009]  # a: 2% better at low t; b: 10% better at high t
@@ -2197,6 +2353,7 @@ def test_the_per_range_objective_counts_a_small_high_t_loss_as_much_as_a_large_l
     assert search_score(mean(theta0), theta0, theta0, "per_range") == 1.0
 
 
+@pytest.mark.part4
 def test_evaluation_runs_in_fp32_while_training_autocasts():
     model, d = tiny_theta0(), GaussianDiffusion()
     images = synthetic_images(8, 16, seed=3)
@@ -2210,6 +2367,7 @@ def test_evaluation_runs_in_fp32_while_training_autocasts():
     assert torch.equal(sample(trains_bf16), sample(fp32)) and not torch.equal(sample(samples_bf16), sample(fp32))
 
 
+@pytest.mark.part4
 def test_exact_evaluation_switches_tf32_off_and_restores_it():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
@@ -2221,6 +2379,7 @@ def test_exact_evaluation_switches_tf32_off_and_restores_it():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+@pytest.mark.part1
 @pytest.mark.parametrize("sampler,eta,schedule", [("ddim", 0.0, {}), ("ddim", 1.0, {}), ("ddim", 0.3, {}),
                                                   ("ddpm", 0.0, dict(T=8, beta_start=0.05, beta_end=0.3))])
 def test_a_sample_depends_only_on_the_seed_and_its_index(sampler, eta, schedule):
@@ -2237,6 +2396,7 @@ def test_a_sample_depends_only_on_the_seed_and_its_index(sampler, eta, schedule)
     assert not torch.allclose(one, sample_in_memory(Config(**base, eval_batch=8), env, d, model, 7, seed=5))
 
 
+@pytest.mark.machinery
 def test_random_crops_come_from_the_data_order_so_every_rank_and_run_crops_alike(tmp_path):
     _png_folder(tmp_path / "data", 8, size=(28, 20))
     ds = ImageFolder(tmp_path / "data", 16, random_crop=True)
@@ -2251,6 +2411,7 @@ def test_random_crops_come_from_the_data_order_so_every_rank_and_run_crops_alike
     assert not torch.equal(ds[(0, 1)], ds[(0, 2)]) and torch.equal(ds[(0, 1)], ds[(0, 1)])
 
 
+@pytest.mark.machinery
 def test_lsun_lmdb_keys_are_cached_in_the_run_folder_and_workers_open_their_own_handle(tmp_path, monkeypatch):
     lmdb = pytest.importorskip("lmdb")
     from PIL import Image
@@ -2274,6 +2435,7 @@ def test_lsun_lmdb_keys_are_cached_in_the_run_folder_and_workers_open_their_own_
     assert x.shape == (2, 3, 16, 16) and torch.equal(x, next(batches(train, 2, seed=0)))
 
 
+@pytest.mark.machinery
 def test_resume_on_other_hardware_continues_and_says_what_it_could_not_restore(tmp_path, monkeypatch, capsys):
     theta0 = UNet.from_preset("tiny")
     cfg = tiny_cfg(tmp_path, ranges="0", steps=3, ckpt_every=1, precision="bf16", batch_size=4)
@@ -2296,6 +2458,7 @@ def test_resume_on_other_hardware_continues_and_says_what_it_could_not_restore(t
     assert _load(path)["step"] == 3
 
 
+@pytest.mark.machinery
 def test_cuda_without_an_index_means_the_current_gpu(monkeypatch, tmp_path):
     def set_device(device):  # torch.cuda.set_device refuses a device without an index, as the real one does
         if torch.device(device).index is None:
@@ -2309,6 +2472,7 @@ def test_cuda_without_an_index_means_the_current_gpu(monkeypatch, tmp_path):
         setup_env(tiny_cfg(tmp_path, device="cuda:5"))
 
 
+@pytest.mark.machinery
 def test_bench_samples_as_evaluation_does(tmp_path, monkeypatch):
     calls = []
     real = DEME.sample_batch
@@ -2319,6 +2483,7 @@ def test_bench_samples_as_evaluation_does(tmp_path, monkeypatch):
     assert calls and set(calls) == {UNet}  # the plain model, as evaluation samples it (no compile wrapper)
 
 
+@pytest.mark.machinery
 @pytest.mark.parametrize("argv, message", [
     (["--metric", "pixel", "--n-samples", "2048"], "fewer than 2 x 2048"),
     (["--metric", "fid"], "Inception weights missing"),
@@ -2348,6 +2513,7 @@ def test_every_mistake_that_would_stop_a_run_late_stops_it_before_any_stage(argv
     assert made == [], f"stage folders made before the error: {made}"
 
 
+@pytest.mark.machinery
 def test_fid_of_missing_folders_says_so_before_looking_for_inception_weights(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(DEME, "FIDInception", lambda *a, **k: pytest.fail("looked for the weights first"))
     line = cli_error(capsys, "fid", str(tmp_path / "nowhere"), str(tmp_path / "neither"), "--device", "cpu")
@@ -2400,6 +2566,7 @@ def _rank_output(tmp_path, rank, name):
     return "".join(p.read_text() for p in (tmp_path / "logs").rglob(f"attempt_0/{rank}/{name}.log"))
 
 
+@pytest.mark.machinery
 def test_reference_statistics_are_shared_over_the_processes(tmp_path):
     cmd, env = _torchrun_script(tmp_path, fail_rank=-1)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -2418,6 +2585,7 @@ def test_reference_statistics_are_shared_over_the_processes(tmp_path):
     np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-4, atol=1e-6 * np.abs(ref_sigma).max())
 
 
+@pytest.mark.machinery
 def test_a_failure_on_any_process_ends_the_whole_job_at_once_with_its_one_line_error(tmp_path):
     import time
     cmd, env = _torchrun_script(tmp_path, fail_rank=1)
@@ -2488,6 +2656,7 @@ def test_cuda_interrupted_then_resumed_finetune_ends_with_the_same_weights(tmp_p
             torch.testing.assert_close(resumed[part][k], whole[part][k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.extras
 @pytest.mark.cuda
 @cuda
 def test_cuda_fid_inception_features_match_the_cpu_within_1e_4(calibrated_weights):
@@ -2514,6 +2683,7 @@ def test_cuda_samples_do_not_depend_on_the_batch_size(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # The loss-reweighting baselines of DeMe Table 1: Min-SNR-γ and P2, as continued finetuning at equal compute
 
+@pytest.mark.part2
 def test_min_snr_and_p2_weights_are_their_closed_forms():
     d = GaussianDiffusion()
     t = torch.tensor([0, 10, 250, 600, 999])
@@ -2526,6 +2696,7 @@ def test_min_snr_and_p2_weights_are_their_closed_forms():
     assert p2_weight(torch.tensor([3.0]), k=2.0, gamma=0.5).item() == pytest.approx(5 ** -0.5)
 
 
+@pytest.mark.part2
 def test_a_reweighted_baseline_trains_with_its_weights_into_its_own_folder(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, steps=1, n_ranges=2, baseline_weighting="minsnr")
     seen = []
@@ -2538,6 +2709,7 @@ def test_a_reweighted_baseline_trains_with_its_weights_into_its_own_folder(tmp_p
     assert named_model(cfg, setup_env(cfg), "baseline_minsnr").config == ck["model_config"]
 
 
+@pytest.mark.machinery
 def test_pretraining_writes_the_held_out_loss_curve_of_its_ema_and_a_resume_redoes_no_row(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, train_steps=4, ckpt_every=2, curve_every=1, search_images=16)
     with monkeypatch.context() as m:
@@ -2557,6 +2729,7 @@ def test_pretraining_writes_the_held_out_loss_curve_of_its_ema_and_a_resume_redo
 # ----------------------------------------------------------------------------------------------------------------------
 # Seeds: the comparison once per seed from the same θ0, and each model's spread
 
+@pytest.mark.part4
 def test_seed_summary_is_each_models_mean_and_min_max_over_seeds():
     row = lambda model, value, loss, per_range: dict(model=model, value=value, heldout_loss=loss,
                                                      heldout_loss_per_range=per_range)
@@ -2579,6 +2752,7 @@ def test_seed_summary_is_each_models_mean_and_min_max_over_seeds():
     assert "value_vs_theta0" not in seed_summary({0: rows[0][1:]})["merged"]  # no θ0 row: nothing to pair with
 
 
+@pytest.mark.part4
 def test_seeds_run_the_comparison_per_seed_from_one_theta0_and_write_the_spread(tmp_path):
     out = tmp_path / "run"
     run_one_process("--out", str(out), *FAST, "--seeds", "3,5", "--no-baseline", "--models", "theta0,merged",
@@ -2598,6 +2772,7 @@ def test_seeds_run_the_comparison_per_seed_from_one_theta0_and_write_the_spread(
 # ----------------------------------------------------------------------------------------------------------------------
 # The paper's regime on a laptop: the shipped converged θ0, precision auto, the plan line, the ablation
 
+@pytest.mark.machinery
 def test_the_shipped_theta0_loads_safely_has_the_tiny_layout_and_samples_shapes():
     path = ROOT / "assets" / ddpm_unet.PRETRAINED["tiny_synthetic"]["file"]
     assert path.stat().st_size <= 5 * 2 ** 20
@@ -2618,6 +2793,7 @@ def test_the_shipped_theta0_loads_safely_has_the_tiny_layout_and_samples_shapes(
     assert x.shape == (8, 3, 16, 16) and x.abs().max() <= 1 and x.std() > 0.2  # images, not noise or flat grey
 
 
+@pytest.mark.machinery
 def test_a_changed_or_missing_shipped_theta0_is_refused_with_the_way_back(tmp_path, monkeypatch):
     monkeypatch.setattr(ddpm_unet, "ASSETS", str(tmp_path))
     with pytest.raises(UserError, match="missing; restore it with `git checkout"):
@@ -2627,6 +2803,7 @@ def test_a_changed_or_missing_shipped_theta0_is_refused_with_the_way_back(tmp_pa
         ddpm_unet.load_pretrained("tiny_synthetic")
 
 
+@pytest.mark.machinery
 def test_the_pretraining_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
     f = lambda k: lr_factor(k, steps=1100, warmup=100, schedule="cosine")
     assert [f(0), f(49), f(99)] == pytest.approx([0.01, 0.5, 1.0])
@@ -2635,6 +2812,7 @@ def test_the_pretraining_learning_rate_warms_up_then_decays_to_zero_on_a_cosine(
     assert lr_factor(5000, 1100, 100) == 1.0  # constant, DDPM
 
 
+@pytest.mark.machinery
 def test_train_writes_theta0_alone_in_the_layout_the_pipeline_loads(tmp_path):
     cfg = tiny_cfg(tmp_path, train_steps=2, train_schedule="cosine")
     stage_train(cfg, setup_env(cfg))
@@ -2645,6 +2823,7 @@ def test_train_writes_theta0_alone_in_the_layout_the_pipeline_loads(tmp_path):
     assert ddpm_unet.load_pretrained(path).config == UNet.from_preset("tiny").config
 
 
+@pytest.mark.machinery
 def test_precision_auto_trains_in_bf16_only_on_a_cpu_with_native_bf16_where_it_measured_faster(monkeypatch, capsys):
     cfg = resolve_config(dict(device="cpu"))
     timed = []
@@ -2662,6 +2841,7 @@ def test_precision_auto_trains_in_bf16_only_on_a_cpu_with_native_bf16_where_it_m
     assert setup_env(cfg, trains=False).precision == "bf16"  # nothing trains: nothing to time
 
 
+@pytest.mark.part1
 def test_the_synthetic_dataset_is_fixed_and_a_seed_changes_only_the_training():
     a, b = (make_dataset(resolve_config(dict(seed=s)), split).images for s in (0, 7) for split in ["train"])
     assert torch.equal(a, b)
@@ -2669,6 +2849,7 @@ def test_the_synthetic_dataset_is_fixed_and_a_seed_changes_only_the_training():
                        heldout_images(resolve_config(dict(seed=7)), 8, "report"))
 
 
+@pytest.mark.machinery
 def test_a_folder_on_a_cpu_gets_the_cpu_recipe_and_on_a_gpu_the_papers(tmp_path):
     cpu = resolve_config(dict(dataset="folder", device="cpu"))
     assert (cpu.steps, cpu.train_steps, cpu.train_schedule, cpu.metric, cpu.pretrained) == \
@@ -2678,6 +2859,7 @@ def test_a_folder_on_a_cpu_gets_the_cpu_recipe_and_on_a_gpu_the_papers(tmp_path)
     assert gpu.steps == Config.steps == 20000 and gpu.n_samples == 50000
 
 
+@pytest.mark.machinery
 def test_every_training_command_first_prints_its_plan_and_projected_duration(tmp_path, capsys):
     run_one_process("--out", str(tmp_path / "run"), *FAST, "--n-ranges", "2", "--models", "theta0,merged")
     out = capsys.readouterr().out
@@ -2694,6 +2876,7 @@ def test_every_training_command_first_prints_its_plan_and_projected_duration(tmp
     assert plan["total"] == pytest.approx(1600 + 800 + 2 * 2 * 50 / 10)
 
 
+@pytest.mark.part4
 def test_an_evaluation_is_kept_and_reused_only_for_the_same_model_and_protocol(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, n_samples=16, sample_steps=2, report_images=16)
     env, d = setup_env(cfg), GaussianDiffusion()
@@ -2711,6 +2894,7 @@ def test_an_evaluation_is_kept_and_reused_only_for_the_same_model_and_protocol(t
     assert len(calls) == 3
 
 
+@pytest.mark.part4
 def test_the_ablation_runs_every_row_at_equal_compute_and_writes_its_table_and_chart(tmp_path):
     out = tmp_path / "run"
     argv = ["--out", str(out), *FAST, "--steps", "2", "--n-samples", "16", "--report-images", "16",
@@ -2744,3 +2928,44 @@ def test_the_ablation_runs_every_row_at_equal_compute_and_writes_its_table_and_c
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         run_one_process("ablation", *argv, "--steps", "3")  # 12 steps do not split over 8 ranges
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exercises: the student copy a course hands out
+
+def _pytest_in(folder, *args) -> subprocess.Popen:
+    """`python -m pytest ARGS` started in `folder` on one thread (several run at once), output captured."""
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=folder,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.machinery
+def test_each_parts_tests_fail_on_its_exercises_in_the_student_copy_and_pass_on_the_reference(tmp_path):
+    every = tmp_path / "every"
+    proc = run_cli("exercise", "--out", str(every))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    guide = (every / "EXERCISES.md").read_text()
+    for k, (part, file, func, what) in enumerate(deme.EXERCISES, 1):
+        assert f"NotImplementedError({f'Exercise {k}: {what}'!r})" in (every / file).read_text()
+        assert f"{k}. `{func}` in {file}: {what}" in guide and f"pytest -m part{part}" in guide
+    student = (every / "deme.py").read_text()
+    assert '"""x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, DDPM Eq. 4."""' in student  # docstrings stay
+    assert "return self._at(self.alphas_bar.sqrt(), t, x0) * x0" not in student  # the answer does not
+    again = run_cli("exercise", "--out", str(every))
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
+    runs = {}
+    for part in (1, 2, 3, 4):  # a copy without this part's exercises alone: this part's tests fail on exactly them
+        deme.exercise_command(tmp_path / f"part{part}", (part,))
+        runs[part] = _pytest_in(tmp_path / f"part{part}", "-m", f"part{part} and not extras", "-x", "test_deme.py")
+    failed = []
+    for part, run in runs.items():
+        out = run.communicate(timeout=600)[0]
+        raised = {int(k) for k in re.findall(r"NotImplementedError: Exercise (\d+)", out)}
+        mine = {k for k, e in enumerate(deme.EXERCISES, 1) if e[0] == part}
+        assert run.returncode == 1 and raised and raised <= mine, (part, raised, out[-3000:])
+        failed += re.findall(r"^FAILED (test_deme\.py::\S+)", out, re.M)
+    assert len(failed) == 4
+    ref = _pytest_in(ROOT, *failed)  # the reference passes the very tests the student copies failed
+    out = ref.communicate(timeout=600)[0]
+    assert ref.returncode == 0 and "4 passed" in out, out[-3000:]
