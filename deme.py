@@ -298,28 +298,69 @@ def sample_timesteps(batch_size, lo, hi, T=PAPER.T, p=PAPER.p_global, per_batch=
 # --- I.6 Decoupled finetuning (Sec. 3.2) and the equal-compute baseline ----------------------------------------------
 
 
-def stage_finetune(cfg: "Config", env: "Env", diffusion=None, theta0=None):
-    """Decoupled finetuning (DeMe Sec. 3.2): one copy of θ0 per timestep range, with PS, CL and CP."""
+class PixelDDPM:
+    """What the finetune and merge stages ask of the model they work on, for DeMe's DDPM UNet on pixels: the data,
+    a student copy of θ0, the merge base, the selection images. Stable Diffusion answers the same questions for
+    latents and captions (StableDiffusion, Part II)."""
+    name, identity, encode, batch = "", {}, None, 256  # batches are images; no conditioning
+
+    def __init__(self, cfg: "Config", env: "Env", diffusion, theta0):
+        self.cfg, self.env, self.diffusion, self.theta0 = cfg, env, diffusion, theta0
+
+    def train_data(self):
+        return make_dataset(self.cfg)
+
+    def student(self):
+        """θ_i at the start: θ0, with finetuning's dropout (official code: 0) and identity projections (Sec. 3.2)."""
+        student = set_dropout(copy.deepcopy(self.theta0), self.cfg.dropout or 0.0)
+        return add_channel_projections(student) if self.cfg.projections else student
+
+    def grid(self, student):
+        return None  # train_loop draws the UNet's own sample grids
+
+    def build(self, state):
+        return build_model(unwrap(self.theta0).config, state)
+
+    def merge_base(self, finetuned_state):
+        return merge_base(self.theta0, any(k.endswith(".proj.weight") for k in finetuned_state))
+
+    def selection(self):
+        """(images, conditioning) that choose the merge weights: the selection split, which no range trained on."""
+        return heldout_images(self.cfg, self.cfg.search_images, "select"), None
+
+    def save_merged(self, state, record, folder) -> dict:
+        """merge/merged.pt with the projections folded where they fold exactly: P (W x + b) = (P W) x + P b."""
+        model = self.build(state)
+        record["folded_projections"] = fold_channel_projections(model)
+        atomic_save(dict(ema=model.state_dict(), model_config=model.config, merge=record,
+                         config=dataclasses.asdict(self.cfg)), folder / "merged.pt")
+        return model.state_dict()
+
+
+def stage_finetune(cfg: "Config", env: "Env", diffusion=None, theta0=None, backbone=None):
+    """Decoupled finetuning (DeMe Sec. 3.2): one copy of θ0 per timestep range, with PS, CL and CP; `backbone`: the
+    model finetuned (default: the DDPM UNet θ0, PixelDDPM)."""
     diffusion = diffusion or GaussianDiffusion()
-    theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
-    data = make_dataset(cfg)
+    if backbone is None:
+        backbone = PixelDDPM(cfg, env, diffusion, theta0 if theta0 is not None else theta0_model(cfg, env, diffusion))
+    data = backbone.train_data()
     ranges = timestep_ranges(cfg.n_ranges, diffusion.T)
     for i in range_indices(cfg):
         lo, hi = ranges[i]
-        student = set_dropout(copy.deepcopy(theta0), cfg.dropout or 0.0)
-        if cfg.projections:
-            add_channel_projections(student)
-        teacher = frozen(theta0) if cfg.consistency > 0 else None
+        student = backbone.student()
+        teacher = frozen(backbone.theta0) if cfg.consistency > 0 else None  # the frozen θ0 of Eq. 4-5
 
         def timesteps(b, g, lo=lo, hi=hi):  # DeMe Eq. 6
             return sample_timesteps(b, lo, hi, diffusion.T, cfg.p_global, not cfg.per_sample, cfg.antithetic, g)
 
         identity = stage_identity(cfg, stage="finetune", range=[lo, hi], n_ranges=cfg.n_ranges,
-                                     p_global=cfg.p_global, per_sample=cfg.per_sample, antithetic=cfg.antithetic,
-                                     consistency=cfg.consistency, projections=cfg.projections)
+                                  p_global=cfg.p_global, per_sample=cfg.per_sample, antithetic=cfg.antithetic,
+                                  consistency=cfg.consistency, projections=cfg.projections, **backbone.identity)
         train_loop(cfg, env, run_dir(cfg, f"range_{i}"), student, data, diffusion, steps=cfg.steps, lr=cfg.lr,
                    warmup=0, timesteps=timesteps, identity=identity, teacher=teacher, lam=cfg.consistency,
-                   desc=f"range {i} [{lo},{hi})", seed=cfg.seed + 1 + i)
+                   desc=f"{backbone.name}range {i} [{lo},{hi})", seed=cfg.seed + 1 + i, encode=backbone.encode,
+                   grid=backbone.grid(student))
+        del student, teacher
 
 
 def min_snr_weight(snr, gamma=5.0):
@@ -513,10 +554,11 @@ def rerank(candidates, score):
 
 
 @torch.no_grad()
-def heldout_loss(model, diffusion, images, env: "Env", n_ranges=PAPER.n_ranges, seed=0, batch=256):
+def heldout_loss(model, diffusion, images, env: "Env", n_ranges=PAPER.n_ranges, seed=0, batch=256, cond=None):
     """DDPM's simple loss on held-out images, with t stratified over [0, T) and noise fixed by `seed`: the same
     objective the models train on, on data they did not see, with common random numbers so that two models'
-    values differ by the models alone. Returns (mean, [mean over each of the N timestep ranges])."""
+    values differ by the models alone. cond: the images' conditioning, (n, ...) (Stable Diffusion: their captions'
+    text embeddings). Returns (mean, [mean over each of the N timestep ranges])."""
     n = len(images)
     g = torch.Generator().manual_seed(seed)
     t = ((torch.arange(n) + 0.5) * diffusion.T / n).long()[torch.randperm(n, generator=g)]  # (n,) stratified
@@ -525,8 +567,9 @@ def heldout_loss(model, diffusion, images, env: "Env", n_ranges=PAPER.n_ranges, 
     model.eval()
     for s in range(0, n, batch):
         x0, eps, tb = (v[s:s + batch].to(env.device) for v in (images, noise, t))
+        extra = {} if cond is None else dict(encoder_hidden_states=cond[s:s + batch].to(env.device))
         with env.evaluation():
-            pred = model(diffusion.q_sample(x0, tb, eps), tb).float()
+            pred = model(diffusion.q_sample(x0, tb, eps), tb, **extra).float()
         losses[s:s + batch] = deme_loss(pred, eps, reduction="none").double().cpu()  # (B,) simple loss
     which = t * n_ranges // diffusion.T
     return losses.mean().item(), [losses[which == i].mean().item() for i in range(n_ranges)]
@@ -562,13 +605,14 @@ def merge_options(cfg: "Config") -> dict:
         cfg.merge_method, {})
 
 
-def stage_merge(cfg: "Config", env: "Env", diffusion=None, theta0=None):
-    """DeMe Eq. 8: θ0 + Σ w_i τ_i with w given, or searched on the selection split; saves merge/merged.pt."""
+def stage_merge(cfg: "Config", env: "Env", diffusion=None, theta0=None, backbone=None):
+    """DeMe Eq. 8: θ0 + Σ w_i τ_i with w given, or searched on the selection split; saves merge/merged.pt (or what
+    the backbone saves) and merge/search.json, and returns the merged state dict (on rank 0)."""
     diffusion = diffusion or GaussianDiffusion()
-    theta0 = theta0 if theta0 is not None else theta0_model(cfg, env, diffusion)
-    finetuned = [m.state_dict() for m in range_models(cfg)]
-    base = merge_base(theta0, any(k.endswith(".proj.weight") for k in finetuned[0]))
-    config = unwrap(theta0).config
+    if backbone is None:
+        backbone = PixelDDPM(cfg, env, diffusion, theta0 if theta0 is not None else theta0_model(cfg, env, diffusion))
+    finetuned = [ck["ema"] for ck in range_checkpoints(cfg)]
+    base = backbone.merge_base(finetuned[0])
     folder = run_dir(cfg, "merge")
     folder.mkdir(parents=True, exist_ok=True)
     search = None
@@ -581,21 +625,22 @@ def stage_merge(cfg: "Config", env: "Env", diffusion=None, theta0=None):
             reference_stats(cfg, env, FIDInception(cfg.inception_weights or None))
         if not env.master:  # the search runs on rank 0 alone
             env.barrier()
-            return
-        images, seed = heldout_images(cfg, cfg.search_images, "select"), role_seed(cfg.seed, "select")
+            return None
+        (images, cond), seed = backbone.selection(), role_seed(cfg.seed, "select")
         cache_path = folder / "search_cache.json"
         # the losses depend on these; a cache made with anything else is dropped, never reused
         scored_with = dict(method=cfg.merge_method, options=merge_options(cfg), images=len(images), split="select",
                            seed=seed, ranges=[state_fingerprint(sd) for sd in finetuned])
         cache = json.loads(cache_path.read_text()) if cache_path.exists() and not cfg.overwrite else {}
         values = cache.get("values", {}) if cache.get("scored_with") == scored_with else {}
-        model = build_model(config, base).to(env.device)
+        model = backbone.build(base).to(env.device)
 
         def losses(w):  # [mean, per range] held-out loss of θ0 + Σ w_i τ_i; on disk: a resumed search repeats none
             key = json.dumps([round(x, 6) for x in w])
             if key not in values:
                 model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
-                values[key] = list(heldout_loss(model, diffusion, images, env, cfg.n_ranges, seed))
+                values[key] = list(heldout_loss(model, diffusion, images, env, cfg.n_ranges, seed, backbone.batch,
+                                                cond))
                 atomic_write_text(json.dumps(dict(scored_with=scored_with, values=values)), cache_path)
             return values[key]
 
@@ -625,17 +670,13 @@ def stage_merge(cfg: "Config", env: "Env", diffusion=None, theta0=None):
             weights = search["rerank"][0]["w"]
     merged = merge(base, finetuned, weights, cfg.merge_method, **merge_options(cfg))
     if env.master:
-        model = build_model(config, merged)
-        folded = fold_channel_projections(model)  # exact: P (W x + b) = (P W) x + P b, one conv less at inference
-        merged = model.state_dict()
-        record = dict(method=cfg.merge_method, weights=weights, options=merge_options(cfg), search=search,
-                      folded_projections=folded)
+        record = dict(method=cfg.merge_method, weights=weights, options=merge_options(cfg), search=search)
+        merged = backbone.save_merged(merged, record, folder)
         atomic_write_text(json.dumps(record, indent=2), folder / "search.json")
-        atomic_save(dict(ema=merged, model_config=config, merge=record, config=dataclasses.asdict(cfg)),
-                    folder / "merged.pt")
         print(f"merged {cfg.n_ranges} ranges with {cfg.merge_method}, w = {[round(w, 3) for w in weights]} -> "
-              f"{folder / 'merged.pt'}")
+              f"{folder}")
     env.barrier()
+    return merged
 
 
 # --- I.10 Evaluation and the pipeline --------------------------------------------------------------------------------
@@ -875,6 +916,8 @@ def check_config(cfg: Config):
     if cfg.model == "sd" and (cfg.dataset != "folder" or not cfg.pretrained):
         raise UserError("--model sd needs --pretrained SD_PIPELINE_FOLDER and --dataset folder --data-dir DIR "
                         "(images plus metadata.jsonl)")
+    if cfg.model == "sd" and cfg.rerank:
+        raise UserError("--rerank re-ranks by the pixel or FID metric of DDPM samples; drop it with --model sd")
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     if not 1 <= cfg.n_ranges <= 1000 or 1000 % cfg.n_ranges:
@@ -2844,9 +2887,12 @@ def sd_model(theta0: SDUNet, state) -> SDUNet:
 
 class StableDiffusion:
     """A local diffusers Stable Diffusion folder as the DeMe code sees it: θ0 is an SDUNet, images become VAE latents,
-    captions CLIP embeddings, and the schedule is the pipeline's (SD v1: scaled-linear 0.00085..0.012, T = 1000)."""
+    captions CLIP embeddings, and the schedule is the pipeline's (SD v1: scaled-linear 0.00085..0.012, T = 1000).
+    Given the run's config, it is the backbone that stage_finetune and stage_merge take (as PixelDDPM for pixels)."""
+    name = "SD "
 
-    def __init__(self, folder, env: Env):
+    def __init__(self, folder, env: Env, cfg: Optional[Config] = None, prompts=()):
+        self.cfg, self.prompts = cfg, list(prompts)
         diffusers, transformers = sd_libraries()
         folder = Path(folder)
         parts = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler/scheduler_config.json")
@@ -2897,6 +2943,47 @@ class StableDiffusion:
         """train_loop's encode: (images, captions) -> (latents, {"encoder_hidden_states": embeddings})."""
         images, captions = batch
         return self.encode_images(images), {"encoder_hidden_states": self.embed(captions)}
+
+    # the backbone of stage_finetune and stage_merge (PixelDDPM answers the same for the DDPM UNet)
+    @property
+    def theta0(self):
+        return self.unet
+
+    @property
+    def identity(self):
+        return dict(model="sd", resolution=self.cfg.sd_resolution)
+
+    @property
+    def batch(self):
+        return self.cfg.eval_batch
+
+    def train_data(self):
+        return CaptionedImages(self.cfg.data_dir, self.cfg.sd_resolution, "train", self.cfg.heldout_fraction)
+
+    def student(self):
+        return copy.deepcopy(self.unet).add_projections() if self.cfg.projections else copy.deepcopy(self.unet)
+
+    def grid(self, student):
+        return sd_grid(self, student, self.prompts[0], self.cfg)
+
+    def build(self, state):
+        return sd_model(self.unet, state)
+
+    def merge_base(self, finetuned_state):
+        return sd_merge_base(self.unet.state_dict(), finetuned_state)
+
+    def selection(self):
+        """(latents, text embeddings) of --search-images selection pairs, which no range trained on."""
+        data = CaptionedImages(self.cfg.data_dir, self.cfg.sd_resolution, "select", self.cfg.heldout_fraction)
+        idx, b = range(min(len(data), self.cfg.search_images)), self.cfg.eval_batch
+        images, captions = torch.stack([data[i][0] for i in idx]), [data.pairs[i][1] for i in idx]
+        latents = torch.cat([self.encode_images(images[s:s + b]).cpu() for s in range(0, len(images), b)])
+        return latents, torch.cat([self.embed(captions[s:s + b]) for s in range(0, len(captions), b)])
+
+    def save_merged(self, state, record, folder):
+        """merge/merged_unet and merge/merged_pipeline for diffusers (export_sd)."""
+        export_sd(self.build(state), self.cfg.pretrained, folder)
+        return state
 
 
 class CaptionedImages(torch.utils.data.Dataset):
@@ -3026,43 +3113,6 @@ def sd_merge_base(theta0_state, finetuned_state) -> dict:
     return {**theta0_state, **eye}
 
 
-def latent_heldout_loss(model, diffusion, latents, emb, env: Env, n_ranges, seed, batch) -> float:
-    """heldout_loss (simple loss, t stratified, fixed noise) over latents, batch by batch with their captions bound."""
-    total = 0.0
-    for s in range(0, len(latents), batch):
-        part = latents[s:s + batch]
-        mean, _ = heldout_loss(Prompted(model, emb[s:s + batch]), diffusion, part, env, n_ranges, seed + s, batch)
-        total += mean * len(part)
-    return total / len(latents)
-
-
-def sd_merge_weights(cfg: Config, sd: StableDiffusion, base, states):
-    """w of Eq. 8: --merge-weights, 1/N for average, else searched on the latent loss of --search-images selection
-    pairs, which no range trained on. Returns (weights, search record or None)."""
-    if cfg.merge_weights:
-        return merge_weight_list(cfg), None
-    if cfg.merge_method == "average":
-        return [1.0 / cfg.n_ranges] * cfg.n_ranges, None
-    data = CaptionedImages(cfg.data_dir, cfg.sd_resolution, "select", cfg.heldout_fraction)
-    idx = range(min(len(data), cfg.search_images))
-    images, captions = torch.stack([data[i][0] for i in idx]), [data.pairs[i][1] for i in idx]
-    b = cfg.eval_batch
-    latents = torch.cat([sd.encode_images(images[s:s + b]).cpu() for s in range(0, len(images), b)])  # (n, 4, h, w)
-    emb = torch.cat([sd.embed(captions[s:s + b]) for s in range(0, len(captions), b)])  # (n, L, D) on the device
-    model = sd_model(sd.unet, base).to(sd.env.device)
-
-    seed = role_seed(cfg.seed, "select")
-
-    def objective(w):
-        model.load_state_dict(merge(base, states, list(w), cfg.merge_method, **merge_options(cfg)))
-        return latent_heldout_loss(model, sd.diffusion, latents, emb, sd.env, cfg.n_ranges, seed, b)
-
-    search = search_merge_weights(objective, cfg.n_ranges, max_evals=cfg.search_evals)
-    search["objective"] = (f"denoising loss on the latents of {len(latents)} selection pairs with their captions, t "
-                           f"stratified per batch of {b}, noise seed {seed}")
-    return search["weights"], search
-
-
 def fold_projections(state) -> tuple:
     """An SDUNet state dict -> (a stock UNet2DConditionModel state dict, {place: P} of the unfoldable projections).
     P after an up block's upsampler conv (W, b) folds exactly into W' = P W, b' = P b, as nothing else reads that conv's
@@ -3153,40 +3203,16 @@ def stage_sd(cfg: Config, env: Env):
     data = CaptionedImages(cfg.data_dir, cfg.sd_resolution, "train", cfg.heldout_fraction)
     if not (cfg.merge_weights or cfg.merge_method == "average"):  # before any training: the search needs its pairs
         CaptionedImages(cfg.data_dir, cfg.sd_resolution, "select", cfg.heldout_fraction)
-    prompts = sd_prompts(cfg, data)
-    ranges = timestep_ranges(cfg.n_ranges, diffusion.T)
-    for i in range_indices(cfg):  # decoupled finetuning (DeMe Sec. 3.2), as stage_finetune does it
-        lo, hi = ranges[i]
-        student = copy.deepcopy(theta0).add_projections() if cfg.projections else copy.deepcopy(theta0)
-        teacher = frozen(theta0) if cfg.consistency > 0 else None
-
-        def timesteps(b, g, lo=lo, hi=hi):  # DeMe Eq. 6
-            return sample_timesteps(b, lo, hi, diffusion.T, cfg.p_global, not cfg.per_sample, cfg.antithetic, g)
-
-        identity = stage_identity(cfg, stage="finetune", model="sd", resolution=cfg.sd_resolution, range=[lo, hi],
-                                     n_ranges=cfg.n_ranges, p_global=cfg.p_global, per_sample=cfg.per_sample,
-                                     antithetic=cfg.antithetic, consistency=cfg.consistency,
-                                     projections=cfg.projections)
-        train_loop(cfg, env, run_dir(cfg, f"range_{i}"), student, data, diffusion, steps=cfg.steps, lr=cfg.lr,
-                   warmup=0, timesteps=timesteps, identity=identity, teacher=teacher, lam=cfg.consistency,
-                   desc=f"SD range {i} [{lo},{hi})", seed=cfg.seed + 1 + i, encode=sd.encode,
-                   grid=sd_grid(sd, student, prompts[0], cfg))
-        del student, teacher
+    sd.cfg, sd.prompts = cfg, sd_prompts(cfg, data)
+    stage_finetune(cfg, env, diffusion, theta0, backbone=sd)  # DeMe Sec. 3.2, as for the DDPM UNet
     if not env.master:  # merging, export and sampling run on rank 0 alone
         return
     states = sd_range_states(cfg)
     if states is None:
         return
-    base = sd_merge_base(theta0.state_dict(), states[0])
-    weights, search = sd_merge_weights(cfg, sd, base, states)
-    merged = sd_model(theta0, merge(base, states, weights, cfg.merge_method, **merge_options(cfg)))
-    folder = run_dir(cfg, "merge")
-    folder.mkdir(parents=True, exist_ok=True)
-    record = dict(method=cfg.merge_method, weights=weights, options=merge_options(cfg), search=search)
-    atomic_write_text(json.dumps(record, indent=2), folder / "search.json")
-    export_sd(merged, cfg.pretrained, folder)
-    print(f"merged {cfg.n_ranges} ranges with {cfg.merge_method}, w = {[round(w, 3) for w in weights]} -> "
-          f"{folder / 'merged_pipeline'}")
+    merged = sd_model(theta0, stage_merge(cfg, dataclasses.replace(env, rank=0, world=1), diffusion, theta0,
+                                          backbone=sd))
+    prompts = sd.prompts
     names = [n for n in (s.strip() for s in cfg.models.split(",")) if n in ("theta0", "ensemble", "merged")]
     for name in names or ["merged"]:
         models = {"theta0": [theta0], "merged": [merged]}.get(name) or [sd_model(theta0, s) for s in states]
