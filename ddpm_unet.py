@@ -1,15 +1,10 @@
 """The DDPM UNet of Ho et al. (2020) with DeMe's channel-wise projections, and its checkpoint formats.
 
-The network follows the original TensorFlow code as ported by pesser/pytorch_diffusion, and its state dict has
-that port's key layout, so the published checkpoints load with strict=True and no conversion. diffusers
-UNet2DModel checkpoints (google/ddpm-*) are converted on load and can be exported back. DeMe (Ma et al., CVPR 2025)
-adds a learnable identity-initialised C x C projection after every down level, the mid block and every up level.
-
-Decisions: projections live at down.{i}.proj, mid.proj, up.{i}.proj (state-dict keys '<place>.proj.weight'; absent
-places are nn.Identity, so loaders add exactly the ones a state dict has). diffusers' UNet2DModel has no place for
-them: export_diffusers drops identity projections and refuses any other. Presets are inferred from config.json for
-diffusers directories and from tensor shapes otherwise. A PRETRAINED file already in the hub cache is trusted; its
-MD5 is checked only right after downloading it.
+In this order: the network (the original TensorFlow code as ported by pesser/pytorch_diffusion, in that port's key
+layout, so the published checkpoints load with strict=True); DeMe's identity-initialised C x C projections after
+every down level, the mid block and every up level (keys '<place>.proj.weight'; absent places are nn.Identity);
+the diffusers UNet2DModel layout (converted on load, exported back without projections); files: the one atomic write,
+the one hash-checked download, checkpoint loading (weights_only).
 """
 import contextlib
 import hashlib
@@ -221,14 +216,11 @@ class UNet(nn.Module):
         """Predict the noise eps_theta(x_t, t) for x (B, C, H, W) in [-1, 1] and integer timesteps t (B,)."""
         B = x.shape[0]
         factor = 2 ** (self.num_levels - 1)
-        if x.ndim != 4 or x.shape[1] != self.config["in_channels"] or x.shape[2] % factor or x.shape[3] % factor:
-            raise UserError(f"UNet input has shape {tuple(x.shape)}; expected (B, {self.config['in_channels']}, H, W) "
-                            f"with H and W multiples of {factor}; resize or crop the images")
+        assert x.ndim == 4 and x.shape[1] == self.config["in_channels"], f"input {tuple(x.shape)}: not (B, C, H, W)"
+        assert x.shape[2] % factor == 0 == x.shape[3] % factor, f"input {tuple(x.shape)}: H, W not multiples of {factor}"
         t = torch.as_tensor(t, device=x.device).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(B)
-        elif t.numel() != B:
-            raise UserError(f"got {t.numel()} timesteps for a batch of {B}; pass one per image or a single one")
+        t = t.expand(B) if t.numel() == 1 else t
+        assert t.numel() == B, f"{t.numel()} timesteps for a batch of {B}"
 
         temb = timestep_embedding(t, self.config["ch"]).to(self.conv_in.weight.dtype)  # (B, ch)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))  # (B, 4ch)
@@ -321,8 +313,20 @@ _ATTN_TO_DIFFUSERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v
 _RESNET_FROM_DIFFUSERS = {v: k for k, v in _RESNET_TO_DIFFUSERS.items()}
 _ATTN_FROM_DIFFUSERS = {**{v: k for k, v in _ATTN_TO_DIFFUSERS.items()},
                         "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # names before diffusers 0.14
-_TOP_LEVEL = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
-              "norm_out": "conv_norm_out"}
+_RESNET, _ATTN = (_RESNET_TO_DIFFUSERS, _RESNET_FROM_DIFFUSERS), (_ATTN_TO_DIFFUSERS, _ATTN_FROM_DIFFUSERS)
+_SAME = ({}, {})
+# (original key, diffusers key, renames of the last module): {s} down or up, {i} the level (diffusers counts up levels
+# from the lowest resolution, the original from the highest), {j} a block, {r} the rest of the key
+_KEY_MAP = [("{s}.{i}.block.{j}.{r}", "{s}_blocks.{i}.resnets.{j}.{r}", _RESNET),
+            ("{s}.{i}.attn.{j}.{r}", "{s}_blocks.{i}.attentions.{j}.{r}", _ATTN),
+            ("down.{i}.downsample.{r}", "down_blocks.{i}.downsamplers.0.{r}", _SAME),
+            ("up.{i}.upsample.{r}", "up_blocks.{i}.upsamplers.0.{r}", _SAME),
+            ("mid.block_1.{r}", "mid_block.resnets.0.{r}", _RESNET),
+            ("mid.block_2.{r}", "mid_block.resnets.1.{r}", _RESNET),
+            ("mid.attn_1.{r}", "mid_block.attentions.0.{r}", _ATTN),
+            ("temb.dense.0.{r}", "time_embedding.linear_1.{r}", _SAME),
+            ("temb.dense.1.{r}", "time_embedding.linear_2.{r}", _SAME), ("norm_out.{r}", "conv_norm_out.{r}", _SAME)]
+_FIELDS = {"{s}": r"(?P<s>down|up)", "{i}": r"(?P<i>\d+)", "{j}": r"(?P<j>\d+)", "{r}": r"(?P<r>.+)"}
 
 
 def _rename(rest, table):
@@ -336,52 +340,17 @@ def _strip_prefixes(sd):
     return {".".join(p for p in k.split(".") if p not in ("module", "_orig_mod")): v for k, v in sd.items()}
 
 
-def _native_key(key, L):
-    """One diffusers UNet2DModel key in the original layout (up_blocks.k -> up.(L-1-k))."""
-    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
-    if m:
-        side, i, kind, j, rest = m.groups()
-        i = int(i) if side == "down" else L - 1 - int(i)
-        if kind == "resnets":
-            return f"{side}.{i}.block.{j}.{_rename(rest, _RESNET_FROM_DIFFUSERS)}"
-        if kind == "attentions":
-            return f"{side}.{i}.attn.{j}.{_rename(rest, _ATTN_FROM_DIFFUSERS)}"
-        return f"{side}.{i}.{kind[:-2]}.{rest}"  # downsamplers.0.conv -> downsample.conv
-    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
-    if m:
-        kind, j, rest = m.groups()
-        if kind == "resnets":
-            return f"mid.block_{int(j) + 1}.{_rename(rest, _RESNET_FROM_DIFFUSERS)}"
-        return f"mid.attn_1.{_rename(rest, _ATTN_FROM_DIFFUSERS)}"
-    for native, diffusers in _TOP_LEVEL.items():
-        if key.startswith(diffusers + "."):
-            return native + key[len(diffusers):]
-    return key
-
-
-def _diffusers_key(key, L):
-    """One original-layout key in diffusers UNet2DModel naming (current attention names)."""
-    m = re.fullmatch(r"(down|up)\.(\d+)\.(block|attn)\.(\d+)\.(.+)", key)
-    if m:
-        side, i, kind, j, rest = m.groups()
-        i = int(i) if side == "down" else L - 1 - int(i)
-        if kind == "block":
-            return f"{side}_blocks.{i}.resnets.{j}.{_rename(rest, _RESNET_TO_DIFFUSERS)}"
-        return f"{side}_blocks.{i}.attentions.{j}.{_rename(rest, _ATTN_TO_DIFFUSERS)}"
-    m = re.fullmatch(r"(down|up)\.(\d+)\.(downsample|upsample)\.(.+)", key)
-    if m:
-        side, i, kind, rest = m.groups()
-        i = int(i) if side == "down" else L - 1 - int(i)
-        return f"{side}_blocks.{i}.{kind}rs.0.{rest}"
-    m = re.fullmatch(r"mid\.(block_1|block_2|attn_1)\.(.+)", key)
-    if m:
-        part, rest = m.groups()
-        if part == "attn_1":
-            return f"mid_block.attentions.0.{_rename(rest, _ATTN_TO_DIFFUSERS)}"
-        return f"mid_block.resnets.{int(part[-1]) - 1}.{_rename(rest, _RESNET_TO_DIFFUSERS)}"
-    for native, diffusers in _TOP_LEVEL.items():
-        if key.startswith(native + "."):
-            return diffusers + key[len(native):]
+def _convert_key(key, L, to_diffusers):
+    """One state-dict key from the original layout to diffusers UNet2DModel's (to_diffusers) or back."""
+    for native, diffusers, renames in _KEY_MAP:
+        src, dst = (native, diffusers) if to_diffusers else (diffusers, native)
+        m = re.fullmatch("".join(_FIELDS.get(p, re.escape(p)) for p in re.split(r"(\{\w\})", src)), key)
+        if m:
+            g = m.groupdict()
+            if "i" in g and g.get("s", src[:2]) == "up":
+                g["i"] = L - 1 - int(g["i"])
+            table = renames[0 if to_diffusers else 1]
+            return dst.format(**{**g, "r": _rename(g["r"], table) if table else g["r"]})
     return key
 
 
@@ -399,7 +368,7 @@ def convert_diffusers_state_dict(sd):
     L = max(levels) + 1
     out = {}
     for key, value in sd.items():
-        native = _native_key(key, L)
+        native = _convert_key(key, L, to_diffusers=False)
         out[native] = value[:, :, None, None] if _is_attn_linear(native) and value.ndim == 2 else value
     return out
 
@@ -663,7 +632,7 @@ def export_diffusers(model, directory):
     for key, value in model.state_dict().items():
         if not key.endswith(".proj.weight"):  # identity projections are dropped: they change nothing
             value = value[:, :, 0, 0] if _is_attn_linear(key) else value
-            sd[_diffusers_key(key, L)] = value.detach().to("cpu").contiguous()
+            sd[_convert_key(key, L, to_diffusers=True)] = value.detach().to("cpu").contiguous()
     config = json.dumps(diffusers_config(model.config), indent=2, sort_keys=True).encode()
     try:
         import safetensors.torch

@@ -1,19 +1,17 @@
 """DeMe: Decouple-then-Merge (Ma et al., CVPR 2025) for DDPM, from scratch in plain PyTorch.
 
 Part I, the method, reads in the order of the paper and is all a reader needs to follow it:
-  I.1  the paper's hyperparameters      I.6  decoupled finetuning (Sec. 3.2) and the equal-compute baseline
-  I.2  schedule and samplers (DDPM, DDIM) I.7  task vectors and the merges: Eq. 8, TIES, DARE (Sec. 3.3)
-  I.3  synthetic data                    I.8  the ensemble before merging (Eq. 7)
-  I.4  the DeMe loss (Eq. 4-5)           I.9  the merge-weight search and the merge stage
-  I.5  timestep ranges, Eq. 6            I.10 evaluation and the pipeline
+  I.1  the paper's hyperparameters         I.6  decoupled finetuning (Sec. 3.2) and the equal-compute baseline
+  I.2  schedule and samplers (DDPM, DDIM)  I.7  task vectors and the merges: Eq. 8, TIES, DARE (Sec. 3.3)
+  I.3  synthetic data                      I.8  the ensemble before merging (Eq. 7)
+  I.4  the DeMe loss (Eq. 4-5)             I.9  the merge-weight search and the merge stage
+  I.5  timestep ranges and Eq. 6           I.10 evaluation and the pipeline
 Part II, the machinery (configuration and its checks, devices, the training loop with checkpoints and resume, data
 loaders, FID, figures, Stable Diffusion, benchmark, command line), starts at its banner; the method never needs it.
 The network and its channel-wise projections are in ddpm_unet.py.
 
 Run `python deme.py --help` for the stages and flags.
 """
-
-
 import argparse
 import ast
 import contextlib
@@ -46,7 +44,6 @@ from ddpm_unet import (PRESETS, UNet, UserError, add_channel_projections, atomic
 # Part I: the method
 # ======================================================================================================================
 
-
 # --- I.1 The paper's hyperparameters ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -77,17 +74,15 @@ PAPER = Paper()
 
 # --- I.2 Schedule and samplers: DDPM (Ho et al. 2020) and DDIM (Song et al. 2021) ------------------------------------
 
-
 class GaussianDiffusion:
     """The forward process q and the reverse samplers of DDPM (Ho et al. 2020) and DDIM (Song et al. 2021)."""
 
-    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, schedule="linear"):
+    def __init__(self, T=PAPER.T, beta_start=1e-4, beta_end=0.02, schedule="linear"):
+        assert schedule in ("linear", "scaled_linear"), schedule
         if schedule == "linear":  # DDPM Sec. 4
             betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-        elif schedule == "scaled_linear":  # Stable Diffusion
+        else:  # Stable Diffusion
             betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
-        else:
-            raise UserError(f"unknown beta schedule {schedule!r}; use linear or scaled_linear")
         self.T = T
         self.betas = betas
         self.alphas_bar = torch.cumprod(1.0 - betas, dim=0)
@@ -187,23 +182,22 @@ class SampleNoise:
         return torch.stack([torch.randn(self.shape, generator=g, device=self.device) for g in self.generators])
 
 
-def sample_images(diffusion, model, x_T, cfg: "Config", noise=None, **cond):
+def sample_images(diffusion, model, x_T, cfg: "Config", noise=None, clip=True, **cond):
     """Samples from starting noise x_T with the configured sampler; noise() gives the steps' z (eta > 0, DDPM)."""
     if cfg.sampler == "ddim":
-        return diffusion.ddim_sample(model, x_T, cfg.sample_steps, cfg.eta, noise=noise, **cond)
-    return diffusion.ddpm_sample(model, x_T, cfg.variance, noise=noise, **cond)
+        return diffusion.ddim_sample(model, x_T, cfg.sample_steps, cfg.eta, clip, noise=noise, **cond)
+    return diffusion.ddpm_sample(model, x_T, cfg.variance, clip, noise=noise, **cond)
 
 
-def sample_batch(cfg: "Config", env: "Env", diffusion, model, indices, seed, shape, **cond) -> torch.Tensor:
-    """Samples `indices` of noise seed `seed` as (B, *shape) float32 on the CPU, in [-1, 1]: the one sampling driver
-    of evaluation, grids and the benchmark, in the evaluation precision (Env.evaluation)."""
+def sample_batch(cfg: "Config", env: "Env", diffusion, model, indices, seed, shape, clip=True, **cond):
+    """Samples `indices` of noise seed `seed` as (B, *shape) float32 on the CPU (in [-1, 1] when clipping): the one
+    sampling driver of evaluation, grids, the benchmark and Stable Diffusion, in the evaluation precision."""
     noise = SampleNoise(seed, indices, shape, env.device)
     with env.evaluation():  # (the samplers run without gradients)
-        return sample_images(diffusion, model, noise(), cfg, noise, **cond).float().cpu()
+        return sample_images(diffusion, model, noise(), cfg, noise, clip, **cond).float().cpu()
 
 
 # --- I.3 Data: synthetic shapes (every dataset yields (3, H, W) images in [-1, 1]) -----------------------------------
-
 
 def synthetic_images(n, size=16, seed=0) -> torch.Tensor:
     """Procedural scenes in [-1, 1]: a two-colour gradient with one or two anti-aliased discs, squares or rings."""
@@ -236,8 +230,8 @@ SYNTHETIC_SEEDS = {"train": 0, "eval": 0, "select": 1_000_001, "report": 4_000_0
 # --- I.4 The DeMe loss: DDPM's simple loss plus the consistency loss to θ0 (Eq. 4-5) ---------------------------------
 
 def deme_loss(eps, noise, eps0=None, lam=PAPER.consistency, weight=None, reduction="mean"):
-    """DeMe Eq. 4-5: ||ε - ε_θ(x_t, t)||² + λ ||ε_θ(x_t, t) - ε_θ0(x_t, t)||², DDPM's simple loss (Algorithm 1) plus
-    the consistency loss that keeps the finetuned θ near the frozen θ0 at the same x_t and t.
+    """DeMe Eq. 4-5: ||ε - ε_θ(x_t, t)||² + λ ||ε_θ(x_t, t) - ε_θ0(x_t, t)||², DDPM's simple loss (Algorithm 1)
+    plus the consistency loss that keeps the finetuned θ near the frozen θ0 at the same x_t and t.
     eps = ε_θ(x_t, t), noise = ε, eps0 = ε_θ0(x_t, t) or None (no consistency term): each (B, C, H, W).
     weight: (B,) weights of each sample's simple loss (the loss-reweighting baselines of Table 1), or None.
     reduction: "mean", the element mean (F.mse_loss's); "none", each sample's element mean, (B,)."""
@@ -270,7 +264,6 @@ def training_loss(model, teacher, diffusion, x0, t, noise, lam=PAPER.consistency
 
 # --- I.5 Timestep ranges and probabilistic sampling (Sec. 3.1, Eq. 6) ------------------------------------------------
 
-
 def timestep_ranges(n, T=PAPER.T):
     """DeMe Sec. 3.1: N contiguous ranges [i*T/N, (i+1)*T/N) of [0, T), i = 0..N-1."""
     assert isinstance(n, int) and 1 <= n <= T, n
@@ -296,7 +289,6 @@ def sample_timesteps(batch_size, lo, hi, T=PAPER.T, p=PAPER.p_global, per_batch=
 
 
 # --- I.6 Decoupled finetuning (Sec. 3.2) and the equal-compute baseline ----------------------------------------------
-
 
 class PixelDDPM:
     """What the finetune and merge stages ask of the model they work on, for DeMe's DDPM UNet on pixels: the data,
@@ -400,7 +392,6 @@ def stage_baseline(cfg: "Config", env: "Env", diffusion=None, theta0=None):
 
 # --- I.7 Task vectors and the merges (Sec. 3.3, Eq. 8; TIES; DARE) ---------------------------------------------------
 
-
 def task_vector(theta_i, theta0):
     """DeMe Sec. 3.3: τ_i = θ_i - θ0 of one tensor, in float32 (float64 for float64 weights)."""
     dtype = torch.promote_types(theta0.dtype, torch.float32)
@@ -477,7 +468,6 @@ def merge(base_sd, finetuned_sds, weights=None, method="task_arithmetic", **opti
 
 # --- I.8 The ensemble before merging (Eq. 7) -------------------------------------------------------------------------
 
-
 class RangeEnsemble(nn.Module):
     """DeMe Eq. 7: at timestep t use θ_i with i = floor(t*N/T) (N models at inference, no merge)."""
 
@@ -504,7 +494,6 @@ class RangeEnsemble(nn.Module):
 
 
 # --- I.9 Choosing the merge weights on held-out images, and the merge stage ------------------------------------------
-
 
 def search_merge_weights(objective, n, grid=(0.0, 0.25, 0.5, 0.75, 1.0), refine_steps=(0.1, 0.05), max_evals=60,
                          init=None, progress=True):
@@ -681,7 +670,6 @@ def stage_merge(cfg: "Config", env: "Env", diffusion=None, theta0=None, backbone
 
 # --- I.10 Evaluation and the pipeline --------------------------------------------------------------------------------
 
-
 def stage_evaluate(cfg: "Config", env: "Env", diffusion=None, theta0=None):
     """Compares models with one sampler and sample count, on images and noise that selected nothing: the held-out
     loss on the report split, samples from their own noise seed. Writes results.{json,md} and models.png."""
@@ -755,7 +743,6 @@ def seed_runs(cfg: "Config") -> list:
 
 # --- II.1 Configuration: one dataclass that is also the command line, and its checks ---------------------------------
 
-
 def _opt(default, help, choices=None):
     """A config field with its command-line help."""
     return field(default=default, metadata=dict(help=help, choices=choices))
@@ -814,10 +801,14 @@ class Config:
     adam_eps: float = _opt(1e-8, "AdamW epsilon")
     grad_clip: float = _opt(PAPER.grad_clip, "gradient clipping norm (0: off)")
     ema_decay: float = _opt(PAPER.ema_decay, "EMA decay ceiling; the decay warms up as min(ceiling, 1 - k^-3/4)")
-    p_global: float = _opt(PAPER.p_global, "probabilistic sampling: chance of drawing timesteps from all of [0, T) (Eq. 6)")
-    per_sample: bool = _opt(PAPER.per_sample, "flip the probabilistic-sampling coin per sample instead of per batch (official)")
-    antithetic: bool = _opt(PAPER.antithetic, "draw timesteps in antithetic pairs (t, lo+hi-1-t) as the official code does")
-    consistency: float = _opt(PAPER.consistency, "λ, weight of the consistency loss to the frozen θ0 (Eq. 4-5; 0: off)")
+    p_global: float = _opt(PAPER.p_global, "probabilistic sampling: chance of drawing timesteps from all of [0, T) "
+                                           "(Eq. 6)")
+    per_sample: bool = _opt(PAPER.per_sample, "flip the probabilistic-sampling coin per sample instead of per batch "
+                                              "(official: per batch)")
+    antithetic: bool = _opt(PAPER.antithetic, "draw timesteps in antithetic pairs (t, lo+hi-1-t) as the official "
+                                              "code does")
+    consistency: float = _opt(PAPER.consistency, "λ, weight of the consistency loss to the frozen θ0 (Eq. 4-5; "
+                                                 "0: off)")
     projections: bool = _opt(PAPER.projections, "channel-wise projections (identity-initialised 1x1 convs)")
     baseline: bool = _opt(True, "also run the equal-compute baseline: plain finetuning on all timesteps, N x steps")
     baseline_weighting: str = _opt("none", "the baseline's loss weighting: none (DDPM's simple loss), minsnr "
@@ -998,7 +989,6 @@ def merge_weight_list(cfg: Config) -> list:
 
 # --- II.2 Devices, precision, torch.distributed ----------------------------------------------------------------------
 
-
 @dataclass
 class Env:
     """Where and how this process runs: device, its rank among torchrun's processes, precision."""
@@ -1159,7 +1149,6 @@ def prepare(model, env: Env, train=False):
 
 
 # --- II.3 The training loop: EMA, checkpoints, resume, RNG state, atomic writes --------------------------------------
-
 
 class EMA:
     """Exponential moving average of the weights; decay at optimizer step k is min(max_decay, 1 - k^-3/4), the
@@ -1516,7 +1505,6 @@ def range_models(cfg: Config) -> list:
 
 # --- II.4 Data loaders: CIFAR-10, LSUN, image folders, held-out splits -----------------------------------------------
 
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -1775,7 +1763,6 @@ def batches(dataset, batch, seed, rank=0, world=1, start=0, workers=0):
 
 
 # --- II.5 Evaluation: FID as pytorch-fid computes it, samples on disk, pixel Fréchet distance, results files ---------
-
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -2462,8 +2449,7 @@ def side_by_side(grids: dict, path, scale=None):
         out.save(tmp)
 
 
-# --- II.6 The paper's analysis figures: gradient conflict (Fig. 1a), merge landscape (Fig. 6a), task vectors (Fig. 6b) ---
-
+# --- II.6 The paper's figures: gradient conflict (Fig. 1a), merge landscape (Fig. 6a), task vectors (Fig. 6b) ---
 
 ANALYSIS_FIGURES = ("conflict", "landscape", "norms")
 
@@ -2901,6 +2887,9 @@ class StableDiffusion:
             raise UserError(f"--pretrained {folder} is not a diffusers Stable Diffusion folder (no {missing[0]}); get "
                             f"one with `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`")
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        if sched.get("beta_schedule", "linear") not in ("linear", "scaled_linear"):
+            raise UserError(f"{folder} uses the {sched['beta_schedule']} beta schedule; this code knows linear and "
+                            f"scaled_linear (SD v1.x)")
         if sched.get("prediction_type", "epsilon") != "epsilon":
             raise UserError(f"{folder} predicts {sched['prediction_type']}; this code trains ε-prediction models "
                             f"(SD v1.x), so use one of those")
@@ -3049,18 +3038,16 @@ class Prompted(nn.Module):
 
 @torch.no_grad()
 def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] of `prompts`: DDIM from the noise of samples `indices` with classifier-free
-    guidance, then the VAE decoder. One model, or N: DeMe's ensemble (Eq. 7)."""
+    """Images (B, 3, H, W) in [-1, 1] of `prompts`: the sampler from the noise of samples `indices` with
+    classifier-free guidance, then the VAE decoder. One model, or N: DeMe's ensemble (Eq. 7)."""
     env, diffusion = sd.env, sd.diffusion
     emb, uncond = sd.embed(prompts), sd.embed([""] * len(prompts))
     guided = [Prompted(m.to(env.device).eval(), emb, uncond, cfg.guidance_scale) for m in models]
     eps_model = guided[0] if len(guided) == 1 else RangeEnsemble(guided, diffusion.T)
     side = cfg.sd_resolution // sd.vae_factor
-    noise = SampleNoise(role_seed(cfg.seed, "samples"), indices, (sd.unet.unet.config.in_channels, side, side),
-                        env.device)
-    with env.evaluation():  # latents are not pixels: no clipping
-        x = diffusion.ddim_sample(eps_model, noise(), cfg.sample_steps, cfg.eta, clip_denoised=False, noise=noise)
-    return sd.decode(x.float())
+    latents = sample_batch(cfg, env, diffusion, eps_model, indices, role_seed(cfg.seed, "samples"),
+                           (sd.unet.unet.config.in_channels, side, side), clip=False)  # latents are not pixels
+    return sd.decode(latents.to(env.device))
 
 
 def write_sd_samples(sd: StableDiffusion, models, prompts, folder, cfg: Config):
@@ -3221,7 +3208,6 @@ def stage_sd(cfg: Config, env: Env):
 
 
 # --- II.8 Benchmark, the plan line, the ablation ---------------------------------------------------------------------
-
 
 # Training-set sizes, for the FID reference statistics (computed once, then cached in the run folder).
 DATASET_SIZES = {"cifar10": 50_000, "lsun_church": 126_227, "lsun_bedroom": 3_033_042}
@@ -3726,7 +3712,6 @@ def exercise_command(out, parts=(1, 2, 3, 4)):
 
 
 # --- II.10 Command line ----------------------------------------------------------------------------------------------
-
 
 def stage_sample(cfg: Config, env: Env):
     """Writes --n-samples PNGs of one model (--models NAME) under samples/NAME/, plus a grid."""
