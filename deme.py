@@ -1265,7 +1265,7 @@ def save_grid(model, diffusion, path, env: Env, cfg: Config, seed=0):
     from torchvision.utils import save_image
     m = unwrap(model).to(env.device)
     res = m.config["resolution"]
-    n = 64 if res <= 64 else 16
+    n = min(64 if res <= 64 else 16, cfg.n_samples)  # never more samples than the evaluation draws
     was_training = m.training
     m.eval()
     x = sample_batch(cfg, env, diffusion, m, range(n), seed, (m.config["in_channels"], res, res))
@@ -1492,10 +1492,11 @@ def finished_checkpoint(path: Path, what: str, command: str) -> dict:
     return ck
 
 
-def range_checkpoints(cfg: Config) -> list:
-    """The checkpoints of θ_1..θ_N, every range finished."""
-    return [finished_checkpoint(run_dir(cfg, f"range_{i}", "ckpt.pt"), f"range {i}",
-                                f"python deme.py finetune --ranges {i}") for i in range(cfg.n_ranges)]
+def range_checkpoints(cfg: Config):
+    """The checkpoints of θ_1..θ_N, every range finished, one at a time (each holds the optimizer's state too)."""
+    for i in range(cfg.n_ranges):
+        yield finished_checkpoint(run_dir(cfg, f"range_{i}", "ckpt.pt"), f"range {i}",
+                                  f"python deme.py finetune --ranges {i}")
 
 
 def range_models(cfg: Config) -> list:
@@ -3419,7 +3420,8 @@ def unet_vs_diffusers(model: UNet, env: Env, batch, iters, warmup) -> dict:
             (out if torch.is_tensor(out) else out.sample).float().square().mean().backward()
             net.zero_grad(set_to_none=True)
         return call
-    nets = {name: prepare(m.to(dtype).train(), env) for name, m in models.items()}
+    nets = {name: prepare((m if dtype == torch.float32 else m.to(dtype)).train(), env)  # diffusers warns on casts
+            for name, m in models.items()}
     times = time_alternately({name: step(net) for name, net in nets.items()}, iters, warmup, env.device)
     result = {f"{name}_img_per_s": batch / float(np.median(ts)) for name, ts in times.items()}
     result.update(batch=batch, dtype=str(dtype).replace("torch.", ""), compile=env.compile,
@@ -3543,7 +3545,7 @@ def bench_table(r: dict) -> str:
     if "inception_img_s" in r:
         rows.append(("FID Inception features", f"{r['inception_img_s']:.1f} img/s", ""))
     versus = f"ours {v['ours_img_per_s']:.1f}" + (f", diffusers {v['diffusers_img_per_s']:.1f}" if "ratio" in v else "")
-    rows.append((f"UNet fwd+bwd ({v['preset']}, batch {v['batch']}, {v['dtype']}), ours vs diffusers",
+    rows.append((f"UNet fwd+bwd ({r['preset']}, batch {v['batch']}, {v['dtype']}), ours vs diffusers",
                  versus + " img/s", f"{v['ratio']:.2f}x" if "ratio" in v else "diffusers not installed"))
     if v.get("diffusers_eager_img_per_s"):
         rows.append(("ours as configured vs diffusers eager", f"{v['ours_img_per_s']:.1f} vs "
