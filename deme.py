@@ -3751,6 +3751,7 @@ EXAMPLES = """examples:
   python deme.py finetune --dataset cifar10 --ranges 2      one range per machine, then `merge` and `evaluate`
   torchrun --nproc_per_node=8 deme.py --dataset lsun_church --data-dir /data/lsun
   python deme.py fid samples/ stats.npz            FID of two folders or .npz files, like pytorch-fid
+  python deme.py exercise --out course/            a student copy with the key functions to write (EXERCISES.md)
 """
 
 
