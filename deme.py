@@ -296,8 +296,8 @@ class PixelDDPM:
     latents and captions (StableDiffusion, Part II)."""
     name, identity, encode, batch = "", {}, None, 256  # batches are images; no conditioning
 
-    def __init__(self, cfg: "Config", env: "Env", diffusion, theta0):
-        self.cfg, self.env, self.diffusion, self.theta0 = cfg, env, diffusion, theta0
+    def __init__(self, cfg: "Config", theta0):
+        self.cfg, self.theta0 = cfg, theta0
 
     def train_data(self):
         return make_dataset(self.cfg)
@@ -334,7 +334,7 @@ def stage_finetune(cfg: "Config", env: "Env", diffusion=None, theta0=None, backb
     model finetuned (default: the DDPM UNet θ0, PixelDDPM)."""
     diffusion = diffusion or GaussianDiffusion()
     if backbone is None:
-        backbone = PixelDDPM(cfg, env, diffusion, theta0 if theta0 is not None else theta0_model(cfg, env, diffusion))
+        backbone = PixelDDPM(cfg, theta0 if theta0 is not None else theta0_model(cfg, env, diffusion))
     data = backbone.train_data()
     ranges = timestep_ranges(cfg.n_ranges, diffusion.T)
     for i in range_indices(cfg):
@@ -599,7 +599,7 @@ def stage_merge(cfg: "Config", env: "Env", diffusion=None, theta0=None, backbone
     the backbone saves) and merge/search.json, and returns the merged state dict (on rank 0)."""
     diffusion = diffusion or GaussianDiffusion()
     if backbone is None:
-        backbone = PixelDDPM(cfg, env, diffusion, theta0 if theta0 is not None else theta0_model(cfg, env, diffusion))
+        backbone = PixelDDPM(cfg, theta0 if theta0 is not None else theta0_model(cfg, env, diffusion))
     finetuned = [ck["ema"] for ck in range_checkpoints(cfg)]
     base = backbone.merge_base(finetuned[0])
     folder = run_dir(cfg, "merge")
