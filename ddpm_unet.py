@@ -434,17 +434,18 @@ def config_from_diffusers(cfg, where="config.json"):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, sync=True):
     """The one atomic write: the block writes a temporary file beside `path` (same suffix, so writers pick the
-    format), which is synced and renamed over `path` only when the block completes, and removed when it fails: a
-    crash never leaves half a file where a good one was."""
+    format), which is synced (`sync`; the many sample PNGs skip it) and renamed over `path` only when the block
+    completes, and removed when it fails: a crash never leaves half a file where a good one was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if sync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
