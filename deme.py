@@ -2055,15 +2055,6 @@ def pixel_frechet(images_a, images_b, pool=1):
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
-def pixel_frechet_report(fake, real_a, real_b, pool=1):
-    """Pixel Fréchet distance of fake vs real_a, beside real_b vs real_a at the same N (the floor at that N)."""
-    if len(fake) != len(real_b):
-        raise UserError(f"{len(fake)} generated vs {len(real_b)} real images: the real-vs-real reference needs "
-                        f"the same N")
-    return dict(model=pixel_frechet(fake, real_a, pool), real_vs_real=pixel_frechet(real_b, real_a, pool),
-                n=len(fake))
-
-
 def model_fingerprint(model) -> str:
     """SHA-256 of a model's weights: samples on disk are reused only for the very model that made them."""
     return state_fingerprint(unwrap(model).state_dict())

@@ -4,6 +4,7 @@ Sections follow the code: the UNet and its checkpoints (ddpm_unet.py), the diffu
 decoupled finetuning, merging, evaluation, analysis, scale-out, Stable Diffusion, and bad input. Nothing here
 downloads: fake datasets and random weights in the real formats are made by the tests themselves.
 """
+import ast
 import copy
 import dataclasses
 import hashlib
@@ -779,6 +780,10 @@ def test_the_pipeline_runs_every_stage_and_writes_its_table_and_grids(tmp_path):
     assert [r["model"] for r in results["rows"]] == ["theta0", "baseline", "ensemble", "merged"]
     assert all(math.isfinite(r["value"]) and math.isfinite(r["heldout_loss"]) for r in results["rows"])
     assert results["metric"].startswith("pixel Fréchet distance (not FID)") and results["real_vs_real"] >= 0
+    # the floor beside the table: two disjoint sets of real images at the samples' N, pooled as the samples are
+    real_a, real_b = real_image_sets(resolve_config(dict(pretrained="", n_samples=64)), 64)
+    assert len(real_a) == len(real_b) == 64 and results["pixel_pool"] == pixel_pool(16, 3, 64)
+    assert results["real_vs_real"] == pytest.approx(pixel_frechet(real_b, real_a, results["pixel_pool"]), rel=1e-9)
     assert "| merged |" in (out / "results.md").read_text() and (out / "models.png").exists()
     search = json.loads((out / "merge" / "search.json").read_text())
     assert len(search["weights"]) == 4 and search["search"]["evals"] == len(search["search"]["path"]) <= 5
@@ -1544,17 +1549,6 @@ def test_pixel_frechet_is_zero_for_identical_sets_and_dims_c2_for_a_shift(capsys
     assert capsys.readouterr().err == ""
     pixel_frechet(x[:100], x[100:200])
     assert "N=100 < 10 x 48" in capsys.readouterr().err
-
-
-@pytest.mark.part4
-def test_pixel_frechet_report_gives_the_real_vs_real_floor_at_the_same_n():
-    g = torch.Generator().manual_seed(12)
-    real_a, real_b = torch.rand(300, 3, 4, 4, generator=g), torch.rand(200, 3, 4, 4, generator=g)
-    fake = torch.rand(200, 3, 4, 4, generator=g) * 0.5  # too dark, too little contrast
-    report = pixel_frechet_report(fake, real_a, real_b, pool=2)
-    assert report["n"] == 200 and report["real_vs_real"] < report["model"]
-    with pytest.raises(UserError, match="same N"):
-        pixel_frechet_report(fake[:100], real_a, real_b, pool=2)
 
 
 # ----------------------------------------------------------------------------- analysis figures (Fig. 1a, 6a, 6b)
@@ -2932,6 +2926,49 @@ def test_the_ablation_runs_every_row_at_equal_compute_and_writes_its_table_and_c
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         run_one_process("ablation", *argv, "--steps", "3")  # 12 steps do not split over 8 ranges
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading order: the method first, and the README's reading guide true to the code
+
+def _reading_guide_rows():
+    """(cell, names before "Part II:", names after) of each row of the README's reading guide."""
+    readme = (ROOT / "README.md").read_text()
+    guide = readme.split("## Reading the code beside the paper", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[3] for line in guide.splitlines() if line.startswith("| ") and "|---" not in line][1:]
+    names = lambda text: re.findall(r"`([A-Za-z_][\w.]*)`", text)
+    return [(cell, names(cell.partition("Part II:")[0]), names(cell.partition("Part II:")[2])) for cell in rows]
+
+
+@pytest.mark.machinery
+def test_part_one_holds_the_method_first_and_the_reading_guide_names_each_function_where_it_is():
+    lines = (ROOT / "deme.py").read_text().splitlines()
+    start, end = lines.index("# Part I: the method") + 1, lines.index("# Part II: machinery") + 1
+    assert start <= 300 and end - start <= 800, (start, end)  # a student meets DeMe early and reads it in a sitting
+    found = {}  # top-level name -> (module, line)
+    for module in (deme, ddpm_unet):
+        for node in ast.parse(Path(module.__file__).read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node]
+            for t in targets:
+                if isinstance(t, (ast.FunctionDef, ast.ClassDef, ast.Name)):
+                    found.setdefault(getattr(t, "name", None) or t.id, (module, node.lineno))
+    rows = _reading_guide_rows()
+    assert len(rows) >= 15 and sum(len(before) + len(after) for _, before, after in rows) >= 35
+    for cell, before, after in rows:
+        owner = None  # a bare name that is not top-level is a method of the class named before it in the cell
+        for name, part in [(n, "I") for n in before] + [(n, "II") for n in after]:
+            top, _, attr = name.partition(".")
+            if top not in found and owner is not None:
+                top, attr = owner, top
+            assert top in found, f"README reading guide names {name!r}, which is not in deme.py or ddpm_unet.py"
+            module, line = found[top]
+            if attr:
+                assert hasattr(getattr(module, top), attr), name
+                owner = top
+            if "ddpm_unet.py" in cell:
+                assert module is ddpm_unet, name
+            else:
+                assert module is deme and (start < line < end) == (part == "I"), (name, line, part, start, end)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
