@@ -1064,13 +1064,14 @@ def cpu_training_precision(cfg: Config, measure=True) -> str:
     run's UNet show it faster than fp32 (by 10% or more); fp32 everywhere else. Evaluation stays fp32 either way."""
     if not cpu_has_bf16():
         return "fp32"
-    if not measure:  # not a training command, or torchrun (every process must choose alike): native bf16 is used
+    if not measure:  # not a training command: native bf16 is used
         return "bf16"
-    model = timing_unet(cfg)
-    batch = max(1, min(8, cfg.batch_size // cfg.grad_accum))
-    steps = {p: bench_train_step(copy.deepcopy(model), Env(torch.device("cpu"), precision=p), GaussianDiffusion(),
-                                 batch) for p in ("fp32", "bf16")}
-    times = {p: float(np.median(ts)) for p, ts in time_alternately(steps, 3, 1, torch.device("cpu")).items()}
+    with torch.random.fork_rng(devices=[]):  # the timing draws random images: the run's own random stream is kept
+        model = timing_unet(cfg)
+        batch = max(1, min(8, cfg.batch_size // cfg.grad_accum))
+        steps = {p: bench_train_step(copy.deepcopy(model), Env(torch.device("cpu"), precision=p),
+                                     GaussianDiffusion(), batch) for p in ("fp32", "bf16")}
+        times = {p: float(np.median(ts)) for p, ts in time_alternately(steps, 3, 1, torch.device("cpu")).items()}
     speedup = times["fp32"] / times["bf16"]
     choice = "bf16" if speedup >= 1.1 else "fp32"
     print(f"precision auto: {choice} for training (this CPU has native bf16; bf16 autocast measured {speedup:.2f}x "
@@ -1095,19 +1096,22 @@ def setup_env(cfg: Config, trains=True) -> Env:
             device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         if device.type == "cuda" and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {cfg.device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
-    precision = cfg.precision
-    if precision == "auto" and device.type == "cuda":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    elif precision == "auto":
-        precision = cpu_training_precision(cfg, measure=trains and world == 1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # TF32 only where training is not fp32 anyway; evaluation switches it off (Env.exact)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     if world > 1 and not torch.distributed.is_initialized():
         from datetime import timedelta
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
                                              device_id=device if device.type == "cuda" else None)
+    precision = cfg.precision
+    if precision == "auto" and device.type == "cuda":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    elif precision == "auto":  # rank 0 chooses (timing bf16 against fp32) and every process trains as it chose
+        choice = [cpu_training_precision(cfg, measure=trains) if rank == 0 else None]
+        if world > 1:
+            torch.distributed.broadcast_object_list(choice, src=0)
+        precision = choice[0]
+    if device.type == "cuda":  # TF32 only where training is not fp32 anyway; evaluation switches it off (Env.exact)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     on_gpu = device.type == "cuda"
     return Env(device, rank, world, precision,
                compile=on_gpu if cfg.compile is None else cfg.compile,

@@ -586,7 +586,8 @@ def test_batches_resume_where_they_stopped_and_ranks_split_each_global_batch():
 def tiny_cfg(tmp_path, **kw):
     """A config for runs that take seconds: tiny model, small batches, few steps."""
     base = dict(out=str(tmp_path / "run"), device="cpu", pretrained="", batch_size=8, steps=4, train_steps=4,
-                ckpt_every=2, n_samples=32, eval_batch=32, sample_steps=5, search_images=32, search_evals=4)
+                ckpt_every=2, n_samples=32, eval_batch=32, sample_steps=5, search_images=32, search_evals=4,
+                precision="fp32")  # the same numbers on every CPU: auto would time bf16 where the CPU has it
     return deme.resolve_config({**base, **kw})
 
 
@@ -1744,7 +1745,7 @@ DEME = sys.modules[Config.__module__]  # the deme module, to run its main() and 
 TINY_RUN = ["--device", "cpu", "--pretrained", "", "--preset", "tiny", "--train-steps", "3", "--steps", "2", "--n-ranges", "2",
             "--batch-size", "4", "--no-baseline", "--models", "theta0,merged", "--search-images", "16",
             "--search-evals", "3", "--n-samples", "8", "--sample-steps", "2", "--eval-batch", "4", "--eta", "0",
-            "--report-images", "16"]
+            "--report-images", "16", "--precision", "fp32"]  # not timed against bf16: both runs train alike anywhere
 NO_GRIDS = "save_grid = lambda *args, **kwargs: None  # sample grids are not under test and cost seconds on a CPU"
 
 
@@ -2830,13 +2831,37 @@ def test_precision_auto_trains_in_bf16_only_on_a_cpu_with_native_bf16_where_it_m
                         lambda fns, *a, **k: timed.append(1) or {"fp32": [1.0], "bf16": [0.5]})
     assert setup_env(cfg).precision == "fp32" and not timed  # emulated bf16: not even timed
     monkeypatch.setattr(DEME, "cpu_has_bf16", lambda: True)
+    torch.manual_seed(3)
     env = setup_env(cfg)
     assert env.precision == "bf16" and env.eval_precision == "fp32" and timed == [1]
+    after = torch.rand(4)  # the timing's UNet and images came from their own random stream, not the run's
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(4))
     assert "bf16 for training" in capsys.readouterr().out
     monkeypatch.setattr(DEME, "time_alternately", lambda fns, *a, **k: {"fp32": [1.0], "bf16": [0.95]})
     assert setup_env(cfg).precision == "fp32"  # 5% is not worth bf16's rounding
     assert setup_env(dataclasses.replace(cfg, precision="fp32")).precision == "fp32"
     assert setup_env(cfg, trains=False).precision == "bf16"  # nothing trains: nothing to time
+
+
+@pytest.mark.machinery
+def test_under_torchrun_rank_0_times_precision_auto_and_every_process_trains_as_it_chose(tmp_path):
+    # rank 0 measures bf16 slower; rank 1 would measure it faster, but does not time: it follows rank 0
+    script = tmp_path / "choose.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport deme\n"
+                      "deme.cpu_has_bf16 = lambda: True\ntimed = []\n"
+                      "deme.time_alternately = lambda fns, *a, **k: timed.append(1) or "
+                      "{'fp32': [1.0], 'bf16': [1.05 if os.environ['RANK'] == '0' else 0.5]}\n"
+                      "env = deme.setup_env(deme.resolve_config(dict(device='cpu')))\n"
+                      "print(f'rank {env.rank}: {env.precision}, timed {len(timed)}')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(re.findall(r"rank \d: \w+, timed \d", proc.stdout)) == ["rank 0: fp32, timed 1",
+                                                                        "rank 1: fp32, timed 0"], proc.stdout
 
 
 @pytest.mark.part1
