@@ -769,7 +769,7 @@ def test_checkpoints_that_run_code_are_refused_without_running_it(tmp_path):
 
 FAST = ["--device", "cpu", "--pretrained", "", "--train-steps", "10", "--steps", "2", "--batch-size", "8", "--n-samples", "64",
         "--sample-steps", "4", "--eval-batch", "64", "--search-images", "32", "--search-evals", "5",
-        "--report-images", "32"]
+        "--report-images", "32", "--precision", "fp32"]  # auto would time bf16 on CPUs that have it, run by run
 
 
 @pytest.mark.machinery
