@@ -1756,14 +1756,19 @@ def run_one_process(*argv):
         DEME.main(list(argv))
 
 
+def torchrun_env() -> dict:
+    """This process's environment without torchrun's own variables (a nested torchrun sets them anew), one thread
+    per process."""
+    skip = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in skip}, "OMP_NUM_THREADS": "1"}
+
+
 def start_torchrun(tmp, *argv, nproc=2):
     """deme.py under torchrun with nproc CPU processes (gloo), started; finish_torchrun waits for it."""
     script, logs = tmp / "run_deme.py", tmp / f"logs_{argv[0]}"
     script.write_text(f"import sys\nsys.path.insert(0, {str(Path(DEME.__file__).parent)!r})\nimport deme\n"
                       f"deme.{NO_GRIDS}\ndeme.main()\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = torchrun_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "--redirects", "3", "--log-dir", str(logs), str(script), *argv]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), logs, nproc
@@ -2555,10 +2560,8 @@ def _torchrun_script(tmp_path, fail_rank):
     script = tmp_path / "script.py"
     script.write_text(TORCHRUN_SCRIPT.format(root=str(ROOT), data=str(tmp_path / "data"), out=str(tmp_path / "run"),
                                              fail_rank=fail_rank))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--redirects", "3",
-            "--log-dir", str(tmp_path / "logs"), str(script)], dict(env, OMP_NUM_THREADS="1")
+            "--log-dir", str(tmp_path / "logs"), str(script)], torchrun_env()
 
 
 def _rank_output(tmp_path, rank, name):
@@ -2854,11 +2857,8 @@ def test_under_torchrun_rank_0_times_precision_auto_and_every_process_trains_as_
                       "{'fp32': [1.0], 'bf16': [1.05 if os.environ['RANK'] == '0' else 0.5]}\n"
                       "env = deme.setup_env(deme.resolve_config(dict(device='cpu')))\n"
                       "print(f'rank {env.rank}: {env.precision}, timed {len(timed)}')\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+                           str(script)], env=torchrun_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(re.findall(r"rank \d: \w+, timed \d", proc.stdout)) == ["rank 0: fp32, timed 1",
                                                                         "rank 1: fp32, timed 0"], proc.stdout
