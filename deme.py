@@ -14,6 +14,7 @@ Run `python deme.py --help` for the stages and flags.
 """
 import argparse
 import ast
+import bisect
 import contextlib
 import copy
 import dataclasses
@@ -222,9 +223,8 @@ def synthetic_images(n, size=16, seed=0) -> torch.Tensor:
 
 
 # the synthetic dataset's splits: the training images (20,000), the held-out select and report images (2,048 each),
-# and the pixel metric's real images (two disjoint sets each for reporting and for re-ranking)
-SYNTHETIC_SEEDS = {"train": 0, "eval": 0, "select": 1_000_001, "report": 4_000_037,
-                   "real_report": (2_000_003, 3_000_017), "real_rerank": (5_000_011, 6_000_023)}
+# and the pixel metric's two disjoint sets of real images that report
+SYNTHETIC_SEEDS = {"train": 0, "eval": 0, "select": 1_000_001, "report": 4_000_037, "real": (2_000_003, 3_000_017)}
 
 
 # --- I.4 The DeMe loss: DDPM's simple loss plus the consistency loss to θ0 (Eq. 4-5) ---------------------------------
@@ -537,12 +537,6 @@ def search_merge_weights(objective, n, grid=(0.0, 0.25, 0.5, 0.75, 1.0), refine_
     return dict(weights=list(best), value=cache[best], path=path, evals=len(path))
 
 
-def rerank(candidates, score):
-    """Re-score a few candidate weight vectors with a costlier score (e.g. FID); best (lowest) first."""
-    scored = [{"w": list(w), "score": float(score(tuple(w)))} for w in candidates]
-    return sorted(scored, key=lambda c: c["score"])
-
-
 @torch.no_grad()
 def heldout_loss(model, diffusion, images, env: "Env", n_ranges=PAPER.n_ranges, seed=0, batch=256, cond=None):
     """DDPM's simple loss on held-out images, with t stratified over [0, T) and noise fixed by `seed`: the same
@@ -569,14 +563,30 @@ def search_score(mean, per_range, base_per_range, objective="loss") -> float:
     """The merge search's objective from a candidate's held-out loss: "loss", the loss with t uniform over [0, T)
     (dominated by the low-t ranges, whose loss is largest); "per_range", the mean over ranges of each range's loss
     relative to θ0's on that range, so that every range counts alike."""
-    if objective == "loss":
-        return mean
-    return sum(loss / base for loss, base in zip(per_range, base_per_range)) / len(per_range)
+    if objective == "per_range":
+        return sum(loss / base for loss, base in zip(per_range, base_per_range)) / len(per_range)
+    return mean
+
+
+def sample_candidates(path, n, k) -> list:
+    """The weight vectors that the paper's grid search, scored by samples (--search-objective samples), ranks: θ0
+    itself (w = 0), the loss search's best point, and two families of shapes: the shared scale w_i = s (s = 0.25 is
+    the uniform average) and weights rising with t as the official LSUN-Church weights [0.1, 0.1, 0.2, 0.5] do,
+    w_i = s (i + 1) / N. The first k, in this order."""
+    best = min(path, key=lambda p: p["value"])["w"]
+    shaped = lambda s, rising: [round(s * (i + 1) / n if rising else s, 6) for i in range(n)]
+    grid = [shaped(0.5, False), shaped(0.5, True), shaped(0.25, False), shaped(1.0, True), shaped(0.75, False),
+            shaped(1.0, False)]
+    out = []
+    for w in [[0.0] * n, best, *grid]:
+        if w not in out:
+            out.append(w)
+    return out[:k]
 
 
 # Each evaluation role draws its noise from its own seed (and its images from its own split, make_dataset), so that
 # nothing that selected a model (merge weights, re-ranking) is also what reports on it.
-ROLE_SEEDS = {"select": 1, "rerank": 2, "report": 3, "samples": 4}
+ROLE_SEEDS = {"select": 1, "select_samples": 2, "report": 3, "samples": 4}
 
 
 def role_seed(seed, role) -> int:
@@ -596,71 +606,27 @@ def merge_options(cfg: "Config") -> dict:
 
 
 def stage_merge(cfg: "Config", env: "Env", diffusion=None, theta0=None, backbone=None, finetuned=None):
-    """DeMe Eq. 8: θ0 + Σ w_i τ_i with w given, or searched on the selection split; saves merge/merged.pt (or what
-    the backbone saves) and merge/search.json, and returns the merged state dict (on rank 0). finetuned: θ_1..θ_N's
-    state dicts when the caller has loaded them (default: from the ranges' checkpoints)."""
+    """DeMe Eq. 8: θ0 + Σ w_i τ_i with w given, or chosen on the selection split (choose_merge_weights, Part II);
+    saves merge/merged.pt (or what the backbone saves) and merge/search.json, and returns the merged state dict (on
+    rank 0). finetuned: θ_1..θ_N's state dicts when the caller has loaded them (default: the ranges' checkpoints)."""
     diffusion = diffusion or GaussianDiffusion()
     if backbone is None:
         backbone = PixelDDPM(cfg, theta0 if theta0 is not None else theta0_model(cfg, env, diffusion))
     finetuned = finetuned or [ck["ema"] for ck in range_checkpoints(cfg)]
-    base = backbone.merge_base(finetuned[0])
-    folder = run_dir(cfg, "merge")
-    folder.mkdir(parents=True, exist_ok=True)
-    search = None
+    base, search = backbone.merge_base(finetuned[0]), None
     if cfg.merge_weights:
         weights = merge_weight_list(cfg)
     elif cfg.merge_method == "average":
         weights = [1.0 / cfg.n_ranges] * cfg.n_ranges
     else:
-        if cfg.rerank and eval_metric(cfg) == "fid":  # the reference statistics first, shared by all ranks
-            reference_stats(cfg, env, FIDInception(cfg.inception_weights or None))
-        if not env.master:  # the search runs on rank 0 alone
-            env.barrier()
+        search = choose_merge_weights(cfg, env, diffusion, backbone, base, finetuned)
+        if search is None:  # the search ran on rank 0
             return None
-        (images, cond), seed = backbone.selection(), role_seed(cfg.seed, "select")
-        cache_path = folder / "search_cache.json"
-        # the losses depend on these; a cache made with anything else is dropped, never reused
-        scored_with = dict(method=cfg.merge_method, options=merge_options(cfg), images=len(images), split="select",
-                           seed=seed, ranges=[state_fingerprint(sd) for sd in finetuned])
-        cache = json.loads(cache_path.read_text()) if cache_path.exists() and not cfg.overwrite else {}
-        values = cache.get("values", {}) if cache.get("scored_with") == scored_with else {}
-        model = backbone.build(base).to(env.device)
-
-        def losses(w):  # [mean, per range] held-out loss of θ0 + Σ w_i τ_i; on disk: a resumed search repeats none
-            key = json.dumps([round(x, 6) for x in w])
-            if key not in values:
-                model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
-                values[key] = list(heldout_loss(model, diffusion, images, env, cfg.n_ranges, seed, backbone.batch,
-                                                cond))
-                atomic_write_text(json.dumps(dict(scored_with=scored_with, values=values)), cache_path)
-            return values[key]
-
-        theta0_per_range = losses((0.0,) * cfg.n_ranges)[1]
-        search = search_merge_weights(lambda w: search_score(*losses(w), theta0_per_range, cfg.search_objective),
-                                      cfg.n_ranges, max_evals=cfg.search_evals, progress=env.master)
-        for point in search["path"]:
-            point["loss"], point["loss_per_range"] = losses(point["w"])
         weights = search["weights"]
-        what = ("each range's held-out loss relative to θ0's, averaged over the ranges"
-                if cfg.search_objective == "per_range" else "held-out loss")
-        search["objective"] = (f"{what}; {len(images)} selection images ({split_description(cfg, 'select')}), t "
-                               f"stratified over [0, {diffusion.T}), noise seed {seed}")
-        search.update(objective_name=cfg.search_objective, images=len(images),
-                      source=split_description(cfg, "select"), noise_seed=seed)
-        search["chosen"] = dict(zip(("loss", "loss_per_range"), losses(weights)),
-                                theta0_loss_per_range=theta0_per_range)
-        if cfg.rerank > 1:  # the loss is a proxy: let sample quality pick among the best few it found
-
-            def quality(w):
-                model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
-                return sample_quality(cfg, env, diffusion, model, cfg.rerank_samples, role_seed(cfg.seed, "rerank"))
-
-            best = sorted(search["path"], key=lambda p: p["value"])[:cfg.rerank]
-            search["rerank"] = rerank([p["w"] for p in best], quality)
-            search.update(rerank_noise_seed=role_seed(cfg.seed, "rerank"), rerank_samples=cfg.rerank_samples)
-            weights = search["rerank"][0]["w"]
     merged = merge(base, finetuned, weights, cfg.merge_method, **merge_options(cfg))
     if env.master:
+        folder = run_dir(cfg, "merge")
+        folder.mkdir(parents=True, exist_ok=True)
         record = dict(method=cfg.merge_method, weights=weights, options=merge_options(cfg), search=search)
         merged = backbone.save_merged(merged, record, folder)
         atomic_write_text(json.dumps(record, indent=2), folder / "search.json")
@@ -765,7 +731,8 @@ class Config:
     device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     resume: bool = _opt(False, "continue the interrupted stages of this run folder from their last checkpoint")
     overwrite: bool = _opt(False, "start over, replacing what this run folder holds")
-    precision: str = _opt("auto", "training autocast precision (auto: bf16 on a GPU that has it, else fp32)",
+    precision: str = _opt("auto", "training autocast precision (auto: bf16 on a GPU that has it, else fp32; on a CPU "
+                                  "with native bf16, bf16 is an opt-in: README)",
                           ["auto", "fp32", "bf16", "fp16"])
     eval_precision: str = _opt("fp32", "precision of everything that measures or selects: the merge-weight search, "
                                        "every sampler and FID (bf16: faster, less exact)", ["fp32", "bf16"])
@@ -825,14 +792,15 @@ class Config:
     heldout_fraction: float = _opt(0.1, "folder and LSUN: the share of images held out from training, chosen by a "
                                         "hash of each file's path (half selects, half reports)")
     search_images: int = _opt(512, "selection images (held out from training) scoring the merge-weight search")
-    search_objective: str = _opt("loss", "what the search minimises: loss (the held-out loss with t uniform over "
-                                         "[0, T)) or per_range (each range's held-out loss relative to θ0's on that "
-                                         "range, averaged over ranges); README: loss won on the report split",
-                                 ["loss", "per_range"])
-    search_evals: int = _opt(60, "most merge candidates the search scores")
-    rerank: int = _opt(0, "re-rank this many of the search's best candidates by sample quality (pixel Fréchet "
-                          "distance or FID, as --metric); 0: off")
-    rerank_samples: int = _opt(2048, "samples per candidate when re-ranking")
+    search_objective: str = _opt("samples", "what chooses w: loss (coordinate descent on the held-out loss with t "
+                                         "uniform over [0, T)), per_range (each range's held-out loss relative to "
+                                         "θ0's, averaged) or samples (candidates ranked by the sample metric of "
+                                         "selection noise against selection images)", ["loss", "per_range", "samples"])
+    search_evals: int = _opt(60, "most merge candidates the loss search scores")
+    search_candidates: int = _opt(8, "samples objective: most candidates it ranks (θ0, the loss search's best, "
+                                     "shared scales, weights rising with t)")
+    search_samples: int = _opt(0, "samples per candidate of the samples objective and per model of the analysis's "
+                                  "partial ensembles (0: --n-samples, so that selection and report compare alike)")
     ties_k: float = _opt(PAPER.ties_k, "TIES: percent of each task vector's entries kept")
     ties_lam: float = _opt(PAPER.ties_lam, "TIES: scale of the merged task vector")
     dare_p: float = _opt(PAPER.dare_p, "DARE: drop probability (DARE's main setting)")
@@ -856,8 +824,10 @@ class Config:
     bench_iters: int = _opt(5, "timed rounds per measurement after a warm-up; the median is reported (the forward "
                                "pass of θ0 vs the merged model gets 3x as many)")
     # analysis (analyze stage)
-    figures: str = _opt("conflict,landscape,norms", "analysis figures the analyze stage draws: conflict (gradient "
-                        "conflict, Fig. 1a), landscape (merge landscape, Fig. 6a), norms (task-vector norms, Fig. 6b)")
+    figures: str = _opt("all", "what the analyze stage draws: conflict (gradient conflict, Fig. 1a), landscape "
+                        "(merge landscape, Fig. 6a), norms (task-vector norms, Fig. 6b); the merge's diagnostics: "
+                        "stationarity (per-range gradients at θ0), seeds (task vectors across --seeds), interference "
+                        "(each range's loss under θ0 + s τ_i), partial (θ0 with one range's model); all")
     conflict_timesteps: int = _opt(20, "K, the timesteps of the gradient-conflict figure: the centres of K equal bins")
     landscape_ranges: str = _opt("", "i,j: the two ranges whose task vectors span the merge-landscape plane "
                                      "(default: 0 and N-1)")
@@ -879,29 +849,106 @@ DATASET_PRESETS = {
     # the CPU pipeline, from the θ0 shipped in assets/ (`python deme.py train` trains it afresh)
     "synthetic": dict(CPU_RECIPE, pretrained="tiny_synthetic"),
     # the paper's recipes (DeMe Sec. 4 and the official scripts; DDIM-100 for CIFAR-10, 50 steps for LSUN)
-    "cifar10": dict(preset="cifar10", pretrained="cifar10", flip=True, sample_steps=100),
+    "cifar10": dict(preset="cifar10", pretrained="cifar10", flip=True, sample_steps=100, search_samples=5000),
     "lsun_church": dict(preset="lsun256", pretrained="lsun_church", batch_size=64, grad_accum=4, sample_steps=50,
-                        eval_batch=64, variance="fixedsmall"),
+                        eval_batch=64, variance="fixedsmall", search_samples=5000),
     "lsun_bedroom": dict(preset="lsun256", pretrained="lsun_bedroom", batch_size=64, grad_accum=4, sample_steps=50,
-                         eval_batch=64, variance="fixedsmall"),
-    "folder": dict(),  # on a GPU the paper's finetuning budget; on a CPU the CPU recipe (resolve_config)
+                         eval_batch=64, variance="fixedsmall", search_samples=5000),
+    "folder": dict(search_samples=5000),  # on a GPU the paper's finetuning budget; on a CPU the CPU recipe
 }
 
 
-def resolve_config(given: dict) -> Config:
-    """Defaults < dataset preset < flags given on the command line; then check the values."""
+def preset_of(given: dict) -> tuple:
+    """(name, values) of the dataset preset that fills in what no flag gives."""
     dataset = given.get("dataset", Config.dataset)
     if dataset not in DATASET_PRESETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_PRESETS)}")
-    preset = DATASET_PRESETS[dataset]
     device = given.get("device", Config.device)
+    name, values = f"the {dataset} preset", DATASET_PRESETS[dataset]
     if dataset == "folder" and (device == "cpu" or device == "auto" and not torch.cuda.is_available()):
-        preset = dict(CPU_RECIPE, metric="pixel")  # your own images on a laptop: θ0 trained here first (`train`)
-    cfg = Config(**{**preset, **given})
+        name, values = "the CPU recipe", dict(CPU_RECIPE, metric="pixel")  # a laptop: θ0 trained here first
+    if given.get("model") == "sd":  # no sample metric for Stable Diffusion here: its search scores the loss
+        values = dict(values, search_objective="loss")
+    return name, values
+
+
+def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
+    """Defaults < dataset preset < flags given on the command line; a folder's held-out splits fitted to its size
+    (fit_folder, which appends what it changed to `notes`); then the values checked."""
+    cfg = Config(**{**preset_of(given)[1], **given})
     if not cfg.out:
         cfg.out = f"runs/{cfg.dataset}"
     check_config(cfg)
+    if cfg.dataset == "folder" and cfg.model == "ddpm":
+        cfg, note = fit_folder(cfg, given)
+        if note and notes is not None:
+            notes.append(note)
     return cfg
+
+
+# A folder too small for the held-out counts asked for holds out a larger share of its images, up to 30%.
+HELDOUT_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3)
+MIN_FOLDER_IMAGES, MIN_HELDOUT_IMAGES = 100, 8
+
+
+def fit_folder(cfg: Config, given: dict) -> tuple:
+    """(cfg, note) for --dataset folder: where the selection or report split is smaller than --search-images or
+    --report-images, the held-out share rises, then every count no flag gave is capped at what its split holds
+    (--n-samples too, for the pixel metric's two sets of real training images); note says what changed."""
+    names = [p.relative_to(cfg.data_dir).as_posix() for p in image_files(cfg.data_dir)]
+    if len(names) < MIN_FOLDER_IMAGES:
+        raise UserError(f"{cfg.data_dir} holds {len(names)} images, too few to train, select and report: use a folder "
+                        f"of at least {MIN_FOLDER_IMAGES} images")
+    h = sorted(unit_hash(name) for name in names)
+
+    def split_sizes(fraction):  # (select, report, train), as heldout_role splits
+        select, held = bisect.bisect_left(h, fraction / 2), bisect.bisect_left(h, fraction)
+        return select, held - select, len(h) - held
+
+    fraction = cfg.heldout_fraction
+    if "heldout_fraction" not in given:
+        fraction = next((f for f in HELDOUT_FRACTIONS if f >= fraction and split_sizes(f)[0] >= cfg.search_images
+                         and split_sizes(f)[1] >= cfg.report_images), max(fraction, HELDOUT_FRACTIONS[-1]))
+    select, report, train = split_sizes(fraction)
+    if min(select, report) < MIN_HELDOUT_IMAGES:
+        raise UserError(f"at --heldout-fraction {fraction} the selection and report splits of {cfg.data_dir} get "
+                        f"{select} and {report} images, fewer than {MIN_HELDOUT_IMAGES}; raise --heldout-fraction")
+    changed = {k: v for k, v in dict(search_images=select, report_images=report).items()
+               if k not in given and getattr(cfg, k) > v}
+    if eval_metric(cfg) == "pixel":  # real images: two sets from the training split, one from the selection split
+        if "n_samples" not in given and cfg.n_samples > train // 2:
+            changed["n_samples"] = train // 2
+        if "search_samples" not in given and (cfg.search_samples or changed.get("n_samples", cfg.n_samples)) > select:
+            changed["search_samples"] = select
+    if fraction != cfg.heldout_fraction:
+        changed = dict(heldout_fraction=fraction, **changed)
+    if not changed:
+        return cfg, ""
+    why = dict(heldout_fraction=f"{select} images to select and {report} to report",
+               search_images="what the selection split holds", report_images="what the report split holds",
+               search_samples="the selection split's real images for the pixel metric",
+               n_samples="two sets of real training images for the pixel metric")
+    note = "; ".join(f"--{k.replace('_', '-')} {getattr(cfg, k) or cfg.n_samples} -> {v} ({why[k]})"
+                     for k, v in changed.items())
+    return dataclasses.replace(cfg, **changed), f"{cfg.data_dir} holds {len(names):,} images: {note}"
+
+
+def config_summary(cfg: Config, given: dict, stage: str, notes=(), saved=True) -> str:
+    """What this run's configuration changes from the defaults, and where each change came from (the whole of it
+    is in config_<stage>.json)."""
+    preset_name, preset = preset_of(given)
+    default = Config(out=cfg.out)
+    groups = {"flags": {}, preset_name: {}, "fitted to the folder": {}}
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        where = "flags" if f.name in given else preset_name if preset.get(f.name) == value else "fitted to the folder"
+        if f.name in given or value != getattr(default, f.name):
+            groups[where][f.name] = value
+    lines = [f"deme.py {stage}: {cfg.dataset} into {cfg.out}; what differs from the defaults:"]
+    lines += [f"  from {where}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+              for where, values in groups.items() if values]
+    saved = [f"  the whole configuration: {run_dir(cfg, f'config_{stage}.json')}"] if saved else []
+    return "\n".join(lines + [f"  note: {n}" for n in notes] + saved)
 
 
 def check_config(cfg: Config):
@@ -909,8 +956,9 @@ def check_config(cfg: Config):
     if cfg.model == "sd" and (cfg.dataset != "folder" or not cfg.pretrained):
         raise UserError("--model sd needs --pretrained SD_PIPELINE_FOLDER and --dataset folder --data-dir DIR "
                         "(images plus metadata.jsonl)")
-    if cfg.model == "sd" and cfg.rerank:
-        raise UserError("--rerank re-ranks by the pixel or FID metric of DDPM samples; drop it with --model sd")
+    if cfg.model == "sd" and cfg.search_objective == "samples":
+        raise UserError("--search-objective samples scores DDPM samples by the pixel or FID metric; use loss or "
+                        "per_range with --model sd")
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     if not 1 <= cfg.n_ranges <= 1000 or 1000 % cfg.n_ranges:
@@ -934,14 +982,16 @@ def check_config(cfg: Config):
     if cfg.model != "sd" and cfg.model != "ddpm":
         raise UserError(f"unknown --model {cfg.model!r}; use ddpm or sd")
     for name in ("steps", "batch_size", "grad_accum", "n_samples", "eval_batch", "sample_steps", "train_steps",
-                 "ckpt_every", "search_evals", "search_images", "report_images", "bench_iters", "rerank_samples"):
+                 "ckpt_every", "search_evals", "search_images", "report_images", "bench_iters"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.eta < 0:
         raise UserError(f"--eta {cfg.eta} is negative; DDIM's eta is 0 (deterministic) or more (1: DDPM-like)")
-    if cfg.rerank == 1 or cfg.rerank < 0 or cfg.rerank > cfg.search_evals:
-        raise UserError(f"--rerank {cfg.rerank}: give 0 (off) or K in 2..--search-evals ({cfg.search_evals}) "
-                        f"candidates to re-rank; one candidate has nothing to be ranked against")
+    if cfg.search_samples < 0:
+        raise UserError(f"--search-samples {cfg.search_samples} is negative; give a count, or 0 for --n-samples")
+    if cfg.search_candidates < 2:
+        raise UserError(f"--search-candidates {cfg.search_candidates}: give 2 or more; one candidate has nothing to "
+                        f"be ranked against")
     if not 0.0 < cfg.heldout_fraction < 1.0:
         raise UserError(f"--heldout-fraction {cfg.heldout_fraction} must lie strictly between 0 and 1, e.g. 0.1")
     if 1000 % cfg.sample_steps and cfg.sampler == "ddim":
@@ -1054,34 +1104,14 @@ def cpu_has_bf16() -> bool:
 
 def timing_unet(cfg: Config) -> UNet:
     """A fresh UNet of the run's preset and resolution, without dropout as finetuning runs it (official code): what
-    the benchmark, the plan line and --precision auto time (speed does not depend on the weights)."""
+    the benchmark and the plan line time (speed does not depend on the weights)."""
     return set_dropout(UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {})),
                        0.0)
 
 
-def cpu_training_precision(cfg: Config, measure=True) -> str:
-    """--precision auto on a CPU: bf16 autocast where the CPU has native bf16 and a few timed training steps of this
-    run's UNet show it faster than fp32 (by 10% or more); fp32 everywhere else. Evaluation stays fp32 either way."""
-    if not cpu_has_bf16():
-        return "fp32"
-    if not measure:  # not a training command: native bf16 is used
-        return "bf16"
-    with torch.random.fork_rng(devices=[]):  # the timing draws random images: the run's own random stream is kept
-        model = timing_unet(cfg)
-        batch = max(1, min(8, cfg.batch_size // cfg.grad_accum))
-        steps = {p: bench_train_step(copy.deepcopy(model), Env(torch.device("cpu"), precision=p),
-                                     GaussianDiffusion(), batch) for p in ("fp32", "bf16")}
-        times = {p: float(np.median(ts)) for p, ts in time_alternately(steps, 3, 1, torch.device("cpu")).items()}
-    speedup = times["fp32"] / times["bf16"]
-    choice = "bf16" if speedup >= 1.1 else "fp32"
-    print(f"precision auto: {choice} for training (this CPU has native bf16; bf16 autocast measured {speedup:.2f}x "
-          f"the speed of fp32 on {batch}-image steps of the {cfg.preset} UNet); evaluation stays fp32")
-    return choice
-
-
-def setup_env(cfg: Config, trains=True) -> Env:
-    """Device and precision from the config (`trains`: time bf16 against fp32 where --precision auto meets a CPU
-    with native bf16); torch.distributed when torchrun started several processes."""
+def setup_env(cfg: Config) -> Env:
+    """Device and precision from the config, decided by what the machine is and never by a timing (--precision auto:
+    bf16 on a GPU that has it, fp32 elsewhere); torch.distributed when torchrun started several processes."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
@@ -1103,13 +1133,8 @@ def setup_env(cfg: Config, trains=True) -> Env:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
                                              device_id=device if device.type == "cuda" else None)
     precision = cfg.precision
-    if precision == "auto" and device.type == "cuda":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    elif precision == "auto":  # rank 0 chooses (timing bf16 against fp32) and every process trains as it chose
-        choice = [cpu_training_precision(cfg, measure=trains) if rank == 0 else None]
-        if world > 1:
-            torch.distributed.broadcast_object_list(choice, src=0)
-        precision = choice[0]
+    if precision == "auto":  # CPUs too train in fp32: bf16 there is an opt-in (README, "bf16 on CPUs")
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cuda":  # TF32 only where training is not fp32 anyway; evaluation switches it off (Env.exact)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     on_gpu = device.type == "cuda"
@@ -1443,8 +1468,9 @@ def theta0_model(cfg: Config, env: Env, diffusion) -> UNet:
 
 def stage_identity(cfg: Config, **extra) -> dict:
     """The settings that make a trained model what it is (a reused checkpoint must agree on all of them)."""
+    split = {} if cfg.dataset in ("synthetic", "cifar10") else dict(heldout_fraction=cfg.heldout_fraction)
     return dict(dataset=cfg.dataset, pretrained=cfg.pretrained or "pretrain/ckpt.pt", grad_accum=cfg.grad_accum,
-                adam_betas=list(cfg.adam_betas), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                **split, adam_betas=list(cfg.adam_betas), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                 ema_decay=cfg.ema_decay, flip=cfg.flip, dropout=cfg.dropout or 0.0, **extra)
 
 
@@ -1598,11 +1624,16 @@ def image_files(folder) -> list:
     return good
 
 
+def unit_hash(name: str) -> float:
+    """A number in [0, 1) fixed by `name` alone (the first 8 bytes of its SHA-256)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2 ** 64
+
+
 def heldout_role(name: str, fraction: float) -> str:
     """"train", "select" or "report" for the image called `name` (its path relative to the data folder, or its LSUN
     key), decided by a hash of the name, so that adding files never moves one from a split to another: a `fraction`
     of the images is held out from training, half of it to select (merge weights, re-ranking), half to report."""
-    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2 ** 64  # uniform in [0, 1)
+    h = unit_hash(name)
     return "select" if h < fraction / 2 else "report" if h < fraction else "train"
 
 
@@ -1724,11 +1755,11 @@ def make_dataset(cfg: Config, split="train", n=None):
     return ImageFolder(cfg.data_dir, size, False, role, cfg.heldout_fraction)
 
 
-def held_out_split(cfg: Config, n, role):
+def held_out_split(cfg: Config, n, role, flag=None):
     """The "select" or "report" split (make_dataset), or one line saying it holds fewer than the n images asked for."""
     ds = make_dataset(cfg, role, n)
     if len(ds) < n:
-        flag = "--search-images" if role == "select" else "--report-images"
+        flag = flag or ("--search-images" if role == "select" else "--report-images")
         raise UserError(f"the {role} split of {cfg.dataset} has {len(ds)} images, fewer than {flag} {n}; lower "
                         f"{flag}" + ("" if cfg.dataset == "cifar10" else " or raise --heldout-fraction"))
     return ds
@@ -2147,18 +2178,89 @@ def gather_strided(part, env: Env) -> torch.Tensor:
     return out
 
 
-def sample_quality(cfg: Config, env: Env, diffusion, model, n, seed) -> float:
-    """The evaluation metric (pixel Fréchet distance or FID, as --metric) of n samples of noise seed `seed`, computed
-    in memory by this process alone (the merge search's re-ranking runs on rank 0)."""
-    samples = sample_in_memory(cfg, env, diffusion, model, n, seed)
+def selection_samples(cfg: Config) -> int:
+    return cfg.search_samples or cfg.n_samples
+
+
+def selection_quality(cfg: Config, env: Env, diffusion, model) -> float:
+    """The sample metric that selects (pixel Fréchet distance or FID, as --metric): --search-samples samples from the
+    selection noise seed against the selection split's real images, never the report split's; computed in memory by
+    this process alone (the merge search runs on rank 0)."""
+    n = selection_samples(cfg)
+    samples = sample_in_memory(cfg, env, diffusion, model, n, role_seed(cfg.seed, "select_samples"))
     if eval_metric(cfg) == "pixel":
-        real, _ = real_image_sets(cfg, n, "rerank")
+        real = heldout_images(cfg, n, "select")
         return pixel_frechet(samples, real, pixel_pool(real.shape[-1], real.shape[1], n))
     inception = FIDInception(cfg.inception_weights or None)
     x = torch.from_numpy(images_to_uint8(samples)).permute(0, 3, 1, 2).float() / 255  # as PNGs read back
     alone = dataclasses.replace(env, rank=0, world=1)
     stats = inception_statistics(x.split(cfg.eval_batch), n, inception, alone, "FID features")
-    return frechet_distance(*stats, *reference_stats(cfg, alone, inception))
+    return frechet_distance(*stats, *reference_stats(cfg, alone, inception, "select"))
+
+
+def score_cache(path: Path, scored_with: dict, fresh=False):
+    """cached(kind, w, compute): candidate w's score of that kind, computed once and kept in `path` while everything
+    it depends on (`scored_with`) stays the same; a cache made with anything else is dropped, never reused."""
+    saved = json.loads(path.read_text()) if path.exists() and not fresh else {}
+    values = saved.get("values", {}) if saved.get("scored_with") == scored_with else {}
+
+    def cached(kind, w, compute):
+        key = kind + json.dumps([round(x, 6) for x in w])
+        if key not in values:
+            values[key] = compute()
+            atomic_write_text(json.dumps(dict(scored_with=scored_with, values=values)), path)
+        return values[key]
+    return cached
+
+
+def choose_merge_weights(cfg: Config, env: Env, diffusion, backbone, base, finetuned) -> Optional[dict]:
+    """The merge search, on rank 0 (the others wait, and get None): coordinate descent on the selection split's
+    held-out loss (search_merge_weights; objective loss or per_range), and for --search-objective samples the
+    paper's grid search scored by samples: sample_candidates ranked by selection_quality. Every score is cached."""
+    samples = cfg.search_objective == "samples"
+    if samples and eval_metric(cfg) == "fid":  # the selection split's statistics first, shared by all ranks
+        reference_stats(cfg, env, FIDInception(cfg.inception_weights or None), "select")
+    if not env.master:
+        env.barrier()
+        return None
+    (images, cond), seed, n = backbone.selection(), role_seed(cfg.seed, "select"), cfg.n_ranges
+    sampler = dict(n=selection_samples(cfg), sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta, metric=
+                   eval_metric(cfg), precision=cfg.eval_precision) if samples else None
+    cached = score_cache(run_dir(cfg, "merge", "search_cache.json"), dict(
+        method=cfg.merge_method, options=merge_options(cfg), images=len(images), split="select", seed=seed,
+        ranges=[state_fingerprint(sd) for sd in finetuned], samples=sampler), cfg.overwrite)
+    model = backbone.build(base).to(env.device)
+
+    def merged(w):
+        model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
+        return model
+
+    def losses(w):  # [mean, per range] held-out loss of θ0 + Σ w_i τ_i on the selection split
+        return cached("loss", w, lambda: list(heldout_loss(merged(w), diffusion, images, env, n, seed,
+                                                             backbone.batch, cond)))
+
+    theta0_per_range = losses((0.0,) * n)[1]
+    objective = "loss" if samples else cfg.search_objective
+    search = search_merge_weights(lambda w: search_score(*losses(w), theta0_per_range, objective), n,
+                                  max_evals=cfg.search_evals, progress=env.master)
+    for point in search["path"]:
+        point["loss"], point["loss_per_range"] = losses(point["w"])
+    what = dict(loss="held-out loss", per_range="each range's held-out loss relative to θ0's, averaged over the "
+                "ranges", samples=f"sample metric of {selection_samples(cfg)} samples (noise seed "
+                f"{role_seed(cfg.seed, 'select_samples')}) against selection images, among candidates from the "
+                f"held-out loss")[cfg.search_objective]
+    search.update(objective=f"{what}; {len(images)} selection images ({split_description(cfg, 'select')}), t "
+                            f"stratified over [0, {diffusion.T}), noise seed {seed}", objective_name=cfg.search_objective,
+                  images=len(images), source=split_description(cfg, "select"), noise_seed=seed)
+    if samples:
+        scored = [dict(w=w, score=cached("samples", w, lambda: selection_quality(cfg, env, diffusion, merged(w))))
+                  for w in tqdm(sample_candidates(search["path"], n, cfg.search_candidates), desc="candidates")]
+        search.update(samples=sorted(scored, key=lambda c: c["score"]), search_samples=selection_samples(cfg),
+                      samples_noise_seed=role_seed(cfg.seed, "select_samples"))
+        search["weights"] = search["samples"][0]["w"]
+    search["chosen"] = dict(zip(("loss", "loss_per_range"), losses(search["weights"])),
+                            theta0_loss_per_range=theta0_per_range)
+    return search
 
 
 def eval_metric(cfg: Config) -> str:
@@ -2177,37 +2279,36 @@ def check_pixel_reference(size, n):
     """One line unless a training split of `size` images holds the 2 x n real images the pixel metric compares."""
     if size < 2 * n:
         raise UserError(f"the training split has {size} images, fewer than 2 x {n} for the pixel Fréchet distance "
-                        f"and its real-vs-real floor; lower --n-samples (and --rerank-samples)")
+                        f"and its real-vs-real floor; lower --n-samples")
 
 
-def real_image_sets(cfg: Config, n, role="report"):
-    """Two disjoint sets of n real images, the pixel metric's reference and its real-vs-real floor; the re-ranking
-    (role "rerank") gets its own (synthetic: other seeds; folders: the next training images of the same shuffle,
-    where there are enough)."""
+def real_image_sets(cfg: Config, n):
+    """Two disjoint sets of n real images that report: the pixel metric's reference and its real-vs-real floor
+    (synthetic: two other seeds; else training images, as FID compares with training-set statistics)."""
     if cfg.dataset == "synthetic":
         res = cfg.image_size or PRESETS[cfg.preset]["resolution"]
-        a, b = SYNTHETIC_SEEDS["real_" + role]
+        a, b = SYNTHETIC_SEEDS["real"]
         return synthetic_images(n, res, seed=a), synthetic_images(n, res, seed=b)
     ds = make_dataset(cfg, "eval")
     check_pixel_reference(len(ds), n)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))
-    first = 2 * n if role == "rerank" and len(ds) >= 4 * n else 0
-    images = torch.stack([ds[int(i)] for i in idx[first:first + 2 * n]])
+    images = torch.stack([ds[int(i)] for i in idx[:2 * n]])
     return images[:n], images[n:]
 
 
-def reference_stats(cfg: Config, env: Env, inception):
-    """FID statistics of the training set: --fid-stats, or computed once and cached in the run folder."""
-    if cfg.fid_stats:
+def reference_stats(cfg: Config, env: Env, inception, split="eval"):
+    """FID statistics of the training set (--fid-stats, or computed once and cached in the run folder), or of the
+    selection split (split "select": what the samples objective compares with)."""
+    if cfg.fid_stats and split == "eval":
         return load_stats(cfg.fid_stats)
-    cache = run_dir(cfg, f"fid_stats_{cfg.dataset}.npz")
+    cache = run_dir(cfg, f"fid_stats_{cfg.dataset}" + ("_select" if split == "select" else "") + ".npz")
     if cache.exists():
         return load_stats(cache)
-    ds = make_dataset(cfg, "eval")
+    ds = make_dataset(cfg, split)
     mine = torch.utils.data.Subset(ds, range(env.rank, len(ds), env.world))  # every rank a share (LSUN: 3M images)
     loader = torch.utils.data.DataLoader(mine, batch_size=cfg.eval_batch, num_workers=cfg.workers)
     as_read_back = (torch.from_numpy(images_to_uint8(x)).permute(0, 3, 1, 2).float() / 255 for x in loader)  # as PNGs
-    mu, sigma = inception_statistics(as_read_back, len(ds), inception, env, "FID statistics of the training set")
+    mu, sigma = inception_statistics(as_read_back, len(ds), inception, env, f"FID statistics of the {split} split")
     if env.master:
         save_stats(cache, mu, sigma)
     env.barrier()
@@ -2236,8 +2337,8 @@ def evaluation_protocol(cfg: Config, metric: str) -> dict:
         select=(dict(images=search["images"], source=search["source"], noise_seed=search["noise_seed"],
                      objective=search["objective_name"], weights=record["weights"])
                 if "noise_seed" in search else f"none: weights {record.get('weights')} given or averaged"),
-        rerank=(dict(samples=search["rerank_samples"], noise_seed=search["rerank_noise_seed"],
-                     candidates=len(search["rerank"])) if "rerank" in search else "off"),
+        select_samples=(dict(samples=search["search_samples"], noise_seed=search["samples_noise_seed"],
+                             candidates=len(search["samples"])) if "samples" in search else "off"),
         report_loss=dict(images=cfg.report_images, source=split_description(cfg, "report"),
                          noise_seed=role_seed(cfg.seed, "report")),
         report_samples=dict(samples=cfg.n_samples, noise_seed=role_seed(cfg.seed, "samples"),
@@ -2315,8 +2416,9 @@ def results_markdown(results, cfg: Config) -> str:
     sel = (f"merge weights {p['select']['weights']} selected on {p['select']['images']} images "
            f"({p['select']['source']}; noise seed {p['select']['noise_seed']}; objective {p['select']['objective']})"
            if isinstance(p["select"], dict) else f"merge weights: {p['select']}")
-    if isinstance(p["rerank"], dict):
-        sel += f", re-ranked on {p['rerank']['samples']} samples of noise seed {p['rerank']['noise_seed']}"
+    if isinstance(p["select_samples"], dict):
+        sel += (f", ranked among {p['select_samples']['candidates']} candidates by {p['select_samples']['samples']} "
+                f"samples of noise seed {p['select_samples']['noise_seed']}")
     lines += ["", f"Protocol: trained on {p['train']}; {sel}; held-out loss on {p['report_loss']['images']} other "
               f"images ({p['report_loss']['source']}; noise seed {p['report_loss']['noise_seed']}); samples from noise "
               f"seed {p['report_samples']['noise_seed']}, which no selection step used; evaluation in "
@@ -2449,7 +2551,7 @@ def side_by_side(grids: dict, path, scale=None):
 
 # --- II.6 The paper's figures: gradient conflict (Fig. 1a), merge landscape (Fig. 6a), task vectors (Fig. 6b) ---
 
-ANALYSIS_FIGURES = ("conflict", "landscape", "norms")
+ANALYSIS_FIGURES = ("conflict", "landscape", "norms", "stationarity", "seeds", "interference", "partial")
 
 
 def landscape_grid(points=15) -> tuple:
@@ -2467,12 +2569,10 @@ def conflict_timesteps(k, T=1000) -> list:
     return [int((i + 0.5) * T / k) for i in range(k)]
 
 
-def gradient_conflict(model, diffusion, images, timesteps, env: Env, batch=64, seed=0) -> np.ndarray:
-    """DeMe Fig. 1a: the (K, K) matrix cos(g_a, g_b), g_t = ∇_θ of DDPM's simple loss at the fixed timestep t over
-    all parameters, on the same images with the same noise for every t (common random numbers, fixed by `seed`),
-    so that two gradients differ by t alone. g_t is the gradient of the mean loss over all images, accumulated in
-    batches of `batch` (memory only); fp32, dropout off. Holds the K gradients on env.device: K x 4 bytes per
-    parameter."""
+def loss_gradients(model, diffusion, images, timesteps, env: Env, batch=64, seed=0) -> torch.Tensor:
+    """(K, P): g_k = ∇_θ over all parameters of DDPM's simple loss, the mean over `images` with image b at timestep
+    timesteps[k][b], and the same noise (fixed by `seed`) for every k: common random numbers, so that two gradients
+    differ by their timesteps alone. Accumulated in batches of `batch` (memory only); fp32, dropout off."""
     model = model.to(env.device)
     params = list(model.parameters())
     was_training, needed_grad = model.training, [p.requires_grad for p in params]
@@ -2481,11 +2581,10 @@ def gradient_conflict(model, diffusion, images, timesteps, env: Env, batch=64, s
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     grads = torch.zeros(len(timesteps), sum(p.numel() for p in params), device=env.device)  # (K, P)
     try:
-        for k, t in enumerate(tqdm(timesteps, desc="gradient per timestep", leave=False, disable=not env.master)):
+        for k, t in enumerate(tqdm(timesteps, desc="loss gradients", leave=False, disable=not env.master)):
             for s in range(0, n, batch):
-                x0, eps = images[s:s + batch].to(env.device), noise[s:s + batch].to(env.device)
-                tb = torch.full((len(x0),), int(t), device=env.device, dtype=torch.long)
-                loss = training_loss(model, None, diffusion, x0, tb, eps) * (len(x0) / n)  # this batch's share of the mean
+                x0, eps, tb = (v[s:s + batch].to(env.device) for v in (images, noise, t))
+                loss = training_loss(model, None, diffusion, x0, tb, eps) * (len(x0) / n)  # this batch's share
                 g = torch.autograd.grad(loss, params, allow_unused=True)
                 grads[k] += torch.cat([(gi if gi is not None else torch.zeros_like(p)).float().flatten()
                                        for gi, p in zip(g, params)])
@@ -2493,13 +2592,73 @@ def gradient_conflict(model, diffusion, images, timesteps, env: Env, batch=64, s
         model.train(was_training)
         for p, flag in zip(params, needed_grad):
             p.requires_grad_(flag)
-    gram = (grads @ grads.T).double().cpu().numpy()  # (K, K) dot products g_a · g_b
-    gram = (gram + gram.T) / 2
+    return grads
+
+
+def cosines(vectors) -> np.ndarray:
+    """(K, K) cosine similarities of the rows of a (K, P) tensor, in float64."""
+    gram = (vectors.double() @ vectors.double().T).cpu().numpy()
     norm = np.sqrt(np.diag(gram))
     if not (norm > 0).all():
-        raise UserError(f"the loss gradient at t = {timesteps[int(np.argmin(norm))]} is zero, so its cosine "
-                        f"similarity is undefined; is the model trainable?")
-    return np.clip(gram / np.outer(norm, norm), -1.0, 1.0)
+        raise UserError(f"vector {int(np.argmin(norm))} is zero, so its cosine similarity is undefined; is the model "
+                        f"trainable?")
+    return np.clip((gram + gram.T) / 2 / np.outer(norm, norm), -1.0, 1.0)
+
+
+def gradient_conflict(model, diffusion, images, timesteps, env: Env, batch=64, seed=0) -> np.ndarray:
+    """DeMe Fig. 1a: the (K, K) matrix cos(g_a, g_b), g_t = ∇_θ of DDPM's simple loss at the fixed timestep t over
+    all parameters, on the same images with the same noise for every t (loss_gradients)."""
+    ts = [torch.full((len(images),), int(t), dtype=torch.long) for t in timesteps]
+    return cosines(loss_gradients(model, diffusion, images, ts, env, batch, seed))
+
+
+def range_gradients(model, diffusion, images, env: Env, n_ranges, batch=64, seed=0) -> torch.Tensor:
+    """(2, N, P): for each half of `images`, g_j = ∇_θ of the held-out loss on range j, every image at a timestep
+    stratified over the range (at the same relative place in every range) and with the same noise in every range;
+    the two halves (other images, other noise) show how much of each gradient is sampling noise."""
+    n = len(images)
+    u = (torch.arange(n) + 0.5)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] / n  # (n,) in (0, 1)
+    ts = [lo + (u * (hi - lo)).long() for lo, hi in timestep_ranges(n_ranges, diffusion.T)]
+    halves = (slice(0, n // 2), slice(n // 2, n))
+    return torch.stack([loss_gradients(model, diffusion, images[h], [t[h] for t in ts], env, batch, seed + k)
+                        for k, h in enumerate(halves)])  # each half its own images and noise
+
+
+def stationarity(grads) -> dict:
+    """Whether the per-range gradients g_j (N, P) cancel, as they do where θ0 is a stationary point of the loss with
+    t uniform over [0, T): their norms, ‖Σ_j g_j‖, ratio = ‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½ (0 where they cancel, about 1
+    for unrelated directions, √N for one shared direction) and their (N, N) cosines."""
+    g = grads.double()
+    norms, total = g.norm(dim=1), g.sum(0).norm()
+    return dict(norms=norms.tolist(), sum_norm=total.item(), ratio=(total / norms.square().sum().sqrt()).item(),
+                cos=cosines(g))
+
+
+def task_vector_agreement(base_sd, finetuned_by_seed) -> dict:
+    """τ_i of one range from different seeds: norms (S, N) of τ_i per seed; seeds (pairs, N), the cosine of every
+    pair of seeds' τ_i (near 1: finetuning found a direction; near 0: the task vector is mostly noise at this
+    finetuning length); ranges (N, N), the cosine of τ_i and τ_j of one seed, averaged over the seeds."""
+    flat = torch.stack([torch.stack([torch.cat([v.double().flatten() for v in tau.values()]) for tau in
+                                     task_vectors(base_sd, sds)]) for sds in finetuned_by_seed])  # (S, N, P)
+    pairs = list(itertools.combinations(range(len(flat)), 2))
+    return dict(norms=flat.norm(dim=2).numpy(),
+                seeds=np.array([[F.cosine_similarity(flat[a, i], flat[b, i], dim=0).item()
+                                 for i in range(flat.shape[1])] for a, b in pairs]),
+                ranges=np.mean([cosines(taus) for taus in flat], axis=0))
+
+
+def interference(per_range_loss, base_sd, finetuned_sds, scales=(0.5, 1.0, 1.5)) -> np.ndarray:
+    """(N, S, N): 100 (L_j(θ0 + s τ_i) / L_j(θ0) - 1), the change (%) of range j's held-out loss when range i's task
+    vector alone is added to θ0 at scale s; per_range_loss(state_dict) gives the N losses."""
+    base = np.array(per_range_loss(base_sd))
+    return np.array([[100 * (np.array(per_range_loss(merge(base_sd, [sd], [s]))) / base - 1) for s in scales]
+                     for sd in finetuned_sds])
+
+
+def partial_ensembles(theta0, models) -> list:
+    """DeMe's ensemble (Eq. 7) with θ0 on every range but one: model i serves range i alone, θ0 the rest; which
+    range's model carries the ensemble's gain in sample quality."""
+    return [RangeEnsemble([m if j == i else theta0 for j, m in enumerate(models)]) for i in range(len(models))]
 
 
 def merge_landscape(base_sd, finetuned_sds, i, j, objective_fn, grid=landscape_grid()) -> np.ndarray:
@@ -2602,23 +2761,28 @@ def plot_gradient_conflict(cos, timesteps, folder, note="") -> Path:
     atomic_write_text(_csv(["t"] + list(timesteps), ([t] + list(row) for t, row in zip(timesteps, cos))),
                       folder / "gradient_conflict.csv")
     Figure, canvas = _matplotlib()
-    k = len(timesteps)
     fig = Figure(figsize=(6.4, 5.4), layout="constrained")
     ax = fig.add_subplot()
-    im = ax.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1, origin="lower")
-    step = max(1, k // 20)
-    ax.set_xticks(range(0, k, step), [str(t) for t in timesteps[::step]], rotation=90)
-    ax.set_yticks(range(0, k, step), [str(t) for t in timesteps[::step]])
-    if k <= 12:
-        for a, b in itertools.product(range(k), repeat=2):
-            ax.text(b, a, f"{cos[a, b]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if abs(cos[a, b]) > 0.6 else "black")
+    im = _heatmap(ax, cos, [str(t) for t in timesteps], [str(t) for t in timesteps])
     ax.set_xlabel("timestep t")
     ax.set_ylabel("timestep t")
     ax.set_title("Gradient conflict between timesteps (DeMe Fig. 1a)" + (f"\n{note}" if note else ""))
     fig.colorbar(im, ax=ax, label="cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t")
     _save_png(fig, canvas, folder / "gradient_conflict.png")
     return folder / "gradient_conflict.png"
+
+
+def _heatmap(ax, values, xlabels, ylabels, vmin=-1.0, vmax=1.0, fmt=".2f"):
+    """values (rows, columns) as colours on a diverging scale, each cell written out where there are few."""
+    im = ax.imshow(values, cmap="RdBu_r", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
+    step = max(1, len(xlabels) // 20)
+    ax.set_xticks(range(0, len(xlabels), step), xlabels[::step], rotation=90 if len(xlabels) > 6 else 0)
+    ax.set_yticks(range(0, len(ylabels), step), ylabels[::step])
+    if max(values.shape) <= 12:
+        for (a, b), v in np.ndenumerate(values):
+            ax.text(b, a, f"{v:{fmt}}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(v) > 0.6 * max(abs(vmin), abs(vmax)) else "black")
+    return im
 
 
 def _range_name(r, ranges=None) -> str:
@@ -2690,12 +2854,104 @@ def plot_task_vector_norms(norms: dict, folder, ranges=None) -> Path:
     return folder / "task_vector_norms.png"
 
 
+def plot_stationarity(st: dict, halves, folder, ranges) -> Path:
+    """Writes stationarity.csv (per range: ‖g_j‖, the cosine of g_j on the two halves of the images, its cosines
+    with the other ranges' g; last row Σ_j g_j) and .png (norms beside ‖Σ_j g_j‖; the cosines)."""
+    names = [_range_name(j, ranges) for j in range(len(ranges))]
+    rows = [[names[j], st["norms"][j], halves[j]] + list(st["cos"][j]) for j in range(len(ranges))]
+    rows.append(["sum over ranges", st["sum_norm"], halves[-1]] + [""] * len(ranges))
+    atomic_write_text(_csv(["gradient", "norm", "cos_between_halves"] + [f"cos_range{j}" for j in range(len(ranges))],
+                           rows), folder / "stationarity.csv")
+    Figure, canvas = _matplotlib()
+    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.bar(range(len(ranges) + 1), st["norms"] + [st["sum_norm"]], color=["C0"] * len(ranges) + ["C3"])
+    left.set_xticks(range(len(ranges) + 1), [f"g_{j}" for j in range(len(ranges))] + ["Σ_j g_j"])
+    left.set_title(f"‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½ = {st['ratio']:.2f}: 0 stationary, 1 unrelated, {len(ranges) ** 0.5:.0f} "
+                   f"aligned", fontsize=9)
+    left.set_ylabel("gradient norm of the held-out loss at θ0")
+    fig.colorbar(_heatmap(right, st["cos"], [f"g_{j}" for j in range(len(ranges))], names), ax=right, label="cosine")
+    right.set_title("cosines between the ranges' gradients")
+    fig.suptitle("Is θ0 stationary? Per-range gradients of the held-out loss (selection images)")
+    _save_png(fig, canvas, folder / "stationarity.png")
+    return folder / "stationarity.png"
+
+
+def plot_seed_agreement(agree: dict, seeds, folder, ranges) -> Path:
+    """Writes seed_agreement.csv (per range: ‖τ_i‖ per seed, the cosine of each pair of seeds' τ_i, and of τ_i with
+    every range's τ_j, mean over seeds) and .png."""
+    pairs = [f"{a}-{b}" for a, b in itertools.combinations(seeds, 2)]
+    rows = [[_range_name(i, ranges)] + list(agree["norms"][:, i]) + list(agree["seeds"][:, i]) +
+            list(agree["ranges"][i]) for i in range(len(ranges))]
+    atomic_write_text(_csv(["range"] + [f"norm_seed{s}" for s in seeds] + [f"cos_seeds_{p}" for p in pairs] +
+                           [f"cos_with_range{j}" for j in range(len(ranges))], rows), folder / "seed_agreement.csv")
+    Figure, canvas = _matplotlib()
+    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    mean = agree["seeds"].mean(0)
+    err = [mean - agree["seeds"].min(0), agree["seeds"].max(0) - mean]
+    left.bar(range(len(ranges)), mean, yerr=err, capsize=5)
+    left.axhline(0.0, color="black", lw=0.8)
+    left.set_xticks(range(len(ranges)), [_range_name(i, ranges) for i in range(len(ranges))], fontsize=8)
+    left.set_ylabel(f"cos(τ_i of one seed, τ_i of another), mean and min-max of {len(pairs)} pairs")
+    left.set_title("Do seeds agree on each range's task vector?", fontsize=9)
+    names = [f"τ_{i}" for i in range(len(ranges))]
+    fig.colorbar(_heatmap(right, agree["ranges"], names, names), ax=right, label="cosine")
+    right.set_title("cos(τ_i, τ_j) of one seed, mean over seeds", fontsize=9)
+    _save_png(fig, canvas, folder / "seed_agreement.png")
+    return folder / "seed_agreement.png"
+
+
+def plot_interference(change, scales, folder, ranges) -> Path:
+    """Writes interference.csv (range i, scale s, the change in % of every range's held-out loss under θ0 + s τ_i)
+    and .png (one heatmap per scale)."""
+    n = len(ranges)
+    rows = [[i, s] + list(change[i, k]) for i in range(n) for k, s in enumerate(scales)]
+    atomic_write_text(_csv(["task_vector", "scale"] + [f"dloss_range{j}_pct" for j in range(n)], rows),
+                      folder / "interference.csv")
+    Figure, canvas = _matplotlib()
+    fig = Figure(figsize=(4.2 * len(scales) + 1, 4.2), layout="constrained")
+    limit = max(1e-9, float(np.abs(change).max()))
+    for k, (ax, s) in enumerate(zip(fig.subplots(1, len(scales), squeeze=False)[0], scales)):
+        im = _heatmap(ax, change[:, k], [f"L_{j}" for j in range(n)], [f"θ0 + {s:g} τ_{i}" for i in range(n)],
+                      -limit, limit, "+.1f")
+        ax.set_xlabel("held-out loss of range j (selection images)")
+    fig.colorbar(im, ax=ax, label="change vs θ0 (%)")
+    fig.suptitle("Interference: each range's loss when one task vector is added to θ0")
+    _save_png(fig, canvas, folder / "interference.png")
+    return folder / "interference.png"
+
+
+def plot_partial_ensembles(values: dict, metric, folder) -> Path:
+    """Writes partial_ensembles.csv (model, sample metric, its difference to θ0) and .png (the differences)."""
+    base = values["theta0"]
+    atomic_write_text(_csv(["model", "value", "vs_theta0"], ([k, v, v - base] for k, v in values.items())),
+                      folder / "partial_ensembles.csv")
+    Figure, canvas = _matplotlib()
+    fig = Figure(figsize=(1.3 * len(values) + 3, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    names = list(values)[1:]
+    ax.bar(range(len(names)), [values[k] - base for k in names], color=["C0"] * (len(names) - 1) + ["C3"])
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"{metric} minus θ0's (lower is better)")
+    ax.set_title("Where the ensemble's gain comes from: θ0 with one range's model (selection samples)", fontsize=9)
+    _save_png(fig, canvas, folder / "partial_ensembles.png")
+    return folder / "partial_ensembles.png"
+
+
 def analysis_figure_list(cfg: Config) -> list:
-    """--figures as a list of names."""
+    """--figures as a list of names ("all": every figure this run can draw; seeds needs --seeds with two or more)."""
+    if cfg.figures == "all":
+        return [f for f in ANALYSIS_FIGURES if f != "seeds" or len(seed_list(cfg) if cfg.seeds else []) > 1]
     names = [s.strip() for s in cfg.figures.split(",") if s.strip()]
     bad = [s for s in names if s not in ANALYSIS_FIGURES]
     if bad or not names:
-        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSIS_FIGURES)}, comma-separated")
+        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSIS_FIGURES)}, comma-separated, or "
+                        f"all")
+    if "seeds" in names and len(seed_list(cfg) if cfg.seeds else []) < 2:
+        raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds 0,1,2 (the "
+                        "run's --seeds)")
     return names
 
 
@@ -2726,20 +2982,127 @@ def chosen_merge_weights(cfg: Config, i, j) -> Optional[tuple]:
     return float(w[i]), float(w[j])
 
 
+@dataclass
+class Analysis:
+    """What the analyze stage draws from: the run (with --seeds, its first seed), θ0, the selection images, and
+    θ_1..θ_N as state dicts beside their merge base (with --seeds, every seed's)."""
+    cfg: Config
+    env: Env
+    diffusion: GaussianDiffusion
+    theta0: nn.Module
+    images: torch.Tensor
+    folder: Path
+    base: Optional[dict] = None
+    finetuned: Optional[list] = None
+    by_seed: Optional[list] = None
+
+    @property
+    def ranges(self):
+        return timestep_ranges(self.cfg.n_ranges, self.diffusion.T)
+
+    def losses(self, state_dict) -> tuple:
+        """(mean, per range) held-out loss of a state dict: the merge search's objective on its images and noise."""
+        model = build_model(unwrap(self.theta0).config, state_dict).to(self.env.device)
+        return heldout_loss(model, self.diffusion, self.images, self.env, self.cfg.n_ranges,
+                            role_seed(self.cfg.seed, "select"))
+
+
+def analyze_conflict(a: Analysis) -> Path:
+    cfg, T = a.cfg, a.diffusion.T
+    ts = conflict_timesteps(cfg.conflict_timesteps, T)
+    batch = max(1, min(64, cfg.batch_size // cfg.grad_accum))  # a training micro-batch fits with gradients
+    cos = gradient_conflict(unwrap(a.theta0), a.diffusion, a.images, ts, a.env, batch, cfg.seed)
+    far = np.abs(np.subtract.outer(ts, ts)) >= T // 2
+    i, j = np.unravel_index(np.argmin(cos), cos.shape)
+    print(f"gradient conflict of θ0 ({len(a.images)} held-out images, {len(ts)} timesteps): mean cos of neighbours "
+          f"{np.diag(cos, 1).mean():.3f}, of timesteps >= {T // 2} apart {cos[far].mean():.3f}, min {cos.min():.3f} at "
+          f"t = {ts[i]}, {ts[j]}")
+    note = f"θ0 = {cfg.pretrained or 'pretrain/ckpt.pt'}, {len(a.images)} held-out images, same noise at every t"
+    return plot_gradient_conflict(cos, ts, a.folder, note)
+
+
+def analyze_landscape(a: Analysis) -> Path:
+    (i, j), grid = landscape_pair(a.cfg), landscape_grid(a.cfg.landscape_points)
+    values = merge_landscape(a.base, a.finetuned, i, j, lambda sd: a.losses(sd)[0], grid)
+    p, q = np.unravel_index(np.argmin(values), values.shape)
+    corners = ", ".join(f"{name} {values[grid.index(x), grid.index(y)]:.5f}" for name, x, y in
+                        (("θ0", 0.0, 0.0), (f"range {i}", 1.0, 0.0), (f"range {j}", 0.0, 1.0)) if {x, y} <= set(grid))
+    print(f"merge landscape of ranges {i}, {j} (held-out loss): {corners + ', ' if corners else ''}minimum "
+          f"{values[p, q]:.5f} at ({grid[p]:g}, {grid[q]:g})")
+    return plot_merge_landscape(values, grid, i, j, a.folder, a.ranges, chosen_merge_weights(a.cfg, i, j),
+                                a.cfg.n_ranges)
+
+
+def analyze_norms(a: Analysis) -> Path:
+    norms = task_vector_norms(a.base, a.finetuned)
+    print("task-vector norms ||θ_range - θ0||: " + ", ".join(f"range {r} {v:.4f}" for r, v in enumerate(norms["total"])))
+    return plot_task_vector_norms(norms, a.folder, a.ranges)
+
+
+def analyze_stationarity(a: Analysis) -> Path:
+    batch = max(1, min(64, a.cfg.batch_size // a.cfg.grad_accum))
+    halves = range_gradients(unwrap(a.theta0), a.diffusion, a.images, a.env, a.cfg.n_ranges, batch,
+                             role_seed(a.cfg.seed, "select"))  # (2, N, P)
+    st = stationarity(halves.sum(0))
+    agree = [F.cosine_similarity(halves[0, j], halves[1, j], dim=0).item() for j in range(a.cfg.n_ranges)]
+    agree.append(F.cosine_similarity(halves[0].sum(0), halves[1].sum(0), dim=0).item())
+    print(f"stationarity of θ0 ({len(a.images)} selection images): ‖g_j‖ {', '.join(f'{v:.4g}' for v in st['norms'])}, "
+          f"‖Σ_j g_j‖ {st['sum_norm']:.4g}, ratio {st['ratio']:.3f}; cos between the two halves of the images: "
+          f"{', '.join(f'{v:.2f}' for v in agree[:-1])} (g_j), {agree[-1]:.2f} (Σ_j g_j)")
+    return plot_stationarity(st, agree, a.folder, a.ranges)
+
+
+def analyze_seeds(a: Analysis) -> Path:
+    agree = task_vector_agreement(a.base, a.by_seed)
+    print("task vectors across seeds, cos(τ_i, τ_i') per range (mean over pairs): " +
+          ", ".join(f"range {i} {v:.3f}" for i, v in enumerate(agree["seeds"].mean(0))))
+    return plot_seed_agreement(agree, seed_list(a.cfg), a.folder, a.ranges)
+
+
+def analyze_interference(a: Analysis) -> Path:
+    scales = (0.5, 1.0, 1.5)
+    change = interference(lambda sd: a.losses(sd)[1], a.base, a.finetuned, scales)
+    print("interference, θ0 + τ_i (rows) on each range's held-out loss, % vs θ0:\n" + "\n".join(
+        f"  τ_{i}: " + " ".join(f"{v:+.2f}" for v in change[i, 1]) for i in range(len(change))))
+    return plot_interference(change, scales, a.folder, a.ranges)
+
+
+def analyze_partial(a: Analysis) -> Path:
+    theta0 = unwrap(a.theta0).eval()
+    models = [build_model(theta0.config, sd).eval() for sd in a.finetuned]
+    named = {"theta0": theta0, **{f"range {i} alone": m for i, m in enumerate(partial_ensembles(theta0, models))},
+             "ensemble": RangeEnsemble(models)}
+    values = {name: selection_quality(a.cfg, a.env, a.diffusion, m) for name, m in tqdm(named.items(), desc="partial")}
+    print("partial ensembles, sample metric vs θ0 (selection samples): " +
+          ", ".join(f"{k} {v - values['theta0']:+.4f}" for k, v in values.items() if k != "theta0"))
+    metric = "pixel Fréchet distance" if eval_metric(a.cfg) == "pixel" else "FID"
+    return plot_partial_ensembles(values, f"{metric}, {selection_samples(a.cfg)} samples", a.folder)
+
+
+ANALYSES = {"conflict": analyze_conflict, "landscape": analyze_landscape, "norms": analyze_norms,
+            "stationarity": analyze_stationarity, "seeds": analyze_seeds, "interference": analyze_interference,
+            "partial": analyze_partial}
+
+
 def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
-    """The paper's analysis figures of this run's models as PNG and CSV under analysis/: gradient conflict between
-    timesteps of θ0 (Fig. 1a), the merge landscape of two ranges (Fig. 6a), task-vector norms per layer (Fig. 6b)."""
+    """Under analysis/, as PNG and CSV, on the selection split: the paper's figures (gradient conflict, Fig. 1a;
+    merge landscape, Fig. 6a; task-vector norms, Fig. 6b) and the merge's diagnostics (stationarity of θ0, task
+    vectors across seeds, interference, partial ensembles). With --seeds, of the first seed's models."""
     diffusion = diffusion or GaussianDiffusion()
     figures = analysis_figure_list(cfg)
-    pair = landscape_pair(cfg) if "landscape" in figures else None
-    grid = landscape_grid(cfg.landscape_points) if "landscape" in figures else None
-    finetuned = None
-    if "landscape" in figures or "norms" in figures:  # check the inputs before any long computation
+    runs = [c for _, c in seed_runs(cfg)]
+    run = runs[0]
+    if "landscape" in figures:  # checked before any long computation
+        landscape_pair(cfg)
+        landscape_grid(cfg.landscape_points)
+    by_seed = None
+    needs = [f for f in figures if f not in ("conflict", "stationarity")]
+    if needs:
         try:
-            finetuned = [m.state_dict() for m in range_models(cfg)]
+            by_seed = [[m.state_dict() for m in range_models(c)] for c in (runs if "seeds" in figures else runs[:1])]
         except UserError as e:
-            needs = " and ".join(f for f in ("landscape", "norms") if f in figures)
-            raise UserError(f"the {needs} figure needs finished ranges: {e}") from None
+            raise UserError(f"the {' and '.join(needs)} figure{'s' * (len(needs) > 1)} need{'s' * (len(needs) == 1)} "
+                            f"finished ranges: {e}") from None
     if theta0 is None:
         if not cfg.pretrained and not run_dir(cfg, "pretrain", "ckpt.pt").exists():
             raise UserError(f"the analysis needs θ0 and {run_dir(cfg, 'pretrain', 'ckpt.pt')} does not exist: run "
@@ -2749,45 +3112,14 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
         return
     folder = run_dir(cfg, "analysis")
     folder.mkdir(parents=True, exist_ok=True)
-    ranges = timestep_ranges(cfg.n_ranges, diffusion.T)
-    images = heldout_images(cfg, cfg.search_images, "select")  # the merge search's images, noise and objective
-    written = []
-    if "conflict" in figures:
-        ts = conflict_timesteps(cfg.conflict_timesteps, diffusion.T)
-        batch = max(1, min(64, cfg.batch_size // cfg.grad_accum))  # a training micro-batch fits with gradients
-        cos = gradient_conflict(unwrap(theta0), diffusion, images, ts, env, batch, cfg.seed)
-        far = np.abs(np.subtract.outer(ts, ts)) >= diffusion.T // 2
-        a, b = np.unravel_index(np.argmin(cos), cos.shape)
-        print(f"gradient conflict of θ0 ({len(images)} held-out images, {len(ts)} timesteps): mean cos of neighbours "
-              f"{np.diag(cos, 1).mean():.3f}, of timesteps >= {diffusion.T // 2} apart {cos[far].mean():.3f}, "
-              f"min {cos.min():.3f} at t = {ts[a]}, {ts[b]}")
-        note = f"θ0 = {cfg.pretrained or 'pretrain/ckpt.pt'}, {len(images)} held-out images, same noise at every t"
-        written.append(plot_gradient_conflict(cos, ts, folder, note))
-    if finetuned is not None:  # all on env.device (gradient_conflict may have moved θ0 there)
-        base = merge_base(theta0, any(key.endswith(".proj.weight") for key in finetuned[0]))
-        base, *finetuned = [{k: v.to(env.device) for k, v in sd.items()} for sd in [base] + finetuned]
-    if "landscape" in figures:
-        i, j = pair
-        model = build_model(unwrap(theta0).config, base).to(env.device)
-
-        def objective(state_dict):  # the merge search's objective, so its optimum and this plane compare
-            model.load_state_dict(state_dict)
-            return heldout_loss(model, diffusion, images, env, cfg.n_ranges, role_seed(cfg.seed, "select"))[0]
-
-        values = merge_landscape(base, finetuned, i, j, objective, grid)
-        p, q = np.unravel_index(np.argmin(values), values.shape)
-        corners = ", ".join(f"{name} {values[grid.index(a), grid.index(b)]:.5f}" for name, a, b in
-                            (("θ0", 0.0, 0.0), (f"range {i}", 1.0, 0.0), (f"range {j}", 0.0, 1.0))
-                            if {a, b} <= set(grid))
-        print(f"merge landscape of ranges {i}, {j} (held-out loss): {corners + ', ' if corners else ''}minimum "
-              f"{values[p, q]:.5f} at ({grid[p]:g}, {grid[q]:g})")
-        written.append(plot_merge_landscape(values, grid, i, j, folder, ranges, chosen_merge_weights(cfg, i, j),
-                                            cfg.n_ranges))
-    if "norms" in figures:
-        norms = task_vector_norms(base, finetuned)
-        print("task-vector norms ||θ_range - θ0||: " + ", ".join(f"range {r} {v:.4f}" for r, v in
-                                                                  enumerate(norms["total"])))
-        written.append(plot_task_vector_norms(norms, folder, ranges))
+    a = Analysis(dataclasses.replace(run, seeds=cfg.seeds), env, diffusion, theta0,
+                 heldout_images(cfg, cfg.search_images, "select"), folder)
+    if by_seed is not None:  # all on env.device (a gradient may have moved θ0 there)
+        on_device = lambda sd: {k: v.to(env.device) for k, v in sd.items()}
+        a.base = on_device(merge_base(theta0, any(key.endswith(".proj.weight") for key in by_seed[0][0])))
+        a.by_seed = [[on_device(sd) for sd in sds] for sds in by_seed]
+        a.finetuned = a.by_seed[0]
+    written = [ANALYSES[name](a) for name in figures]
     print("figures: " + ", ".join(str(p) for p in written) + " (numbers in the .csv beside each)")
     return written
 
@@ -3304,7 +3636,7 @@ def stage_bench(cfg: Config, env: Env):
     times = time_alternately(steps, iters, warmup, dev)
     for name, ts in times.items():
         ours[f"train_{name}_img_s"] = train_batch / float(np.median(ts))
-    if dev.type == "cpu":  # what --precision auto weighs on a CPU (cpu_training_precision)
+    if dev.type == "cpu":  # what --precision bf16 gains or loses on this CPU (auto trains fp32 on every CPU)
         steps = {p: bench_train_step(copy.deepcopy(theta0), dataclasses.replace(env, precision=p), diffusion,
                                      train_batch) for p in ("fp32", "bf16")}
         for p, ts in time_alternately(steps, iters, warmup, dev).items():
@@ -3428,24 +3760,38 @@ def unet_vs_diffusers(model: UNet, env: Env, batch, iters, warmup) -> dict:
     return result
 
 
+def trained(path: Path, steps) -> bool:
+    """Whether `path` holds a checkpoint trained to `steps`: a stage the run will reuse, so the plan leaves it out."""
+    try:
+        return path.is_file() and torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"] >= steps
+    except Exception:  # unreadable: the stage itself will say so
+        return False
+
+
 def projected_time(cfg: Config, r: dict, stages=("train", "finetune", "baseline", "merge", "evaluate")) -> list:
-    """[(what, seconds)] of this run's recipe (the given stages; train only where θ0 is not --pretrained or it is the
-    one stage) on one device at the rates `r` (data loading not included); --seeds repeats all but train."""
+    """[(what, seconds)] of what this run's recipe still has to do (the given stages; train only where θ0 is not
+    --pretrained or it is the one stage; trained checkpoints in the run folder left out) on one device at the rates
+    `r` (data loading not included); --seeds repeats all but train."""
     n, batch, S = cfg.n_ranges, cfg.batch_size, r["sample_steps"]
     names = [s.strip() for s in cfg.models.split(",") if s.strip()]
-    k = len(seed_list(cfg)) if cfg.seeds else 1
+    runs = [c for _, c in seed_runs(cfg)]
+    k = len(runs)
     each = f", x {k} seeds" if k > 1 else ""
     plan = []
-    if "train" in stages and (not cfg.pretrained or tuple(stages) == ("train",)):
+    if ("train" in stages and (not cfg.pretrained or tuple(stages) == ("train",))
+            and not trained(run_dir(cfg, "pretrain", "ckpt.pt"), cfg.train_steps)):
         plan.append((f"pretrain θ0: {cfg.train_steps} steps x {batch}",
                      cfg.train_steps * batch / r["train_plain_img_s"]))
     if "finetune" in stages:
-        m = len(range_indices(cfg))
-        plan.append((f"DeMe finetuning: {m} ranges x {cfg.steps} steps x {batch}{each}",
-                     k * m * cfg.steps * batch / r["train_deme_img_s"]))
+        m = sum(not trained(run_dir(c, f"range_{i}", "ckpt.pt"), c.steps) for c in runs for i in range_indices(c))
+        if m:
+            plan.append((f"DeMe finetuning: {m} range{'s' * (m > 1)} x {cfg.steps} steps x {batch}",
+                         m * cfg.steps * batch / r["train_deme_img_s"]))
     if "baseline" in stages and cfg.baseline:
-        plan.append((f"{baseline_name(cfg)}: {n * cfg.steps} steps x {batch}{each}",
-                     k * n * cfg.steps * batch / r["train_plain_img_s"]))
+        m = sum(not trained(run_dir(c, baseline_name(c), "ckpt.pt"), n * c.steps) for c in runs)
+        if m:
+            plan.append((f"{baseline_name(cfg)}: {m} x {n * cfg.steps} steps x {batch}",
+                         m * n * cfg.steps * batch / r["train_plain_img_s"]))
     if "merge" in stages and not cfg.merge_weights and cfg.merge_method != "average":
         plan.append((f"merge search: {cfg.search_evals} x {cfg.search_images} held-out images{each}",
                      k * cfg.search_evals * cfg.search_images / r["forward_merged_img_s"]))
@@ -3511,8 +3857,8 @@ def announce_plan(cfg: Config, env: Env, stage: str):
     if env.master and len(plan) > 1:
         where = "a GPU" if env.device.type == "cuda" else f"this CPU ({torch.get_num_threads()} threads)"
         print(f"plan: {'; '.join(f'{what} ~{_duration(s)}' for what, s in plan[:-1])}. Projected "
-              f"{_duration(plan[-1][1])} on {where}, {env.precision}, from rates timed just now (finished stages are "
-              f"reused and take no time)", flush=True)
+              f"{_duration(plan[-1][1])} on {where}, {env.precision}, from rates timed just now (trained stages in "
+              f"the run folder are reused and left out)", flush=True)
 
 
 def _duration(seconds) -> str:
@@ -3603,14 +3949,15 @@ def ablation_model(cfg: Config, env: Env, diffusion, theta0, row: dict):
 
 
 def ablation_plan(cfg: Config, r: dict) -> list:
-    """projected_time of every row that trains."""
-    plan = []
+    """projected_time of every row that trains, over the seeds; trained rows left out."""
+    plan, runs = [], seed_runs(cfg)
     for label, row in ABLATION.items():
         if row:
-            c = ablation_config(cfg, row)
-            stages = ("baseline",) if "baseline" in row else ("finetune", "merge") if c.n_ranges > 1 else ("finetune",)
-            plan += [(f"{label}: {what}", sec) for what, sec in projected_time(c, r, stages)[:-1]]
-    n = len(ABLATION) * (len(seed_list(cfg)) if cfg.seeds else 1)
+            stages = ("baseline",) if "baseline" in row else ("finetune", "merge") if row.get(
+                "n_ranges", cfg.n_ranges) > 1 else ("finetune",)
+            seconds = sum(projected_time(ablation_config(c, row), r, stages)[-1][1] for _, c in runs)
+            plan += [(f"{label}{f', x {len(runs)} seeds' if cfg.seeds else ''}", seconds)] if seconds else []
+    n = len(ABLATION) * len(runs)
     plan.append((f"evaluate {n} models", projected_time(dataclasses.replace(cfg, models=",".join(["theta0"] * n),
                                                                             seeds=""), r, ("evaluate",))[-1][1]))
     return plan + [("total", sum(s for _, s in plan))]
@@ -3775,6 +4122,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", title="stages (default: pipeline)")
     common = argparse.ArgumentParser(add_help=False)
     config_flags(common)
+    common.add_argument("--dry-run", action="store_true", help="resolve the configuration, run every check and print "
+                        "the plan with its projected duration; train, sample and write nothing")
     for name, (_, help) in STAGES.items():
         sub.add_parser(name, parents=[common], help=help, description=help)
     fid = sub.add_parser("fid", help="FID between two folders of images or .npz statistics (like pytorch-fid)",
@@ -3799,6 +4148,7 @@ def preflight(cfg: Config, env: Env, stage: str):
     held-out splits are there and large enough, the Inception weights and FID statistics can be read."""
     searches = stage in ("pipeline", "merge", "ablation") and not cfg.merge_weights and cfg.merge_method != "average"
     evaluates = stage in ("pipeline", "evaluate", "ablation")
+    samples = (searches and cfg.search_objective == "samples") or stage == "analyze"  # selection samples are scored
     metric = eval_metric(cfg)
     if stage == "ablation" and cfg.n_ranges * cfg.steps % 8:
         raise UserError(f"the ablation splits N x --steps = {cfg.n_ranges * cfg.steps} optimizer steps over 8 ranges; "
@@ -3812,16 +4162,17 @@ def preflight(cfg: Config, env: Env, stage: str):
                                 f"{cfg.batch_size // cfg.grad_accum}; lower --batch-size")
         if searches or stage == "analyze":
             held_out_split(cfg, cfg.search_images, "select")
+        if samples and metric == "pixel":
+            held_out_split(cfg, selection_samples(cfg), "select", "--search-samples")
         if evaluates:
             held_out_split(cfg, cfg.report_images, "report")
-        if (evaluates or (searches and cfg.rerank)) and metric == "pixel" and cfg.dataset != "synthetic":
-            n = max(cfg.n_samples if evaluates else 0, cfg.rerank_samples if searches and cfg.rerank else 0)
-            check_pixel_reference(len(make_dataset(cfg, "eval")), n)
+        if evaluates and metric == "pixel" and cfg.dataset != "synthetic":
+            check_pixel_reference(len(make_dataset(cfg, "eval")), cfg.n_samples)
         dims = len(load_stats(cfg.fid_stats)[0]) if cfg.fid_stats else FID_DIMS
         if dims != FID_DIMS:
             raise UserError(f"--fid-stats {cfg.fid_stats} holds {dims}-d statistics, "
                             f"not FID's {FID_DIMS}-d pool3 statistics; compute them with pytorch-fid --save-stats")
-        if (evaluates or (searches and cfg.rerank)) and metric == "fid":
+        if (evaluates or samples) and metric == "fid":
             FIDInception(cfg.inception_weights or None)  # found (or downloaded once), hash and layout checked
 
 
@@ -3845,24 +4196,25 @@ def main(argv=None):
                         inception_weights=args.inception_weights, dims=args.dims)
             return
         given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
-        cfg = resolve_config(given)
-        env = setup_env(cfg, trains=args.stage in TRAINING_STAGES)
-        out = Path(cfg.out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write_test_{env.rank}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise UserError(f"cannot write to the run folder {out} ({e.strerror}); choose another --out") from None
+        notes = []
+        cfg = resolve_config(given, notes)
+        env = setup_env(cfg)
         if env.master:
-            print(f"deme.py {args.stage}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-            atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), out / f"config_{args.stage}.json")
+            print(config_summary(cfg, given, args.stage, notes, saved=not args.dry_run), flush=True)
         if cfg.model == "sd" and args.stage != "pipeline":
             raise UserError(f"--model sd runs as one command (finetune, merge, generate); drop the stage "
                             f"{args.stage!r} and use --ranges to split the finetuning")
+        writable_run_folder(cfg.out, env.rank, create=False)
         if cfg.model != "sd":
             preflight(cfg, env, args.stage)  # (the SD stage checks its pipeline and captions before it trains)
+        if args.dry_run:
+            announce_plan(cfg, env, args.stage)
+            print("dry run: every check passed; nothing was trained, sampled or written")
+            return
+        writable_run_folder(cfg.out, env.rank)
+        if env.master:
+            atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), run_dir(cfg, f"config_{args.stage}.json"))
+        if cfg.model != "sd":
             announce_plan(cfg, env, args.stage)
         (stage_sd if cfg.model == "sd" else STAGES[args.stage][0])(cfg, env)
     except UserError as e:
@@ -3876,6 +4228,24 @@ def main(argv=None):
         stop(traceback.format_exc().rstrip(), 1)
     if distributed():
         torch.distributed.destroy_process_group()
+
+
+def writable_run_folder(out, rank=0, create=True):
+    """One line unless the run folder can be written: made and probed, or, without `create` (--dry-run), its
+    nearest existing folder checked."""
+    out = Path(out)
+    try:
+        if create:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write_test_{rank}"
+            probe.write_text("ok")
+            probe.unlink()
+            return
+        existing = next(p for p in [out, *out.parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise NotADirectoryError(20, "not a writable folder")
+    except OSError as e:
+        raise UserError(f"cannot write to the run folder {out} ({e.strerror}); choose another --out") from None
 
 
 def distributed() -> bool:
