@@ -792,7 +792,7 @@ class Config:
     heldout_fraction: float = _opt(0.1, "folder and LSUN: the share of images held out from training, chosen by a "
                                         "hash of each file's path (half selects, half reports)")
     search_images: int = _opt(512, "selection images (held out from training) scoring the merge-weight search")
-    search_objective: str = _opt("samples", "what chooses w: loss (coordinate descent on the held-out loss with t "
+    search_objective: str = _opt("loss", "what chooses w: loss (coordinate descent on the held-out loss with t "
                                          "uniform over [0, T)), per_range (each range's held-out loss relative to "
                                          "θ0's, averaged) or samples (candidates ranked by the sample metric of "
                                          "selection noise against selection images)", ["loss", "per_range", "samples"])
@@ -867,8 +867,6 @@ def preset_of(given: dict) -> tuple:
     name, values = f"the {dataset} preset", DATASET_PRESETS[dataset]
     if dataset == "folder" and (device == "cpu" or device == "auto" and not torch.cuda.is_available()):
         name, values = "the CPU recipe", dict(CPU_RECIPE, metric="pixel")  # a laptop: θ0 trained here first
-    if given.get("model") == "sd":  # no sample metric for Stable Diffusion here: its search scores the loss
-        values = dict(values, search_objective="loss")
     return name, values
 
 
@@ -2407,7 +2405,7 @@ def results_markdown(results, cfg: Config) -> str:
     """The results table as Markdown."""
     ranges = timestep_ranges(cfg.n_ranges)
     head = ["model", results["metric"].split(",")[0], "held-out loss"] + [f"loss t∈[{a},{b})" for a, b in ranges]
-    head += ["parameters", "sampling s"]
+    head += ["parameters"]  # (sampling seconds, a timing, are in results.json: the table is the same on any machine)
     lines = [f"Sampler: {results['sampler']}; {results['metric']}; seed {results['seed']}."]
     if results["real_vs_real"] is not None:
         lines[0] += (f" Real vs real at the same N: {results['real_vs_real']:.4f} (pixels average-pooled "
@@ -2426,7 +2424,7 @@ def results_markdown(results, cfg: Config) -> str:
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["rows"]:
         cells = [r["model"], f"{r['value']:.4f}", f"{r['heldout_loss']:.5f}"]
-        cells += [f"{v:.5f}" for v in r["heldout_loss_per_range"]] + [f"{r['params']:,}", f"{r['sample_seconds']:.1f}"]
+        cells += [f"{v:.5f}" for v in r["heldout_loss_per_range"]] + [f"{r['params']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -3795,6 +3793,10 @@ def projected_time(cfg: Config, r: dict, stages=("train", "finetune", "baseline"
     if "merge" in stages and not cfg.merge_weights and cfg.merge_method != "average":
         plan.append((f"merge search: {cfg.search_evals} x {cfg.search_images} held-out images{each}",
                      k * cfg.search_evals * cfg.search_images / r["forward_merged_img_s"]))
+        if cfg.search_objective == "samples":
+            m = cfg.search_candidates * selection_samples(cfg)
+            plan.append((f"its samples: {cfg.search_candidates} candidates x {selection_samples(cfg)}{each}",
+                         k * m / r["sampling_img_s"]))
     if "evaluate" in stages:
         # the merged model is saved folded; the ensemble's range models keep all their projections
         forward = {"merged": r["forward_folded_img_s"], "ensemble": r["forward_merged_img_s"]}

@@ -829,11 +829,12 @@ def test_the_paper_path_runs_end_to_end_on_a_fake_cifar10_with_fid(tmp_path, mon
                str(tmp_path / "theta0.ckpt"), "--out", str(out), "--device", "cpu", "--steps", "1", "--batch-size",
                "2", "--no-baseline", "--models", "theta0,ensemble,merged", "--n-samples", "4", "--sample-steps", "2",
                "--eval-batch", "4", "--search-evals", "3", "--search-images", "4", "--report-images", "4",
-               "--search-samples", "4", "--search-candidates", "2"])
+               "--search-objective", "samples", "--search-samples", "4", "--search-candidates", "2"])
     results = json.loads((out / "results.json").read_text())
     assert results["metric"] == "FID, 4 samples" and results["sampler"] == "DDIM 2 steps, eta 0.0"
     assert [r["model"] for r in results["rows"]] == ["theta0", "ensemble", "merged"]
     assert (out / "fid_stats_cifar10.npz").exists()  # the training set's statistics, cached for the next run
+    assert (out / "fid_stats_cifar10_select.npz").exists()  # the selection split's, which the samples objective uses
     for name in ("theta0", "ensemble", "merged"):
         assert sorted(p.name for p in (out / "samples" / name).glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
     merged = deme.load_model(out / "merge" / "merged.pt")
@@ -2134,8 +2135,7 @@ def sd_config(tmp_path, pipeline, captions, **kw):
                             out=str(tmp_path / "run"), device="cpu", precision="fp32", compile=False,
                             channels_last=False, n_ranges=2, steps=2, batch_size=2, ckpt_every=100, sd_resolution=16,
                             heldout_fraction=0.3,  # 0.png selects, 2.png reports, the rest train (heldout_role)
-                            sample_steps=2, eval_batch=4, search_images=4, search_evals=3, search_objective="loss",
-                            guidance_scale=7.5,
+                            sample_steps=2, eval_batch=4, search_images=4, search_evals=3, guidance_scale=7.5,
                             prompts="a red circle", models="theta0,ensemble,merged"), **kw})
 
 
