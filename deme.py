@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddpm_unet import (PRESETS, UNet, UserError, add_channel_projections, atomic_path, atomic_save, diffusers_config,
+from ddpm_unet import (PRESETS, UNet, UserError, add_channel_projections, atomic_path, atomic_save,
                        download, file_digest, fold_channel_projections, load_pretrained, model_from_state_dict)
 
 
@@ -2401,6 +2401,12 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict, n_r
     return row, grid
 
 
+def markdown_table(head, rows) -> str:
+    """A Markdown table: the header, then a line per row (cells as they are given)."""
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
+
+
 def results_markdown(results, cfg: Config) -> str:
     """The results table as Markdown."""
     ranges = timestep_ranges(cfg.n_ranges)
@@ -2421,12 +2427,9 @@ def results_markdown(results, cfg: Config) -> str:
               f"images ({p['report_loss']['source']}; noise seed {p['report_loss']['noise_seed']}); samples from noise "
               f"seed {p['report_samples']['noise_seed']}, which no selection step used; evaluation in "
               f"{p['report_samples']['precision']}."]
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results["rows"]:
-        cells = [r["model"], f"{r['value']:.4f}", f"{r['heldout_loss']:.5f}"]
-        cells += [f"{v:.5f}" for v in r["heldout_loss_per_range"]] + [f"{r['params']:,}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[r["model"], f"{r['value']:.4f}", f"{r['heldout_loss']:.5f}",
+             *[f"{v:.5f}" for v in r["heldout_loss_per_range"]], f"{r['params']:,}"] for r in results["rows"]]
+    return "\n".join(lines + ["", markdown_table(head, rows)])
 
 
 def seed_summary(rows_by_seed: dict) -> dict:
@@ -2466,62 +2469,46 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
     metric += f", {cfg.n_samples} samples"
     ranges = timestep_ranges(cfg.n_ranges)
     cell = lambda d, f: f"{d['mean']:{f}} [{d['min']:{f}}, {d['max']:{f}}]"
-    head = ["model", metric.split(",")[0], "held-out loss"] + [f"loss t∈[{a},{b})" for a, b in ranges]
-    lines = [f"Mean [min, max] over seeds {', '.join(map(str, seeds))} ({metric}; held-out loss on the report split; "
-             f"each seed's own noise). {note}".rstrip(), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model, d in summary.items():
-        cells = [model, cell(d["value"], ".4f"), cell(d["heldout_loss"], ".5f")]
-        lines.append("| " + " | ".join(cells + [cell(r, ".5f") for r in d["heldout_loss_per_range"]]) + " |")
+    losses = [f"loss t∈[{a},{b})" for a, b in ranges]
+    table = (f"Mean [min, max] over seeds {', '.join(map(str, seeds))} ({metric}; held-out loss on the report split; "
+             f"each seed's own noise). {note}".rstrip() + "\n\n" + markdown_table(
+                 ["model", metric.split(",")[0], "held-out loss", *losses],
+                 [[m, cell(d["value"], ".4f"), cell(d["heldout_loss"], ".5f"),
+                   *[cell(r, ".5f") for r in d["heldout_loss_per_range"]]] for m, d in summary.items()]))
     if "loss_vs_theta0_pct" in next(iter(summary.values())):
-        lines += ["", "Paired with θ0, seed by seed (the same report images and noise): mean [min, max] of the model's "
-                  "difference to θ0; a model beats θ0 beyond the seed spread where the whole interval is below 0.", "",
-                  "| model | Δ " + metric.split(",")[0] + " | Δ held-out loss (%) | " +
-                  " | ".join(f"Δ loss t∈[{a},{b}) (%)" for a, b in ranges) + " |", "|" + "---|" * (len(ranges) + 3)]
-        for model, d in summary.items():
-            cells = [model, cell(d["value_vs_theta0"], "+.4f"), cell(d["loss_vs_theta0_pct"], "+.2f")]
-            lines.append("| " + " | ".join(cells + [cell(r, "+.2f") for r in d["loss_per_range_vs_theta0_pct"]]) + " |")
-    table = "\n".join(lines) + "\n"
+        table += ("\nPaired with θ0, seed by seed (the same report images and noise): mean [min, max] of the model's "
+                  "difference to θ0; a model beats θ0 beyond the seed spread where the whole interval is below 0.\n\n"
+                  + markdown_table(["model", "Δ " + metric.split(",")[0], "Δ held-out loss (%)",
+                                    *[f"Δ {x} (%)" for x in losses]],
+                                   [[m, cell(d["value_vs_theta0"], "+.4f"), cell(d["loss_vs_theta0_pct"], "+.2f"),
+                                     *[cell(r, "+.2f") for r in d["loss_per_range_vs_theta0_pct"]]]
+                                    for m, d in summary.items()]))
     atomic_write_text(json.dumps(dict(seeds=seeds, metric=metric, note=note, models=summary), indent=2),
                       run_dir(cfg, f"{name}.json"))
     atomic_write_text(table, run_dir(cfg, f"{name}.md"))
     print("\n" + table)
+    names = list(summary)
+    paired = "loss_vs_theta0_pct" in summary[names[0]]  # the differences to θ0 on the same seed: its noise drops out
+    spread = lambda ds: (np.array([d["mean"] for d in ds]), np.array([[d["mean"] - d["min"] for d in ds],
+                                                                      [d["max"] - d["mean"] for d in ds]]))
+
+    def draw(fig):
+        axes = fig.subplot_mosaic([["value", "loss"]] + ([["range", "range"]] if paired else []))
+        for key, panel, label in ((("value_vs_theta0" if paired else "value"), "value", metric),
+                                  (("loss_vs_theta0_pct" if paired else "heldout_loss"), "loss", "held-out loss" +
+                                   (" (%)" if paired else ""))):
+            mean, err = spread([summary[m][key] for m in names])
+            _bars(axes[panel], mean[:, None], [""], names, ("Δ vs θ0: " if paired else "") + label.split(",")[0],
+                  err[:, :, None])
+        if paired:  # each range's loss relative to θ0's on the same seed: where finetuning gained or lost
+            per_range = [spread(summary[m]["loss_per_range_vs_theta0_pct"]) for m in names]
+            _bars(axes["range"], np.array([m for m, _ in per_range]), [f"t ∈ [{a}, {b})" for a, b in ranges], names,
+                  "Δ held-out loss vs θ0, same seed (%)", np.stack([e for _, e in per_range], 1))
+        fig.suptitle(f"Mean and min-max over seeds {', '.join(map(str, seeds))} (report split)")
     try:
-        Figure, canvas = _matplotlib()
+        _plot(run_dir(cfg, f"{name}.png"), (5 + 1.2 * len(names), 8 if paired else 4), draw)
     except UserError as e:
         print(f"warning: no {name}.png ({e})", file=sys.stderr)
-        return
-    names = list(summary)
-    base = "theta0" if "theta0" in summary else "θ0" if "θ0" in summary else None
-    fig = Figure(figsize=(5 + 1.2 * len(names), 8 if base else 4), layout="constrained")
-    axes = fig.subplot_mosaic([["heldout_loss", "value"]] + ([["range", "range"]] if base else []))
-    colors = [f"C{i % 10}" for i in range(len(names))]
-    loss_panel = ("loss_vs_theta0_pct", f"held-out loss (report split) vs {base}, same seed (%)") if base else \
-        ("heldout_loss", "held-out loss (report split)")  # paired: the evaluation noise both share drops out
-    for (key, label), place_ in zip((loss_panel, ("value", metric)), ("heldout_loss", "value")):
-        ax = axes[place_]
-        mean = np.array([summary[n][key]["mean"] for n in names])
-        low = mean - [summary[n][key]["min"] for n in names]
-        high = np.array([summary[n][key]["max"] for n in names]) - mean
-        ax.bar(range(len(names)), mean, yerr=[low, high], capsize=5, color=colors)
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
-        lo, hi = min(summary[n][key]["min"] for n in names), max(summary[n][key]["max"] for n in names)
-        ax.set_ylim(lo - 0.15 * (hi - lo + 1e-12), hi + 0.1 * (hi - lo + 1e-12))
-        ax.set_title(label, fontsize=9)
-    if base:  # each range's loss relative to θ0's on the same seed: where finetuning gained or lost
-        ax = axes["range"]
-        width = 0.8 / len(names)
-        for k, n in enumerate(names):
-            d = summary[n]["loss_per_range_vs_theta0_pct"]
-            mean = np.array([r["mean"] for r in d])
-            err = [mean - [r["min"] for r in d], np.array([r["max"] for r in d]) - mean]
-            ax.bar(np.arange(len(ranges)) + (k - (len(names) - 1) / 2) * width, mean, width, yerr=err, capsize=2,
-                   color=colors[k], label=n)
-        ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_xticks(range(len(ranges)), [f"t ∈ [{a}, {b})" for a, b in ranges])
-        ax.set_ylabel(f"held-out loss vs {base}, same seed (%)")
-        ax.legend(fontsize=7, ncol=3)
-    fig.suptitle(f"Mean and min-max over seeds {', '.join(map(str, seeds))}")
-    _save_png(fig, canvas, run_dir(cfg, f"{name}.png"))
 
 
 def side_by_side(grids: dict, path, scale=None):
@@ -2710,67 +2697,27 @@ def task_vector_norms(base_sd, finetuned_sds) -> dict:
     return dict(layers=layers, norms=np.sqrt(squared), total=total, base=np.sqrt(base))
 
 
-def _matplotlib():
-    """matplotlib's Figure and its Agg canvas (no display, no pyplot state); matplotlib is an optional extra."""
+def _plot(path, size, draw) -> Path:
+    """Draws a figure with draw(fig) (matplotlib, an optional extra, without pyplot's state) into `path` as PNG."""
     try:
         import matplotlib  # noqa: F401  (first, so that a missing package fails here)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise UserError("plots need matplotlib: pip install matplotlib (the numbers are in the CSV)") from None
-    return Figure, FigureCanvasAgg
-
-
-def _save_png(fig, canvas, path):
-    """Renders a figure to `path` through a temporary file, then renames it into place."""
+    fig = Figure(figsize=size, layout="constrained")
+    draw(fig)
     with atomic_path(path) as tmp:
-        canvas(fig).print_png(str(tmp))
+        FigureCanvasAgg(fig).print_png(str(tmp))
+    return Path(path)
 
 
-def _csv(header, rows) -> str:
+def _csv(path, header, rows):
     fmt = lambda v: f"{v:.8g}" if isinstance(v, (float, np.floating)) else str(v)
-    return "\n".join(",".join(fmt(v) for v in row) for row in [header] + list(rows)) + "\n"
+    atomic_write_text("\n".join(",".join(fmt(v) for v in row) for row in [header] + list(rows)) + "\n", path)
 
 
-def plot_curve(csv_path) -> Path:
-    """heldout_curve.png next to heldout_curve.csv: θ0's held-out loss over pretraining, overall and per range
-    (each relative to its last value: a flat line is a range that has stopped improving)."""
-    rows = np.loadtxt(csv_path, delimiter=",", skiprows=1, ndmin=2)
-    head = Path(csv_path).read_text().splitlines()[0].split(",")
-    Figure, canvas = _matplotlib()
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    left.plot(rows[:, 0], rows[:, 1], marker="o", ms=3)
-    left.set(xlabel="pretraining step", ylabel="held-out loss (selection images)", title="θ0's EMA weights")
-    for k in range(2, rows.shape[1]):
-        right.plot(rows[:, 0], rows[:, k] / rows[-1, k], marker="o", ms=3, label=head[k].replace("loss_", ""))
-    right.axhline(1.0, color="black", lw=0.8)
-    right.set(xlabel="pretraining step", ylabel="loss / its final value", title="per timestep range")
-    right.legend(fontsize=8)
-    path = Path(csv_path).with_suffix(".png")
-    _save_png(fig, canvas, path)
-    return path
-
-
-def plot_gradient_conflict(cos, timesteps, folder, note="") -> Path:
-    """Writes gradient_conflict.csv (the K x K matrix) and .png (a heatmap on a diverging scale from -1 to 1)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(_csv(["t"] + list(timesteps), ([t] + list(row) for t, row in zip(timesteps, cos))),
-                      folder / "gradient_conflict.csv")
-    Figure, canvas = _matplotlib()
-    fig = Figure(figsize=(6.4, 5.4), layout="constrained")
-    ax = fig.add_subplot()
-    im = _heatmap(ax, cos, [str(t) for t in timesteps], [str(t) for t in timesteps])
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("timestep t")
-    ax.set_title("Gradient conflict between timesteps (DeMe Fig. 1a)" + (f"\n{note}" if note else ""))
-    fig.colorbar(im, ax=ax, label="cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t")
-    _save_png(fig, canvas, folder / "gradient_conflict.png")
-    return folder / "gradient_conflict.png"
-
-
-def _heatmap(ax, values, xlabels, ylabels, vmin=-1.0, vmax=1.0, fmt=".2f"):
+def _heatmap(fig, ax, values, xlabels, ylabels, label, vmin=-1.0, vmax=1.0, fmt=".2f"):
     """values (rows, columns) as colours on a diverging scale, each cell written out where there are few."""
     im = ax.imshow(values, cmap="RdBu_r", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
     step = max(1, len(xlabels) // 20)
@@ -2778,9 +2725,21 @@ def _heatmap(ax, values, xlabels, ylabels, vmin=-1.0, vmax=1.0, fmt=".2f"):
     ax.set_yticks(range(0, len(ylabels), step), ylabels[::step])
     if max(values.shape) <= 12:
         for (a, b), v in np.ndenumerate(values):
-            ax.text(b, a, f"{v:{fmt}}", ha="center", va="center", fontsize=7,
-                    color="white" if abs(v) > 0.6 * max(abs(vmin), abs(vmax)) else "black")
-    return im
+            ax.text(b, a, f"{v:{fmt}}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label=label)
+
+
+def _bars(ax, values, groups, series, ylabel, err=None):
+    """Grouped bars: values (len(series), len(groups)), optional (2, ...) min-max whiskers, one colour per series."""
+    width = 0.8 / len(series)
+    for k, name in enumerate(series):
+        ax.bar(np.arange(len(groups)) + (k - (len(series) - 1) / 2) * width, values[k], width, label=name,
+               yerr=None if err is None else err[:, k], capsize=3, color=f"C{k % 10}")
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 4 else 0, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
 
 
 def _range_name(r, ranges=None) -> str:
@@ -2788,154 +2747,146 @@ def _range_name(r, ranges=None) -> str:
     return f"range {r}" + (f", t∈[{ranges[r][0]},{ranges[r][1]})" if ranges else "")
 
 
-def plot_merge_landscape(values, grid, i, j, folder, ranges=None, merged=None, n_ranges=2) -> Path:
+def plot_curve(csv_path) -> Path:
+    """heldout_curve.png next to heldout_curve.csv: θ0's held-out loss over pretraining, overall and per range
+    (each relative to its last value: a flat line is a range that has stopped improving)."""
+    rows = np.loadtxt(csv_path, delimiter=",", skiprows=1, ndmin=2)
+    head = Path(csv_path).read_text().splitlines()[0].split(",")
+
+    def draw(fig):
+        left, right = fig.subplots(1, 2)
+        left.plot(rows[:, 0], rows[:, 1], marker="o", ms=3)
+        left.set(xlabel="pretraining step", ylabel="held-out loss (selection images)", title="θ0's EMA weights")
+        for k in range(2, rows.shape[1]):
+            right.plot(rows[:, 0], rows[:, k] / rows[-1, k], marker="o", ms=3, label=head[k].replace("loss_", ""))
+        right.set(xlabel="pretraining step", ylabel="loss / its final value", title="per timestep range")
+        right.legend(fontsize=8)
+    return _plot(Path(csv_path).with_suffix(".png"), (10, 4), draw)
+
+
+def plot_gradient_conflict(cos, timesteps, folder, note="") -> Path:
+    """Writes gradient_conflict.csv (the K x K matrix) and .png (a heatmap on a diverging scale from -1 to 1)."""
+    _csv(folder / "gradient_conflict.csv", ["t"] + list(timesteps), ([t] + list(r) for t, r in zip(timesteps, cos)))
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        _heatmap(fig, ax, cos, [str(t) for t in timesteps], [str(t) for t in timesteps],
+                 "cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t")
+        ax.set(xlabel="timestep t", ylabel="timestep t", title="Gradient conflict between timesteps (DeMe Fig. 1a)" +
+               (f"\n{note}" if note else ""))
+    return _plot(folder / "gradient_conflict.png", (6.4, 5.4), draw)
+
+
+def plot_merge_landscape(values, grid, i, j, folder, ranges=None, merged=None) -> Path:
     """Writes merge_landscape.csv (w_i, w_j, loss) and .png (contours, with θ0, θ_i, θ_j, the grid's minimum and
     the (w_i, w_j) of the run's merge marked)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     grid = [float(v) for v in grid]
-    rows = ([grid[p], grid[q], values[p, q]] for p, q in itertools.product(range(len(grid)), repeat=2))
-    atomic_write_text(_csv([f"w_range{i}", f"w_range{j}", "heldout_loss"], rows), folder / "merge_landscape.csv")
-    Figure, canvas = _matplotlib()
-    fig = Figure(figsize=(6.8, 6.6), layout="constrained")
-    ax = fig.add_subplot()
-    lo, mid = values.min(), np.median(values)
-    levels = np.linspace(lo, lo + 2 * (mid - lo), 21) if mid > lo else 21  # resolve the basin, not the far corners
-    filled = ax.contourf(grid, grid, values.T, levels=levels, cmap="viridis_r", extend="max")
-    ax.contour(grid, grid, values.T, levels=filled.levels, colors="k", linewidths=0.3, alpha=0.5)
-    fig.colorbar(filled, ax=ax, label="held-out denoising loss", format="%.4g")
+    _csv(folder / "merge_landscape.csv", [f"w_range{i}", f"w_range{j}", "heldout_loss"],
+         ([grid[p], grid[q], values[p, q]] for p, q in itertools.product(range(len(grid)), repeat=2)))
     p, q = np.unravel_index(np.argmin(values), values.shape)
-    ax.plot(0, 0, "o", ms=8, mfc="white", mec="black", label="θ0 (pretrained)")
-    ax.plot([1, 0], [0, 1], "^", ms=8, mfc="white", mec="black", label=f"finetuned: range {i}, range {j}")
-    ax.plot(grid[p], grid[q], "X", ms=9, mfc="red", mec="white", label=f"grid minimum ({grid[p]:g}, {grid[q]:g})")
-    if merged is not None:
-        rest = f" (its other {n_ranges - 2} weights: off this plane)" if n_ranges > 2 else ""
-        ax.plot(*merged, "*", ms=14, mfc="gold", mec="black",
-                label=f"the run's merge ({merged[0]:.2f}, {merged[1]:.2f}){rest}")
-    ax.set_xlabel(f"a: weight of τ of {_range_name(i, ranges)}")
-    ax.set_ylabel(f"b: weight of τ of {_range_name(j, ranges)}")
-    ax.set_title(f"Merge landscape (DeMe Fig. 6a)\nθ0 + a·τ(range {i}) + b·τ(range {j})")
-    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
-    _save_png(fig, canvas, folder / "merge_landscape.png")
-    return folder / "merge_landscape.png"
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        filled = ax.contourf(grid, grid, values.T, levels=21, cmap="viridis_r")
+        fig.colorbar(filled, ax=ax, label="held-out denoising loss", format="%.4g")
+        ax.plot(0, 0, "o", ms=8, mfc="white", mec="black", label="θ0 (pretrained)")
+        ax.plot([1, 0], [0, 1], "^", ms=8, mfc="white", mec="black", label=f"finetuned: range {i}, range {j}")
+        ax.plot(grid[p], grid[q], "X", ms=9, mfc="red", mec="white", label=f"grid minimum ({grid[p]:g}, {grid[q]:g})")
+        if merged is not None:
+            ax.plot(*merged, "*", ms=14, mfc="gold", mec="black", label="the run's merge (its other weights: off this "
+                    "plane)")
+        ax.set(xlabel=f"a: weight of τ of {_range_name(i, ranges)}", ylabel=f"b: weight of τ of {_range_name(j, ranges)}",
+               title=f"Merge landscape (DeMe Fig. 6a)\nθ0 + a·τ(range {i}) + b·τ(range {j})")
+        fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return _plot(folder / "merge_landscape.png", (6.8, 6.6), draw)
 
 
 def plot_task_vector_norms(norms: dict, folder, ranges=None) -> Path:
     """Writes task_vector_norms.csv (per layer: ||θ0||, ||τ_i||; last row the totals) and .png (grouped bars)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     n = len(norms["total"])
     rows = [[name, norms["base"][c]] + list(norms["norms"][:, c]) for c, name in enumerate(norms["layers"])]
     rows.append(["total", float(np.sqrt((norms["base"] ** 2).sum()))] + list(norms["total"]))
-    atomic_write_text(_csv(["layer", "theta0"] + [f"tau_range{r}" for r in range(n)], rows),
-                      folder / "task_vector_norms.csv")
-    Figure, canvas = _matplotlib()
-    import matplotlib
-    colors = matplotlib.colormaps["viridis"](np.linspace(0.15, 0.85, n))  # low t dark, high t light
-    layers = norms["layers"]
-    fig = Figure(figsize=(11, 4.6), layout="constrained")
-    ax, ax_total = fig.subplots(1, 2, width_ratios=[5, 1])
-    width = 0.8 / n
-    for r in range(n):
-        x = np.arange(len(layers)) + (r - (n - 1) / 2) * width
-        ax.bar(x, norms["norms"][r], width, color=colors[r], label=_range_name(r, ranges))
-        ax_total.bar(r, norms["total"][r], 0.8, color=colors[r])
-    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right")
-    ax.set_ylabel("||τ|| of the layer's weights (L2)")
-    ax.set_title("Task-vector norm τ = θ_range − θ0 per layer and timestep range (DeMe Fig. 6b)")
-    ax.legend(fontsize=8)
-    ax_total.set_xticks(range(n), [str(r) for r in range(n)])
-    ax_total.set_xlabel("range")
-    ax_total.set_ylabel("||τ|| of all weights (L2)")
-    ax_total.set_title("total")
-    _save_png(fig, canvas, folder / "task_vector_norms.png")
-    return folder / "task_vector_norms.png"
+    _csv(folder / "task_vector_norms.csv", ["layer", "theta0"] + [f"tau_range{r}" for r in range(n)], rows)
+
+    def draw(fig):
+        ax, total = fig.subplots(1, 2, width_ratios=[5, 1])
+        names = [_range_name(r, ranges) for r in range(n)]
+        _bars(ax, norms["norms"], norms["layers"], names, "||τ|| of the layer's weights (L2)")
+        ax.set_title("Task-vector norm τ = θ_range − θ0 per layer and timestep range (DeMe Fig. 6b)")
+        _bars(total, norms["total"][None], [str(r) for r in range(n)], ["all weights"], "||τ|| of all weights (L2)")
+        total.set(xlabel="range", title="total")
+    return _plot(folder / "task_vector_norms.png", (11, 4.6), draw)
 
 
 def plot_stationarity(st: dict, halves, folder, ranges) -> Path:
     """Writes stationarity.csv (per range: ‖g_j‖, the cosine of g_j on the two halves of the images, its cosines
     with the other ranges' g; last row Σ_j g_j) and .png (norms beside ‖Σ_j g_j‖; the cosines)."""
-    names = [_range_name(j, ranges) for j in range(len(ranges))]
-    rows = [[names[j], st["norms"][j], halves[j]] + list(st["cos"][j]) for j in range(len(ranges))]
-    rows.append(["sum over ranges", st["sum_norm"], halves[-1]] + [""] * len(ranges))
-    atomic_write_text(_csv(["gradient", "norm", "cos_between_halves"] + [f"cos_range{j}" for j in range(len(ranges))],
-                           rows), folder / "stationarity.csv")
-    Figure, canvas = _matplotlib()
-    fig = Figure(figsize=(11, 4.4), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    left.bar(range(len(ranges) + 1), st["norms"] + [st["sum_norm"]], color=["C0"] * len(ranges) + ["C3"])
-    left.set_xticks(range(len(ranges) + 1), [f"g_{j}" for j in range(len(ranges))] + ["Σ_j g_j"])
-    left.set_title(f"‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½ = {st['ratio']:.2f}: 0 stationary, 1 unrelated, {len(ranges) ** 0.5:.0f} "
-                   f"aligned", fontsize=9)
-    left.set_ylabel("gradient norm of the held-out loss at θ0")
-    fig.colorbar(_heatmap(right, st["cos"], [f"g_{j}" for j in range(len(ranges))], names), ax=right, label="cosine")
-    right.set_title("cosines between the ranges' gradients")
-    fig.suptitle("Is θ0 stationary? Per-range gradients of the held-out loss (selection images)")
-    _save_png(fig, canvas, folder / "stationarity.png")
-    return folder / "stationarity.png"
+    n, names = len(ranges), [_range_name(j, ranges) for j in range(len(ranges))]
+    rows = [[names[j], st["norms"][j], halves[j]] + list(st["cos"][j]) for j in range(n)]
+    _csv(folder / "stationarity.csv", ["gradient", "norm", "cos_between_halves"] + [f"cos_range{j}" for j in range(n)],
+         rows + [["sum over ranges", st["sum_norm"], halves[-1]] + [""] * n])
+
+    def draw(fig):
+        left, right = fig.subplots(1, 2)
+        g = [f"g_{j}" for j in range(n)]
+        _bars(left, np.array([st["norms"] + [st["sum_norm"]]]), g + ["Σ_j g_j"], ["norm"],
+              "gradient norm of the held-out loss at θ0")
+        left.set_title(f"‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½ = {st['ratio']:.2f} (0: stationary, 1: unrelated)", fontsize=9)
+        _heatmap(fig, right, st["cos"], g, names, "cosine")
+        right.set_title("cosines between the ranges' gradients")
+        fig.suptitle("Is θ0 stationary? Per-range gradients of the held-out loss (selection images)")
+    return _plot(folder / "stationarity.png", (11, 4.4), draw)
 
 
 def plot_seed_agreement(agree: dict, seeds, folder, ranges) -> Path:
     """Writes seed_agreement.csv (per range: ‖τ_i‖ per seed, the cosine of each pair of seeds' τ_i, and of τ_i with
     every range's τ_j, mean over seeds) and .png."""
-    pairs = [f"{a}-{b}" for a, b in itertools.combinations(seeds, 2)]
-    rows = [[_range_name(i, ranges)] + list(agree["norms"][:, i]) + list(agree["seeds"][:, i]) +
-            list(agree["ranges"][i]) for i in range(len(ranges))]
-    atomic_write_text(_csv(["range"] + [f"norm_seed{s}" for s in seeds] + [f"cos_seeds_{p}" for p in pairs] +
-                           [f"cos_with_range{j}" for j in range(len(ranges))], rows), folder / "seed_agreement.csv")
-    Figure, canvas = _matplotlib()
-    fig = Figure(figsize=(11, 4.4), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    mean = agree["seeds"].mean(0)
-    err = [mean - agree["seeds"].min(0), agree["seeds"].max(0) - mean]
-    left.bar(range(len(ranges)), mean, yerr=err, capsize=5)
-    left.axhline(0.0, color="black", lw=0.8)
-    left.set_xticks(range(len(ranges)), [_range_name(i, ranges) for i in range(len(ranges))], fontsize=8)
-    left.set_ylabel(f"cos(τ_i of one seed, τ_i of another), mean and min-max of {len(pairs)} pairs")
-    left.set_title("Do seeds agree on each range's task vector?", fontsize=9)
-    names = [f"τ_{i}" for i in range(len(ranges))]
-    fig.colorbar(_heatmap(right, agree["ranges"], names, names), ax=right, label="cosine")
-    right.set_title("cos(τ_i, τ_j) of one seed, mean over seeds", fontsize=9)
-    _save_png(fig, canvas, folder / "seed_agreement.png")
-    return folder / "seed_agreement.png"
+    n, pairs = len(ranges), [f"{a}-{b}" for a, b in itertools.combinations(seeds, 2)]
+    _csv(folder / "seed_agreement.csv", ["range"] + [f"norm_seed{s}" for s in seeds] + [f"cos_seeds_{p}" for p in
+                                                                                         pairs] +
+         [f"cos_with_range{j}" for j in range(n)], ([_range_name(i, ranges)] + list(agree["norms"][:, i]) +
+                                                     list(agree["seeds"][:, i]) + list(agree["ranges"][i])
+                                                     for i in range(n)))
+
+    def draw(fig):
+        left, right = fig.subplots(1, 2)
+        mean = agree["seeds"].mean(0)
+        _bars(left, mean[None], [_range_name(i, ranges) for i in range(n)], ["mean"],
+              f"cos(τ_i of one seed, τ_i of another): mean, min-max of {len(pairs)} pairs",
+              np.stack([mean - agree["seeds"].min(0), agree["seeds"].max(0) - mean])[:, None])
+        left.set_title("Do seeds agree on each range's task vector?", fontsize=9)
+        _heatmap(fig, right, agree["ranges"], [f"τ_{i}" for i in range(n)], [f"τ_{i}" for i in range(n)], "cosine")
+        right.set_title("cos(τ_i, τ_j) of one seed, mean over seeds", fontsize=9)
+    return _plot(folder / "seed_agreement.png", (11, 4.4), draw)
 
 
 def plot_interference(change, scales, folder, ranges) -> Path:
     """Writes interference.csv (range i, scale s, the change in % of every range's held-out loss under θ0 + s τ_i)
     and .png (one heatmap per scale)."""
-    n = len(ranges)
-    rows = [[i, s] + list(change[i, k]) for i in range(n) for k, s in enumerate(scales)]
-    atomic_write_text(_csv(["task_vector", "scale"] + [f"dloss_range{j}_pct" for j in range(n)], rows),
-                      folder / "interference.csv")
-    Figure, canvas = _matplotlib()
-    fig = Figure(figsize=(4.2 * len(scales) + 1, 4.2), layout="constrained")
-    limit = max(1e-9, float(np.abs(change).max()))
-    for k, (ax, s) in enumerate(zip(fig.subplots(1, len(scales), squeeze=False)[0], scales)):
-        im = _heatmap(ax, change[:, k], [f"L_{j}" for j in range(n)], [f"θ0 + {s:g} τ_{i}" for i in range(n)],
-                      -limit, limit, "+.1f")
-        ax.set_xlabel("held-out loss of range j (selection images)")
-    fig.colorbar(im, ax=ax, label="change vs θ0 (%)")
-    fig.suptitle("Interference: each range's loss when one task vector is added to θ0")
-    _save_png(fig, canvas, folder / "interference.png")
-    return folder / "interference.png"
+    n, limit = len(ranges), max(1e-9, float(np.abs(change).max()))
+    _csv(folder / "interference.csv", ["task_vector", "scale"] + [f"dloss_range{j}_pct" for j in range(n)],
+         ([i, s] + list(change[i, k]) for i in range(n) for k, s in enumerate(scales)))
+
+    def draw(fig):
+        for k, (ax, s) in enumerate(zip(fig.subplots(1, len(scales), squeeze=False)[0], scales)):
+            _heatmap(fig, ax, change[:, k], [f"L_{j}" for j in range(n)], [f"θ0 + {s:g} τ_{i}" for i in range(n)],
+                     "change vs θ0 (%)", -limit, limit, "+.1f")
+            ax.set_xlabel("held-out loss of range j (selection images)")
+        fig.suptitle("Interference: each range's loss when one task vector is added to θ0")
+    return _plot(folder / "interference.png", (4.6 * len(scales) + 1, 4.2), draw)
 
 
 def plot_partial_ensembles(values: dict, metric, folder) -> Path:
     """Writes partial_ensembles.csv (model, sample metric, its difference to θ0) and .png (the differences)."""
-    base = values["theta0"]
-    atomic_write_text(_csv(["model", "value", "vs_theta0"], ([k, v, v - base] for k, v in values.items())),
-                      folder / "partial_ensembles.csv")
-    Figure, canvas = _matplotlib()
-    fig = Figure(figsize=(1.3 * len(values) + 3, 4.4), layout="constrained")
-    ax = fig.add_subplot()
-    names = list(values)[1:]
-    ax.bar(range(len(names)), [values[k] - base for k in names], color=["C0"] * (len(names) - 1) + ["C3"])
-    ax.axhline(0.0, color="black", lw=0.8)
-    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(f"{metric} minus θ0's (lower is better)")
-    ax.set_title("Where the ensemble's gain comes from: θ0 with one range's model (selection samples)", fontsize=9)
-    _save_png(fig, canvas, folder / "partial_ensembles.png")
-    return folder / "partial_ensembles.png"
+    base, names = values["theta0"], list(values)[1:]
+    _csv(folder / "partial_ensembles.csv", ["model", "value", "vs_theta0"], ([k, v, v - base] for k, v in
+                                                                             values.items()))
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        _bars(ax, np.array([[values[k] - base for k in names]]), names, [metric], f"{metric} minus θ0's")
+        ax.set_title("Where the ensemble's gain comes from: θ0 with one range's model (selection samples)", fontsize=9)
+    return _plot(folder / "partial_ensembles.png", (1.3 * len(values) + 3, 4.4), draw)
 
 
 def analysis_figure_list(cfg: Config) -> list:
@@ -3027,8 +2978,7 @@ def analyze_landscape(a: Analysis) -> Path:
                         (("θ0", 0.0, 0.0), (f"range {i}", 1.0, 0.0), (f"range {j}", 0.0, 1.0)) if {x, y} <= set(grid))
     print(f"merge landscape of ranges {i}, {j} (held-out loss): {corners + ', ' if corners else ''}minimum "
           f"{values[p, q]:.5f} at ({grid[p]:g}, {grid[q]:g})")
-    return plot_merge_landscape(values, grid, i, j, a.folder, a.ranges, chosen_merge_weights(a.cfg, i, j),
-                                a.cfg.n_ranges)
+    return plot_merge_landscape(values, grid, i, j, a.folder, a.ranges, chosen_merge_weights(a.cfg, i, j))
 
 
 def analyze_norms(a: Analysis) -> Path:
@@ -3541,28 +3491,24 @@ def stage_sd(cfg: Config, env: Env):
 DATASET_SIZES = {"cifar10": 50_000, "lsun_church": 126_227, "lsun_bedroom": 3_033_042}
 
 
-def time_alternately(fns: dict, iters: int, warmup: int, device, min_seconds=0.05) -> dict:
-    """{name: seconds per call, one value per round}: after `warmup` untimed rounds, the functions are timed in turns
-    (a, b, a, b, ...) so that background load hits all of them alike; a fast function is called several times per
-    round, so that each timing spans at least min_seconds."""
-    def timed(fn, reps):
+def time_alternately(fns: dict, iters: int, warmup: int, device) -> dict:
+    """{name: seconds per call, median of `iters` rounds}: after `warmup` untimed rounds, the functions are timed in
+    turns (a, b, a, b, ...) so that background load hits all of them alike."""
+    def timed(fn):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        for _ in range(reps):
-            fn()
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) / reps
-    reps = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            reps[name] = max(1, math.ceil(min_seconds / max(timed(fn, 1), 1e-6)))
+        return time.perf_counter() - start
+    for fn in [fn for fn in fns.values() for _ in range(warmup)]:
+        fn()
     times = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
-            times[name].append(timed(fn, reps.get(name, 1)))
-    return times
+            times[name].append(timed(fn))
+    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def bench_train_step(model, env: Env, diffusion, batch, teacher=None, lam=PAPER.consistency):
@@ -3571,17 +3517,15 @@ def bench_train_step(model, env: Env, diffusion, batch, teacher=None, lam=PAPER.
     model = place(model, env).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-8)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
-    ema = EMA(model)
-    net = prepare(model, env)
+    ema, net = EMA(model), prepare(model, env)
     c, res = model.config["in_channels"], model.config["resolution"]
     fmt = torch.channels_last if env.channels_last else torch.contiguous_format
     x0 = (torch.rand(batch, c, res, res, device=env.device) * 2 - 1).contiguous(memory_format=fmt)  # (B, C, H, W)
 
     def step():
         t = torch.randint(0, diffusion.T, (batch,), device=env.device)
-        noise = torch.randn(x0.shape, device=env.device)
         with env.autocast():
-            loss = training_loss(net, teacher, diffusion, x0, t, noise, lam)
+            loss = training_loss(net, teacher, diffusion, x0, t, torch.randn(x0.shape, device=env.device), lam)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         nn.utils.clip_grad_norm_(model.parameters(), PAPER.grad_clip)
@@ -3592,6 +3536,28 @@ def bench_train_step(model, env: Env, diffusion, batch, teacher=None, lam=PAPER.
     return step
 
 
+def rates(cfg: Config, env: Env, train_batch, eval_batch, iters=1, warmup=1) -> dict:
+    """Images/s of a fresh UNet of the run's preset, timed alternately: training steps of plain finetuning and of
+    DeMe's (projections, the frozen θ0's forward, the consistency loss), the forward pass, and one sampler step."""
+    diffusion, dev = GaussianDiffusion(), env.device
+    model = timing_unet(cfg)
+    student = add_channel_projections(copy.deepcopy(model)) if cfg.projections else copy.deepcopy(model)
+    teacher = prepare(frozen(model), dataclasses.replace(env, world=1)) if cfg.consistency > 0 else None
+    c, res = model.config["in_channels"], model.config["resolution"]
+    x, t = torch.randn(eval_batch, c, res, res, device=dev), torch.randint(0, diffusion.T, (eval_batch,), device=dev)
+    net = place(copy.deepcopy(model), env).eval()
+
+    def forward():
+        with torch.no_grad(), env.evaluation():
+            net(x, t)
+    times = time_alternately({"train_plain": bench_train_step(copy.deepcopy(model), env, diffusion, train_batch),
+                              "train_deme": bench_train_step(student, env, diffusion, train_batch, teacher,
+                                                             cfg.consistency), "forward": forward}, iters, warmup, dev)
+    r = {f"{k}_img_s": env.world * (eval_batch if k == "forward" else train_batch) / v for k, v in times.items()}
+    S = cfg.sample_steps if cfg.sampler == "ddim" else diffusion.T
+    return dict(r, sampling_img_s=r["forward_img_s"] / S, sample_steps=S)
+
+
 def forward_flops(model, x, t) -> int:
     """Floating-point operations of one forward pass (convolutions, matrix products, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -3600,161 +3566,53 @@ def forward_flops(model, x, t) -> int:
     return counter.get_total_flops()
 
 
-def n_projections(model) -> int:
-    return sum(k.endswith(".proj.weight") for k in unwrap(model).state_dict())
-
-
 def stage_bench(cfg: Config, env: Env):
-    """Images/s of plain and DeMe finetuning, DDIM sampling and the forward pass of θ0 vs the merged model (with its
-    projections, unfolded and folded), ours vs diffusers' UNet, and the wall time this run's recipe projects to;
-    random inputs, no dataset. Prints a table and writes bench.json."""
+    """Images/s of plain and DeMe finetuning (on a CPU also in bf16), of the forward pass and of sampling exactly as
+    evaluation samples; the merged model's extra parameters and FLOPs (its projections, unfolded and folded); the
+    wall time this run's recipe projects to. Random inputs, no dataset. Prints a table and writes bench.json."""
     if not env.master:
         return  # one device is measured; data-parallel runs scale it by the number of processes
-    diffusion = GaussianDiffusion()
-    torch.manual_seed(cfg.seed)
-    theta0 = timing_unet(cfg).eval()
+    dev, theta0 = env.device, timing_unet(cfg).eval()
     res, c = theta0.config["resolution"], theta0.config["in_channels"]
     train_batch = cfg.bench_batch or cfg.batch_size // (cfg.grad_accum * env.world)
     eval_batch = cfg.bench_batch or cfg.eval_batch
-    iters, warmup = cfg.bench_iters, 2 if env.compile else 1  # compiling happens in the first call
-    metric = eval_metric(cfg)
-    dev = env.device
-    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-             f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"bench: preset {cfg.preset} ({res}x{res}), {where}, {env.precision}, compile {env.compile}, channels_last "
-          f"{env.channels_last}, batch {train_batch} (training) / {eval_batch} (sampling), median of {iters}")
-    ours = {}
-
-    # training: plain finetuning (the baseline) vs DeMe finetuning (projections, frozen θ0 forward, consistency loss)
-    student = copy.deepcopy(theta0)
-    student = add_channel_projections(student) if cfg.projections else student
-    teacher = prepare(frozen(theta0), env) if cfg.consistency > 0 else None
-    steps = {"plain": bench_train_step(copy.deepcopy(theta0), env, diffusion, train_batch),
-             "deme": bench_train_step(student, env, diffusion, train_batch, teacher=teacher, lam=cfg.consistency)}
-    times = time_alternately(steps, iters, warmup, dev)
-    for name, ts in times.items():
-        ours[f"train_{name}_img_s"] = train_batch / float(np.median(ts))
+    warmup = 2 if env.compile else 1  # compiling happens in the first call
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"bench: preset {cfg.preset} ({res}x{res}), {where}, {env.precision}, compile {env.compile}, batch "
+          f"{train_batch} (training) / {eval_batch} (sampling), median of {cfg.bench_iters}")
+    r = rates(cfg, dataclasses.replace(env, world=1), train_batch, eval_batch, cfg.bench_iters, warmup)
     if dev.type == "cpu":  # what --precision bf16 gains or loses on this CPU (auto trains fp32 on every CPU)
-        steps = {p: bench_train_step(copy.deepcopy(theta0), dataclasses.replace(env, precision=p), diffusion,
-                                     train_batch) for p in ("fp32", "bf16")}
-        for p, ts in time_alternately(steps, iters, warmup, dev).items():
-            ours[f"train_plain_{p}_img_s"] = train_batch / float(np.median(ts))
-        ours["cpu_native_bf16"] = cpu_has_bf16()
-    del steps, student
-
-    # inference: θ0 vs the merged model with 9 (or 13) projections, unfolded and folded; random non-identity
-    # projections, so that a folded projection really changes the convolution it is folded into
-    if env.compile:
-        torch.compiler.reset()  # each section compiles afresh, well within dynamo's recompile limit
+        bf16 = rates(cfg, dataclasses.replace(env, world=1, precision="bf16"), train_batch, 1, cfg.bench_iters)
+        r.update(train_plain_bf16_img_s=bf16["train_plain_img_s"], cpu_native_bf16=cpu_has_bf16())
+    # sampling exactly as evaluation runs it (sample_batch: eager, evaluation precision, per-sample noise), for two
+    # steps of DDIM (DDPM steps draw noise, as eta 1 does), scaled to the configured number of steps
+    few = dataclasses.replace(cfg, sampler="ddim", sample_steps=2, eta=cfg.eta if cfg.sampler == "ddim" else 1.0)
+    plain = theta0.to(dev)
+    sampling = lambda: sample_batch(few, env, GaussianDiffusion(), plain, range(eval_batch), cfg.seed, (c, res, res))
+    r["sampling_img_s"] = eval_batch * 2 / r["sample_steps"] / time_alternately(
+        {"s": sampling}, cfg.bench_iters, warmup, dev)["s"]
+    # the merged model keeps its projections: their parameters and FLOPs, unfolded and with the foldable ones folded
     merged = add_channel_projections(copy.deepcopy(theta0))
-    g = torch.Generator().manual_seed(cfg.seed)
-    with torch.no_grad():
-        for k, v in merged.state_dict().items():
-            if k.endswith(".proj.weight"):
-                v.add_(0.01 * torch.randn(v.shape, generator=g))
     folded = copy.deepcopy(merged)
-    n_folded = fold_channel_projections(folded)
-    variants = {"theta0": theta0, "merged": merged, "folded": folded}
+    r["n_folded"] = fold_channel_projections(folded)
     x1, t1 = torch.randn(1, c, res, res, device=dev), torch.full((1,), 500, device=dev)
-    flops = {name: forward_flops(place(m, env), x1, t1) for name, m in variants.items()}
-    params = {name: sum(p.numel() for p in m.parameters()) for name, m in variants.items()}
-    nets = {name: prepare(m, env) for name, m in variants.items()}
-    fmt = torch.channels_last if env.channels_last else torch.contiguous_format
-    x = torch.randn(eval_batch, c, res, res, device=dev).contiguous(memory_format=fmt)
-    t = torch.randint(0, diffusion.T, (eval_batch,), device=dev)
-
-    def forward(net):
-        def call():
-            with torch.no_grad(), env.autocast():
-                net(x, t)
-        return call
-    times = time_alternately({name: forward(net) for name, net in nets.items()}, 3 * iters, warmup, dev)
-    for name, ts in times.items():
-        ours[f"forward_{name}_img_s"] = eval_batch / float(np.median(ts))
-    for name in ("merged", "folded"):  # paired ratios: each round's two timings saw the same load
-        ratio = float(np.median([a / b for a, b in zip(times[name], times["theta0"])]))
-        ours[f"{name}_time_overhead_pct"] = 100 * (ratio - 1)
-        ours[f"{name}_flops_overhead_pct"] = 100 * (flops[name] / flops["theta0"] - 1)
-        ours[f"{name}_params_overhead_pct"] = 100 * (params[name] / params["theta0"] - 1)
-        ours[f"{name}_projections"] = n_projections(variants[name])
-    ours["n_folded"] = n_folded
-
-    # sampling exactly as evaluation runs it (sample_batch: eager, evaluation precision, per-sample noise), for a few
-    # steps of the configured sampler, scaled to its number of steps
-    S, k = (cfg.sample_steps if cfg.sampler == "ddim" else diffusion.T), 2
-    few = dataclasses.replace(cfg, sampler="ddim", sample_steps=k,  # t = 500, 0; DDPM steps draw noise, as eta 1
-                              eta=cfg.eta if cfg.sampler == "ddim" else 1.0)
-    plain = theta0.to(dev).eval()
-
-    def sampling():
-        sample_batch(few, env, diffusion, plain, range(eval_batch), cfg.seed, (c, res, res))
-    times = time_alternately({"sampling": sampling}, iters, warmup, dev)
-    ours["sampling_img_s"], ours["sample_steps"] = eval_batch / (float(np.median(times["sampling"])) / k * S), S
-
-    # FID features: the FID Inception's forward, random weights (speed does not depend on them)
-    if metric == "fid":
+    for name, m in (("theta0", theta0), ("merged", merged), ("folded", folded)):
+        r[f"{name}_flops"], r[f"{name}_params"] = forward_flops(place(m, env), x1, t1), sum(p.numel() for p in
+                                                                                          m.parameters())
+    if eval_metric(cfg) == "fid":  # FID features: the Inception's forward, random weights (speed does not need them)
         from torchvision.models.inception import Inception3
         inception = Inception3(num_classes=1008, aux_logits=False, init_weights=False).to(dev).eval()
         images = torch.rand(eval_batch, 3, res, res, device=dev)
-
-        def features():
-            with torch.no_grad():
-                FIDInception.forward(inception, images)
-        times = time_alternately({"inception": features}, iters, warmup, dev)
-        ours["inception_img_s"] = eval_batch / float(np.median(times["inception"]))
-    del nets, variants, merged, folded, teacher
-
-    # ours vs diffusers' UNet2DModel, forward + backward
-    if env.compile:
-        torch.compiler.reset()
-    versus = unet_vs_diffusers(theta0, env, train_batch, iters, warmup)
-    if env.compile or env.channels_last:  # and diffusers as people run it: eager, default memory format
-        eager = unet_vs_diffusers(theta0, dataclasses.replace(env, compile=False, channels_last=False), train_batch,
-                                  iters, warmup)
-        versus["diffusers_eager_img_per_s"] = eager.get("diffusers_img_per_s")
-        versus["ours_eager_img_per_s"] = eager["ours_img_per_s"]
-
-    plan = projected_time(cfg, ours)
+        r["inception_img_s"] = eval_batch / time_alternately({"i": lambda: FIDInception.forward(inception, images)},
+                                                             cfg.bench_iters, warmup, dev)["i"]
+    r["projected"] = projected_time(cfg, r)
     result = dict(preset=cfg.preset, device=where, precision=env.precision, compile=env.compile,
-                  channels_last=env.channels_last, train_batch=train_batch, eval_batch=eval_batch, iters=iters,
-                  **ours, unet_vs_diffusers=versus, projected=plan, config=dataclasses.asdict(cfg))
-    table = bench_table(result)
-    print("\n" + table)
+                  train_batch=train_batch, eval_batch=eval_batch, iters=cfg.bench_iters, **r,
+                  config=dataclasses.asdict(cfg))
+    print("\n" + bench_table(result))
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(result, indent=2), run_dir(cfg, "bench.json"))
     print(f"written: {run_dir(cfg, 'bench.json')}")
-    return result
-
-
-def unet_vs_diffusers(model: UNet, env: Env, batch, iters, warmup) -> dict:
-    """Forward + backward images/s (median) of this UNet and of diffusers' UNet2DModel with the same config (when
-    diffusers is installed), timed alternately, in the training precision, compiled and laid out as configured."""
-    models = {"ours": copy.deepcopy(model)}
-    try:
-        from diffusers import UNet2DModel
-        models["diffusers"] = UNet2DModel.from_config(diffusers_config(model.config))
-    except ImportError:
-        pass
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(env.precision, torch.float32)
-    c, res = model.config["in_channels"], model.config["resolution"]
-    fmt = torch.channels_last if env.channels_last else torch.contiguous_format
-    x = torch.randn(batch, c, res, res, device=env.device, dtype=dtype).contiguous(memory_format=fmt)
-    t = torch.randint(0, 1000, (batch,), device=env.device)
-
-    def step(net):
-        def call():
-            out = net(x, t)
-            (out if torch.is_tensor(out) else out.sample).float().square().mean().backward()
-            net.zero_grad(set_to_none=True)
-        return call
-    nets = {name: prepare((m if dtype == torch.float32 else m.to(dtype)).train(), env)  # diffusers warns on casts
-            for name, m in models.items()}
-    times = time_alternately({name: step(net) for name, net in nets.items()}, iters, warmup, env.device)
-    result = {f"{name}_img_per_s": batch / float(np.median(ts)) for name, ts in times.items()}
-    result.update(batch=batch, dtype=str(dtype).replace("torch.", ""), compile=env.compile,
-                  channels_last=env.channels_last)
-    if "diffusers_img_per_s" in result:
-        result["ratio"] = result["ours_img_per_s"] / result["diffusers_img_per_s"]
     return result
 
 
@@ -3792,58 +3650,20 @@ def projected_time(cfg: Config, r: dict, stages=("train", "finetune", "baseline"
                          m * n * cfg.steps * batch / r["train_plain_img_s"]))
     if "merge" in stages and not cfg.merge_weights and cfg.merge_method != "average":
         plan.append((f"merge search: {cfg.search_evals} x {cfg.search_images} held-out images{each}",
-                     k * cfg.search_evals * cfg.search_images / r["forward_merged_img_s"]))
+                     k * cfg.search_evals * cfg.search_images / r["forward_img_s"]))
         if cfg.search_objective == "samples":
             m = cfg.search_candidates * selection_samples(cfg)
             plan.append((f"its samples: {cfg.search_candidates} candidates x {selection_samples(cfg)}{each}",
                          k * m / r["sampling_img_s"]))
-    if "evaluate" in stages:
-        # the merged model is saved folded; the ensemble's range models keep all their projections
-        forward = {"merged": r["forward_folded_img_s"], "ensemble": r["forward_merged_img_s"]}
-        for name in names:
-            slowdown = r["forward_theta0_img_s"] / forward.get(name, r["forward_theta0_img_s"])
-            plan.append((f"sample {name}: {cfg.n_samples} x {S} steps{each}",
-                         k * cfg.n_samples * slowdown / r["sampling_img_s"]))
+    if "evaluate" in stages:  # (the merged model's and the ensemble's projections add 0.5-3% FLOPs: bench)
+        plan += [(f"sample {name}: {cfg.n_samples} x {S} steps{each}", k * cfg.n_samples / r["sampling_img_s"])
+                 for name in names]
         if "inception_img_s" in r:
             plan.append((f"FID features: {len(names)} x {cfg.n_samples} samples{each}",
                          k * len(names) * cfg.n_samples / r["inception_img_s"]))
             ref = DATASET_SIZES.get(cfg.dataset, cfg.n_samples)
             plan.append((f"FID reference statistics: {ref} images, once", ref / r["inception_img_s"]))
     return plan + [("total", sum(s for _, s in plan))]
-
-
-def quick_rates(cfg: Config, env: Env) -> dict:
-    """The rates projected_time needs, timed in a few seconds: eager training steps (plain, and DeMe's with CP and
-    the teacher) and forward passes of a fresh UNet of the run's preset; sampling = one forward pass per step.
-    Training steps use the run's micro-batch (on a CPU 8 images, where a step of the full one would take over 1 s)."""
-    diffusion, dev = GaussianDiffusion(), env.device
-    quick = dataclasses.replace(env, compile=False, world=1)
-    model = timing_unet(cfg)
-    micro = max(1, cfg.batch_size // (cfg.grad_accum * env.world))
-    student = add_channel_projections(copy.deepcopy(model)) if cfg.projections else copy.deepcopy(model)
-    teacher = place(frozen(copy.deepcopy(model)), quick) if cfg.consistency > 0 else None
-    batch = min(micro, 8) if dev.type == "cpu" else micro
-    while True:
-        steps = {"plain": bench_train_step(copy.deepcopy(model), quick, diffusion, batch),
-                 "deme": bench_train_step(student, quick, diffusion, batch, teacher=teacher, lam=cfg.consistency)}
-        times = {k: float(np.median(ts)) for k, ts in time_alternately(steps, 1, 1, dev, min_seconds=0).items()}
-        if batch == micro or times["deme"] * micro / batch > 1.0:  # a full micro-batch step would take > 1 s
-            break
-        batch = micro  # cheap enough to time at the real batch, whose per-image rate is higher
-    r = {f"train_{k}_img_s": env.world * batch / t for k, t in times.items()}
-    c, res = model.config["in_channels"], model.config["resolution"]
-    x = torch.randn(min(cfg.eval_batch, batch), c, res, res, device=dev)
-    t = torch.randint(0, diffusion.T, (len(x),), device=dev)
-    net = place(model, quick).eval()
-
-    def forward():
-        with torch.no_grad(), quick.evaluation():
-            net(x, t)
-    fwd = env.world * len(x) / float(np.median(time_alternately({"f": forward}, 1, 1, dev, min_seconds=0)["f"]))
-    S = cfg.sample_steps if cfg.sampler == "ddim" else diffusion.T
-    r.update(forward_theta0_img_s=fwd, forward_merged_img_s=fwd, forward_folded_img_s=fwd, sampling_img_s=fwd / S,
-             sample_steps=S)
-    return r
 
 
 PLANNED = {"pipeline": ("train", "finetune", "baseline", "merge", "evaluate"), "train": ("train",),
@@ -3854,7 +3674,9 @@ def announce_plan(cfg: Config, env: Env, stage: str):
     """One line before the work starts: what this command will run and how long it projects to on this device."""
     if stage not in PLANNED and stage != "ablation":
         return
-    r = quick_rates(cfg, env)
+    micro = max(1, cfg.batch_size // (cfg.grad_accum * env.world))  # on a CPU, 8 images: a step of more takes seconds
+    r = rates(cfg, dataclasses.replace(env, compile=False), min(micro, 8) if env.device.type == "cpu" else micro,
+              min(cfg.eval_batch, 8 if env.device.type == "cpu" else cfg.eval_batch))
     plan = ablation_plan(cfg, r) if stage == "ablation" else projected_time(cfg, r, PLANNED[stage])
     if env.master and len(plan) > 1:
         where = "a GPU" if env.device.type == "cuda" else f"this CPU ({torch.get_num_threads()} threads)"
@@ -3873,36 +3695,24 @@ def _duration(seconds) -> str:
 
 def bench_table(r: dict) -> str:
     """The benchmark as a Markdown table, then the projected wall time."""
-    v = r["unet_vs_diffusers"]
+    pct = lambda name, what: f"{100 * (r[f'{name}_{what}'] / r[f'theta0_{what}'] - 1):+.2f}%"
     rows = [("training, plain finetuning", f"{r['train_plain_img_s']:.1f} img/s", ""),
             ("training, DeMe finetuning (CP + frozen θ0 + CL)", f"{r['train_deme_img_s']:.1f} img/s",
              f"{r['train_deme_img_s'] / r['train_plain_img_s']:.2f}x plain"),
+            *([(f"training, plain, bf16 autocast (native bf16: {'yes' if r['cpu_native_bf16'] else 'no'})",
+                f"{r['train_plain_bf16_img_s']:.1f} img/s", f"{r['train_plain_bf16_img_s'] / r['train_plain_img_s']:.2f}x "
+                f"fp32")] if "cpu_native_bf16" in r else []),
+            ("forward, θ0", f"{r['forward_img_s']:.1f} img/s", ""),
             (f"DDIM-{r['sample_steps']} sampling, θ0", f"{r['sampling_img_s']:.3g} img/s", ""),
-            *([(f"training, plain, fp32 vs bf16 autocast (native bf16: {'yes' if r['cpu_native_bf16'] else 'no'})",
-                f"{r['train_plain_fp32_img_s']:.1f} vs {r['train_plain_bf16_img_s']:.1f} img/s",
-                f"bf16 {r['train_plain_bf16_img_s'] / r['train_plain_fp32_img_s']:.2f}x fp32")]
-              if "train_plain_bf16_img_s" in r else []),
-            ("forward, θ0", f"{r['forward_theta0_img_s']:.1f} img/s", "")]
-    for name, label in (("merged", "forward, merged, projections unfolded"), ("folded", "forward, merged, folded")):
-        rows.append((f"{label} ({r[name + '_projections']} projections)", f"{r[f'forward_{name}_img_s']:.1f} img/s",
-                     f"time {r[name + '_time_overhead_pct']:+.2f}%, FLOPs {r[name + '_flops_overhead_pct']:+.2f}%, "
-                     f"params {r[name + '_params_overhead_pct']:+.2f}% vs θ0"))
-    if "inception_img_s" in r:
-        rows.append(("FID Inception features", f"{r['inception_img_s']:.1f} img/s", ""))
-    versus = f"ours {v['ours_img_per_s']:.1f}" + (f", diffusers {v['diffusers_img_per_s']:.1f}" if "ratio" in v else "")
-    rows.append((f"UNet fwd+bwd ({r['preset']}, batch {v['batch']}, {v['dtype']}), ours vs diffusers",
-                 versus + " img/s", f"{v['ratio']:.2f}x" if "ratio" in v else "diffusers not installed"))
-    if v.get("diffusers_eager_img_per_s"):
-        rows.append(("ours as configured vs diffusers eager", f"{v['ours_img_per_s']:.1f} vs "
-                     f"{v['diffusers_eager_img_per_s']:.1f} img/s",
-                     f"{v['ours_img_per_s'] / v['diffusers_eager_img_per_s']:.2f}x"))
-    lines = ["| measurement | rate | relative |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines += ["", "Projected wall time of this run's recipe on one such device (data loading excluded; data-parallel "
-              "runs divide the training and sampling times by the number of processes, minus communication):", "",
-              "| stage | time |", "|---|---|"]
-    lines += [f"| {what} | {_duration(s)} |" for what, s in r["projected"]]
-    return "\n".join(lines) + "\n"
+            *([("FID Inception features", f"{r['inception_img_s']:.1f} img/s", "")] if "inception_img_s" in r else []),
+            ("merged model, projections unfolded", "", f"FLOPs {pct('merged', 'flops')}, params "
+             f"{pct('merged', 'params')} vs θ0"),
+            (f"merged model, {r['n_folded']} projections folded", "", f"FLOPs {pct('folded', 'flops')}, params "
+             f"{pct('folded', 'params')} vs θ0")]
+    return markdown_table(["measurement", "rate", "relative"], rows) + (
+        "\nProjected wall time of this run's recipe on one such device (data loading excluded; data-parallel runs "
+        "divide the training and sampling times by the number of processes, minus communication):\n\n" +
+        markdown_table(["stage", "time"], [(what, _duration(sec)) for what, sec in r["projected"]]))
 
 
 # DeMe Table 3 (ablation) at this run's scale, and the loss-reweighting baselines of Table 1: every row finetunes the
