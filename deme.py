@@ -1206,37 +1206,37 @@ class EMA:
 
 
 def rng_state(*generators) -> dict:
-    """Every random state a resumed run needs: torch, CUDA, numpy, python, and the loop's own generators."""
-    np_state = np.random.get_state()
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
-                           has_gauss=int(np_state[3]), cached=float(np_state[4])),
-                python=[list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    """Every random state a resumed run needs: torch's, CUDA's and the loop's own generators' (nothing here draws from
+    numpy's or Python's global generators)."""
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 generators=[g.get_state() for g in generators])
 
 
-def set_rng_state(state: dict, *generators, fallback_seed=0) -> list:
-    """Restores what rng_state saved, as far as this machine allows; returns what it could not restore: the CUDA
-    states of GPUs this machine lacks, and generators saved on another device type (their states differ in kind),
-    which are seeded with fallback_seed + their position instead (the same on every rank)."""
-    lost = []
-    torch.set_rng_state(state["torch"])
-    cuda, gpus = state["cuda"], torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for i, s in enumerate(cuda[:gpus]):
+def restore(state: dict, model, ema, opt, sched, scaler, generators, fallback_seed) -> list:
+    """Loads a training checkpoint into the loop's objects, as far as this machine allows; returns what it could not
+    restore: the CUDA states of GPUs this machine lacks, generators saved on another device type (their states
+    differ in kind: seeded with fallback_seed + their position instead, the same on every rank), an fp16 scaler."""
+    model.load_state_dict(state["model"])
+    ema.load(state["ema"], state["step"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    lost, rng = [], state["rng"]
+    torch.set_rng_state(rng["torch"])
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i, s in enumerate(rng["cuda"][:gpus]):
         torch.cuda.set_rng_state(s, i)
-    if len(cuda) > gpus:
-        lost.append(f"the CUDA random state of {len(cuda) - gpus} of {len(cuda)} GPU(s)")
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    for k, (g, s) in enumerate(zip(generators, state["generators"])):
+    if len(rng["cuda"]) > gpus:
+        lost.append(f"the CUDA random state of {len(rng['cuda']) - gpus} of {len(rng['cuda'])} GPU(s)")
+    for k, (g, s) in enumerate(zip(generators, rng["generators"])):
         try:
             g.set_state(s)
         except RuntimeError:
             lost.append(f"the {g.device.type} noise generator (saved on another kind of device)")
             g.manual_seed(fallback_seed + k)
+    if scaler.is_enabled() and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    elif scaler.is_enabled() or state["scaler"]:
+        lost.append("the fp16 gradient scaler's state (the run changed precision)")
     return lost
 
 
@@ -1343,18 +1343,9 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
     t_gen = torch.Generator().manual_seed(seed * 7919)  # timesteps and coins (CPU)
     x_gen = torch.Generator(env.device).manual_seed(seed * 7919 + 1)  # noise and flips (device)
     torch.manual_seed(seed * 7919 + env.rank + 2)  # dropout, different on every rank
-    start = 0
+    start = 0 if state is None else state["step"]
     if state is not None:  # on any device, precision or number of processes: what cannot be restored is said
-        start = state["step"]
-        model.load_state_dict(state["model"])
-        ema.load(state["ema"], start)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        lost = set_rng_state(state["rng"], t_gen, x_gen, fallback_seed=seed * 7919 + 1_000_003 * start)
-        if scaler.is_enabled() and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        elif scaler.is_enabled() or state["scaler"]:
-            lost.append("the fp16 gradient scaler's state (the run changed precision)")
+        lost = restore(state, model, ema, opt, sched, scaler, (t_gen, x_gen), seed * 7919 + 1_000_003 * start)
         if env.world > 1:  # rank 0's global states were saved; dropout must not repeat rank 0's masks
             torch.manual_seed(seed * 7919 + env.rank + 2 + 1_000_003 * start)
         if lost and env.master:
@@ -1373,39 +1364,37 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
                              model_config=getattr(unwrap(model), "config", None)), ckpt_path)
 
     data_iter = batches(data, micro, seed, env.rank, env.world, start=start * cfg.grad_accum, workers=cfg.workers)
+
+    def micro_step(last) -> torch.Tensor:  # one micro-batch: DDPM Algorithm 1 with DeMe's consistency loss (Eq. 4-5)
+        batch = next(data_iter)
+        x0, cond = encode(batch) if encode else (batch.to(env.device, non_blocking=True), {})
+        if cfg.flip:
+            flip = (torch.rand(micro * env.world, generator=x_gen, device=env.device) < 0.5)[mine]
+            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        if env.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        t = timesteps(micro * env.world, t_gen)[mine].to(env.device)
+        noise = torch.randn((micro * env.world, *x0.shape[1:]), generator=x_gen, device=env.device)[mine]
+        with net.no_sync() if env.world > 1 and not last else contextlib.nullcontext():
+            with env.autocast():
+                loss = training_loss(net, teacher, diffusion, x0, t, noise, lam,
+                                     None if weighting is None else weighting(t), **cond)
+            scaler.scale(loss / cfg.grad_accum).backward()
+        return loss.detach() / cfg.grad_accum
+
     bar = tqdm(total=steps, initial=start, desc=desc, disable=not env.master, dynamic_ncols=True)
-    smooth, bad_steps, tick = None, 0, time.perf_counter()
+    bad_steps = 0
     for step in range(start, steps):
-        total = torch.zeros((), device=env.device)
-        for m in range(cfg.grad_accum):
-            batch = next(data_iter)
-            x0, cond = encode(batch) if encode else (batch.to(env.device, non_blocking=True), {})
-            if cfg.flip:
-                flip = (torch.rand(micro * env.world, generator=x_gen, device=env.device) < 0.5)[mine]
-                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-            if env.channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            t = timesteps(micro * env.world, t_gen)[mine].to(env.device)
-            noise = torch.randn((micro * env.world, *x0.shape[1:]), generator=x_gen, device=env.device)[mine]
-            sync = net.no_sync() if env.world > 1 and m < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
-                with env.autocast():  # DDPM Algorithm 1 with DeMe's consistency loss (Eq. 4-5)
-                    loss = training_loss(net, teacher, diffusion, x0, t, noise, lam,
-                                         None if weighting is None else weighting(t), **cond)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            total += loss.detach() / cfg.grad_accum
+        total = sum(micro_step(m == cfg.grad_accum - 1) for m in range(cfg.grad_accum))
         if env.world > 1:
             torch.distributed.all_reduce(total)
             total /= env.world
         value = total.item()
-        if not math.isfinite(value):
-            bad_steps += 1
-            if env.precision != "fp16" or bad_steps > 50:  # fp16: the scaler skips overflowing steps
-                bar.close()
-                raise UserError(f"{desc}: the loss became {value} at step {step + 1}; stopped, and {ckpt_path} still "
-                                f"holds the last good checkpoint; lower the learning rate, then --resume")
-        else:
-            bad_steps = 0
+        bad_steps = 0 if math.isfinite(value) else bad_steps + 1
+        if bad_steps and (env.precision != "fp16" or bad_steps > 50):  # fp16: the scaler skips overflowing steps
+            bar.close()
+            raise UserError(f"{desc}: the loss became {value} at step {step + 1}; stopped, and {ckpt_path} still "
+                            f"holds the last good checkpoint; lower the learning rate, then --resume")
         scaler.unscale_(opt)
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -1414,12 +1403,7 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
         opt.zero_grad(set_to_none=True)
         sched.step()
         ema.update()
-        if math.isfinite(value):
-            smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
-        now = time.perf_counter()
-        bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "nan",
-                        img_s=f"{cfg.batch_size / max(now - tick, 1e-9):.0f}", refresh=False)
-        tick = now
+        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         bar.update(1)
         done = step + 1
         if done % cfg.ckpt_every == 0 or done == steps:
