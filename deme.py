@@ -723,41 +723,33 @@ class Config:
     dataset: str = _opt("synthetic", "training data", ["synthetic", "cifar10", "lsun_church", "lsun_bedroom", "folder"])
     data_dir: str = _opt("data", "where the dataset lives (CIFAR-10: the folder holding cifar-10-batches-py)")
     download: bool = _opt(False, "download CIFAR-10 into --data-dir if it is missing")
-    out: str = _opt("", "run folder; every file this run writes goes under it (default runs/<dataset>)")
+    out: str = _opt("", "run folder; everything this run writes goes under it (default runs/<dataset>)")
     seed: int = _opt(0, "seed of everything: data order, noise, timesteps, samples")
-    seeds: str = _opt("", "several seeds, e.g. 0,1,2: the pipeline's comparison (finetune, baseline, merge, evaluate) "
-                          "once per seed from the same θ0, each under --out/seed_<s>/, then each model's mean and "
-                          "min-max over the seeds in seeds.{json,md} and seeds.png")
+    seeds: str = _opt("", "e.g. 0,1,2: the comparison once per seed from one θ0 (in seed_<s>/), then its spread")
     device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     resume: bool = _opt(False, "continue the interrupted stages of this run folder from their last checkpoint")
     overwrite: bool = _opt(False, "start over, replacing what this run folder holds")
-    precision: str = _opt("auto", "training autocast precision (auto: bf16 on a GPU that has it, else fp32; on a CPU "
-                                  "with native bf16, bf16 is an opt-in: README)",
+    precision: str = _opt("auto", "training autocast (auto: bf16 on a GPU that has it, else fp32)",
                           ["auto", "fp32", "bf16", "fp16"])
-    eval_precision: str = _opt("fp32", "precision of everything that measures or selects: the merge-weight search, "
-                                       "every sampler and FID (bf16: faster, less exact)", ["fp32", "bf16"])
+    eval_precision: str = _opt("fp32", "precision of everything that measures or selects", ["fp32", "bf16"])
     compile: Optional[bool] = _opt(None, "torch.compile the model (default: on for CUDA, off on CPU)")
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for CUDA, off on CPU)")
     workers: int = _opt(0, "data-loading worker processes (0 loads in the main process)")
     # model
-    model: str = _opt("ddpm", "ddpm: the pixel-space UNet; sd: a diffusers Stable Diffusion folder (--pretrained) "
-                              "finetuned on image-caption pairs (--data-dir)", ["ddpm", "sd"])
+    model: str = _opt("ddpm", "ddpm: the pixel UNet; sd: a diffusers Stable Diffusion folder (--pretrained)",
+                      ["ddpm", "sd"])
     preset: str = _opt("tiny", "UNet size: " + ", ".join(PRESETS))
-    pretrained: str = _opt("", "θ0: a named checkpoint (cifar10, lsun_church, lsun_bedroom), a file or a diffusers "
-                               "folder; empty: train θ0 from scratch (the CPU pipeline)")
+    pretrained: str = _opt("", "θ0: cifar10, lsun_church, lsun_bedroom, a file or a folder; empty: train it here")
     image_size: int = _opt(0, "training resolution (0: the preset's)")
     flip: bool = _opt(False, "random horizontal flips")
-    dropout: Optional[float] = _opt(None, "dropout while training (default: the preset's for pretraining, 0 for "
-                                          "finetuning as in the official code)")
+    dropout: Optional[float] = _opt(None, "dropout while training (default: the preset's; 0 when finetuning)")
     # pretraining θ0 from scratch (train stage)
     train_steps: int = _opt(2000, "optimizer steps to pretrain θ0")
     train_lr: float = _opt(2e-4, "pretraining learning rate (DDPM: 2e-4)")
     train_warmup: int = _opt(100, "pretraining linear warm-up steps (DDPM: 5000)")
-    train_schedule: str = _opt("constant", "pretraining learning rate after the warm-up: constant (DDPM) or cosine "
-                                           "(decays to 0 at --train-steps: a θ0 that has settled in the steps given)",
+    train_schedule: str = _opt("constant", "after the warm-up: constant (DDPM) or cosine (to 0 at --train-steps)",
                                ["constant", "cosine"])
-    curve_every: int = _opt(0, "pretraining: the held-out loss of the EMA weights every this many steps, on "
-                               "--search-images selection images, into pretrain/heldout_curve.csv (0: off)")
+    curve_every: int = _opt(0, "log the EMA's held-out loss every this many pretraining steps (0: off)")
     # decoupled finetuning (finetune and baseline stages)
     n_ranges: int = _opt(PAPER.n_ranges, "N, the number of timestep ranges (paper: 4; 8 in the ablation)")
     ranges: str = _opt("all", "which ranges this invocation finetunes: all, or indices such as 0,2")
@@ -770,70 +762,52 @@ class Config:
     adam_eps: float = _opt(1e-8, "AdamW epsilon")
     grad_clip: float = _opt(PAPER.grad_clip, "gradient clipping norm (0: off)")
     ema_decay: float = _opt(PAPER.ema_decay, "EMA decay ceiling; the decay warms up as min(ceiling, 1 - k^-3/4)")
-    p_global: float = _opt(PAPER.p_global, "probabilistic sampling: chance of drawing timesteps from all of [0, T) "
-                                           "(Eq. 6)")
-    per_sample: bool = _opt(PAPER.per_sample, "flip the probabilistic-sampling coin per sample instead of per batch "
-                                              "(official: per batch)")
-    antithetic: bool = _opt(PAPER.antithetic, "draw timesteps in antithetic pairs (t, lo+hi-1-t) as the official "
-                                              "code does")
-    consistency: float = _opt(PAPER.consistency, "λ, weight of the consistency loss to the frozen θ0 (Eq. 4-5; "
-                                                 "0: off)")
+    p_global: float = _opt(PAPER.p_global, "chance of drawing the timesteps from all of [0, T) (Eq. 6)")
+    per_sample: bool = _opt(PAPER.per_sample, "one probabilistic-sampling coin per sample (official: per batch)")
+    antithetic: bool = _opt(PAPER.antithetic, "timesteps in antithetic pairs (t, lo+hi-1-t), as the official code")
+    consistency: float = _opt(PAPER.consistency, "λ, weight of the consistency loss to the frozen θ0 (Eq. 4-5)")
     projections: bool = _opt(PAPER.projections, "channel-wise projections (identity-initialised 1x1 convs)")
     baseline: bool = _opt(True, "also run the equal-compute baseline: plain finetuning on all timesteps, N x steps")
-    baseline_weighting: str = _opt("none", "the baseline's loss weighting: none (DDPM's simple loss), minsnr "
-                                           "(Min-SNR-γ, γ = 5) or p2 (P2, k = 1, γ = 1), the loss-reweighting "
-                                           "baselines of DeMe Table 1", ["none", "minsnr", "p2"])
+    baseline_weighting: str = _opt("none", "the baseline's loss: none, minsnr or p2 (DeMe Table 1)",
+                                   ["none", "minsnr", "p2"])
     ckpt_every: int = _opt(1000, "save a resumable checkpoint every this many steps")
     grid_every: int = _opt(0, "save a sample grid every this many steps (0: only at the end)")
     # merge (merge stage)
     merge_method: str = _opt("task_arithmetic", "how to merge", ["task_arithmetic", "average", "ties", "dare"])
-    merge_weights: str = _opt("", "w_1..w_N, comma-separated, low t first; empty: search them (LSUN official: "
-                                  "0.1,0.1,0.2,0.5)")
-    heldout_fraction: float = _opt(0.1, "folder and LSUN: the share of images held out from training, chosen by a "
-                                        "hash of each file's path (half selects, half reports)")
-    search_images: int = _opt(512, "selection images (held out from training) scoring the merge-weight search")
-    search_objective: str = _opt("loss", "what chooses w: loss (coordinate descent on the held-out loss with t "
-                                         "uniform over [0, T)), per_range (each range's held-out loss relative to "
-                                         "θ0's, averaged) or samples (candidates ranked by the sample metric of "
-                                         "selection noise against selection images)", ["loss", "per_range", "samples"])
-    search_evals: int = _opt(60, "most merge candidates the loss search scores")
-    search_candidates: int = _opt(8, "samples objective: most candidates it ranks (θ0, the loss search's best, "
-                                     "shared scales, weights rising with t)")
-    search_samples: int = _opt(0, "samples per candidate of the samples objective and per model of the analysis's "
-                                  "partial ensembles (0: --n-samples, so that selection and report compare alike)")
+    merge_weights: str = _opt("", "w_1..w_N, low t first (LSUN official: 0.1,0.1,0.2,0.5); empty: search them")
+    heldout_fraction: float = _opt(0.1, "folder and LSUN: the share held out from training (half to select)")
+    search_images: int = _opt(512, "selection images of the merge search's held-out loss")
+    search_objective: str = _opt("loss", "what chooses w: the held-out loss, per range, or selection samples",
+                                 ["loss", "per_range", "samples"])
+    search_evals: int = _opt(60, "most candidates the loss search scores")
+    search_candidates: int = _opt(8, "most candidates the samples objective ranks")
+    search_samples: int = _opt(0, "samples per candidate of the samples objective (0: --n-samples)")
     ties_k: float = _opt(PAPER.ties_k, "TIES: percent of each task vector's entries kept")
     ties_lam: float = _opt(PAPER.ties_lam, "TIES: scale of the merged task vector")
-    dare_p: float = _opt(PAPER.dare_p, "DARE: drop probability (DARE's main setting)")
+    dare_p: float = _opt(PAPER.dare_p, "DARE: drop probability")
     # evaluation (sample and evaluate stages)
     sampler: str = _opt("ddim", "sampler for evaluation", ["ddim", "ddpm"])
     sample_steps: int = _opt(100, "DDIM steps (paper: 100 for CIFAR-10, 50 for LSUN)")
     eta: float = _opt(0.0, "DDIM eta (0: deterministic)")
     variance: str = _opt("fixedlarge", "DDPM sampling variance", ["fixedlarge", "fixedsmall"])
     n_samples: int = _opt(50000, "samples per model for the metric (paper: 50K)")
-    report_images: int = _opt(512, "report images (held out from training and from selection) of the results "
-                                   "table's held-out loss")
+    report_images: int = _opt(512, "report images of the results table's held-out loss")
     eval_batch: int = _opt(256, "sampling batch size")
-    metric: str = _opt("auto", "fid (Inception) or pixel (Fréchet distance on pixels, for tiny runs); auto picks "
-                               "pixel for synthetic", ["auto", "fid", "pixel"])
+    metric: str = _opt("auto", "fid, or pixel: a Fréchet distance on pixels (auto: pixel for synthetic)",
+                       ["auto", "fid", "pixel"])
     inception_weights: str = _opt("", "pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
     fid_stats: str = _opt("", "reference statistics .npz of the training set (default: computed once, cached)")
     models: str = _opt("theta0,baseline,ensemble,merged", "models the evaluate stage compares")
     # benchmark (bench stage)
-    bench_batch: int = _opt(0, "images per timed step (0: --batch-size / (--grad-accum x processes) for training, "
-                               "--eval-batch for sampling; on a CPU try 8)")
-    bench_iters: int = _opt(5, "timed rounds per measurement after a warm-up; the median is reported (the forward "
-                               "pass of θ0 vs the merged model gets 3x as many)")
+    bench_batch: int = _opt(0, "images per timed step (0: the run's micro-batch and --eval-batch; on a CPU try 8)")
+    bench_iters: int = _opt(5, "timed rounds after a warm-up; the median is reported")
     # analysis (analyze stage)
-    figures: str = _opt("all", "what the analyze stage draws: conflict (gradient conflict, Fig. 1a), landscape "
-                        "(merge landscape, Fig. 6a), norms (task-vector norms, Fig. 6b); the merge's diagnostics: "
-                        "stationarity (per-range gradients at θ0), seeds (task vectors across --seeds), interference "
-                        "(each range's loss under θ0 + s τ_i), partial (θ0 with one range's model); all")
-    conflict_timesteps: int = _opt(20, "K, the timesteps of the gradient-conflict figure: the centres of K equal bins")
-    landscape_ranges: str = _opt("", "i,j: the two ranges whose task vectors span the merge-landscape plane "
-                                     "(default: 0 and N-1)")
+    figures: str = _opt("all", "all, or some of conflict, landscape, norms, stationarity, seeds, interference, partial")
+    conflict_timesteps: int = _opt(20, "K, the timesteps of the gradient-conflict figure: the centres of K bins")
+    landscape_ranges: str = _opt("", "i,j: the ranges spanning the merge-landscape plane (default: 0 and N-1)")
     landscape_points: int = _opt(15, "grid points per axis of the merge landscape, weights from -0.25 to 1.5")
     # Stable Diffusion (--model sd)
-    prompts: str = _opt("", "prompts to draw, a file with one per line or 'a|b|c' (default: 8 captions of the data)")
+    prompts: str = _opt("", "prompts to draw: a file with one per line or 'a|b|c' (default: 8 captions)")
     guidance_scale: float = _opt(7.5, "classifier-free guidance scale (1: none)")
     sd_resolution: int = _opt(512, "image resolution for training and sampling (SD v1: 512)")
 
@@ -1001,26 +975,27 @@ def check_config(cfg: Config):
                         f"{cfg.preset}; use a multiple of {2 ** (levels - 1)}")
 
 
+def parse_list(flag, text, kind=int, example="0,1,2") -> list:
+    """A comma-separated flag's values, or one line saying what it should look like."""
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--{flag} {text!r} is not a list of {'integers' if kind is int else 'numbers'}; write for "
+                        f"example --{flag} {example}") from None
+
+
 def range_indices(cfg: Config) -> list:
     """The range indices this invocation finetunes."""
-    if cfg.ranges == "all":
-        return list(range(cfg.n_ranges))
-    try:
-        idx = [int(s) for s in cfg.ranges.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--ranges {cfg.ranges!r} is not a list of integers; write for example --ranges 0,2") from None
-    bad = [i for i in idx if not 0 <= i < cfg.n_ranges]
-    if bad or not idx:
-        raise UserError(f"--ranges {cfg.ranges!r}: indices must lie in 0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
+    idx = list(range(cfg.n_ranges)) if cfg.ranges == "all" else parse_list("ranges", cfg.ranges, example="0,2")
+    if not idx or any(not 0 <= i < cfg.n_ranges for i in idx):
+        raise UserError(f"--ranges {cfg.ranges!r}: indices must lie in 0..{cfg.n_ranges - 1} for --n-ranges "
+                        f"{cfg.n_ranges}")
     return idx
 
 
 def seed_list(cfg: Config) -> list:
-    """--seeds as distinct integers."""
-    try:
-        seeds = [int(v) for v in cfg.seeds.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--seeds {cfg.seeds!r} is not a list of integers; write for example --seeds 0,1,2") from None
+    """--seeds as distinct non-negative integers."""
+    seeds = parse_list("seeds", cfg.seeds)
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise UserError(f"--seeds {cfg.seeds!r}: give distinct non-negative integers, e.g. 0,1,2")
     return seeds
@@ -1028,10 +1003,7 @@ def seed_list(cfg: Config) -> list:
 
 def merge_weight_list(cfg: Config) -> list:
     """--merge-weights as floats, one per range."""
-    try:
-        w = [float(s) for s in cfg.merge_weights.split(",")]
-    except ValueError:
-        raise UserError(f"--merge-weights {cfg.merge_weights!r} is not a list of numbers; write e.g. 0.1,0.1,0.2,0.5") from None
+    w = parse_list("merge-weights", cfg.merge_weights, float, "0.1,0.1,0.2,0.5")
     if len(w) != cfg.n_ranges:
         raise UserError(f"--merge-weights has {len(w)} values but there are {cfg.n_ranges} ranges; give one per range")
     return w
@@ -2890,17 +2862,11 @@ def analysis_figure_list(cfg: Config) -> list:
 
 def landscape_pair(cfg: Config) -> tuple:
     """--landscape-ranges as (i, j); default the lowest and the highest range, 0 and N-1."""
-    if not cfg.landscape_ranges:
-        return 0, cfg.n_ranges - 1
-    try:
-        i, j = (int(s) for s in cfg.landscape_ranges.split(","))
-    except ValueError:
-        raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r} is not two range indices; write e.g. "
-                        f"0,3") from None
-    if not (0 <= i < cfg.n_ranges and 0 <= j < cfg.n_ranges) or i == j:
+    pair = parse_list("landscape-ranges", cfg.landscape_ranges, example="0,3") or [0, cfg.n_ranges - 1]
+    if len(pair) != 2 or pair[0] == pair[1] or not all(0 <= i < cfg.n_ranges for i in pair):
         raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r}: give two different indices in "
                         f"0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
-    return i, j
+    return tuple(pair)
 
 
 def chosen_merge_weights(cfg: Config, i, j) -> Optional[tuple]:
@@ -3979,11 +3945,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.stage == "exercise":
-            try:
-                parts = tuple(int(p) for p in args.parts.split(",") if p.strip())
-            except ValueError:
-                raise UserError(f"--parts {args.parts!r} is not a list of part numbers; write e.g. --parts 1,2") from None
-            exercise_command(args.out, parts)
+            exercise_command(args.out, tuple(parse_list("parts", args.parts, example="1,2")))
             return
         if args.stage == "fid":
             device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device

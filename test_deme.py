@@ -1791,7 +1791,7 @@ def test_analyze_without_matplotlib_still_writes_the_csv(analysis_run, monkeypat
     ("seeds", {}, "pass --seeds"),
     ("interference,partial", {}, "interference and partial figures need finished ranges"),
     ("landscape", {"landscape_ranges": "0,0"}, "two different indices"),
-    ("landscape", {"landscape_ranges": "first,last"}, "not two range indices"),
+    ("landscape", {"landscape_ranges": "first,last"}, "not a list of integers"),
 ])
 def test_analyze_says_which_input_is_missing(tmp_path, figures, settings, message):
     cfg = deme.Config(out=str(tmp_path), n_ranges=2, figures=figures, device="cpu", **settings)
