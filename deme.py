@@ -924,52 +924,45 @@ def config_summary(cfg: Config, given: dict, stage: str, notes=(), saved=True) -
 
 
 def check_config(cfg: Config):
-    """One clear line for each value that cannot work."""
-    if cfg.model == "sd" and (cfg.dataset != "folder" or not cfg.pretrained):
-        raise UserError("--model sd needs --pretrained SD_PIPELINE_FOLDER and --dataset folder --data-dir DIR "
-                        "(images plus metadata.jsonl)")
-    if cfg.model == "sd" and cfg.search_objective == "samples":
-        raise UserError("--search-objective samples scores DDPM samples by the pixel or FID metric; use loss or "
-                        "per_range with --model sd")
-    if cfg.preset not in PRESETS:
-        raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
-    if not 1 <= cfg.n_ranges <= 1000 or 1000 % cfg.n_ranges:
-        raise UserError(f"--n-ranges {cfg.n_ranges} does not split the 1000 timesteps evenly; use 1, 2, 4, 5, 8, 10, ...")
-    if not 0.0 <= cfg.p_global <= 1.0:
-        raise UserError(f"--p-global {cfg.p_global} is not a probability; give a value in [0, 1]")
-    if not 0 < cfg.ties_k <= 100:
-        raise UserError(f"--ties-k {cfg.ties_k} must lie in (0, 100]: the percent of each task vector TIES keeps")
-    if not 0 <= cfg.dare_p < 1:
-        raise UserError(f"--dare-p {cfg.dare_p} must lie in [0, 1): the probability DARE drops an entry")
-    if cfg.ranges != "all":
-        range_indices(cfg)
+    """One clear line for the first value that cannot work."""
+    counts = ("steps", "batch_size", "grad_accum", "n_samples", "eval_batch", "sample_steps", "train_steps",
+              "ckpt_every", "search_evals", "search_images", "report_images", "bench_iters")
+    checks = [(cfg.model in ("ddpm", "sd"), f"unknown --model {cfg.model!r}; use ddpm or sd"),
+              (cfg.model != "sd" or cfg.dataset == "folder" and cfg.pretrained, "--model sd needs --pretrained "
+               "SD_PIPELINE_FOLDER and --dataset folder --data-dir DIR (images plus metadata.jsonl)"),
+              (cfg.model != "sd" or cfg.search_objective != "samples", "--search-objective samples scores DDPM "
+               "samples by the pixel or FID metric; use loss or per_range with --model sd"),
+              (cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}"),
+              (1 <= cfg.n_ranges <= 1000 and 1000 % cfg.n_ranges == 0, f"--n-ranges {cfg.n_ranges} does not split "
+               f"the 1000 timesteps evenly; use 1, 2, 4, 5, 8, 10, ..."),
+              (0.0 <= cfg.p_global <= 1.0, f"--p-global {cfg.p_global} is not a probability; give a value in [0, 1]"),
+              (0 < cfg.ties_k <= 100, f"--ties-k {cfg.ties_k} must lie in (0, 100]: the percent of each task vector "
+               f"TIES keeps"),
+              (0 <= cfg.dare_p < 1, f"--dare-p {cfg.dare_p} must lie in [0, 1): the probability DARE drops an entry"),
+              (len(cfg.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.adam_betas), f"--adam-betas {cfg.adam_betas} "
+               f"must be two numbers in [0, 1), e.g. 0.95,0.999"),
+              (0 <= cfg.ema_decay < 1 and cfg.workers >= 0 and cfg.image_size >= 0, "--ema-decay must lie in [0, 1), "
+               "--workers and --image-size must not be negative"),
+              *[(getattr(cfg, n) >= 1, f"--{n.replace('_', '-')} must be at least 1, got {getattr(cfg, n)}")
+                for n in counts],
+              (cfg.eta >= 0, f"--eta {cfg.eta} is negative; DDIM's eta is 0 (deterministic) or more (1: DDPM-like)"),
+              (cfg.search_samples >= 0, f"--search-samples {cfg.search_samples} is negative; give a count, or 0 for "
+               f"--n-samples"),
+              (cfg.search_candidates >= 2, f"--search-candidates {cfg.search_candidates}: give 2 or more; one "
+               f"candidate has nothing to be ranked against"),
+              (0.0 < cfg.heldout_fraction < 1.0, f"--heldout-fraction {cfg.heldout_fraction} must lie strictly "
+               f"between 0 and 1, e.g. 0.1"),
+              (cfg.sampler != "ddim" or cfg.sample_steps < 1 or 1000 % cfg.sample_steps == 0, f"--sample-steps {cfg.sample_steps} does not "
+               f"divide the 1000 timesteps; use 10, 20, 50, 100, ...")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    range_indices(cfg)
     if cfg.merge_weights:
         merge_weight_list(cfg)
     if cfg.seeds:
         seed_list(cfg)
-    if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
-        raise UserError(f"--adam-betas {cfg.adam_betas} must be two numbers in [0, 1), e.g. 0.95,0.999")
-    if not 0 <= cfg.ema_decay < 1 or cfg.workers < 0 or cfg.image_size < 0:
-        raise UserError("--ema-decay must lie in [0, 1), --workers and --image-size must not be negative")
-    if cfg.model != "sd" and cfg.model != "ddpm":
-        raise UserError(f"unknown --model {cfg.model!r}; use ddpm or sd")
-    for name in ("steps", "batch_size", "grad_accum", "n_samples", "eval_batch", "sample_steps", "train_steps",
-                 "ckpt_every", "search_evals", "search_images", "report_images", "bench_iters"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.eta < 0:
-        raise UserError(f"--eta {cfg.eta} is negative; DDIM's eta is 0 (deterministic) or more (1: DDPM-like)")
-    if cfg.search_samples < 0:
-        raise UserError(f"--search-samples {cfg.search_samples} is negative; give a count, or 0 for --n-samples")
-    if cfg.search_candidates < 2:
-        raise UserError(f"--search-candidates {cfg.search_candidates}: give 2 or more; one candidate has nothing to "
-                        f"be ranked against")
-    if not 0.0 < cfg.heldout_fraction < 1.0:
-        raise UserError(f"--heldout-fraction {cfg.heldout_fraction} must lie strictly between 0 and 1, e.g. 0.1")
-    if 1000 % cfg.sample_steps and cfg.sampler == "ddim":
-        raise UserError(f"--sample-steps {cfg.sample_steps} does not divide the 1000 timesteps; use 10, 20, 50, 100, ...")
-    resolution = cfg.image_size or PRESETS[cfg.preset]["resolution"]
-    levels = len(PRESETS[cfg.preset]["ch_mult"])
+    resolution, levels = cfg.image_size or PRESETS[cfg.preset]["resolution"], len(PRESETS[cfg.preset]["ch_mult"])
     if resolution % 2 ** (levels - 1):
         raise UserError(f"--image-size {resolution} cannot pass the {levels - 1} downsamplings of preset "
                         f"{cfg.preset}; use a multiple of {2 ** (levels - 1)}")
@@ -1835,23 +1828,13 @@ class FIDInception(nn.Module):
             if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
                 raise UserError(f"{path} has SHA-256 {digest}, not {FID_WEIGHTS_SHA256_PREFIX}...; it is not "
                                 f"pytorch-fid's {FID_WEIGHTS_NAME}: download {FID_WEIGHTS_URL}")
-        try:
+        try:  # BatchNorm's step counters do not affect eval-mode outputs; files from older torch versions lack them
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read {path} as a torch state dict ({type(e).__name__}); "
-                            f"use pytorch-fid's {FID_WEIGHTS_NAME}") from None
-        if not isinstance(state, dict):
-            raise UserError(f"{path} holds a {type(state).__name__}, not a state dict; "
-                            f"use pytorch-fid's {FID_WEIGHTS_NAME}")
-        expected = self.state_dict()
-        # BatchNorm's step counters do not affect eval-mode outputs; files from older torch versions lack them.
-        state = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state}
-        bad = sorted(set(expected) ^ set(state))
-        bad += [k for k in expected if k in state and getattr(state[k], "shape", None) != expected[k].shape]
-        if bad:
-            raise UserError(f"{path} does not hold the FID Inception's weights ({len(bad)} missing, unexpected or "
-                            f"misshapen entries, e.g. {bad[0]}); use pytorch-fid's {FID_WEIGHTS_NAME}")
-        self.load_state_dict(state, strict=True)
+            self.load_state_dict({**{k: v for k, v in self.state_dict().items()
+                                     if k.endswith("num_batches_tracked")}, **state}, strict=True)
+        except Exception as error:  # only reachable with check_hash=False
+            raise UserError(f"cannot read {path} or it does not hold the FID Inception's weights "
+                            f"({type(error).__name__}): download {FID_WEIGHTS_URL}") from None
         self.requires_grad_(False)
         self.eval()
 
