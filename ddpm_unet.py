@@ -53,8 +53,7 @@ PRETRAINED = {
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The network
+# --- The network ------------------------------------------------------------------------------------------------------
 
 
 def timestep_embedding(t, dim):
@@ -135,6 +134,13 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def preset_config(name):
+    """The PRESETS entry `name`, or one line naming the known presets."""
+    if name not in PRESETS:
+        raise UserError(f"unknown UNet preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
 class UNet(nn.Module):
     """The noise predictor eps_theta(x_t, t) of DDPM (Ho et al. 2020, Appendix B), in the original key layout."""
 
@@ -159,8 +165,7 @@ class UNet(nn.Module):
         for i in range(L):
             level = nn.Module()
             c_in, c_out = ch * in_mult[i], ch * ch_mult[i]
-            level.block = nn.ModuleList()
-            level.attn = nn.ModuleList()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
                 level.block.append(ResBlock(c_in, c_out, temb_ch, dropout))
                 c_in = c_out
@@ -182,8 +187,7 @@ class UNet(nn.Module):
         for i in reversed(range(L)):
             level = nn.Module()
             c_out = ch * ch_mult[i]
-            level.block = nn.ModuleList()
-            level.attn = nn.ModuleList()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for j in range(num_res_blocks + 1):
                 c_skip = ch * (in_mult[i] if j == num_res_blocks else ch_mult[i])
                 level.block.append(ResBlock(c_in + c_skip, c_out, temb_ch, dropout))
@@ -203,9 +207,7 @@ class UNet(nn.Module):
     @classmethod
     def from_preset(cls, name, **overrides):
         """Build a UNet from a PRESETS entry, with constructor arguments overridden by keyword."""
-        if name not in PRESETS:
-            raise UserError(f"unknown UNet preset {name!r}; known presets: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**preset_config(name), **overrides})
 
     @property
     def has_projections(self):
@@ -254,8 +256,7 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels, H, W)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# DeMe channel-wise projections (DeMe Sec. 3.2; placement as in the official code)
+# --- DeMe channel-wise projections (DeMe Sec. 3.2; placement as in the official code) ---------------------------------
 
 
 def projection_places(model):
@@ -274,10 +275,7 @@ def _add_projection(module, channels, like):
 
 def _place_channels(model, name):
     """Channel count of the main-path feature map at a projection place."""
-    config = model.config
-    if name == "mid":
-        return config["ch"] * config["ch_mult"][-1]
-    return config["ch"] * config["ch_mult"][int(name.split(".")[1])]
+    return model.config["ch"] * model.config["ch_mult"][-1 if name == "mid" else int(name.split(".")[1])]
 
 
 def add_channel_projections(model):
@@ -304,8 +302,7 @@ def fold_channel_projections(model):
     return folded
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# State dicts: original layout <-> diffusers UNet2DModel
+# --- State dicts: original layout <-> diffusers UNet2DModel -----------------------------------------------------------
 
 
 _RESNET_TO_DIFFUSERS = {"temb_proj": "time_emb_proj", "nin_shortcut": "conv_shortcut"}
@@ -429,8 +426,7 @@ def config_from_diffusers(cfg, where="config.json"):
                 resolution=size, in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Files
+# --- Files ------------------------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -496,14 +492,11 @@ def load_state_dict_file(path, key=None):
                             "fetch it again") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain containers
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
-        reason = next((line for line in lines if "nsupported" in line), lines[0])
-        raise UserError(f"{path} is not a plain weights file and was refused for safety (torch.load weights_only=True: "
-                        f"{reason}); load only files you trust, saved as a state dict of tensors") from None
+    except pickle.UnpicklingError:  # weights_only met something other than tensors and plain containers
+        raise UserError(f"{path} holds more than tensors and was refused for safety (torch.load weights_only=True); "
+                        "load only files you trust, saved as a state dict of tensors") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({reason}); it is truncated or corrupt, "
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}); it is truncated or corrupt, "
                         "fetch it again") from None
     if _is_tensor_dict(obj) and key is None:
         return obj
@@ -545,16 +538,8 @@ def model_from_state_dict(sd, preset=None):
                             f"{len(got)} tensors) fit none of the presets {', '.join(PRESETS)}; pass the preset or "
                             "the UNet config it was trained with")
         preset = matches[0]
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise UserError(f"unknown UNet preset {preset!r}; known presets: {', '.join(PRESETS)}")
-        config = PRESETS[preset]
-    else:
-        config = preset
-    try:
-        want = _shapes(_build(config, projections))
-    except TypeError as e:
-        raise UserError(f"bad UNet config {config}: {e}") from None
+    config = preset_config(preset) if isinstance(preset, str) else preset
+    want = _shapes(_build(config, projections))
     problems = [f"{k}: checkpoint {got[k]} vs model {want[k]}" for k in want if k in got and got[k] != want[k]][:4]
     problems += [f"missing {k}" for k in want if k not in got][:4]
     problems += [f"unexpected {k}" for k in got if k not in want][:4]
@@ -603,8 +588,8 @@ def load_pretrained(name_or_path, preset=None):
         if not os.path.isfile(os.path.join(root, "config.json")) and os.path.isdir(os.path.join(root, "unet")):
             root = os.path.join(root, "unet")  # a whole DDPMPipeline directory
         config_path = os.path.join(root, "config.json")
-        weights = [os.path.join(root, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
-        weights = [w for w in weights if os.path.isfile(w)]
+        weights = [w for ext in ("safetensors", "bin") if os.path.isfile(w := os.path.join(
+            root, f"diffusion_pytorch_model.{ext}"))]
         if not os.path.isfile(config_path) or not weights:
             raise UserError(f"{name_or_path}: a diffusers model directory needs config.json and "
                             "diffusion_pytorch_model.safetensors or .bin; neither a file nor such a directory")
@@ -621,9 +606,8 @@ def load_pretrained(name_or_path, preset=None):
 
 def export_diffusers(model, directory):
     """Write config.json and the weights of a projection-free UNet so that diffusers' UNet2DModel loads them."""
-    kept = [name for name, module in projection_places(model) if isinstance(module.proj, nn.Conv2d)
-            and not torch.equal(module.proj.weight[:, :, 0, 0], torch.eye(module.proj.weight.shape[0]).to(
-                module.proj.weight))]
+    kept = [name for name, m in projection_places(model) if isinstance(m.proj, nn.Conv2d)
+            and not torch.equal(m.proj.weight.flatten(1), torch.eye(len(m.proj.weight)).to(m.proj.weight))]
     if kept:
         raise UserError(f"cannot export to diffusers: UNet2DModel has no channel projections and this model's "
                         f"{', '.join(kept)} are not the identity; keep it in the native layout "

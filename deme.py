@@ -1281,12 +1281,10 @@ def check_batch_split(cfg: Config, world: int) -> int:
 def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, steps, lr, warmup, timesteps,
                identity: dict, teacher=None, lam=0.0, desc="train", seed=0, encode=None, grid=None,
                weighting=None, curve=None, schedule="constant") -> dict:
-    """Trains `model` in place and returns its EMA weights; the loop of DDPM Algorithm 1, with DeMe's consistency
-    loss to `teacher` when given (Eq. 4-5). Resumable: the checkpoint holds everything, RNG states included.
-    `encode(batch) -> (x0, cond)` turns a data batch into the diffused tensor and the model's extra inputs (Stable
-    Diffusion: VAE latents and text embeddings); `grid(ema_state, path)` draws a sample grid (default: a UNet's);
-    `weighting(t) -> (B,)` weights each sample's simple loss (the loss-reweighting baselines); `curve(step,
-    ema_state) -> row` is called every cfg.curve_every steps and its rows go to heldout_curve.csv."""
+    """Trains `model` in place and returns its EMA weights: DDPM Algorithm 1, with DeMe's consistency loss to
+    `teacher` when given (Eq. 4-5); resumable. `encode(batch) -> (x0, cond)`: the diffused tensor and the model's
+    extra inputs (SD: VAE latents, text embeddings); `grid(ema_state, path)` draws a sample grid; `weighting(t)`
+    weights each sample's loss (Table 1's baselines); `curve(step, ema_state) -> row` goes to heldout_curve.csv."""
     stage_dir = Path(stage_dir)
     ckpt_path = stage_dir / "ckpt.pt"
     identity = dict(identity, steps=steps, lr=lr, batch_size=cfg.batch_size, seed=seed)
@@ -1296,12 +1294,8 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
             print(f"{desc}: reusing the finished stage in {ckpt_path}")
         return state["ema"]
     micro = check_batch_split(cfg, env.world)
-    place(model, env).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
-                            eps=cfg.adam_eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, steps, warmup, schedule))
-    scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
-    ema = EMA(model, cfg.ema_decay)
+    opt, sched, scaler, ema = optimizer(place(model, env).train(), cfg, env, lr,
+                                        lambda k: lr_factor(k, steps, warmup, schedule))
     # Every rank draws the timesteps, coins, noise and flips of the whole global micro-batch from the same seeds and
     # keeps its slice of them, so N processes train what one process trains (up to float rounding; dropout aside).
     mine = slice(env.rank * micro, (env.rank + 1) * micro)
@@ -1360,14 +1354,7 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
             bar.close()
             raise UserError(f"{desc}: the loss became {value} at step {step + 1}; stopped, and {ckpt_path} still "
                             f"holds the last good checkpoint; lower the learning rate, then --resume")
-        scaler.unscale_(opt)
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        ema.update()
+        optimizer_step(model, opt, sched, scaler, ema, cfg.grad_clip)
         bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         bar.update(1)
         done = step + 1
@@ -1376,14 +1363,31 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
         if curve is not None and env.master and cfg.curve_every and done % cfg.curve_every == 0:
             append_curve(stage_dir / "heldout_curve.csv", done, curve(done, ema.state))
         if env.master and (done == steps or (cfg.grid_every and done % cfg.grid_every == 0)):
-            path = stage_dir / f"grid_{done:06d}.png"
-            if grid:
-                grid(ema.state, path)
-            else:
-                save_grid(build_model(unwrap(model).config, ema.state), diffusion, path, env, cfg)
+            (grid or (lambda state, path: save_grid(build_model(unwrap(model).config, state), diffusion, path, env,
+                                                    cfg)))(ema.state, stage_dir / f"grid_{done:06d}.png")
     bar.close()
     env.barrier()
     return ema.state
+
+
+def optimizer(model, cfg: Config, env: Env, lr, factor):
+    """AdamW with the learning-rate factor(k) schedule, the fp16 gradient scaler (a no-op otherwise) and the EMA."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
+                            eps=cfg.adam_eps)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor), scaler, EMA(model, cfg.ema_decay)
+
+
+def optimizer_step(model, opt, sched, scaler, ema, grad_clip):
+    """One step on the accumulated gradients (fp16: unscaled, overflowing steps skipped), clipped; schedule; EMA."""
+    scaler.unscale_(opt)
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    ema.update()
 
 
 def lr_factor(k, steps, warmup, schedule="constant") -> float:
@@ -2639,7 +2643,6 @@ def task_vector_norms(base_sd, finetuned_sds) -> dict:
 def _plot(path, size, draw) -> Path:
     """Draws a figure with draw(fig) (matplotlib, an optional extra, without pyplot's state) into `path` as PNG."""
     try:
-        import matplotlib  # noqa: F401  (first, so that a missing package fails here)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
@@ -3444,13 +3447,11 @@ def time_alternately(fns: dict, iters: int, warmup: int, device) -> dict:
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-def bench_train_step(model, env: Env, diffusion, batch, teacher=None, lam=PAPER.consistency):
+def bench_train_step(model, cfg: Config, env: Env, diffusion, batch, teacher=None):
     """One optimizer step of train_loop on random images as a closure: autocast forward, simple loss (+ the
     consistency loss to the frozen teacher when given, DeMe Eq. 4-5), backward, clipping, AdamW, EMA."""
-    model = place(model, env).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-8)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
-    ema, net = EMA(model), prepare(model, env)
+    opt, sched, scaler, ema = optimizer(place(model, env).train(), cfg, env, 1e-8, lambda k: 1.0)
+    net = prepare(model, env)
     c, res = model.config["in_channels"], model.config["resolution"]
     fmt = torch.channels_last if env.channels_last else torch.contiguous_format
     x0 = (torch.rand(batch, c, res, res, device=env.device) * 2 - 1).contiguous(memory_format=fmt)  # (B, C, H, W)
@@ -3458,14 +3459,10 @@ def bench_train_step(model, env: Env, diffusion, batch, teacher=None, lam=PAPER.
     def step():
         t = torch.randint(0, diffusion.T, (batch,), device=env.device)
         with env.autocast():
-            loss = training_loss(net, teacher, diffusion, x0, t, torch.randn(x0.shape, device=env.device), lam)
+            loss = training_loss(net, teacher, diffusion, x0, t, torch.randn(x0.shape, device=env.device),
+                                 cfg.consistency)
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(model.parameters(), PAPER.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        ema.update()
+        optimizer_step(model, opt, sched, scaler, ema, cfg.grad_clip)
     return step
 
 
@@ -3483,9 +3480,9 @@ def rates(cfg: Config, env: Env, train_batch, eval_batch, iters=1, warmup=1) -> 
     def forward():
         with torch.no_grad(), env.evaluation():
             net(x, t)
-    times = time_alternately({"train_plain": bench_train_step(copy.deepcopy(model), env, diffusion, train_batch),
-                              "train_deme": bench_train_step(student, env, diffusion, train_batch, teacher,
-                                                             cfg.consistency), "forward": forward}, iters, warmup, dev)
+    times = time_alternately({"train_plain": bench_train_step(copy.deepcopy(model), cfg, env, diffusion, train_batch),
+                              "train_deme": bench_train_step(student, cfg, env, diffusion, train_batch, teacher),
+                              "forward": forward}, iters, warmup, dev)
     r = {f"{k}_img_s": env.world * (eval_batch if k == "forward" else train_batch) / v for k, v in times.items()}
     S = cfg.sample_steps if cfg.sampler == "ddim" else diffusion.T
     return dict(r, sampling_img_s=r["forward_img_s"] / S, sample_steps=S)
