@@ -3559,7 +3559,7 @@ def projected_time(cfg: Config, r: dict, stages=("train", "finetune", "baseline"
     --pretrained or it is the one stage; trained checkpoints in the run folder left out) on one device at the rates
     `r` (data loading not included); --seeds repeats all but train."""
     n, batch, S = cfg.n_ranges, cfg.batch_size, r["sample_steps"]
-    names = [s.strip() for s in cfg.models.split(",") if s.strip()]
+    names = [s.strip() for s in cfg.models.split(",") if s.strip() and (cfg.baseline or "baseline" not in s)]
     runs = [c for _, c in seed_runs(cfg)]
     k = len(runs)
     each = f", x {k} seeds" if k > 1 else ""
@@ -3819,7 +3819,8 @@ STAGES = {
     "sample": (stage_sample, "write --n-samples PNGs of the models named by --models"),
     "evaluate": (lambda cfg, env: stage_evaluate(cfg, env), "compare the models named by --models"),
     "bench": (stage_bench, "throughput of training, DeMe finetuning and sampling on this device; projected run time"),
-    "analyze": (lambda cfg, env: stage_analyze(cfg, env), "the paper's figures (Fig. 1a, 6a, 6b) as PNG and CSV"),
+    "analyze": (lambda cfg, env: stage_analyze(cfg, env), "the paper's figures (Fig. 1a, 6a, 6b) and the merge's "
+                "diagnostics, as PNG and CSV"),
     "ablation": (stage_ablation, "DeMe Table 3 and Table 1's loss reweightings at equal compute, with --seeds"),
 }
 

@@ -2999,7 +2999,10 @@ def test_a_dry_run_checks_and_plans_without_training_sampling_or_writing(tmp_pat
     capsys.readouterr()
     run_one_process("--out", str(out), *FAST, "--dry-run")
     plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: "))
-    assert "pretrain" not in plan and "DeMe finetuning: 4 ranges" in plan
+    assert "pretrain" not in plan and "DeMe finetuning: 4 ranges" in plan and "sample baseline" in plan
+    run_one_process("--out", str(out), *FAST, "--no-baseline", "--dry-run")  # a model the run will not make
+    plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: "))
+    assert "baseline" not in plan and "sample merged" in plan
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["pretrain"]
 
 
