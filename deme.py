@@ -817,17 +817,13 @@ class Config:
 CPU_RECIPE = dict(preset="tiny", train_steps=12000, train_lr=1e-3, train_schedule="cosine", steps=64, batch_size=32,
                   ckpt_every=100, sample_steps=20, n_samples=512, eval_batch=256, search_images=256, search_evals=30,
                   report_images=1024)
-
-
 DATASET_PRESETS = {
     # the CPU pipeline, from the θ0 shipped in assets/ (`python deme.py train` trains it afresh)
     "synthetic": dict(CPU_RECIPE, pretrained="tiny_synthetic"),
     # the paper's recipes (DeMe Sec. 4 and the official scripts; DDIM-100 for CIFAR-10, 50 steps for LSUN)
     "cifar10": dict(preset="cifar10", pretrained="cifar10", flip=True, sample_steps=100, search_samples=5000),
-    "lsun_church": dict(preset="lsun256", pretrained="lsun_church", batch_size=64, grad_accum=4, sample_steps=50,
-                        eval_batch=64, variance="fixedsmall", search_samples=5000),
-    "lsun_bedroom": dict(preset="lsun256", pretrained="lsun_bedroom", batch_size=64, grad_accum=4, sample_steps=50,
-                         eval_batch=64, variance="fixedsmall", search_samples=5000),
+    **{d: dict(preset="lsun256", pretrained=d, batch_size=64, grad_accum=4, sample_steps=50, eval_batch=64,
+               variance="fixedsmall", search_samples=5000) for d in ("lsun_church", "lsun_bedroom")},
     "folder": dict(search_samples=5000),  # on a GPU the paper's finetuning budget; on a CPU the CPU recipe
 }
 
@@ -1558,13 +1554,10 @@ def image_files(folder) -> list:
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     good, bad = [], []
     for p in paths:
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            bad.append(p)
-            continue
         try:
             with Image.open(p) as im:
                 im.verify()
-            good.append(p)
+            (good if p.suffix.lower() in IMAGE_SUFFIXES else bad).append(p)
         except Exception:
             bad.append(p)
     if bad:
@@ -1753,17 +1746,9 @@ def batches(dataset, batch, seed, rank=0, world=1, start=0, workers=0):
 
 # --- II.5 Evaluation: FID as pytorch-fid computes it, samples on disk, pixel Fréchet distance, results files ---------
 
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
-
-
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-
-
-FID_WEIGHTS_SHA256_PREFIX = "6726825d"
-
-
-FID_DIMS = 2048
+FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
+FID_WEIGHTS_SHA256_PREFIX, FID_DIMS = "6726825d", 2048
 
 
 def _avg_pool_excluding_pad(x):
@@ -1839,8 +1824,7 @@ class FIDInception(nn.Module):
         except Exception as error:  # only reachable with check_hash=False
             raise UserError(f"cannot read {path} or it does not hold the FID Inception's weights "
                             f"({type(error).__name__}): download {FID_WEIGHTS_URL}") from None
-        self.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
     def forward(self, images):
         """(B, 3, H, W) images in [0, 1] -> (B, 2048) float32 pool3 features."""
@@ -1870,9 +1854,6 @@ def feature_stats(features):
 
 def save_stats(path, mu, sigma):
     """Write statistics as an .npz with keys mu and sigma (pytorch-fid's format), atomically."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise UserError(f"statistics file {path} must end in .npz")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=mu, sigma=sigma)
 
@@ -2592,9 +2573,6 @@ def partial_ensembles(theta0, models) -> list:
 def merge_landscape(base_sd, finetuned_sds, i, j, objective_fn, grid=landscape_grid()) -> np.ndarray:
     """DeMe Fig. 6a: L[p, q] = objective_fn(θ0 + a τ_i + b τ_j) for a = grid[p], b = grid[q] (Eq. 8 on the plane
     spanned by two task vectors); (0, 0) is θ0, (1, 0) is θ_i and (0, 1) is θ_j."""
-    n = len(finetuned_sds)
-    if not (0 <= i < n and 0 <= j < n) or i == j:
-        raise UserError(f"the landscape needs two different ranges among 0..{n - 1}, got {i} and {j}")
     grid = [float(v) for v in grid]
     pair = [finetuned_sds[i], finetuned_sds[j]]
     values = np.empty((len(grid), len(grid)))
@@ -2642,15 +2620,15 @@ def task_vector_norms(base_sd, finetuned_sds) -> dict:
 
 def _plot(path, size, draw) -> Path:
     """Draws a figure with draw(fig) (matplotlib, an optional extra, without pyplot's state) into `path` as PNG."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+    try:  # `import matplotlib.x` also looks matplotlib itself up, even when matplotlib.x was imported before
+        import matplotlib.backends.backend_agg
+        import matplotlib.figure
     except ImportError:
         raise UserError("plots need matplotlib: pip install matplotlib (the numbers are in the CSV)") from None
-    fig = Figure(figsize=size, layout="constrained")
+    fig = matplotlib.figure.Figure(figsize=size, layout="constrained")
     draw(fig)
     with atomic_path(path) as tmp:
-        FigureCanvasAgg(fig).print_png(str(tmp))
+        matplotlib.backends.backend_agg.FigureCanvasAgg(fig).print_png(str(tmp))
     return Path(path)
 
 
@@ -2784,11 +2762,10 @@ def plot_seed_agreement(agree: dict, seeds, folder, ranges) -> Path:
     """Writes seed_agreement.csv (per range: ‖τ_i‖ per seed, the cosine of each pair of seeds' τ_i, and of τ_i with
     every range's τ_j, mean over seeds) and .png."""
     n, pairs = len(ranges), [f"{a}-{b}" for a, b in itertools.combinations(seeds, 2)]
-    _csv(folder / "seed_agreement.csv", ["range"] + [f"norm_seed{s}" for s in seeds] + [f"cos_seeds_{p}" for p in
-                                                                                         pairs] +
-         [f"cos_with_range{j}" for j in range(n)], ([_range_name(i, ranges)] + list(agree["norms"][:, i]) +
-                                                     list(agree["seeds"][:, i]) + list(agree["ranges"][i])
-                                                     for i in range(n)))
+    _csv(folder / "seed_agreement.csv", ["range", *[f"norm_seed{s}" for s in seeds], *[f"cos_seeds_{p}" for p in pairs],
+                                          *[f"cos_with_range{j}" for j in range(n)]],
+         ([_range_name(i, ranges), *agree["norms"][:, i], *agree["seeds"][:, i], *agree["ranges"][i]]
+          for i in range(n)))
 
     def draw(fig):
         left, right = fig.subplots(1, 2)
@@ -3014,10 +2991,6 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
 # CLIP text embeddings (train_loop's `encode`), and everything else (Eq. 6 timesteps, Eq. 4-5 consistency loss, Eq. 8
 # merge, Eq. 7 ensemble, EMA, checkpoints) is the code above. Projections are forward hooks: diffusers stays unedited.
 
-
-SD_EXTRAS = "the Stable Diffusion path needs diffusers and transformers: pip install -r requirements-extra.txt"
-
-
 PROJECTION_SIDECAR = "deme_projections.safetensors"
 
 
@@ -3027,7 +3000,8 @@ def sd_libraries():
         import diffusers
         import transformers
     except ImportError:
-        raise UserError(SD_EXTRAS) from None
+        raise UserError("the Stable Diffusion path needs diffusers and transformers: pip install -r "
+                        "requirements-extra.txt") from None
     return diffusers, transformers
 
 
@@ -3198,8 +3172,6 @@ class CaptionedImages(torch.utils.data.Dataset):
         from torchvision import transforms as T
         folder, self.pairs = Path(folder), []
         meta = folder / "metadata.jsonl"
-        if not folder.is_dir():
-            raise UserError(f"caption folder {folder} does not exist; check --data-dir")
         if not meta.is_file():
             raise UserError(f"{meta} is missing; --data-dir needs images plus a metadata.jsonl with one "
                             f'{{"file_name": "a.jpg", "text": "a caption"}} per line')
@@ -3390,9 +3362,6 @@ def sd_range_states(cfg: Config) -> Optional[list]:
 def stage_sd(cfg: Config, env: Env):
     """DeMe on Stable Diffusion: finetune θ0's UNet per timestep range (PS, CL, CP), merge (Eq. 8), export the merged
     UNet for diffusers, and draw images of --prompts with the models named by --models (theta0, ensemble, merged)."""
-    if not cfg.pretrained:
-        raise UserError("--model sd needs --pretrained DIR, a local diffusers Stable Diffusion folder (SD v1.4: "
-                        "`huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`)")
     if cfg.flip:
         print("warning: --flip flips VAE latents, which only roughly flips the images; consider --no-flip",
               file=sys.stderr)
@@ -3822,14 +3791,10 @@ STAGES = {
     "analyze": (lambda cfg, env: stage_analyze(cfg, env), "the paper's figures (Fig. 1a, 6a, 6b) as PNG and CSV"),
     "ablation": (stage_ablation, "DeMe Table 3 and Table 1's loss reweightings at equal compute, with --seeds"),
 }
-
-
 GROUPS = {"dataset": "run", "preset": "model", "train_steps": "pretraining θ0 (train stage)",
           "n_ranges": "decoupled finetuning (finetune and baseline stages)", "merge_method": "merge stage",
           "sampler": "evaluation (sample and evaluate stages)", "bench_batch": "benchmark (bench stage)",
           "figures": "analysis (analyze stage)", "prompts": "Stable Diffusion (--model sd)"}
-
-
 EXAMPLES = """examples:
   python deme.py                                   the whole pipeline on synthetic shapes, on a CPU, in minutes
   python deme.py --dataset cifar10 --download      the paper's CIFAR-10 recipe (GPU)
@@ -3928,8 +3893,7 @@ def main(argv=None):
             exercise_command(args.out, tuple(parse_list("parts", args.parts, example="1,2")))
             return
         if args.stage == "fid":
-            device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-            device = "cpu" if device == "auto" else device
+            device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
             fid_command(*args.paths, batch_size=args.batch_size, device=device,
                         inception_weights=args.inception_weights, dims=args.dims)
             return
