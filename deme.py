@@ -902,8 +902,7 @@ def fit_folder(cfg: Config, given: dict) -> tuple:
 
 
 def config_summary(cfg: Config, given: dict, stage: str, notes=(), saved=True) -> str:
-    """What this run's configuration changes from the defaults, and where each change came from (the whole of it
-    is in config_<stage>.json)."""
+    """What this run's configuration changes from the defaults, and where each change came from."""
     preset_name, preset = preset_of(given)
     default = Config(out=cfg.out)
     groups = {"flags": {}, preset_name: {}, "fitted to the folder": {}}
@@ -1062,8 +1061,7 @@ def cpu_has_bf16() -> bool:
 
 
 def timing_unet(cfg: Config) -> UNet:
-    """A fresh UNet of the run's preset and resolution, without dropout as finetuning runs it (official code): what
-    the benchmark and the plan line time (speed does not depend on the weights)."""
+    """A fresh UNet of the run's preset and resolution, no dropout (official finetuning): what bench and plans time."""
     return set_dropout(UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {})),
                        0.0)
 
@@ -1167,8 +1165,7 @@ class EMA:
 
 
 def rng_state(*generators) -> dict:
-    """Every random state a resumed run needs: torch's, CUDA's and the loop's own generators' (nothing here draws from
-    numpy's or Python's global generators)."""
+    """Every random state a resumed run needs: torch's, CUDA's and the loop's generators' (no other is drawn)."""
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 generators=[g.get_state() for g in generators])
 
@@ -1449,8 +1446,7 @@ def stage_train(cfg: Config, env: Env, diffusion=None):
 
 
 def append_curve(path: Path, step, losses):
-    """One row (step, held-out loss, loss per range) of a curve CSV; rows at or past `step` (a resumed run redoes
-    them) are dropped first."""
+    """One row (step, held-out loss, loss per range) of a curve CSV; older rows at or past `step` dropped (resumes)."""
     mean, per_range = losses
     rows = path.read_text().splitlines() if path.exists() else []
     rows = rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) < step]
@@ -1600,8 +1596,7 @@ def split_item(item):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """A directory tree of images, resized (short side) and center- or randomly cropped to `size`; with `role`, only
-    the images of that split (heldout_role)."""
+    """A directory tree of images, resized (short side) and cropped to `size`; with `role`, only that split's."""
 
     def __init__(self, folder, size, random_crop=False, role=None, fraction=0.1):
         self.paths = [p for p in image_files(folder)
@@ -2105,9 +2100,8 @@ def selection_samples(cfg: Config) -> int:
 
 
 def selection_quality(cfg: Config, env: Env, diffusion, model) -> float:
-    """The sample metric that selects (pixel Fréchet distance or FID, as --metric): --search-samples samples from the
-    selection noise seed against the selection split's real images, never the report split's; computed in memory by
-    this process alone (the merge search runs on rank 0)."""
+    """The sample metric that selects (--metric): --search-samples samples of the selection noise seed against the
+    selection split's real images, never the report split's; in memory, by this process alone (rank 0 searches)."""
     n = selection_samples(cfg)
     samples = sample_in_memory(cfg, env, diffusion, model, n, role_seed(cfg.seed, "select_samples"))
     if eval_metric(cfg) == "pixel":
@@ -2249,8 +2243,7 @@ def split_description(cfg: Config, role) -> str:
 
 
 def evaluation_protocol(cfg: Config, metric: str) -> dict:
-    """Which images and noise seeds each role used: training, selection (merge weights, re-ranking: as the merge
-    stage recorded it in merge/search.json), reporting."""
+    """Which images and noise seeds each role used: training, selection (from merge/search.json), reporting."""
     path = run_dir(cfg, "merge", "search.json")
     record = json.loads(path.read_text()) if path.exists() else {}
     search = record.get("search") or {}
@@ -2287,8 +2280,7 @@ def evaluation_reference(cfg: Config, env: Env) -> dict:
 
 def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict, n_ranges=None) -> tuple:
     """(results row, its first 64 samples) of one model: the metric on --n-samples samples and the held-out loss per
-    range (n_ranges, default --n-ranges). Kept under evaluations/, keyed by the model's weights and everything the
-    numbers depend on: evaluating the same model the same way again costs nothing."""
+    range (default --n-ranges); kept in evaluations/, keyed by the weights and protocol: a rerun costs nothing."""
     n_ranges = n_ranges or cfg.n_ranges
     protocol = dict(metric=ref["metric"], n=cfg.n_samples, sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
                     variance=cfg.variance, precision=cfg.eval_precision, report=cfg.report_images,
@@ -2357,11 +2349,9 @@ def results_markdown(results, cfg: Config) -> str:
 
 
 def seed_summary(rows_by_seed: dict) -> dict:
-    """Each model's spread over seeds: {model: {"value", "heldout_loss": {mean, min, max, values},
-    "heldout_loss_per_range": [{mean, min, max, values} per range]}}, from {seed: results rows}. With a θ0 row
-    ("theta0" or "θ0"), also the paired differences to it, seed by seed (same report images, same noise), which the
-    evaluation noise shared by both does not blur: "value_vs_theta0" (difference), "loss_vs_theta0_pct" and
-    "loss_per_range_vs_theta0_pct" (relative, in %)."""
+    """Each model's spread ({mean, min, max, values}) over seeds of "value", "heldout_loss" and each range's loss,
+    from {seed: results rows}; with a θ0 row, also the paired differences to it seed by seed, which the evaluation
+    noise shared by both does not blur: "value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct"."""
     def spread(values):
         return dict(mean=float(np.mean(values)), min=float(np.min(values)), max=float(np.max(values)),
                     values=[float(v) for v in values])
@@ -2385,9 +2375,8 @@ def seed_summary(rows_by_seed: dict) -> dict:
 
 
 def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
-    """{name}.json, {name}.md (mean [min, max] over seeds per model, and the paired differences to θ0 when θ0 is a
-    row) and {name}.png: the held-out loss, the sample metric and each range's held-out loss relative to θ0's on
-    the same seed, as bars with min-max whiskers."""
+    """{name}.json, {name}.md (mean [min, max] over seeds, and the paired differences to θ0) and {name}.png (bars
+    with min-max whiskers: held-out loss, sample metric, each range's loss relative to θ0's on the same seed)."""
     summary, seeds = seed_summary(rows_by_seed), list(rows_by_seed)
     metric = ("pixel Fréchet distance (not FID)" if eval_metric(cfg) == "pixel" else "FID")
     metric += f", {cfg.n_samples} samples"
@@ -2698,8 +2687,7 @@ def plot_gradient_conflict(cos, timesteps, folder, note="") -> Path:
 
 
 def plot_merge_landscape(values, grid, i, j, folder, ranges=None, merged=None) -> Path:
-    """Writes merge_landscape.csv (w_i, w_j, loss) and .png (contours, with θ0, θ_i, θ_j, the grid's minimum and
-    the (w_i, w_j) of the run's merge marked)."""
+    """Writes merge_landscape.csv (w_i, w_j, loss) and .png (contours; θ0, θ_i, θ_j, minimum, the run's merge)."""
     grid = [float(v) for v in grid]
     _csv(folder / "merge_landscape.csv", [f"w_range{i}", f"w_range{j}", "heldout_loss"],
          ([grid[p], grid[q], values[p, q]] for p, q in itertools.product(range(len(grid)), repeat=2)))
@@ -2739,8 +2727,7 @@ def plot_task_vector_norms(norms: dict, folder, ranges=None) -> Path:
 
 
 def plot_stationarity(st: dict, halves, folder, ranges) -> Path:
-    """Writes stationarity.csv (per range: ‖g_j‖, the cosine of g_j on the two halves of the images, its cosines
-    with the other ranges' g; last row Σ_j g_j) and .png (norms beside ‖Σ_j g_j‖; the cosines)."""
+    """Writes stationarity.csv (per range: ‖g_j‖, cos between halves, cos with each range; Σ_j g_j) and .png."""
     n, names = len(ranges), [_range_name(j, ranges) for j in range(len(ranges))]
     rows = [[names[j], st["norms"][j], halves[j]] + list(st["cos"][j]) for j in range(n)]
     _csv(folder / "stationarity.csv", ["gradient", "norm", "cos_between_halves"] + [f"cos_range{j}" for j in range(n)],
@@ -2759,8 +2746,7 @@ def plot_stationarity(st: dict, halves, folder, ranges) -> Path:
 
 
 def plot_seed_agreement(agree: dict, seeds, folder, ranges) -> Path:
-    """Writes seed_agreement.csv (per range: ‖τ_i‖ per seed, the cosine of each pair of seeds' τ_i, and of τ_i with
-    every range's τ_j, mean over seeds) and .png."""
+    """Writes seed_agreement.csv (per range: ‖τ_i‖ per seed, cos between seeds, cos with each τ_j) and .png."""
     n, pairs = len(ranges), [f"{a}-{b}" for a, b in itertools.combinations(seeds, 2)]
     _csv(folder / "seed_agreement.csv", ["range", *[f"norm_seed{s}" for s in seeds], *[f"cos_seeds_{p}" for p in pairs],
                                           *[f"cos_with_range{j}" for j in range(n)]],
@@ -2780,8 +2766,7 @@ def plot_seed_agreement(agree: dict, seeds, folder, ranges) -> Path:
 
 
 def plot_interference(change, scales, folder, ranges) -> Path:
-    """Writes interference.csv (range i, scale s, the change in % of every range's held-out loss under θ0 + s τ_i)
-    and .png (one heatmap per scale)."""
+    """Writes interference.csv (range i, scale s, each range's loss change in % under θ0 + s τ_i) and .png."""
     n, limit = len(ranges), max(1e-9, float(np.abs(change).max()))
     _csv(folder / "interference.csv", ["task_vector", "scale"] + [f"dloss_range{j}_pct" for j in range(n)],
          ([i, s] + list(change[i, k]) for i in range(n) for k, s in enumerate(scales)))
@@ -2835,9 +2820,7 @@ def landscape_pair(cfg: Config) -> tuple:
 def chosen_merge_weights(cfg: Config, i, j) -> Optional[tuple]:
     """(w_i, w_j) of the run's task-arithmetic merge (merge/search.json), or None when there is none."""
     path = run_dir(cfg, "merge", "search.json")
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
+    record = json.loads(path.read_text()) if path.exists() else {}
     w = record.get("weights") or []
     if record.get("method") not in ("task_arithmetic", "average") or len(w) != cfg.n_ranges:
         return None
@@ -3060,9 +3043,8 @@ def sd_model(theta0: SDUNet, state) -> SDUNet:
 
 
 class StableDiffusion:
-    """A local diffusers Stable Diffusion folder as the DeMe code sees it: θ0 is an SDUNet, images become VAE latents,
-    captions CLIP embeddings, and the schedule is the pipeline's (SD v1: scaled-linear 0.00085..0.012, T = 1000).
-    Given the run's config, it is the backbone that stage_finetune and stage_merge take (as PixelDDPM for pixels)."""
+    """A diffusers Stable Diffusion folder as DeMe sees it: θ0 an SDUNet, images VAE latents, captions CLIP embeddings,
+    the pipeline's schedule (SD v1: scaled-linear, T = 1000); with cfg, the backbone of stage_finetune/stage_merge."""
     name = "SD "
 
     def __init__(self, folder, env: Env, cfg: Optional[Config] = None, prompts=()):
@@ -3164,9 +3146,8 @@ class StableDiffusion:
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Image-caption pairs in the Hugging Face imagefolder layout: images and a metadata.jsonl whose lines are
-    {"file_name": ..., "text": ...}; a list of texts (COCO: 5 per image) gives one pair per caption. With `role`,
-    only the pairs of that split (heldout_role of the file name: the selection pairs never train)."""
+    """Image-caption pairs, Hugging Face imagefolder layout: images and metadata.jsonl lines {"file_name": ..., "text":
+    ...} (a list of texts: one pair per caption); with `role`, only that split's pairs (heldout_role of the name)."""
 
     def __init__(self, folder, size, role=None, fraction=0.1):
         from torchvision import transforms as T
@@ -3306,9 +3287,8 @@ def fold_projections(state) -> tuple:
 
 
 def export_sd(model: SDUNet, pretrained, folder) -> dict:
-    """Saves `model` for diffusers: <folder>/merged_unet (UNet2DConditionModel.from_pretrained) and merged_pipeline
-    (the --pretrained pipeline with this UNet), each with the unfoldable projections in deme_projections.safetensors
-    beside the weights, which load_sd_unet restores. Returns those projections."""
+    """Saves `model` for diffusers as <folder>/merged_unet and merged_pipeline (--pretrained with this UNet), each with
+    the unfoldable projections in deme_projections.safetensors (load_sd_unet restores them); returns those."""
     diffusers, _ = sd_libraries()
     from safetensors.torch import save_file
     state, rest = fold_projections({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -3360,8 +3340,7 @@ def sd_range_states(cfg: Config) -> Optional[list]:
 
 
 def stage_sd(cfg: Config, env: Env):
-    """DeMe on Stable Diffusion: finetune θ0's UNet per timestep range (PS, CL, CP), merge (Eq. 8), export the merged
-    UNet for diffusers, and draw images of --prompts with the models named by --models (theta0, ensemble, merged)."""
+    """DeMe on Stable Diffusion: finetune per range, merge (Eq. 8), export for diffusers, draw --prompts by --models."""
     if cfg.flip:
         print("warning: --flip flips VAE latents, which only roughly flips the images; consider --no-flip",
               file=sys.stderr)
@@ -3417,8 +3396,7 @@ def time_alternately(fns: dict, iters: int, warmup: int, device) -> dict:
 
 
 def bench_train_step(model, cfg: Config, env: Env, diffusion, batch, teacher=None):
-    """One optimizer step of train_loop on random images as a closure: autocast forward, simple loss (+ the
-    consistency loss to the frozen teacher when given, DeMe Eq. 4-5), backward, clipping, AdamW, EMA."""
+    """One optimizer step of train_loop on random images, as a closure; with `teacher`, DeMe's (Eq. 4-5)."""
     opt, sched, scaler, ema = optimizer(place(model, env).train(), cfg, env, 1e-8, lambda k: 1.0)
     net = prepare(model, env)
     c, res = model.config["in_channels"], model.config["resolution"]
@@ -3466,9 +3444,8 @@ def forward_flops(model, x, t) -> int:
 
 
 def stage_bench(cfg: Config, env: Env):
-    """Images/s of plain and DeMe finetuning (on a CPU also in bf16), of the forward pass and of sampling exactly as
-    evaluation samples; the merged model's extra parameters and FLOPs (its projections, unfolded and folded); the
-    wall time this run's recipe projects to. Random inputs, no dataset. Prints a table and writes bench.json."""
+    """Images/s of plain and DeMe finetuning (CPU: also bf16), the forward pass and sampling as evaluation samples; the
+    merged model's extra parameters and FLOPs; the projected wall time. Random inputs. Writes bench.json."""
     if not env.master:
         return  # one device is measured; data-parallel runs scale it by the number of processes
     dev, theta0 = env.device, timing_unet(cfg).eval()
@@ -3524,9 +3501,8 @@ def trained(path: Path, steps) -> bool:
 
 
 def projected_time(cfg: Config, r: dict, stages=("train", "finetune", "baseline", "merge", "evaluate")) -> list:
-    """[(what, seconds)] of what this run's recipe still has to do (the given stages; train only where θ0 is not
-    --pretrained or it is the one stage; trained checkpoints in the run folder left out) on one device at the rates
-    `r` (data loading not included); --seeds repeats all but train."""
+    """[(what, seconds)] this run still has to do of `stages`, at the rates `r` on one device (no data loading): train
+    only where θ0 is not --pretrained or it is alone; trained checkpoints left out; --seeds repeats all but train."""
     n, batch, S = cfg.n_ranges, cfg.batch_size, r["sample_steps"]
     names = [s.strip() for s in cfg.models.split(",") if s.strip()]
     runs = [c for _, c in seed_runs(cfg)]
@@ -3712,8 +3688,7 @@ PROJECT_FILES = ("deme.py", "ddpm_unet.py", "test_deme.py", "pytest.ini", "READM
 
 
 def without_body(source: str, qualname: str, message: str) -> str:
-    """`source` with the body of the function `qualname` ("name" or "Class.method") replaced by
-    raise NotImplementedError(message); its signature, decorators and docstring stay."""
+    """`source` with the body of `qualname` ("f" or "Class.f"), but not its docstring, raising NotImplementedError."""
     nodes = ast.parse(source).body
     for name in qualname.split("."):
         node = next(n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
@@ -3933,8 +3908,7 @@ def main(argv=None):
 
 
 def writable_run_folder(out, rank=0, create=True):
-    """One line unless the run folder can be written: made and probed, or, without `create` (--dry-run), its
-    nearest existing folder checked."""
+    """One line unless the run folder is writable: made and probed, or (create=False) its nearest existing folder."""
     out = Path(out)
     try:
         if create:
