@@ -931,8 +931,7 @@ def check_config(cfg: Config):
               (1 <= cfg.n_ranges <= 1000 and 1000 % cfg.n_ranges == 0, f"--n-ranges {cfg.n_ranges} does not split "
                f"the 1000 timesteps evenly; use 1, 2, 4, 5, 8, 10, ..."),
               (0.0 <= cfg.p_global <= 1.0, f"--p-global {cfg.p_global} is not a probability; give a value in [0, 1]"),
-              (0 < cfg.ties_k <= 100, f"--ties-k {cfg.ties_k} must lie in (0, 100]: the percent of each task vector "
-               f"TIES keeps"),
+              (0 < cfg.ties_k <= 100, f"--ties-k {cfg.ties_k} must lie in (0, 100]: the percent TIES keeps of each τ"),
               (0 <= cfg.dare_p < 1, f"--dare-p {cfg.dare_p} must lie in [0, 1): the probability DARE drops an entry"),
               (len(cfg.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.adam_betas), f"--adam-betas {cfg.adam_betas} "
                f"must be two numbers in [0, 1), e.g. 0.95,0.999"),
@@ -941,12 +940,10 @@ def check_config(cfg: Config):
               *[(getattr(cfg, n) >= 1, f"--{n.replace('_', '-')} must be at least 1, got {getattr(cfg, n)}")
                 for n in counts],
               (cfg.eta >= 0, f"--eta {cfg.eta} is negative; DDIM's eta is 0 (deterministic) or more (1: DDPM-like)"),
-              (cfg.search_samples >= 0, f"--search-samples {cfg.search_samples} is negative; give a count, or 0 for "
-               f"--n-samples"),
+              (cfg.search_samples >= 0, f"--search-samples {cfg.search_samples} is negative (0: --n-samples)"),
               (cfg.search_candidates >= 2, f"--search-candidates {cfg.search_candidates}: give 2 or more; one "
                f"candidate has nothing to be ranked against"),
-              (0.0 < cfg.heldout_fraction < 1.0, f"--heldout-fraction {cfg.heldout_fraction} must lie strictly "
-               f"between 0 and 1, e.g. 0.1"),
+              (0 < cfg.heldout_fraction < 1, f"--heldout-fraction {cfg.heldout_fraction} is not in (0, 1); e.g. 0.1"),
               (cfg.sampler != "ddim" or cfg.sample_steps < 1 or 1000 % cfg.sample_steps == 0, f"--sample-steps {cfg.sample_steps} does not "
                f"divide the 1000 timesteps; use 10, 20, 50, 100, ...")]
     for ok, message in checks:
@@ -976,8 +973,7 @@ def range_indices(cfg: Config) -> list:
     """The range indices this invocation finetunes."""
     idx = list(range(cfg.n_ranges)) if cfg.ranges == "all" else parse_list("ranges", cfg.ranges, example="0,2")
     if not idx or any(not 0 <= i < cfg.n_ranges for i in idx):
-        raise UserError(f"--ranges {cfg.ranges!r}: indices must lie in 0..{cfg.n_ranges - 1} for --n-ranges "
-                        f"{cfg.n_ranges}")
+        raise UserError(f"--ranges {cfg.ranges!r}: indices must lie in 0..{cfg.n_ranges - 1}, below --n-ranges")
     return idx
 
 
@@ -1220,8 +1216,7 @@ def load_model(path, which="ema", ck=None) -> UNet:
     """The model saved in one of this project's checkpoints (its EMA weights by default); `ck`: already loaded."""
     ck = ck or load_checkpoint(path)
     if "model_config" not in ck:
-        raise UserError(f"{path} is not a checkpoint of this project (no model_config); use --pretrained for "
-                        f"published weights")
+        raise UserError(f"{path} is not a checkpoint of this project (no model_config); pass weights as --pretrained")
     return build_model(ck["model_config"], ck.get(which) or ck["model"])
 
 
@@ -1545,8 +1540,7 @@ def image_files(folder) -> list:
     from PIL import Image
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist; check the path (--data-dir, or the folders given "
-                        f"to fid)")
+        raise UserError(f"image folder {folder} does not exist; check --data-dir (or the folders given to fid)")
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     good, bad = [], []
     for p in paths:
@@ -2498,8 +2492,7 @@ def cosines(vectors) -> np.ndarray:
     gram = (vectors.double() @ vectors.double().T).cpu().numpy()
     norm = np.sqrt(np.diag(gram))
     if not (norm > 0).all():
-        raise UserError(f"vector {int(np.argmin(norm))} is zero, so its cosine similarity is undefined; is the model "
-                        f"trainable?")
+        raise UserError(f"vector {int(np.argmin(norm))} is zero: its cosine is undefined; is the model trainable?")
     return np.clip((gram + gram.T) / 2 / np.outer(norm, norm), -1.0, 1.0)
 
 
@@ -2701,8 +2694,7 @@ def plot_merge_landscape(values, grid, i, j, folder, ranges=None, merged=None) -
         ax.plot([1, 0], [0, 1], "^", ms=8, mfc="white", mec="black", label=f"finetuned: range {i}, range {j}")
         ax.plot(grid[p], grid[q], "X", ms=9, mfc="red", mec="white", label=f"grid minimum ({grid[p]:g}, {grid[q]:g})")
         if merged is not None:
-            ax.plot(*merged, "*", ms=14, mfc="gold", mec="black", label="the run's merge (its other weights: off this "
-                    "plane)")
+            ax.plot(*merged, "*", ms=14, mfc="gold", mec="black", label="the run's merge (other weights off-plane)")
         ax.set(xlabel=f"a: weight of τ of {_range_name(i, ranges)}", ylabel=f"b: weight of τ of {_range_name(j, ranges)}",
                title=f"Merge landscape (DeMe Fig. 6a)\nθ0 + a·τ(range {i}) + b·τ(range {j})")
         fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
@@ -2800,11 +2792,9 @@ def analysis_figure_list(cfg: Config) -> list:
     names = [s.strip() for s in cfg.figures.split(",") if s.strip()]
     bad = [s for s in names if s not in ANALYSIS_FIGURES]
     if bad or not names:
-        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSIS_FIGURES)}, comma-separated, or "
-                        f"all")
+        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSIS_FIGURES)} (comma-separated), all")
     if "seeds" in names and len(seed_list(cfg) if cfg.seeds else []) < 2:
-        raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds 0,1,2 (the "
-                        "run's --seeds)")
+        raise UserError("the seeds figure compares the task vectors of two or more seeds: pass the run's --seeds")
     return names
 
 
@@ -3058,8 +3048,7 @@ class StableDiffusion:
                             f"one with `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`")
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         if sched.get("beta_schedule", "linear") not in ("linear", "scaled_linear"):
-            raise UserError(f"{folder} uses the {sched['beta_schedule']} beta schedule; this code knows linear and "
-                            f"scaled_linear (SD v1.x)")
+            raise UserError(f"{folder} uses the {sched['beta_schedule']} schedule; this code knows (scaled_)linear")
         if sched.get("prediction_type", "epsilon") != "epsilon":
             raise UserError(f"{folder} predicts {sched['prediction_type']}; this code trains ε-prediction models "
                             f"(SD v1.x), so use one of those")
@@ -3330,15 +3319,6 @@ def load_sd_unet(folder) -> SDUNet:
     return model.eval()
 
 
-def sd_range_states(cfg: Config) -> Optional[list]:
-    """θ_1..θ_N as EMA state dicts, or None (saying which) while a range is unfinished."""
-    try:
-        return [ck["ema"] for ck in range_checkpoints(cfg)]
-    except UserError as e:
-        print(f"{e}; then run again to merge")
-        return None
-
-
 def stage_sd(cfg: Config, env: Env):
     """DeMe on Stable Diffusion: finetune per range, merge (Eq. 8), export for diffusers, draw --prompts by --models."""
     if cfg.flip:
@@ -3356,8 +3336,10 @@ def stage_sd(cfg: Config, env: Env):
     stage_finetune(cfg, env, diffusion, theta0, backbone=sd)  # DeMe Sec. 3.2, as for the DDPM UNet
     if not env.master:  # merging, export and sampling run on rank 0 alone
         return
-    states = sd_range_states(cfg)
-    if states is None:
+    try:  # θ_1..θ_N as EMA state dicts; while a range is unfinished (split with --ranges), say which
+        states = [ck["ema"] for ck in range_checkpoints(cfg)]
+    except UserError as e:
+        print(f"{e}; then run again to merge")
         return
     merged = sd_model(theta0, stage_merge(cfg, dataclasses.replace(env, rank=0, world=1), diffusion, theta0,
                                           backbone=sd, finetuned=states))
