@@ -2794,7 +2794,7 @@ def analysis_figure_list(cfg: Config) -> list:
     if bad or not names:
         raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSIS_FIGURES)} (comma-separated), all")
     if "seeds" in names and len(seed_list(cfg) if cfg.seeds else []) < 2:
-        raise UserError("the seeds figure compares the task vectors of two or more seeds: pass the run's --seeds")
+        raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds (the run's)")
     return names
 
 

@@ -1628,8 +1628,6 @@ def test_the_merge_landscape_passes_through_theta0_and_both_finetuned_models():
     assert values[2, 0] == pytest.approx(loss(finetuned[0]), rel=1e-5)            # (1, 0) is θ_i
     assert values[0, 2] == pytest.approx(loss(finetuned[2]), rel=1e-5)            # (0, 1) is θ_j
     assert values[1, 2] == pytest.approx(loss(deme.merge(base, finetuned, [0.5, 0.0, 1.0])), rel=1e-6)  # Eq. 8
-    with pytest.raises(UserError, match="two different indices"):  # checked before any work, by the analyze stage
-        deme.landscape_pair(deme.Config(n_ranges=3, landscape_ranges="1,1"))
 
 
 @pytest.mark.machinery
