@@ -24,8 +24,7 @@ class UserError(Exception):
     """A user's mistake; the command line prints its one-line message without a traceback."""
 
 
-# Constructor arguments of UNet; the first two are the published models (Ho et al. 2020, Appendix B); `tiny` is for
-# CPU work.
+# Constructor arguments of UNet: the published models (Ho et al. 2020, Appendix B), and `tiny` for CPU work.
 PRESETS = {
     "cifar10": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
                     resolution=32),
@@ -54,7 +53,6 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 
 # --- The network ------------------------------------------------------------------------------------------------------
-
 
 def timestep_embedding(t, dim):
     """Sinusoidal timestep embedding of DDPM (Ho et al. 2020, Sec. 4), sin then cos, computed in float32."""
@@ -97,10 +95,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels):
         super().__init__()
         self.norm = Normalize(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -112,26 +107,17 @@ class AttnBlock(nn.Module):
         return x + a.transpose(1, 2).reshape(B, C, H, W)
 
 
-class Downsample(nn.Module):
-    """Halve H and W: zero-pad right and bottom by one, then a 3x3 conv with stride 2 and no padding."""
+class Resample(nn.Module):
+    """Halve H and W (zero-pad right and bottom by one, then a 3x3 conv with stride 2 and no padding), or, with `up`,
+    double them (nearest-neighbour upsampling, then a 3x3 conv)."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, up):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.up = up
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=1 if up else 0)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour upsampling, then a 3x3 conv."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else F.pad(x, (0, 1, 0, 1)))
 
 
 def preset_config(name):
@@ -158,7 +144,6 @@ class UNet(nn.Module):
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([nn.Linear(ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-
         in_mult = (1,) + tuple(ch_mult)
         res = resolution
         self.down = nn.ModuleList()
@@ -172,17 +157,15 @@ class UNet(nn.Module):
                 if res in attn_resolutions:
                     level.attn.append(AttnBlock(c_out))
             if i != L - 1:
-                level.downsample = Downsample(c_out)
+                level.downsample = Resample(c_out, up=False)
                 res //= 2
             level.proj = nn.Identity()  # DeMe channel projection, see add_channel_projections
             self.down.append(level)
-
         self.mid = nn.Module()
         self.mid.block_1 = ResBlock(c_in, c_in, temb_ch, dropout)
         self.mid.attn_1 = AttnBlock(c_in)
         self.mid.block_2 = ResBlock(c_in, c_in, temb_ch, dropout)
         self.mid.proj = nn.Identity()
-
         up = []  # built from the lowest resolution upwards, stored in resolution order (up[0] is full resolution)
         for i in reversed(range(L)):
             level = nn.Module()
@@ -195,12 +178,11 @@ class UNet(nn.Module):
                 if res in attn_resolutions:
                     level.attn.append(AttnBlock(c_out))
             if i != 0:
-                level.upsample = Upsample(c_out)
+                level.upsample = Resample(c_out, up=True)
                 res *= 2
             level.proj = nn.Identity()
             up.insert(0, level)
         self.up = nn.ModuleList(up)
-
         self.norm_out = Normalize(c_in)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
 
@@ -223,10 +205,8 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1)
         t = t.expand(B) if t.numel() == 1 else t
         assert t.numel() == B, f"{t.numel()} timesteps for a batch of {B}"
-
         temb = timestep_embedding(t, self.config["ch"]).to(self.conv_in.weight.dtype)  # (B, ch)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))  # (B, 4ch)
-
         hs = [self.conv_in(x)]  # skip tensors, consumed last-in first-out by the up path
         h = hs[0]
         for i, level in enumerate(self.down):
@@ -239,11 +219,9 @@ class UNet(nn.Module):
                 h = level.downsample(h)
                 hs.append(h)
             h = level.proj(h)  # main path only: the skip list keeps the un-projected tensor
-
         h = self.mid.block_1(h, temb)
         h = self.mid.block_2(self.mid.attn_1(h), temb)
         h = self.mid.proj(h)
-
         for i in reversed(range(self.num_levels)):
             level = self.up[i]
             for j, block in enumerate(level.block):
@@ -257,7 +235,6 @@ class UNet(nn.Module):
 
 
 # --- DeMe channel-wise projections (DeMe Sec. 3.2; placement as in the official code) ---------------------------------
-
 
 def projection_places(model):
     """(name, module) of every place that can hold a projection: down levels, mid block, up levels."""
@@ -303,7 +280,6 @@ def fold_channel_projections(model):
 
 
 # --- State dicts: original layout <-> diffusers UNet2DModel -----------------------------------------------------------
-
 
 _RESNET_TO_DIFFUSERS = {"temb_proj": "time_emb_proj", "nin_shortcut": "conv_shortcut"}
 _ATTN_TO_DIFFUSERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -378,13 +354,11 @@ def diffusers_config(config):
         "_class_name": "UNet2DModel", "act_fn": "silu", "add_attention": True, "attention_head_dim": None,
         "block_out_channels": [config["ch"] * m for m in config["ch_mult"]], "center_input_sample": False,
         "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn], "downsample_padding": 0,
-        "dropout": config["dropout"], "flip_sin_to_cos": False, "freq_shift": 1,
-        "in_channels": config.get("in_channels", 3),
-        "layers_per_block": config["num_res_blocks"], "mid_block_scale_factor": 1, "norm_eps": 1e-6,
-        "norm_num_groups": 32, "out_channels": config.get("out_channels", 3), "resnet_time_scale_shift": "default",
-        "sample_size": res, "time_embedding_type": "positional",
-        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-    }
+        "dropout": config["dropout"], "flip_sin_to_cos": False, "freq_shift": 1, "layers_per_block":
+        config["num_res_blocks"], "in_channels": config.get("in_channels", 3), "mid_block_scale_factor": 1,
+        "norm_eps": 1e-6, "norm_num_groups": 32, "out_channels": config.get("out_channels", 3),
+        "resnet_time_scale_shift": "default", "sample_size": res, "time_embedding_type": "positional",
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]}
 
 
 # Config fields that change the numerics: (what the DDPM UNet needs, diffusers' default when the field is absent).
@@ -427,7 +401,6 @@ def config_from_diffusers(cfg, where="config.json"):
 
 
 # --- Files ------------------------------------------------------------------------------------------------------------
-
 
 @contextlib.contextmanager
 def atomic_path(path, sync=True):
@@ -539,14 +512,14 @@ def model_from_state_dict(sd, preset=None):
                             "the UNet config it was trained with")
         preset = matches[0]
     config = preset_config(preset) if isinstance(preset, str) else preset
-    want = _shapes(_build(config, projections))
+    model = _build(config, projections)
+    want = _shapes(model)
     problems = [f"{k}: checkpoint {got[k]} vs model {want[k]}" for k in want if k in got and got[k] != want[k]][:4]
     problems += [f"missing {k}" for k in want if k not in got][:4]
     problems += [f"unexpected {k}" for k in got if k not in want][:4]
     if problems:
         raise UserError(f"checkpoint does not fit the UNet {preset if isinstance(preset, str) else config}: "
                         f"{'; '.join(problems)}; pass the preset or config it was trained with")
-    model = _build(config, projections)
     model.load_state_dict({k: v.detach().to("cpu", torch.float32, copy=True) for k, v in sd.items()},
                           strict=True, assign=True)
     return model
@@ -612,12 +585,9 @@ def export_diffusers(model, directory):
         raise UserError(f"cannot export to diffusers: UNet2DModel has no channel projections and this model's "
                         f"{', '.join(kept)} are not the identity; keep it in the native layout "
                         "(atomic_save(model.state_dict(), path); load_pretrained(path))")
-    L = model.num_levels
-    sd = {}
-    for key, value in model.state_dict().items():
-        if not key.endswith(".proj.weight"):  # identity projections are dropped: they change nothing
-            value = value[:, :, 0, 0] if _is_attn_linear(key) else value
-            sd[_convert_key(key, L, to_diffusers=True)] = value.detach().to("cpu").contiguous()
+    sd = {_convert_key(k, model.num_levels, to_diffusers=True): (v[:, :, 0, 0] if _is_attn_linear(k) else v).detach()
+          .to("cpu").contiguous() for k, v in model.state_dict().items()
+          if not k.endswith(".proj.weight")}  # the identity projections are dropped: they change nothing
     config = json.dumps(diffusers_config(model.config), indent=2, sort_keys=True).encode()
     try:
         import safetensors.torch

@@ -817,17 +817,13 @@ class Config:
 CPU_RECIPE = dict(preset="tiny", train_steps=12000, train_lr=1e-3, train_schedule="cosine", steps=64, batch_size=32,
                   ckpt_every=100, sample_steps=20, n_samples=512, eval_batch=256, search_images=256, search_evals=30,
                   report_images=1024)
-
-
 DATASET_PRESETS = {
     # the CPU pipeline, from the θ0 shipped in assets/ (`python deme.py train` trains it afresh)
     "synthetic": dict(CPU_RECIPE, pretrained="tiny_synthetic"),
     # the paper's recipes (DeMe Sec. 4 and the official scripts; DDIM-100 for CIFAR-10, 50 steps for LSUN)
     "cifar10": dict(preset="cifar10", pretrained="cifar10", flip=True, sample_steps=100, search_samples=5000),
-    "lsun_church": dict(preset="lsun256", pretrained="lsun_church", batch_size=64, grad_accum=4, sample_steps=50,
-                        eval_batch=64, variance="fixedsmall", search_samples=5000),
-    "lsun_bedroom": dict(preset="lsun256", pretrained="lsun_bedroom", batch_size=64, grad_accum=4, sample_steps=50,
-                         eval_batch=64, variance="fixedsmall", search_samples=5000),
+    **{d: dict(preset="lsun256", pretrained=d, batch_size=64, grad_accum=4, sample_steps=50, eval_batch=64,
+               variance="fixedsmall", search_samples=5000) for d in ("lsun_church", "lsun_bedroom")},
     "folder": dict(search_samples=5000),  # on a GPU the paper's finetuning budget; on a CPU the CPU recipe
 }
 
@@ -906,8 +902,7 @@ def fit_folder(cfg: Config, given: dict) -> tuple:
 
 
 def config_summary(cfg: Config, given: dict, stage: str, notes=(), saved=True) -> str:
-    """What this run's configuration changes from the defaults, and where each change came from (the whole of it
-    is in config_<stage>.json)."""
+    """What this run's configuration changes from the defaults, and where each change came from."""
     preset_name, preset = preset_of(given)
     default = Config(out=cfg.out)
     groups = {"flags": {}, preset_name: {}, "fitted to the folder": {}}
@@ -936,8 +931,7 @@ def check_config(cfg: Config):
               (1 <= cfg.n_ranges <= 1000 and 1000 % cfg.n_ranges == 0, f"--n-ranges {cfg.n_ranges} does not split "
                f"the 1000 timesteps evenly; use 1, 2, 4, 5, 8, 10, ..."),
               (0.0 <= cfg.p_global <= 1.0, f"--p-global {cfg.p_global} is not a probability; give a value in [0, 1]"),
-              (0 < cfg.ties_k <= 100, f"--ties-k {cfg.ties_k} must lie in (0, 100]: the percent of each task vector "
-               f"TIES keeps"),
+              (0 < cfg.ties_k <= 100, f"--ties-k {cfg.ties_k} must lie in (0, 100]: the percent TIES keeps of each τ"),
               (0 <= cfg.dare_p < 1, f"--dare-p {cfg.dare_p} must lie in [0, 1): the probability DARE drops an entry"),
               (len(cfg.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.adam_betas), f"--adam-betas {cfg.adam_betas} "
                f"must be two numbers in [0, 1), e.g. 0.95,0.999"),
@@ -946,12 +940,10 @@ def check_config(cfg: Config):
               *[(getattr(cfg, n) >= 1, f"--{n.replace('_', '-')} must be at least 1, got {getattr(cfg, n)}")
                 for n in counts],
               (cfg.eta >= 0, f"--eta {cfg.eta} is negative; DDIM's eta is 0 (deterministic) or more (1: DDPM-like)"),
-              (cfg.search_samples >= 0, f"--search-samples {cfg.search_samples} is negative; give a count, or 0 for "
-               f"--n-samples"),
+              (cfg.search_samples >= 0, f"--search-samples {cfg.search_samples} is negative (0: --n-samples)"),
               (cfg.search_candidates >= 2, f"--search-candidates {cfg.search_candidates}: give 2 or more; one "
                f"candidate has nothing to be ranked against"),
-              (0.0 < cfg.heldout_fraction < 1.0, f"--heldout-fraction {cfg.heldout_fraction} must lie strictly "
-               f"between 0 and 1, e.g. 0.1"),
+              (0 < cfg.heldout_fraction < 1, f"--heldout-fraction {cfg.heldout_fraction} is not in (0, 1); e.g. 0.1"),
               (cfg.sampler != "ddim" or cfg.sample_steps < 1 or 1000 % cfg.sample_steps == 0, f"--sample-steps {cfg.sample_steps} does not "
                f"divide the 1000 timesteps; use 10, 20, 50, 100, ...")]
     for ok, message in checks:
@@ -981,8 +973,7 @@ def range_indices(cfg: Config) -> list:
     """The range indices this invocation finetunes."""
     idx = list(range(cfg.n_ranges)) if cfg.ranges == "all" else parse_list("ranges", cfg.ranges, example="0,2")
     if not idx or any(not 0 <= i < cfg.n_ranges for i in idx):
-        raise UserError(f"--ranges {cfg.ranges!r}: indices must lie in 0..{cfg.n_ranges - 1} for --n-ranges "
-                        f"{cfg.n_ranges}")
+        raise UserError(f"--ranges {cfg.ranges!r}: indices must lie in 0..{cfg.n_ranges - 1}, below --n-ranges")
     return idx
 
 
@@ -1066,8 +1057,7 @@ def cpu_has_bf16() -> bool:
 
 
 def timing_unet(cfg: Config) -> UNet:
-    """A fresh UNet of the run's preset and resolution, without dropout as finetuning runs it (official code): what
-    the benchmark and the plan line time (speed does not depend on the weights)."""
+    """A fresh UNet of the run's preset and resolution, no dropout (official finetuning): what bench and plans time."""
     return set_dropout(UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {})),
                        0.0)
 
@@ -1171,8 +1161,7 @@ class EMA:
 
 
 def rng_state(*generators) -> dict:
-    """Every random state a resumed run needs: torch's, CUDA's and the loop's own generators' (nothing here draws from
-    numpy's or Python's global generators)."""
+    """Every random state a resumed run needs: torch's, CUDA's and the loop's generators' (no other is drawn)."""
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 generators=[g.get_state() for g in generators])
 
@@ -1227,8 +1216,7 @@ def load_model(path, which="ema", ck=None) -> UNet:
     """The model saved in one of this project's checkpoints (its EMA weights by default); `ck`: already loaded."""
     ck = ck or load_checkpoint(path)
     if "model_config" not in ck:
-        raise UserError(f"{path} is not a checkpoint of this project (no model_config); use --pretrained for "
-                        f"published weights")
+        raise UserError(f"{path} is not a checkpoint of this project (no model_config); pass weights as --pretrained")
     return build_model(ck["model_config"], ck.get(which) or ck["model"])
 
 
@@ -1453,8 +1441,7 @@ def stage_train(cfg: Config, env: Env, diffusion=None):
 
 
 def append_curve(path: Path, step, losses):
-    """One row (step, held-out loss, loss per range) of a curve CSV; rows at or past `step` (a resumed run redoes
-    them) are dropped first."""
+    """One row (step, held-out loss, loss per range) of a curve CSV; older rows at or past `step` dropped (resumes)."""
     mean, per_range = losses
     rows = path.read_text().splitlines() if path.exists() else []
     rows = rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) < step]
@@ -1553,18 +1540,14 @@ def image_files(folder) -> list:
     from PIL import Image
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist; check the path (--data-dir, or the folders given "
-                        f"to fid)")
+        raise UserError(f"image folder {folder} does not exist; check --data-dir (or the folders given to fid)")
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     good, bad = [], []
     for p in paths:
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            bad.append(p)
-            continue
         try:
             with Image.open(p) as im:
                 im.verify()
-            good.append(p)
+            (good if p.suffix.lower() in IMAGE_SUFFIXES else bad).append(p)
         except Exception:
             bad.append(p)
     if bad:
@@ -1607,8 +1590,7 @@ def split_item(item):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """A directory tree of images, resized (short side) and center- or randomly cropped to `size`; with `role`, only
-    the images of that split (heldout_role)."""
+    """A directory tree of images, resized (short side) and cropped to `size`; with `role`, only that split's."""
 
     def __init__(self, folder, size, random_crop=False, role=None, fraction=0.1):
         self.paths = [p for p in image_files(folder)
@@ -1753,17 +1735,9 @@ def batches(dataset, batch, seed, rank=0, world=1, start=0, workers=0):
 
 # --- II.5 Evaluation: FID as pytorch-fid computes it, samples on disk, pixel Fréchet distance, results files ---------
 
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
-
-
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-
-
-FID_WEIGHTS_SHA256_PREFIX = "6726825d"
-
-
-FID_DIMS = 2048
+FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
+FID_WEIGHTS_SHA256_PREFIX, FID_DIMS = "6726825d", 2048
 
 
 def _avg_pool_excluding_pad(x):
@@ -1839,8 +1813,7 @@ class FIDInception(nn.Module):
         except Exception as error:  # only reachable with check_hash=False
             raise UserError(f"cannot read {path} or it does not hold the FID Inception's weights "
                             f"({type(error).__name__}): download {FID_WEIGHTS_URL}") from None
-        self.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
     def forward(self, images):
         """(B, 3, H, W) images in [0, 1] -> (B, 2048) float32 pool3 features."""
@@ -1870,9 +1843,6 @@ def feature_stats(features):
 
 def save_stats(path, mu, sigma):
     """Write statistics as an .npz with keys mu and sigma (pytorch-fid's format), atomically."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise UserError(f"statistics file {path} must end in .npz")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=mu, sigma=sigma)
 
@@ -2124,9 +2094,8 @@ def selection_samples(cfg: Config) -> int:
 
 
 def selection_quality(cfg: Config, env: Env, diffusion, model) -> float:
-    """The sample metric that selects (pixel Fréchet distance or FID, as --metric): --search-samples samples from the
-    selection noise seed against the selection split's real images, never the report split's; computed in memory by
-    this process alone (the merge search runs on rank 0)."""
+    """The sample metric that selects (--metric): --search-samples samples of the selection noise seed against the
+    selection split's real images, never the report split's; in memory, by this process alone (rank 0 searches)."""
     n = selection_samples(cfg)
     samples = sample_in_memory(cfg, env, diffusion, model, n, role_seed(cfg.seed, "select_samples"))
     if eval_metric(cfg) == "pixel":
@@ -2268,8 +2237,7 @@ def split_description(cfg: Config, role) -> str:
 
 
 def evaluation_protocol(cfg: Config, metric: str) -> dict:
-    """Which images and noise seeds each role used: training, selection (merge weights, re-ranking: as the merge
-    stage recorded it in merge/search.json), reporting."""
+    """Which images and noise seeds each role used: training, selection (from merge/search.json), reporting."""
     path = run_dir(cfg, "merge", "search.json")
     record = json.loads(path.read_text()) if path.exists() else {}
     search = record.get("search") or {}
@@ -2306,8 +2274,7 @@ def evaluation_reference(cfg: Config, env: Env) -> dict:
 
 def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict, n_ranges=None) -> tuple:
     """(results row, its first 64 samples) of one model: the metric on --n-samples samples and the held-out loss per
-    range (n_ranges, default --n-ranges). Kept under evaluations/, keyed by the model's weights and everything the
-    numbers depend on: evaluating the same model the same way again costs nothing."""
+    range (default --n-ranges); kept in evaluations/, keyed by the weights and protocol: a rerun costs nothing."""
     n_ranges = n_ranges or cfg.n_ranges
     protocol = dict(metric=ref["metric"], n=cfg.n_samples, sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
                     variance=cfg.variance, precision=cfg.eval_precision, report=cfg.report_images,
@@ -2376,11 +2343,9 @@ def results_markdown(results, cfg: Config) -> str:
 
 
 def seed_summary(rows_by_seed: dict) -> dict:
-    """Each model's spread over seeds: {model: {"value", "heldout_loss": {mean, min, max, values},
-    "heldout_loss_per_range": [{mean, min, max, values} per range]}}, from {seed: results rows}. With a θ0 row
-    ("theta0" or "θ0"), also the paired differences to it, seed by seed (same report images, same noise), which the
-    evaluation noise shared by both does not blur: "value_vs_theta0" (difference), "loss_vs_theta0_pct" and
-    "loss_per_range_vs_theta0_pct" (relative, in %)."""
+    """Each model's spread ({mean, min, max, values}) over seeds of "value", "heldout_loss" and each range's loss,
+    from {seed: results rows}; with a θ0 row, also the paired differences to it seed by seed, which the evaluation
+    noise shared by both does not blur: "value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct"."""
     def spread(values):
         return dict(mean=float(np.mean(values)), min=float(np.min(values)), max=float(np.max(values)),
                     values=[float(v) for v in values])
@@ -2404,9 +2369,8 @@ def seed_summary(rows_by_seed: dict) -> dict:
 
 
 def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
-    """{name}.json, {name}.md (mean [min, max] over seeds per model, and the paired differences to θ0 when θ0 is a
-    row) and {name}.png: the held-out loss, the sample metric and each range's held-out loss relative to θ0's on
-    the same seed, as bars with min-max whiskers."""
+    """{name}.json, {name}.md (mean [min, max] over seeds, and the paired differences to θ0) and {name}.png (bars
+    with min-max whiskers: held-out loss, sample metric, each range's loss relative to θ0's on the same seed)."""
     summary, seeds = seed_summary(rows_by_seed), list(rows_by_seed)
     metric = ("pixel Fréchet distance (not FID)" if eval_metric(cfg) == "pixel" else "FID")
     metric += f", {cfg.n_samples} samples"
@@ -2528,8 +2492,7 @@ def cosines(vectors) -> np.ndarray:
     gram = (vectors.double() @ vectors.double().T).cpu().numpy()
     norm = np.sqrt(np.diag(gram))
     if not (norm > 0).all():
-        raise UserError(f"vector {int(np.argmin(norm))} is zero, so its cosine similarity is undefined; is the model "
-                        f"trainable?")
+        raise UserError(f"vector {int(np.argmin(norm))} is zero: its cosine is undefined; is the model trainable?")
     return np.clip((gram + gram.T) / 2 / np.outer(norm, norm), -1.0, 1.0)
 
 
@@ -2592,9 +2555,6 @@ def partial_ensembles(theta0, models) -> list:
 def merge_landscape(base_sd, finetuned_sds, i, j, objective_fn, grid=landscape_grid()) -> np.ndarray:
     """DeMe Fig. 6a: L[p, q] = objective_fn(θ0 + a τ_i + b τ_j) for a = grid[p], b = grid[q] (Eq. 8 on the plane
     spanned by two task vectors); (0, 0) is θ0, (1, 0) is θ_i and (0, 1) is θ_j."""
-    n = len(finetuned_sds)
-    if not (0 <= i < n and 0 <= j < n) or i == j:
-        raise UserError(f"the landscape needs two different ranges among 0..{n - 1}, got {i} and {j}")
     grid = [float(v) for v in grid]
     pair = [finetuned_sds[i], finetuned_sds[j]]
     values = np.empty((len(grid), len(grid)))
@@ -2642,15 +2602,15 @@ def task_vector_norms(base_sd, finetuned_sds) -> dict:
 
 def _plot(path, size, draw) -> Path:
     """Draws a figure with draw(fig) (matplotlib, an optional extra, without pyplot's state) into `path` as PNG."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+    try:  # `import matplotlib.x` also looks matplotlib itself up, even when matplotlib.x was imported before
+        import matplotlib.backends.backend_agg
+        import matplotlib.figure
     except ImportError:
         raise UserError("plots need matplotlib: pip install matplotlib (the numbers are in the CSV)") from None
-    fig = Figure(figsize=size, layout="constrained")
+    fig = matplotlib.figure.Figure(figsize=size, layout="constrained")
     draw(fig)
     with atomic_path(path) as tmp:
-        FigureCanvasAgg(fig).print_png(str(tmp))
+        matplotlib.backends.backend_agg.FigureCanvasAgg(fig).print_png(str(tmp))
     return Path(path)
 
 
@@ -2720,8 +2680,7 @@ def plot_gradient_conflict(cos, timesteps, folder, note="") -> Path:
 
 
 def plot_merge_landscape(values, grid, i, j, folder, ranges=None, merged=None) -> Path:
-    """Writes merge_landscape.csv (w_i, w_j, loss) and .png (contours, with θ0, θ_i, θ_j, the grid's minimum and
-    the (w_i, w_j) of the run's merge marked)."""
+    """Writes merge_landscape.csv (w_i, w_j, loss) and .png (contours; θ0, θ_i, θ_j, minimum, the run's merge)."""
     grid = [float(v) for v in grid]
     _csv(folder / "merge_landscape.csv", [f"w_range{i}", f"w_range{j}", "heldout_loss"],
          ([grid[p], grid[q], values[p, q]] for p, q in itertools.product(range(len(grid)), repeat=2)))
@@ -2735,8 +2694,7 @@ def plot_merge_landscape(values, grid, i, j, folder, ranges=None, merged=None) -
         ax.plot([1, 0], [0, 1], "^", ms=8, mfc="white", mec="black", label=f"finetuned: range {i}, range {j}")
         ax.plot(grid[p], grid[q], "X", ms=9, mfc="red", mec="white", label=f"grid minimum ({grid[p]:g}, {grid[q]:g})")
         if merged is not None:
-            ax.plot(*merged, "*", ms=14, mfc="gold", mec="black", label="the run's merge (its other weights: off this "
-                    "plane)")
+            ax.plot(*merged, "*", ms=14, mfc="gold", mec="black", label="the run's merge (other weights off-plane)")
         ax.set(xlabel=f"a: weight of τ of {_range_name(i, ranges)}", ylabel=f"b: weight of τ of {_range_name(j, ranges)}",
                title=f"Merge landscape (DeMe Fig. 6a)\nθ0 + a·τ(range {i}) + b·τ(range {j})")
         fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
@@ -2761,8 +2719,7 @@ def plot_task_vector_norms(norms: dict, folder, ranges=None) -> Path:
 
 
 def plot_stationarity(st: dict, halves, folder, ranges) -> Path:
-    """Writes stationarity.csv (per range: ‖g_j‖, the cosine of g_j on the two halves of the images, its cosines
-    with the other ranges' g; last row Σ_j g_j) and .png (norms beside ‖Σ_j g_j‖; the cosines)."""
+    """Writes stationarity.csv (per range: ‖g_j‖, cos between halves, cos with each range; Σ_j g_j) and .png."""
     n, names = len(ranges), [_range_name(j, ranges) for j in range(len(ranges))]
     rows = [[names[j], st["norms"][j], halves[j]] + list(st["cos"][j]) for j in range(n)]
     _csv(folder / "stationarity.csv", ["gradient", "norm", "cos_between_halves"] + [f"cos_range{j}" for j in range(n)],
@@ -2781,14 +2738,12 @@ def plot_stationarity(st: dict, halves, folder, ranges) -> Path:
 
 
 def plot_seed_agreement(agree: dict, seeds, folder, ranges) -> Path:
-    """Writes seed_agreement.csv (per range: ‖τ_i‖ per seed, the cosine of each pair of seeds' τ_i, and of τ_i with
-    every range's τ_j, mean over seeds) and .png."""
+    """Writes seed_agreement.csv (per range: ‖τ_i‖ per seed, cos between seeds, cos with each τ_j) and .png."""
     n, pairs = len(ranges), [f"{a}-{b}" for a, b in itertools.combinations(seeds, 2)]
-    _csv(folder / "seed_agreement.csv", ["range"] + [f"norm_seed{s}" for s in seeds] + [f"cos_seeds_{p}" for p in
-                                                                                         pairs] +
-         [f"cos_with_range{j}" for j in range(n)], ([_range_name(i, ranges)] + list(agree["norms"][:, i]) +
-                                                     list(agree["seeds"][:, i]) + list(agree["ranges"][i])
-                                                     for i in range(n)))
+    _csv(folder / "seed_agreement.csv", ["range", *[f"norm_seed{s}" for s in seeds], *[f"cos_seeds_{p}" for p in pairs],
+                                          *[f"cos_with_range{j}" for j in range(n)]],
+         ([_range_name(i, ranges), *agree["norms"][:, i], *agree["seeds"][:, i], *agree["ranges"][i]]
+          for i in range(n)))
 
     def draw(fig):
         left, right = fig.subplots(1, 2)
@@ -2803,8 +2758,7 @@ def plot_seed_agreement(agree: dict, seeds, folder, ranges) -> Path:
 
 
 def plot_interference(change, scales, folder, ranges) -> Path:
-    """Writes interference.csv (range i, scale s, the change in % of every range's held-out loss under θ0 + s τ_i)
-    and .png (one heatmap per scale)."""
+    """Writes interference.csv (range i, scale s, each range's loss change in % under θ0 + s τ_i) and .png."""
     n, limit = len(ranges), max(1e-9, float(np.abs(change).max()))
     _csv(folder / "interference.csv", ["task_vector", "scale"] + [f"dloss_range{j}_pct" for j in range(n)],
          ([i, s] + list(change[i, k]) for i in range(n) for k, s in enumerate(scales)))
@@ -2838,11 +2792,9 @@ def analysis_figure_list(cfg: Config) -> list:
     names = [s.strip() for s in cfg.figures.split(",") if s.strip()]
     bad = [s for s in names if s not in ANALYSIS_FIGURES]
     if bad or not names:
-        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSIS_FIGURES)}, comma-separated, or "
-                        f"all")
+        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSIS_FIGURES)} (comma-separated), all")
     if "seeds" in names and len(seed_list(cfg) if cfg.seeds else []) < 2:
-        raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds 0,1,2 (the "
-                        "run's --seeds)")
+        raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds (the run's)")
     return names
 
 
@@ -2858,9 +2810,7 @@ def landscape_pair(cfg: Config) -> tuple:
 def chosen_merge_weights(cfg: Config, i, j) -> Optional[tuple]:
     """(w_i, w_j) of the run's task-arithmetic merge (merge/search.json), or None when there is none."""
     path = run_dir(cfg, "merge", "search.json")
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
+    record = json.loads(path.read_text()) if path.exists() else {}
     w = record.get("weights") or []
     if record.get("method") not in ("task_arithmetic", "average") or len(w) != cfg.n_ranges:
         return None
@@ -3014,10 +2964,6 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
 # CLIP text embeddings (train_loop's `encode`), and everything else (Eq. 6 timesteps, Eq. 4-5 consistency loss, Eq. 8
 # merge, Eq. 7 ensemble, EMA, checkpoints) is the code above. Projections are forward hooks: diffusers stays unedited.
 
-
-SD_EXTRAS = "the Stable Diffusion path needs diffusers and transformers: pip install -r requirements-extra.txt"
-
-
 PROJECTION_SIDECAR = "deme_projections.safetensors"
 
 
@@ -3027,7 +2973,8 @@ def sd_libraries():
         import diffusers
         import transformers
     except ImportError:
-        raise UserError(SD_EXTRAS) from None
+        raise UserError("the Stable Diffusion path needs diffusers and transformers: pip install -r "
+                        "requirements-extra.txt") from None
     return diffusers, transformers
 
 
@@ -3086,9 +3033,8 @@ def sd_model(theta0: SDUNet, state) -> SDUNet:
 
 
 class StableDiffusion:
-    """A local diffusers Stable Diffusion folder as the DeMe code sees it: θ0 is an SDUNet, images become VAE latents,
-    captions CLIP embeddings, and the schedule is the pipeline's (SD v1: scaled-linear 0.00085..0.012, T = 1000).
-    Given the run's config, it is the backbone that stage_finetune and stage_merge take (as PixelDDPM for pixels)."""
+    """A diffusers Stable Diffusion folder as DeMe sees it: θ0 an SDUNet, images VAE latents, captions CLIP embeddings,
+    the pipeline's schedule (SD v1: scaled-linear, T = 1000); with cfg, the backbone of stage_finetune/stage_merge."""
     name = "SD "
 
     def __init__(self, folder, env: Env, cfg: Optional[Config] = None, prompts=()):
@@ -3102,8 +3048,7 @@ class StableDiffusion:
                             f"one with `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`")
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         if sched.get("beta_schedule", "linear") not in ("linear", "scaled_linear"):
-            raise UserError(f"{folder} uses the {sched['beta_schedule']} beta schedule; this code knows linear and "
-                            f"scaled_linear (SD v1.x)")
+            raise UserError(f"{folder} uses the {sched['beta_schedule']} schedule; this code knows (scaled_)linear")
         if sched.get("prediction_type", "epsilon") != "epsilon":
             raise UserError(f"{folder} predicts {sched['prediction_type']}; this code trains ε-prediction models "
                             f"(SD v1.x), so use one of those")
@@ -3190,16 +3135,13 @@ class StableDiffusion:
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Image-caption pairs in the Hugging Face imagefolder layout: images and a metadata.jsonl whose lines are
-    {"file_name": ..., "text": ...}; a list of texts (COCO: 5 per image) gives one pair per caption. With `role`,
-    only the pairs of that split (heldout_role of the file name: the selection pairs never train)."""
+    """Image-caption pairs, Hugging Face imagefolder layout: images and metadata.jsonl lines {"file_name": ..., "text":
+    ...} (a list of texts: one pair per caption); with `role`, only that split's pairs (heldout_role of the name)."""
 
     def __init__(self, folder, size, role=None, fraction=0.1):
         from torchvision import transforms as T
         folder, self.pairs = Path(folder), []
         meta = folder / "metadata.jsonl"
-        if not folder.is_dir():
-            raise UserError(f"caption folder {folder} does not exist; check --data-dir")
         if not meta.is_file():
             raise UserError(f"{meta} is missing; --data-dir needs images plus a metadata.jsonl with one "
                             f'{{"file_name": "a.jpg", "text": "a caption"}} per line')
@@ -3334,9 +3276,8 @@ def fold_projections(state) -> tuple:
 
 
 def export_sd(model: SDUNet, pretrained, folder) -> dict:
-    """Saves `model` for diffusers: <folder>/merged_unet (UNet2DConditionModel.from_pretrained) and merged_pipeline
-    (the --pretrained pipeline with this UNet), each with the unfoldable projections in deme_projections.safetensors
-    beside the weights, which load_sd_unet restores. Returns those projections."""
+    """Saves `model` for diffusers as <folder>/merged_unet and merged_pipeline (--pretrained with this UNet), each with
+    the unfoldable projections in deme_projections.safetensors (load_sd_unet restores them); returns those."""
     diffusers, _ = sd_libraries()
     from safetensors.torch import save_file
     state, rest = fold_projections({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -3378,21 +3319,8 @@ def load_sd_unet(folder) -> SDUNet:
     return model.eval()
 
 
-def sd_range_states(cfg: Config) -> Optional[list]:
-    """θ_1..θ_N as EMA state dicts, or None (saying which) while a range is unfinished."""
-    try:
-        return [ck["ema"] for ck in range_checkpoints(cfg)]
-    except UserError as e:
-        print(f"{e}; then run again to merge")
-        return None
-
-
 def stage_sd(cfg: Config, env: Env):
-    """DeMe on Stable Diffusion: finetune θ0's UNet per timestep range (PS, CL, CP), merge (Eq. 8), export the merged
-    UNet for diffusers, and draw images of --prompts with the models named by --models (theta0, ensemble, merged)."""
-    if not cfg.pretrained:
-        raise UserError("--model sd needs --pretrained DIR, a local diffusers Stable Diffusion folder (SD v1.4: "
-                        "`huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`)")
+    """DeMe on Stable Diffusion: finetune per range, merge (Eq. 8), export for diffusers, draw --prompts by --models."""
     if cfg.flip:
         print("warning: --flip flips VAE latents, which only roughly flips the images; consider --no-flip",
               file=sys.stderr)
@@ -3408,8 +3336,10 @@ def stage_sd(cfg: Config, env: Env):
     stage_finetune(cfg, env, diffusion, theta0, backbone=sd)  # DeMe Sec. 3.2, as for the DDPM UNet
     if not env.master:  # merging, export and sampling run on rank 0 alone
         return
-    states = sd_range_states(cfg)
-    if states is None:
+    try:  # θ_1..θ_N as EMA state dicts; while a range is unfinished (split with --ranges), say which
+        states = [ck["ema"] for ck in range_checkpoints(cfg)]
+    except UserError as e:
+        print(f"{e}; then run again to merge")
         return
     merged = sd_model(theta0, stage_merge(cfg, dataclasses.replace(env, rank=0, world=1), diffusion, theta0,
                                           backbone=sd, finetuned=states))
@@ -3448,8 +3378,7 @@ def time_alternately(fns: dict, iters: int, warmup: int, device) -> dict:
 
 
 def bench_train_step(model, cfg: Config, env: Env, diffusion, batch, teacher=None):
-    """One optimizer step of train_loop on random images as a closure: autocast forward, simple loss (+ the
-    consistency loss to the frozen teacher when given, DeMe Eq. 4-5), backward, clipping, AdamW, EMA."""
+    """One optimizer step of train_loop on random images, as a closure; with `teacher`, DeMe's (Eq. 4-5)."""
     opt, sched, scaler, ema = optimizer(place(model, env).train(), cfg, env, 1e-8, lambda k: 1.0)
     net = prepare(model, env)
     c, res = model.config["in_channels"], model.config["resolution"]
@@ -3497,9 +3426,8 @@ def forward_flops(model, x, t) -> int:
 
 
 def stage_bench(cfg: Config, env: Env):
-    """Images/s of plain and DeMe finetuning (on a CPU also in bf16), of the forward pass and of sampling exactly as
-    evaluation samples; the merged model's extra parameters and FLOPs (its projections, unfolded and folded); the
-    wall time this run's recipe projects to. Random inputs, no dataset. Prints a table and writes bench.json."""
+    """Images/s of plain and DeMe finetuning (CPU: also bf16), the forward pass and sampling as evaluation samples; the
+    merged model's extra parameters and FLOPs; the projected wall time. Random inputs. Writes bench.json."""
     if not env.master:
         return  # one device is measured; data-parallel runs scale it by the number of processes
     dev, theta0 = env.device, timing_unet(cfg).eval()
@@ -3555,9 +3483,8 @@ def trained(path: Path, steps) -> bool:
 
 
 def projected_time(cfg: Config, r: dict, stages=("train", "finetune", "baseline", "merge", "evaluate")) -> list:
-    """[(what, seconds)] of what this run's recipe still has to do (the given stages; train only where θ0 is not
-    --pretrained or it is the one stage; trained checkpoints in the run folder left out) on one device at the rates
-    `r` (data loading not included); --seeds repeats all but train."""
+    """[(what, seconds)] this run still has to do of `stages`, at the rates `r` on one device (no data loading): train
+    only where θ0 is not --pretrained or it is alone; trained checkpoints left out; --seeds repeats all but train."""
     n, batch, S = cfg.n_ranges, cfg.batch_size, r["sample_steps"]
     names = [s.strip() for s in cfg.models.split(",") if s.strip() and (cfg.baseline or "baseline" not in s)]
     runs = [c for _, c in seed_runs(cfg)]
@@ -3743,8 +3670,7 @@ PROJECT_FILES = ("deme.py", "ddpm_unet.py", "test_deme.py", "pytest.ini", "READM
 
 
 def without_body(source: str, qualname: str, message: str) -> str:
-    """`source` with the body of the function `qualname` ("name" or "Class.method") replaced by
-    raise NotImplementedError(message); its signature, decorators and docstring stay."""
+    """`source` with the body of `qualname` ("f" or "Class.f"), but not its docstring, raising NotImplementedError."""
     nodes = ast.parse(source).body
     for name in qualname.split("."):
         node = next(n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
@@ -3823,14 +3749,10 @@ STAGES = {
                 "diagnostics, as PNG and CSV"),
     "ablation": (stage_ablation, "DeMe Table 3 and Table 1's loss reweightings at equal compute, with --seeds"),
 }
-
-
 GROUPS = {"dataset": "run", "preset": "model", "train_steps": "pretraining θ0 (train stage)",
           "n_ranges": "decoupled finetuning (finetune and baseline stages)", "merge_method": "merge stage",
           "sampler": "evaluation (sample and evaluate stages)", "bench_batch": "benchmark (bench stage)",
           "figures": "analysis (analyze stage)", "prompts": "Stable Diffusion (--model sd)"}
-
-
 EXAMPLES = """examples:
   python deme.py                                   the whole pipeline on synthetic shapes, on a CPU, in minutes
   python deme.py --dataset cifar10 --download      the paper's CIFAR-10 recipe (GPU)
@@ -3929,8 +3851,7 @@ def main(argv=None):
             exercise_command(args.out, tuple(parse_list("parts", args.parts, example="1,2")))
             return
         if args.stage == "fid":
-            device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-            device = "cpu" if device == "auto" else device
+            device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
             fid_command(*args.paths, batch_size=args.batch_size, device=device,
                         inception_weights=args.inception_weights, dims=args.dims)
             return
@@ -3970,8 +3891,7 @@ def main(argv=None):
 
 
 def writable_run_folder(out, rank=0, create=True):
-    """One line unless the run folder can be written: made and probed, or, without `create` (--dry-run), its
-    nearest existing folder checked."""
+    """One line unless the run folder is writable: made and probed, or (create=False) its nearest existing folder."""
     out = Path(out)
     try:
         if create:
