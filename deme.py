@@ -2666,125 +2666,6 @@ def plot_curve(csv_path) -> Path:
     return _plot(Path(csv_path).with_suffix(".png"), (10, 4), draw)
 
 
-def plot_gradient_conflict(cos, timesteps, folder, note="") -> Path:
-    """Writes gradient_conflict.csv (the K x K matrix) and .png (a heatmap on a diverging scale from -1 to 1)."""
-    _csv(folder / "gradient_conflict.csv", ["t"] + list(timesteps), ([t] + list(r) for t, r in zip(timesteps, cos)))
-
-    def draw(fig):
-        ax = fig.add_subplot()
-        _heatmap(fig, ax, cos, [str(t) for t in timesteps], [str(t) for t in timesteps],
-                 "cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t")
-        ax.set(xlabel="timestep t", ylabel="timestep t", title="Gradient conflict between timesteps (DeMe Fig. 1a)" +
-               (f"\n{note}" if note else ""))
-    return _plot(folder / "gradient_conflict.png", (6.4, 5.4), draw)
-
-
-def plot_merge_landscape(values, grid, i, j, folder, ranges=None, merged=None) -> Path:
-    """Writes merge_landscape.csv (w_i, w_j, loss) and .png (contours; θ0, θ_i, θ_j, minimum, the run's merge)."""
-    grid = [float(v) for v in grid]
-    _csv(folder / "merge_landscape.csv", [f"w_range{i}", f"w_range{j}", "heldout_loss"],
-         ([grid[p], grid[q], values[p, q]] for p, q in itertools.product(range(len(grid)), repeat=2)))
-    p, q = np.unravel_index(np.argmin(values), values.shape)
-
-    def draw(fig):
-        ax = fig.add_subplot()
-        filled = ax.contourf(grid, grid, values.T, levels=21, cmap="viridis_r")
-        fig.colorbar(filled, ax=ax, label="held-out denoising loss", format="%.4g")
-        ax.plot(0, 0, "o", ms=8, mfc="white", mec="black", label="θ0 (pretrained)")
-        ax.plot([1, 0], [0, 1], "^", ms=8, mfc="white", mec="black", label=f"finetuned: range {i}, range {j}")
-        ax.plot(grid[p], grid[q], "X", ms=9, mfc="red", mec="white", label=f"grid minimum ({grid[p]:g}, {grid[q]:g})")
-        if merged is not None:
-            ax.plot(*merged, "*", ms=14, mfc="gold", mec="black", label="the run's merge (other weights off-plane)")
-        ax.set(xlabel=f"a: weight of τ of {_range_name(i, ranges)}", ylabel=f"b: weight of τ of {_range_name(j, ranges)}",
-               title=f"Merge landscape (DeMe Fig. 6a)\nθ0 + a·τ(range {i}) + b·τ(range {j})")
-        fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
-    return _plot(folder / "merge_landscape.png", (6.8, 6.6), draw)
-
-
-def plot_task_vector_norms(norms: dict, folder, ranges=None) -> Path:
-    """Writes task_vector_norms.csv (per layer: ||θ0||, ||τ_i||; last row the totals) and .png (grouped bars)."""
-    n = len(norms["total"])
-    rows = [[name, norms["base"][c]] + list(norms["norms"][:, c]) for c, name in enumerate(norms["layers"])]
-    rows.append(["total", float(np.sqrt((norms["base"] ** 2).sum()))] + list(norms["total"]))
-    _csv(folder / "task_vector_norms.csv", ["layer", "theta0"] + [f"tau_range{r}" for r in range(n)], rows)
-
-    def draw(fig):
-        ax, total = fig.subplots(1, 2, width_ratios=[5, 1])
-        names = [_range_name(r, ranges) for r in range(n)]
-        _bars(ax, norms["norms"], norms["layers"], names, "||τ|| of the layer's weights (L2)")
-        ax.set_title("Task-vector norm τ = θ_range − θ0 per layer and timestep range (DeMe Fig. 6b)")
-        _bars(total, norms["total"][None], [str(r) for r in range(n)], ["all weights"], "||τ|| of all weights (L2)")
-        total.set(xlabel="range", title="total")
-    return _plot(folder / "task_vector_norms.png", (11, 4.6), draw)
-
-
-def plot_stationarity(st: dict, halves, folder, ranges) -> Path:
-    """Writes stationarity.csv (per range: ‖g_j‖, cos between halves, cos with each range; Σ_j g_j) and .png."""
-    n, names = len(ranges), [_range_name(j, ranges) for j in range(len(ranges))]
-    rows = [[names[j], st["norms"][j], halves[j]] + list(st["cos"][j]) for j in range(n)]
-    _csv(folder / "stationarity.csv", ["gradient", "norm", "cos_between_halves"] + [f"cos_range{j}" for j in range(n)],
-         rows + [["sum over ranges", st["sum_norm"], halves[-1]] + [""] * n])
-
-    def draw(fig):
-        left, right = fig.subplots(1, 2)
-        g = [f"g_{j}" for j in range(n)]
-        _bars(left, np.array([st["norms"] + [st["sum_norm"]]]), g + ["Σ_j g_j"], ["norm"],
-              "gradient norm of the held-out loss at θ0")
-        left.set_title(f"‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½ = {st['ratio']:.2f} (0: stationary, 1: unrelated)", fontsize=9)
-        _heatmap(fig, right, st["cos"], g, names, "cosine")
-        right.set_title("cosines between the ranges' gradients")
-        fig.suptitle("Is θ0 stationary? Per-range gradients of the held-out loss (selection images)")
-    return _plot(folder / "stationarity.png", (11, 4.4), draw)
-
-
-def plot_seed_agreement(agree: dict, seeds, folder, ranges) -> Path:
-    """Writes seed_agreement.csv (per range: ‖τ_i‖ per seed, cos between seeds, cos with each τ_j) and .png."""
-    n, pairs = len(ranges), [f"{a}-{b}" for a, b in itertools.combinations(seeds, 2)]
-    _csv(folder / "seed_agreement.csv", ["range", *[f"norm_seed{s}" for s in seeds], *[f"cos_seeds_{p}" for p in pairs],
-                                          *[f"cos_with_range{j}" for j in range(n)]],
-         ([_range_name(i, ranges), *agree["norms"][:, i], *agree["seeds"][:, i], *agree["ranges"][i]]
-          for i in range(n)))
-
-    def draw(fig):
-        left, right = fig.subplots(1, 2)
-        mean = agree["seeds"].mean(0)
-        _bars(left, mean[None], [_range_name(i, ranges) for i in range(n)], ["mean"],
-              f"cos(τ_i of one seed, τ_i of another): mean, min-max of {len(pairs)} pairs",
-              np.stack([mean - agree["seeds"].min(0), agree["seeds"].max(0) - mean])[:, None])
-        left.set_title("Do seeds agree on each range's task vector?", fontsize=9)
-        _heatmap(fig, right, agree["ranges"], [f"τ_{i}" for i in range(n)], [f"τ_{i}" for i in range(n)], "cosine")
-        right.set_title("cos(τ_i, τ_j) of one seed, mean over seeds", fontsize=9)
-    return _plot(folder / "seed_agreement.png", (11, 4.4), draw)
-
-
-def plot_interference(change, scales, folder, ranges) -> Path:
-    """Writes interference.csv (range i, scale s, each range's loss change in % under θ0 + s τ_i) and .png."""
-    n, limit = len(ranges), max(1e-9, float(np.abs(change).max()))
-    _csv(folder / "interference.csv", ["task_vector", "scale"] + [f"dloss_range{j}_pct" for j in range(n)],
-         ([i, s] + list(change[i, k]) for i in range(n) for k, s in enumerate(scales)))
-
-    def draw(fig):
-        for k, (ax, s) in enumerate(zip(fig.subplots(1, len(scales), squeeze=False)[0], scales)):
-            _heatmap(fig, ax, change[:, k], [f"L_{j}" for j in range(n)], [f"θ0 + {s:g} τ_{i}" for i in range(n)],
-                     "change vs θ0 (%)", -limit, limit, "+.1f")
-            ax.set_xlabel("held-out loss of range j (selection images)")
-        fig.suptitle("Interference: each range's loss when one task vector is added to θ0")
-    return _plot(folder / "interference.png", (4.6 * len(scales) + 1, 4.2), draw)
-
-
-def plot_partial_ensembles(values: dict, metric, folder) -> Path:
-    """Writes partial_ensembles.csv (model, sample metric, its difference to θ0) and .png (the differences)."""
-    base, names = values["theta0"], list(values)[1:]
-    _csv(folder / "partial_ensembles.csv", ["model", "value", "vs_theta0"], ([k, v, v - base] for k, v in
-                                                                             values.items()))
-
-    def draw(fig):
-        ax = fig.add_subplot()
-        _bars(ax, np.array([[values[k] - base for k in names]]), names, [metric], f"{metric} minus θ0's")
-        ax.set_title("Where the ensemble's gain comes from: θ0 with one range's model (selection samples)", fontsize=9)
-    return _plot(folder / "partial_ensembles.png", (1.3 * len(values) + 3, 4.4), draw)
-
-
 def analysis_figure_list(cfg: Config) -> list:
     """--figures as a list of names ("all": every figure this run can draw; seeds needs --seeds with two or more)."""
     if cfg.figures == "all":
@@ -2843,6 +2724,7 @@ class Analysis:
 
 
 def analyze_conflict(a: Analysis) -> Path:
+    """DeMe Fig. 1a for θ0: gradient_conflict.csv (the K x K cosines) and .png (a heatmap from -1 to 1)."""
     cfg, T = a.cfg, a.diffusion.T
     ts = conflict_timesteps(cfg.conflict_timesteps, T)
     batch = max(1, min(64, cfg.batch_size // cfg.grad_accum))  # a training micro-batch fits with gradients
@@ -2853,10 +2735,19 @@ def analyze_conflict(a: Analysis) -> Path:
           f"{np.diag(cos, 1).mean():.3f}, of timesteps >= {T // 2} apart {cos[far].mean():.3f}, min {cos.min():.3f} at "
           f"t = {ts[i]}, {ts[j]}")
     note = f"θ0 = {cfg.pretrained or 'pretrain/ckpt.pt'}, {len(a.images)} held-out images, same noise at every t"
-    return plot_gradient_conflict(cos, ts, a.folder, note)
+    _csv(a.folder / "gradient_conflict.csv", ["t"] + ts, ([t] + list(r) for t, r in zip(ts, cos)))
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        _heatmap(fig, ax, cos, [str(t) for t in ts], [str(t) for t in ts], "cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t")
+        ax.set(xlabel="timestep t", ylabel="timestep t",
+               title=f"Gradient conflict between timesteps (DeMe Fig. 1a)\n{note}")
+    return _plot(a.folder / "gradient_conflict.png", (6.4, 5.4), draw)
 
 
 def analyze_landscape(a: Analysis) -> Path:
+    """DeMe Fig. 6a: merge_landscape.csv (w_i, w_j, held-out loss) and .png (contours; θ0, θ_i, θ_j, the minimum,
+    the run's merge)."""
     (i, j), grid = landscape_pair(a.cfg), landscape_grid(a.cfg.landscape_points)
     values = merge_landscape(a.base, a.finetuned, i, j, lambda sd: a.losses(sd)[0], grid)
     p, q = np.unravel_index(np.argmin(values), values.shape)
@@ -2864,16 +2755,48 @@ def analyze_landscape(a: Analysis) -> Path:
                         (("θ0", 0.0, 0.0), (f"range {i}", 1.0, 0.0), (f"range {j}", 0.0, 1.0)) if {x, y} <= set(grid))
     print(f"merge landscape of ranges {i}, {j} (held-out loss): {corners + ', ' if corners else ''}minimum "
           f"{values[p, q]:.5f} at ({grid[p]:g}, {grid[q]:g})")
-    return plot_merge_landscape(values, grid, i, j, a.folder, a.ranges, chosen_merge_weights(a.cfg, i, j))
+    _csv(a.folder / "merge_landscape.csv", [f"w_range{i}", f"w_range{j}", "heldout_loss"],
+         ([grid[p], grid[q], values[p, q]] for p, q in itertools.product(range(len(grid)), repeat=2)))
+    merged = chosen_merge_weights(a.cfg, i, j)
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        filled = ax.contourf(grid, grid, values.T, levels=21, cmap="viridis_r")
+        fig.colorbar(filled, ax=ax, label="held-out denoising loss", format="%.4g")
+        ax.plot(0, 0, "o", ms=8, mfc="white", mec="black", label="θ0 (pretrained)")
+        ax.plot([1, 0], [0, 1], "^", ms=8, mfc="white", mec="black", label=f"finetuned: range {i}, range {j}")
+        ax.plot(grid[p], grid[q], "X", ms=9, mfc="red", mec="white", label=f"grid minimum ({grid[p]:g}, {grid[q]:g})")
+        if merged is not None:
+            ax.plot(*merged, "*", ms=14, mfc="gold", mec="black", label="the run's merge (other weights off-plane)")
+        ax.set(xlabel=f"a: weight of τ of {_range_name(i, a.ranges)}",
+               ylabel=f"b: weight of τ of {_range_name(j, a.ranges)}",
+               title=f"Merge landscape (DeMe Fig. 6a)\nθ0 + a·τ(range {i}) + b·τ(range {j})")
+        fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return _plot(a.folder / "merge_landscape.png", (6.8, 6.6), draw)
 
 
 def analyze_norms(a: Analysis) -> Path:
+    """DeMe Fig. 6b: task_vector_norms.csv (per layer: ||θ0||, ||τ_i||; last row the totals) and .png (bars)."""
     norms = task_vector_norms(a.base, a.finetuned)
     print("task-vector norms ||θ_range - θ0||: " + ", ".join(f"range {r} {v:.4f}" for r, v in enumerate(norms["total"])))
-    return plot_task_vector_norms(norms, a.folder, a.ranges)
+    n = len(norms["total"])
+    rows = [[name, norms["base"][c]] + list(norms["norms"][:, c]) for c, name in enumerate(norms["layers"])]
+    rows.append(["total", float(np.sqrt((norms["base"] ** 2).sum()))] + list(norms["total"]))
+    _csv(a.folder / "task_vector_norms.csv", ["layer", "theta0"] + [f"tau_range{r}" for r in range(n)], rows)
+
+    def draw(fig):
+        ax, total = fig.subplots(1, 2, width_ratios=[5, 1])
+        names = [_range_name(r, a.ranges) for r in range(n)]
+        _bars(ax, norms["norms"], norms["layers"], names, "||τ|| of the layer's weights (L2)")
+        ax.set_title("Task-vector norm τ = θ_range − θ0 per layer and timestep range (DeMe Fig. 6b)")
+        _bars(total, norms["total"][None], [str(r) for r in range(n)], ["all weights"], "||τ|| of all weights (L2)")
+        total.set(xlabel="range", title="total")
+    return _plot(a.folder / "task_vector_norms.png", (11, 4.6), draw)
 
 
 def analyze_stationarity(a: Analysis) -> Path:
+    """Whether θ0 is stationary: stationarity.csv (per range: ‖g_j‖, cos between the two halves of the images, cos
+    with each range; then Σ_j g_j) and .png (the norms, the ratio, the cosines)."""
     batch = max(1, min(64, a.cfg.batch_size // a.cfg.grad_accum))
     halves = range_gradients(unwrap(a.theta0), a.diffusion, a.images, a.env, a.cfg.n_ranges, batch,
                              role_seed(a.cfg.seed, "select"))  # (2, N, P)
@@ -2883,25 +2806,68 @@ def analyze_stationarity(a: Analysis) -> Path:
     print(f"stationarity of θ0 ({len(a.images)} selection images): ‖g_j‖ {', '.join(f'{v:.4g}' for v in st['norms'])}, "
           f"‖Σ_j g_j‖ {st['sum_norm']:.4g}, ratio {st['ratio']:.3f}; cos between the two halves of the images: "
           f"{', '.join(f'{v:.2f}' for v in agree[:-1])} (g_j), {agree[-1]:.2f} (Σ_j g_j)")
-    return plot_stationarity(st, agree, a.folder, a.ranges)
+    n, names = a.cfg.n_ranges, [_range_name(j, a.ranges) for j in range(a.cfg.n_ranges)]
+    rows = [[names[j], st["norms"][j], agree[j]] + list(st["cos"][j]) for j in range(n)]
+    head = ["gradient", "norm", "cos_between_halves"] + [f"cos_range{j}" for j in range(n)]
+    _csv(a.folder / "stationarity.csv", head, rows + [["sum over ranges", st["sum_norm"], agree[-1]] + [""] * n])
+
+    def draw(fig):
+        left, right = fig.subplots(1, 2)
+        g = [f"g_{j}" for j in range(n)]
+        _bars(left, np.array([st["norms"] + [st["sum_norm"]]]), g + ["Σ_j g_j"], ["norm"],
+              "gradient norm of the held-out loss at θ0")
+        left.set_title(f"‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½ = {st['ratio']:.2f} (0: stationary, 1: unrelated)", fontsize=9)
+        _heatmap(fig, right, st["cos"], g, names, "cosine")
+        right.set_title("cosines between the ranges' gradients")
+        fig.suptitle("Is θ0 stationary? Per-range gradients of the held-out loss (selection images)")
+    return _plot(a.folder / "stationarity.png", (11, 4.4), draw)
 
 
 def analyze_seeds(a: Analysis) -> Path:
-    agree = task_vector_agreement(a.base, a.by_seed)
+    """Each range's task vector across seeds: seed_agreement.csv (per range: ‖τ_i‖ per seed, cos between seeds, cos
+    with each τ_j) and .png."""
+    agree, seeds, n = task_vector_agreement(a.base, a.by_seed), seed_list(a.cfg), a.cfg.n_ranges
     print("task vectors across seeds, cos(τ_i, τ_i') per range (mean over pairs): " +
           ", ".join(f"range {i} {v:.3f}" for i, v in enumerate(agree["seeds"].mean(0))))
-    return plot_seed_agreement(agree, seed_list(a.cfg), a.folder, a.ranges)
+    pairs = [f"{s}-{t}" for s, t in itertools.combinations(seeds, 2)]
+    head = ["range", *[f"norm_seed{s}" for s in seeds], *[f"cos_seeds_{p}" for p in pairs]]
+    _csv(a.folder / "seed_agreement.csv", head + [f"cos_with_range{j}" for j in range(n)],
+         ([_range_name(i, a.ranges), *agree["norms"][:, i], *agree["seeds"][:, i], *agree["ranges"][i]]
+          for i in range(n)))
+
+    def draw(fig):
+        left, right = fig.subplots(1, 2)
+        mean = agree["seeds"].mean(0)
+        _bars(left, mean[None], [_range_name(i, a.ranges) for i in range(n)], ["mean"],
+              f"cos(τ_i of one seed, τ_i of another): mean, min-max of {len(pairs)} pairs",
+              np.stack([mean - agree["seeds"].min(0), agree["seeds"].max(0) - mean])[:, None])
+        left.set_title("Do seeds agree on each range's task vector?", fontsize=9)
+        _heatmap(fig, right, agree["ranges"], [f"τ_{i}" for i in range(n)], [f"τ_{i}" for i in range(n)], "cosine")
+        right.set_title("cos(τ_i, τ_j) of one seed, mean over seeds", fontsize=9)
+    return _plot(a.folder / "seed_agreement.png", (11, 4.4), draw)
 
 
 def analyze_interference(a: Analysis) -> Path:
-    scales = (0.5, 1.0, 1.5)
+    """interference.csv (range i, scale s, each range's loss change in % under θ0 + s τ_i) and .png (heatmaps)."""
+    scales, n = (0.5, 1.0, 1.5), a.cfg.n_ranges
     change = interference(lambda sd: a.losses(sd)[1], a.base, a.finetuned, scales)
     print("interference, θ0 + τ_i (rows) on each range's held-out loss, % vs θ0:\n" + "\n".join(
         f"  τ_{i}: " + " ".join(f"{v:+.2f}" for v in change[i, 1]) for i in range(len(change))))
-    return plot_interference(change, scales, a.folder, a.ranges)
+    limit = max(1e-9, float(np.abs(change).max()))
+    _csv(a.folder / "interference.csv", ["task_vector", "scale"] + [f"dloss_range{j}_pct" for j in range(n)],
+         ([i, s] + list(change[i, k]) for i in range(n) for k, s in enumerate(scales)))
+
+    def draw(fig):
+        for k, (ax, s) in enumerate(zip(fig.subplots(1, len(scales), squeeze=False)[0], scales)):
+            _heatmap(fig, ax, change[:, k], [f"L_{j}" for j in range(n)], [f"θ0 + {s:g} τ_{i}" for i in range(n)],
+                     "change vs θ0 (%)", -limit, limit, "+.1f")
+            ax.set_xlabel("held-out loss of range j (selection images)")
+        fig.suptitle("Interference: each range's loss when one task vector is added to θ0")
+    return _plot(a.folder / "interference.png", (4.6 * len(scales) + 1, 4.2), draw)
 
 
 def analyze_partial(a: Analysis) -> Path:
+    """partial_ensembles.csv (model, sample metric, its difference to θ0) and .png (the differences)."""
     theta0 = unwrap(a.theta0).eval()
     models = [build_model(theta0.config, sd).eval() for sd in a.finetuned]
     named = {"theta0": theta0, **{f"range {i} alone": m for i, m in enumerate(partial_ensembles(theta0, models))},
@@ -2910,7 +2876,15 @@ def analyze_partial(a: Analysis) -> Path:
     print("partial ensembles, sample metric vs θ0 (selection samples): " +
           ", ".join(f"{k} {v - values['theta0']:+.4f}" for k, v in values.items() if k != "theta0"))
     metric = "pixel Fréchet distance" if eval_metric(a.cfg) == "pixel" else "FID"
-    return plot_partial_ensembles(values, f"{metric}, {selection_samples(a.cfg)} samples", a.folder)
+    metric, base, names = f"{metric}, {selection_samples(a.cfg)} samples", values["theta0"], list(values)[1:]
+    _csv(a.folder / "partial_ensembles.csv", ["model", "value", "vs_theta0"], ([k, v, v - base] for k, v in
+                                                                               values.items()))
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        _bars(ax, np.array([[values[k] - base for k in names]]), names, [metric], f"{metric} minus θ0's")
+        ax.set_title("Where the ensemble's gain comes from: θ0 with one range's model (selection samples)", fontsize=9)
+    return _plot(a.folder / "partial_ensembles.png", (1.3 * len(values) + 3, 4.4), draw)
 
 
 ANALYSES = {"conflict": analyze_conflict, "landscape": analyze_landscape, "norms": analyze_norms,
