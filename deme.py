@@ -2353,18 +2353,16 @@ def seed_summary(rows_by_seed: dict) -> dict:
     rows = {n: [next(r for r in seed_rows if r["model"] == n) for seed_rows in rows_by_seed.values()] for n in names}
     base = next((rows[n] for n in ("theta0", "θ0") if n in rows), None)
     pct = lambda a, b: 100 * (a / b - 1)
-    summary = {}
-    for name, rs in rows.items():
-        summary[name] = dict(value=spread([r["value"] for r in rs]),
-                             heldout_loss=spread([r["heldout_loss"] for r in rs]),
-                             heldout_loss_per_range=[spread(v) for v in zip(*(r["heldout_loss_per_range"] for r in rs))])
-        if base is not None:
-            summary[name].update(
-                value_vs_theta0=spread([r["value"] - b["value"] for r, b in zip(rs, base)]),
-                loss_vs_theta0_pct=spread([pct(r["heldout_loss"], b["heldout_loss"]) for r, b in zip(rs, base)]),
-                loss_per_range_vs_theta0_pct=[spread([pct(r["heldout_loss_per_range"][i],
-                                                          b["heldout_loss_per_range"][i]) for r, b in zip(rs, base)])
-                                              for i in range(len(rs[0]["heldout_loss_per_range"]))])
+
+    def spreads(rs, keys):  # of "value", "heldout_loss", each range's loss, under the names `keys`
+        per_range = [spread(v) for v in zip(*(r["heldout_loss_per_range"] for r in rs))]
+        return dict(zip(keys, (spread([r["value"] for r in rs]), spread([r["heldout_loss"] for r in rs]), per_range)))
+    summary = {name: spreads(rs, ("value", "heldout_loss", "heldout_loss_per_range")) for name, rs in rows.items()}
+    for name, rs in rows.items() if base is not None else ():  # the same spreads of the differences to θ0's row
+        diffs = [dict(value=r["value"] - b["value"], heldout_loss=pct(r["heldout_loss"], b["heldout_loss"]),
+                      heldout_loss_per_range=list(map(pct, r["heldout_loss_per_range"], b["heldout_loss_per_range"])))
+                 for r, b in zip(rs, base)]
+        summary[name].update(spreads(diffs, ("value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct")))
     return summary
 
 
