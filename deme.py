@@ -1925,23 +1925,6 @@ def inception_statistics(images, n, inception, env, desc="FID features"):
     return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def dataset_stats(path_or_npz, model, batch_size=50, device="cpu", cache=None, paths=None):
-    """(mu, sigma) of an .npz of statistics or of a folder of images (or its `paths`), reusing or writing a cache."""
-    if str(path_or_npz).endswith(".npz"):
-        return load_stats(path_or_npz)
-    if cache is not None and Path(cache).is_file():
-        return load_stats(cache)
-    paths = image_files(path_or_npz) if paths is None else paths
-    if len(paths) < FID_DIMS:
-        print(f"warning: {len(paths)} images < {FID_DIMS} feature dims: singular covariance, FID biased upward; "
-              f"compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
-    mu, sigma = inception_statistics(png_batches(paths, batch_size), len(paths), model, Env(torch.device(device)),
-                                     f"features of {Path(path_or_npz).name}")
-    if cache is not None:
-        save_stats(cache, mu, sigma)
-    return mu, sigma
-
-
 def fid_command(path_a, path_b, batch_size=50, device="cpu", inception_weights=None, dims=2048, check_hash=True):
     """FID between A and B, each a folder of images or an .npz, like `python -m pytorch_fid A B`."""
     if dims != FID_DIMS:
@@ -1949,9 +1932,15 @@ def fid_command(path_a, path_b, batch_size=50, device="cpu", inception_weights=N
     # both inputs are checked before the Inception weights are looked for
     inputs = [load_stats(p) if str(p).endswith(".npz") else image_files(p) for p in (path_a, path_b)]
     model = None if all(isinstance(x, tuple) for x in inputs) else FIDInception(inception_weights, check_hash)
-    (mu_a, sigma_a), (mu_b, sigma_b) = [x if isinstance(x, tuple) else dataset_stats(p, model, batch_size, device,
-                                                                                     paths=x)
-                                        for p, x in zip((path_a, path_b), inputs)]
+    for k, (path, paths) in enumerate(zip((path_a, path_b), inputs)):
+        if isinstance(paths, tuple):  # (mu, sigma) of an .npz
+            continue
+        if len(paths) < FID_DIMS:
+            print(f"warning: {len(paths)} images < {FID_DIMS} feature dims: singular covariance, FID biased upward; "
+                  f"compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
+        inputs[k] = inception_statistics(png_batches(paths, batch_size), len(paths), model, Env(torch.device(device)),
+                                         f"features of {Path(path).name}")
+    (mu_a, sigma_a), (mu_b, sigma_b) = inputs
     if len(mu_a) != len(mu_b):
         raise UserError(f"statistics do not match: {len(mu_a)} vs {len(mu_b)} dimensions; compute both with the "
                         f"same feature extractor and dims")
