@@ -2093,7 +2093,7 @@ def selection_quality(cfg: Config, env: Env, diffusion, model) -> float:
     inception = FIDInception(cfg.inception_weights or None)
     x = torch.from_numpy(images_to_uint8(samples)).permute(0, 3, 1, 2).float() / 255  # as PNGs read back
     alone = dataclasses.replace(env, rank=0, world=1)
-    stats = inception_statistics(x.split(cfg.eval_batch), n, inception, alone, "FID features")
+    stats = inception_statistics(x.split(cfg.eval_batch), n, inception, alone)
     return frechet_distance(*stats, *reference_stats(cfg, alone, inception, "select"))
 
 
@@ -2261,13 +2261,12 @@ def evaluation_reference(cfg: Config, env: Env) -> dict:
     return ref
 
 
-def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict, n_ranges=None) -> tuple:
+def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> tuple:
     """(results row, its first 64 samples) of one model: the metric on --n-samples samples and the held-out loss per
-    range (default --n-ranges); kept in evaluations/, keyed by the weights and protocol: a rerun costs nothing."""
-    n_ranges = n_ranges or cfg.n_ranges
+    range; kept in evaluations/, keyed by the weights and protocol: a rerun costs nothing."""
     protocol = dict(metric=ref["metric"], n=cfg.n_samples, sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
                     variance=cfg.variance, precision=cfg.eval_precision, report=cfg.report_images,
-                    seeds=[ref["loss_seed"], ref["sample_seed"]], ranges=n_ranges, dataset=cfg.dataset,
+                    seeds=[ref["loss_seed"], ref["sample_seed"]], ranges=cfg.n_ranges, dataset=cfg.dataset,
                     data=cfg.data_dir if cfg.dataset != "synthetic" else "", fid_stats=cfg.fid_stats)
     key = hashlib.sha256(json.dumps([model_fingerprint(model), protocol]).encode()).hexdigest()[:16]
     path = run_dir(cfg, "evaluations", f"{key}.pt")
@@ -2291,7 +2290,7 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict, n_r
         value = frechet_distance(*stats, *ref["stats"])
         grid = torch.stack([load_image(p) * 2 - 1 for p in paths[:64]])
     seconds = time.perf_counter() - start
-    loss, per_range = heldout_loss(model.to(env.device), diffusion, ref["heldout"], env, n_ranges, ref["loss_seed"])
+    loss, per_range = heldout_loss(model.to(env.device), diffusion, ref["heldout"], env, cfg.n_ranges, ref["loss_seed"])
     row = dict(model=name, value=value, heldout_loss=loss, heldout_loss_per_range=per_range,
                params=sum(p.numel() for p in model.parameters()), sample_seconds=seconds)
     if env.master:
@@ -2358,44 +2357,42 @@ def seed_summary(rows_by_seed: dict) -> dict:
 def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
     """{name}.json, {name}.md (mean [min, max] over seeds, and the paired differences to θ0) and {name}.png (bars
     with min-max whiskers: held-out loss, sample metric, each range's loss relative to θ0's on the same seed)."""
-    summary, seeds = seed_summary(rows_by_seed), list(rows_by_seed)
-    metric = ("pixel Fréchet distance (not FID)" if eval_metric(cfg) == "pixel" else "FID")
-    metric += f", {cfg.n_samples} samples"
-    ranges = timestep_ranges(cfg.n_ranges)
+    summary, seeds, ranges = seed_summary(rows_by_seed), list(rows_by_seed), timestep_ranges(cfg.n_ranges)
+    names, plain = list(summary), ("value", "heldout_loss", "heldout_loss_per_range")
+    vs_theta0 = ("value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct")
+    paired = vs_theta0[1] in summary[names[0]]  # the differences to θ0 on the same seed: its noise drops out
+    short = "pixel Fréchet distance (not FID)" if eval_metric(cfg) == "pixel" else "FID"
+    metric = f"{short}, {cfg.n_samples} samples"
     cell = lambda d, f: f"{d['mean']:{f}} [{d['min']:{f}}, {d['max']:{f}}]"
     losses = [f"loss t∈[{a},{b})" for a, b in ranges]
-    table = (f"Mean [min, max] over seeds {', '.join(map(str, seeds))} ({metric}; held-out loss on the report split; "
-             f"each seed's own noise). {note}".rstrip() + "\n\n" + markdown_table(
-                 ["model", metric.split(",")[0], "held-out loss", *losses],
-                 [[m, cell(d["value"], ".4f"), cell(d["heldout_loss"], ".5f"),
-                   *[cell(r, ".5f") for r in d["heldout_loss_per_range"]]] for m, d in summary.items()]))
-    if "loss_vs_theta0_pct" in next(iter(summary.values())):
-        table += ("\nPaired with θ0, seed by seed (the same report images and noise): mean [min, max] of the model's "
-                  "difference to θ0; a model beats θ0 beyond the seed spread where the whole interval is below 0.\n\n"
-                  + markdown_table(["model", "Δ " + metric.split(",")[0], "Δ held-out loss (%)",
-                                    *[f"Δ {x} (%)" for x in losses]],
-                                   [[m, cell(d["value_vs_theta0"], "+.4f"), cell(d["loss_vs_theta0_pct"], "+.2f"),
-                                     *[cell(r, "+.2f") for r in d["loss_per_range_vs_theta0_pct"]]]
-                                    for m, d in summary.items()]))
+
+    def table(keys, f, g, head):  # a row per model: the sample metric (format f), the losses (format g)
+        return markdown_table(head, [[m, cell(d[keys[0]], f), cell(d[keys[1]], g), *[cell(r, g) for r in d[keys[2]]]]
+                                     for m, d in summary.items()])
+    text = (f"Mean [min, max] over seeds {', '.join(map(str, seeds))} ({metric}; held-out loss on the report split; "
+            f"each seed's own noise). {note}".rstrip() + "\n\n" +
+            table(plain, ".4f", ".5f", ["model", short, "held-out loss", *losses]))
+    if paired:
+        text += ("\nPaired with θ0, seed by seed (the same report images and noise): mean [min, max] of the model's "
+                 "difference to θ0; a model beats θ0 beyond the seed spread where the whole interval is below 0.\n\n"
+                 + table(vs_theta0, "+.4f", "+.2f", ["model", "Δ " + short, "Δ held-out loss (%)",
+                                                     *[f"Δ {x} (%)" for x in losses]]))
     atomic_write_text(json.dumps(dict(seeds=seeds, metric=metric, note=note, models=summary), indent=2),
                       run_dir(cfg, f"{name}.json"))
-    atomic_write_text(table, run_dir(cfg, f"{name}.md"))
-    print("\n" + table)
-    names = list(summary)
-    paired = "loss_vs_theta0_pct" in summary[names[0]]  # the differences to θ0 on the same seed: its noise drops out
+    atomic_write_text(text, run_dir(cfg, f"{name}.md"))
+    print("\n" + text)
+    keys = vs_theta0 if paired else plain
     spread = lambda ds: (np.array([d["mean"] for d in ds]), np.array([[d["mean"] - d["min"] for d in ds],
                                                                       [d["max"] - d["mean"] for d in ds]]))
 
     def draw(fig):
         axes = fig.subplot_mosaic([["value", "loss"]] + ([["range", "range"]] if paired else []))
-        for key, panel, label in ((("value_vs_theta0" if paired else "value"), "value", metric),
-                                  (("loss_vs_theta0_pct" if paired else "heldout_loss"), "loss", "held-out loss" +
-                                   (" (%)" if paired else ""))):
+        for key, panel, label in ((keys[0], "value", metric), (keys[1], "loss", "held-out loss" + " (%)" * paired)):
             mean, err = spread([summary[m][key] for m in names])
             _bars(axes[panel], mean[:, None], [""], names, ("Δ vs θ0: " if paired else "") + label.split(",")[0],
                   err[:, :, None])
         if paired:  # each range's loss relative to θ0's on the same seed: where finetuning gained or lost
-            per_range = [spread(summary[m]["loss_per_range_vs_theta0_pct"]) for m in names]
+            per_range = [spread(summary[m][keys[2]]) for m in names]
             _bars(axes["range"], np.array([m for m, _ in per_range]), [f"t ∈ [{a}, {b})" for a, b in ranges], names,
                   "Δ held-out loss vs θ0, same seed (%)", np.stack([e for _, e in per_range], 1))
         fig.suptitle(f"Mean and min-max over seeds {', '.join(map(str, seeds))} (report split)")
