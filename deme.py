@@ -1990,15 +1990,11 @@ def pixel_frechet(images_a, images_b, pool=1):
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
-def model_fingerprint(model) -> str:
-    """SHA-256 of a model's weights: samples on disk are reused only for the very model that made them."""
-    return state_fingerprint(unwrap(model).state_dict())
-
-
-def state_fingerprint(state_dict) -> str:
-    """SHA-256 of a state dict's keys and values (the first 16 hex digits)."""
+def fingerprint(weights) -> str:
+    """SHA-256 (16 hex digits) of a model's or a state dict's keys and values: samples and scores on disk are reused
+    only for the very weights that made them."""
     h = hashlib.sha256()
-    for k, v in sorted(state_dict.items()):
+    for k, v in sorted((unwrap(weights).state_dict() if isinstance(weights, nn.Module) else weights).items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -2027,7 +2023,7 @@ def write_samples(cfg: Config, env: Env, diffusion, model, name) -> Path:
     """cfg.n_samples samples of `model` as PNGs under samples/<name>/, streamed, resumable, split over ranks."""
     folder = run_dir(cfg, "samples", name)
     seed = role_seed(cfg.seed, "samples")
-    meta = dict(model=model_fingerprint(model), sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
+    meta = dict(model=fingerprint(model), sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
                 variance=cfg.variance, noise_seed=seed, precision=cfg.eval_precision)
     meta_path = folder.with_suffix(".json")
     if meta_path.exists() and not cfg.overwrite and json.loads(meta_path.read_text()) != meta:
@@ -2127,7 +2123,7 @@ def choose_merge_weights(cfg: Config, env: Env, diffusion, backbone, base, finet
                    eval_metric(cfg), precision=cfg.eval_precision) if samples else None
     cached = score_cache(run_dir(cfg, "merge", "search_cache.json"), dict(
         method=cfg.merge_method, options=merge_options(cfg), images=len(images), split="select", seed=seed,
-        ranges=[state_fingerprint(sd) for sd in finetuned], samples=sampler), cfg.overwrite)
+        ranges=[fingerprint(sd) for sd in finetuned], samples=sampler), cfg.overwrite)
     model = backbone.build(base).to(env.device)
 
     def merged(w):
@@ -2268,7 +2264,7 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> 
                     variance=cfg.variance, precision=cfg.eval_precision, report=cfg.report_images,
                     seeds=[ref["loss_seed"], ref["sample_seed"]], ranges=cfg.n_ranges, dataset=cfg.dataset,
                     data=cfg.data_dir if cfg.dataset != "synthetic" else "", fid_stats=cfg.fid_stats)
-    key = hashlib.sha256(json.dumps([model_fingerprint(model), protocol]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([fingerprint(model), protocol]).encode()).hexdigest()[:16]
     path = run_dir(cfg, "evaluations", f"{key}.pt")
     if path.exists() and not cfg.overwrite:
         env.barrier()  # every rank has looked before rank 0 could write anything new
@@ -2426,9 +2422,6 @@ def side_by_side(grids: dict, path, scale=None):
 
 
 # --- II.6 The paper's figures: gradient conflict (Fig. 1a), merge landscape (Fig. 6a), task vectors (Fig. 6b) ---
-
-ANALYSIS_FIGURES = ("conflict", "landscape", "norms", "stationarity", "seeds", "interference", "partial")
-
 
 def landscape_grid(points=15) -> tuple:
     """The weights on each axis of the merge landscape: `points` values from -0.25 to 1.5, the merge search's box
@@ -2653,11 +2646,11 @@ def plot_curve(csv_path) -> Path:
 def analysis_figure_list(cfg: Config) -> list:
     """--figures as a list of names ("all": every figure this run can draw; seeds needs --seeds with two or more)."""
     if cfg.figures == "all":
-        return [f for f in ANALYSIS_FIGURES if f != "seeds" or len(seed_list(cfg) if cfg.seeds else []) > 1]
+        return [f for f in ANALYSES if f != "seeds" or len(seed_list(cfg) if cfg.seeds else []) > 1]
     names = [s.strip() for s in cfg.figures.split(",") if s.strip()]
-    bad = [s for s in names if s not in ANALYSIS_FIGURES]
+    bad = [s for s in names if s not in ANALYSES]
     if bad or not names:
-        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSIS_FIGURES)} (comma-separated), all")
+        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSES)} (comma-separated), all")
     if "seeds" in names and len(seed_list(cfg) if cfg.seeds else []) < 2:
         raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds (the run's)")
     return names
