@@ -2398,7 +2398,7 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
         print(f"warning: no {name}.png ({e})", file=sys.stderr)
 
 
-def side_by_side(grids: dict, path, scale=None):
+def side_by_side(grids: dict, path):
     """One image: each model's first 64 samples as an 8x8 grid, titled, left to right."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
@@ -2406,7 +2406,7 @@ def side_by_side(grids: dict, path, scale=None):
     for name, x in grids.items():
         g = make_grid(x.float() * 0.5 + 0.5, nrow=8, padding=1, pad_value=1.0).clamp(0, 1)
         im = Image.fromarray(g.mul(255).round().byte().permute(1, 2, 0).numpy())
-        s = scale or max(1, 256 // im.width)
+        s = max(1, 256 // im.width)  # an integer upscale of small images, towards 256 pixels wide
         im = im.resize((im.width * s, im.height * s), Image.NEAREST)
         tile = Image.new("RGB", (im.width, im.height + 18), "white")
         tile.paste(im, (0, 18))
