@@ -2888,11 +2888,10 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
         except UserError as e:
             raise UserError(f"the {' and '.join(needs)} figure{'s' * (len(needs) > 1)} need{'s' * (len(needs) == 1)} "
                             f"finished ranges: {e}") from None
-    if theta0 is None:
-        if not cfg.pretrained and not run_dir(cfg, "pretrain", "ckpt.pt").exists():
-            raise UserError(f"the analysis needs θ0 and {run_dir(cfg, 'pretrain', 'ckpt.pt')} does not exist: run "
-                            f"`python deme.py train` with the same --out first, or pass --pretrained")
-        theta0 = theta0_model(cfg, env, diffusion)
+    try:
+        theta0 = named_model(cfg, env, "theta0", theta0)
+    except UserError as e:
+        raise UserError(f"the analysis needs θ0: {e}") from None
     if not env.master:  # one process draws the figures
         return
     folder = run_dir(cfg, "analysis")
