@@ -1925,23 +1925,6 @@ def inception_statistics(images, n, inception, env, desc="FID features"):
     return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def dataset_stats(path_or_npz, model, batch_size=50, device="cpu", cache=None, paths=None):
-    """(mu, sigma) of an .npz of statistics or of a folder of images (or its `paths`), reusing or writing a cache."""
-    if str(path_or_npz).endswith(".npz"):
-        return load_stats(path_or_npz)
-    if cache is not None and Path(cache).is_file():
-        return load_stats(cache)
-    paths = image_files(path_or_npz) if paths is None else paths
-    if len(paths) < FID_DIMS:
-        print(f"warning: {len(paths)} images < {FID_DIMS} feature dims: singular covariance, FID biased upward; "
-              f"compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
-    mu, sigma = inception_statistics(png_batches(paths, batch_size), len(paths), model, Env(torch.device(device)),
-                                     f"features of {Path(path_or_npz).name}")
-    if cache is not None:
-        save_stats(cache, mu, sigma)
-    return mu, sigma
-
-
 def fid_command(path_a, path_b, batch_size=50, device="cpu", inception_weights=None, dims=2048, check_hash=True):
     """FID between A and B, each a folder of images or an .npz, like `python -m pytorch_fid A B`."""
     if dims != FID_DIMS:
@@ -1949,9 +1932,15 @@ def fid_command(path_a, path_b, batch_size=50, device="cpu", inception_weights=N
     # both inputs are checked before the Inception weights are looked for
     inputs = [load_stats(p) if str(p).endswith(".npz") else image_files(p) for p in (path_a, path_b)]
     model = None if all(isinstance(x, tuple) for x in inputs) else FIDInception(inception_weights, check_hash)
-    (mu_a, sigma_a), (mu_b, sigma_b) = [x if isinstance(x, tuple) else dataset_stats(p, model, batch_size, device,
-                                                                                     paths=x)
-                                        for p, x in zip((path_a, path_b), inputs)]
+    for k, (path, paths) in enumerate(zip((path_a, path_b), inputs)):
+        if isinstance(paths, tuple):  # (mu, sigma) of an .npz
+            continue
+        if len(paths) < FID_DIMS:
+            print(f"warning: {len(paths)} images < {FID_DIMS} feature dims: singular covariance, FID biased upward; "
+                  f"compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
+        inputs[k] = inception_statistics(png_batches(paths, batch_size), len(paths), model, Env(torch.device(device)),
+                                         f"features of {Path(path).name}")
+    (mu_a, sigma_a), (mu_b, sigma_b) = inputs
     if len(mu_a) != len(mu_b):
         raise UserError(f"statistics do not match: {len(mu_a)} vs {len(mu_b)} dimensions; compute both with the "
                         f"same feature extractor and dims")
@@ -2001,15 +1990,11 @@ def pixel_frechet(images_a, images_b, pool=1):
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
-def model_fingerprint(model) -> str:
-    """SHA-256 of a model's weights: samples on disk are reused only for the very model that made them."""
-    return state_fingerprint(unwrap(model).state_dict())
-
-
-def state_fingerprint(state_dict) -> str:
-    """SHA-256 of a state dict's keys and values (the first 16 hex digits)."""
+def fingerprint(weights) -> str:
+    """SHA-256 (16 hex digits) of a model's or a state dict's keys and values: samples and scores on disk are reused
+    only for the very weights that made them."""
     h = hashlib.sha256()
-    for k, v in sorted(state_dict.items()):
+    for k, v in sorted((unwrap(weights).state_dict() if isinstance(weights, nn.Module) else weights).items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -2038,7 +2023,7 @@ def write_samples(cfg: Config, env: Env, diffusion, model, name) -> Path:
     """cfg.n_samples samples of `model` as PNGs under samples/<name>/, streamed, resumable, split over ranks."""
     folder = run_dir(cfg, "samples", name)
     seed = role_seed(cfg.seed, "samples")
-    meta = dict(model=model_fingerprint(model), sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
+    meta = dict(model=fingerprint(model), sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
                 variance=cfg.variance, noise_seed=seed, precision=cfg.eval_precision)
     meta_path = folder.with_suffix(".json")
     if meta_path.exists() and not cfg.overwrite and json.loads(meta_path.read_text()) != meta:
@@ -2104,7 +2089,7 @@ def selection_quality(cfg: Config, env: Env, diffusion, model) -> float:
     inception = FIDInception(cfg.inception_weights or None)
     x = torch.from_numpy(images_to_uint8(samples)).permute(0, 3, 1, 2).float() / 255  # as PNGs read back
     alone = dataclasses.replace(env, rank=0, world=1)
-    stats = inception_statistics(x.split(cfg.eval_batch), n, inception, alone, "FID features")
+    stats = inception_statistics(x.split(cfg.eval_batch), n, inception, alone)
     return frechet_distance(*stats, *reference_stats(cfg, alone, inception, "select"))
 
 
@@ -2138,7 +2123,7 @@ def choose_merge_weights(cfg: Config, env: Env, diffusion, backbone, base, finet
                    eval_metric(cfg), precision=cfg.eval_precision) if samples else None
     cached = score_cache(run_dir(cfg, "merge", "search_cache.json"), dict(
         method=cfg.merge_method, options=merge_options(cfg), images=len(images), split="select", seed=seed,
-        ranges=[state_fingerprint(sd) for sd in finetuned], samples=sampler), cfg.overwrite)
+        ranges=[fingerprint(sd) for sd in finetuned], samples=sampler), cfg.overwrite)
     model = backbone.build(base).to(env.device)
 
     def merged(w):
@@ -2272,15 +2257,14 @@ def evaluation_reference(cfg: Config, env: Env) -> dict:
     return ref
 
 
-def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict, n_ranges=None) -> tuple:
+def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> tuple:
     """(results row, its first 64 samples) of one model: the metric on --n-samples samples and the held-out loss per
-    range (default --n-ranges); kept in evaluations/, keyed by the weights and protocol: a rerun costs nothing."""
-    n_ranges = n_ranges or cfg.n_ranges
+    range; kept in evaluations/, keyed by the weights and protocol: a rerun costs nothing."""
     protocol = dict(metric=ref["metric"], n=cfg.n_samples, sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
                     variance=cfg.variance, precision=cfg.eval_precision, report=cfg.report_images,
-                    seeds=[ref["loss_seed"], ref["sample_seed"]], ranges=n_ranges, dataset=cfg.dataset,
+                    seeds=[ref["loss_seed"], ref["sample_seed"]], ranges=cfg.n_ranges, dataset=cfg.dataset,
                     data=cfg.data_dir if cfg.dataset != "synthetic" else "", fid_stats=cfg.fid_stats)
-    key = hashlib.sha256(json.dumps([model_fingerprint(model), protocol]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([fingerprint(model), protocol]).encode()).hexdigest()[:16]
     path = run_dir(cfg, "evaluations", f"{key}.pt")
     if path.exists() and not cfg.overwrite:
         env.barrier()  # every rank has looked before rank 0 could write anything new
@@ -2302,7 +2286,7 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict, n_r
         value = frechet_distance(*stats, *ref["stats"])
         grid = torch.stack([load_image(p) * 2 - 1 for p in paths[:64]])
     seconds = time.perf_counter() - start
-    loss, per_range = heldout_loss(model.to(env.device), diffusion, ref["heldout"], env, n_ranges, ref["loss_seed"])
+    loss, per_range = heldout_loss(model.to(env.device), diffusion, ref["heldout"], env, cfg.n_ranges, ref["loss_seed"])
     row = dict(model=name, value=value, heldout_loss=loss, heldout_loss_per_range=per_range,
                params=sum(p.numel() for p in model.parameters()), sample_seconds=seconds)
     if env.master:
@@ -2353,62 +2337,58 @@ def seed_summary(rows_by_seed: dict) -> dict:
     rows = {n: [next(r for r in seed_rows if r["model"] == n) for seed_rows in rows_by_seed.values()] for n in names}
     base = next((rows[n] for n in ("theta0", "θ0") if n in rows), None)
     pct = lambda a, b: 100 * (a / b - 1)
-    summary = {}
-    for name, rs in rows.items():
-        summary[name] = dict(value=spread([r["value"] for r in rs]),
-                             heldout_loss=spread([r["heldout_loss"] for r in rs]),
-                             heldout_loss_per_range=[spread(v) for v in zip(*(r["heldout_loss_per_range"] for r in rs))])
-        if base is not None:
-            summary[name].update(
-                value_vs_theta0=spread([r["value"] - b["value"] for r, b in zip(rs, base)]),
-                loss_vs_theta0_pct=spread([pct(r["heldout_loss"], b["heldout_loss"]) for r, b in zip(rs, base)]),
-                loss_per_range_vs_theta0_pct=[spread([pct(r["heldout_loss_per_range"][i],
-                                                          b["heldout_loss_per_range"][i]) for r, b in zip(rs, base)])
-                                              for i in range(len(rs[0]["heldout_loss_per_range"]))])
+
+    def spreads(rs, keys):  # of "value", "heldout_loss", each range's loss, under the names `keys`
+        per_range = [spread(v) for v in zip(*(r["heldout_loss_per_range"] for r in rs))]
+        return dict(zip(keys, (spread([r["value"] for r in rs]), spread([r["heldout_loss"] for r in rs]), per_range)))
+    summary = {name: spreads(rs, ("value", "heldout_loss", "heldout_loss_per_range")) for name, rs in rows.items()}
+    for name, rs in rows.items() if base is not None else ():  # the same spreads of the differences to θ0's row
+        diffs = [dict(value=r["value"] - b["value"], heldout_loss=pct(r["heldout_loss"], b["heldout_loss"]),
+                      heldout_loss_per_range=list(map(pct, r["heldout_loss_per_range"], b["heldout_loss_per_range"])))
+                 for r, b in zip(rs, base)]
+        summary[name].update(spreads(diffs, ("value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct")))
     return summary
 
 
 def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
     """{name}.json, {name}.md (mean [min, max] over seeds, and the paired differences to θ0) and {name}.png (bars
     with min-max whiskers: held-out loss, sample metric, each range's loss relative to θ0's on the same seed)."""
-    summary, seeds = seed_summary(rows_by_seed), list(rows_by_seed)
-    metric = ("pixel Fréchet distance (not FID)" if eval_metric(cfg) == "pixel" else "FID")
-    metric += f", {cfg.n_samples} samples"
-    ranges = timestep_ranges(cfg.n_ranges)
+    summary, seeds, ranges = seed_summary(rows_by_seed), list(rows_by_seed), timestep_ranges(cfg.n_ranges)
+    names, plain = list(summary), ("value", "heldout_loss", "heldout_loss_per_range")
+    vs_theta0 = ("value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct")
+    paired = vs_theta0[1] in summary[names[0]]  # the differences to θ0 on the same seed: its noise drops out
+    short = "pixel Fréchet distance (not FID)" if eval_metric(cfg) == "pixel" else "FID"
+    metric = f"{short}, {cfg.n_samples} samples"
     cell = lambda d, f: f"{d['mean']:{f}} [{d['min']:{f}}, {d['max']:{f}}]"
     losses = [f"loss t∈[{a},{b})" for a, b in ranges]
-    table = (f"Mean [min, max] over seeds {', '.join(map(str, seeds))} ({metric}; held-out loss on the report split; "
-             f"each seed's own noise). {note}".rstrip() + "\n\n" + markdown_table(
-                 ["model", metric.split(",")[0], "held-out loss", *losses],
-                 [[m, cell(d["value"], ".4f"), cell(d["heldout_loss"], ".5f"),
-                   *[cell(r, ".5f") for r in d["heldout_loss_per_range"]]] for m, d in summary.items()]))
-    if "loss_vs_theta0_pct" in next(iter(summary.values())):
-        table += ("\nPaired with θ0, seed by seed (the same report images and noise): mean [min, max] of the model's "
-                  "difference to θ0; a model beats θ0 beyond the seed spread where the whole interval is below 0.\n\n"
-                  + markdown_table(["model", "Δ " + metric.split(",")[0], "Δ held-out loss (%)",
-                                    *[f"Δ {x} (%)" for x in losses]],
-                                   [[m, cell(d["value_vs_theta0"], "+.4f"), cell(d["loss_vs_theta0_pct"], "+.2f"),
-                                     *[cell(r, "+.2f") for r in d["loss_per_range_vs_theta0_pct"]]]
-                                    for m, d in summary.items()]))
+
+    def table(keys, f, g, head):  # a row per model: the sample metric (format f), the losses (format g)
+        return markdown_table(head, [[m, cell(d[keys[0]], f), cell(d[keys[1]], g), *[cell(r, g) for r in d[keys[2]]]]
+                                     for m, d in summary.items()])
+    text = (f"Mean [min, max] over seeds {', '.join(map(str, seeds))} ({metric}; held-out loss on the report split; "
+            f"each seed's own noise). {note}".rstrip() + "\n\n" +
+            table(plain, ".4f", ".5f", ["model", short, "held-out loss", *losses]))
+    if paired:
+        text += ("\nPaired with θ0, seed by seed (the same report images and noise): mean [min, max] of the model's "
+                 "difference to θ0; a model beats θ0 beyond the seed spread where the whole interval is below 0.\n\n"
+                 + table(vs_theta0, "+.4f", "+.2f", ["model", "Δ " + short, "Δ held-out loss (%)",
+                                                     *[f"Δ {x} (%)" for x in losses]]))
     atomic_write_text(json.dumps(dict(seeds=seeds, metric=metric, note=note, models=summary), indent=2),
                       run_dir(cfg, f"{name}.json"))
-    atomic_write_text(table, run_dir(cfg, f"{name}.md"))
-    print("\n" + table)
-    names = list(summary)
-    paired = "loss_vs_theta0_pct" in summary[names[0]]  # the differences to θ0 on the same seed: its noise drops out
+    atomic_write_text(text, run_dir(cfg, f"{name}.md"))
+    print("\n" + text)
+    keys = vs_theta0 if paired else plain
     spread = lambda ds: (np.array([d["mean"] for d in ds]), np.array([[d["mean"] - d["min"] for d in ds],
                                                                       [d["max"] - d["mean"] for d in ds]]))
 
     def draw(fig):
         axes = fig.subplot_mosaic([["value", "loss"]] + ([["range", "range"]] if paired else []))
-        for key, panel, label in ((("value_vs_theta0" if paired else "value"), "value", metric),
-                                  (("loss_vs_theta0_pct" if paired else "heldout_loss"), "loss", "held-out loss" +
-                                   (" (%)" if paired else ""))):
+        for key, panel, label in ((keys[0], "value", metric), (keys[1], "loss", "held-out loss" + " (%)" * paired)):
             mean, err = spread([summary[m][key] for m in names])
             _bars(axes[panel], mean[:, None], [""], names, ("Δ vs θ0: " if paired else "") + label.split(",")[0],
                   err[:, :, None])
         if paired:  # each range's loss relative to θ0's on the same seed: where finetuning gained or lost
-            per_range = [spread(summary[m]["loss_per_range_vs_theta0_pct"]) for m in names]
+            per_range = [spread(summary[m][keys[2]]) for m in names]
             _bars(axes["range"], np.array([m for m, _ in per_range]), [f"t ∈ [{a}, {b})" for a, b in ranges], names,
                   "Δ held-out loss vs θ0, same seed (%)", np.stack([e for _, e in per_range], 1))
         fig.suptitle(f"Mean and min-max over seeds {', '.join(map(str, seeds))} (report split)")
@@ -2418,7 +2398,7 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
         print(f"warning: no {name}.png ({e})", file=sys.stderr)
 
 
-def side_by_side(grids: dict, path, scale=None):
+def side_by_side(grids: dict, path):
     """One image: each model's first 64 samples as an 8x8 grid, titled, left to right."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
@@ -2426,7 +2406,7 @@ def side_by_side(grids: dict, path, scale=None):
     for name, x in grids.items():
         g = make_grid(x.float() * 0.5 + 0.5, nrow=8, padding=1, pad_value=1.0).clamp(0, 1)
         im = Image.fromarray(g.mul(255).round().byte().permute(1, 2, 0).numpy())
-        s = scale or max(1, 256 // im.width)
+        s = max(1, 256 // im.width)  # an integer upscale of small images, towards 256 pixels wide
         im = im.resize((im.width * s, im.height * s), Image.NEAREST)
         tile = Image.new("RGB", (im.width, im.height + 18), "white")
         tile.paste(im, (0, 18))
@@ -2442,9 +2422,6 @@ def side_by_side(grids: dict, path, scale=None):
 
 
 # --- II.6 The paper's figures: gradient conflict (Fig. 1a), merge landscape (Fig. 6a), task vectors (Fig. 6b) ---
-
-ANALYSIS_FIGURES = ("conflict", "landscape", "norms", "stationarity", "seeds", "interference", "partial")
-
 
 def landscape_grid(points=15) -> tuple:
     """The weights on each axis of the merge landscape: `points` values from -0.25 to 1.5, the merge search's box
@@ -2666,133 +2643,14 @@ def plot_curve(csv_path) -> Path:
     return _plot(Path(csv_path).with_suffix(".png"), (10, 4), draw)
 
 
-def plot_gradient_conflict(cos, timesteps, folder, note="") -> Path:
-    """Writes gradient_conflict.csv (the K x K matrix) and .png (a heatmap on a diverging scale from -1 to 1)."""
-    _csv(folder / "gradient_conflict.csv", ["t"] + list(timesteps), ([t] + list(r) for t, r in zip(timesteps, cos)))
-
-    def draw(fig):
-        ax = fig.add_subplot()
-        _heatmap(fig, ax, cos, [str(t) for t in timesteps], [str(t) for t in timesteps],
-                 "cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t")
-        ax.set(xlabel="timestep t", ylabel="timestep t", title="Gradient conflict between timesteps (DeMe Fig. 1a)" +
-               (f"\n{note}" if note else ""))
-    return _plot(folder / "gradient_conflict.png", (6.4, 5.4), draw)
-
-
-def plot_merge_landscape(values, grid, i, j, folder, ranges=None, merged=None) -> Path:
-    """Writes merge_landscape.csv (w_i, w_j, loss) and .png (contours; θ0, θ_i, θ_j, minimum, the run's merge)."""
-    grid = [float(v) for v in grid]
-    _csv(folder / "merge_landscape.csv", [f"w_range{i}", f"w_range{j}", "heldout_loss"],
-         ([grid[p], grid[q], values[p, q]] for p, q in itertools.product(range(len(grid)), repeat=2)))
-    p, q = np.unravel_index(np.argmin(values), values.shape)
-
-    def draw(fig):
-        ax = fig.add_subplot()
-        filled = ax.contourf(grid, grid, values.T, levels=21, cmap="viridis_r")
-        fig.colorbar(filled, ax=ax, label="held-out denoising loss", format="%.4g")
-        ax.plot(0, 0, "o", ms=8, mfc="white", mec="black", label="θ0 (pretrained)")
-        ax.plot([1, 0], [0, 1], "^", ms=8, mfc="white", mec="black", label=f"finetuned: range {i}, range {j}")
-        ax.plot(grid[p], grid[q], "X", ms=9, mfc="red", mec="white", label=f"grid minimum ({grid[p]:g}, {grid[q]:g})")
-        if merged is not None:
-            ax.plot(*merged, "*", ms=14, mfc="gold", mec="black", label="the run's merge (other weights off-plane)")
-        ax.set(xlabel=f"a: weight of τ of {_range_name(i, ranges)}", ylabel=f"b: weight of τ of {_range_name(j, ranges)}",
-               title=f"Merge landscape (DeMe Fig. 6a)\nθ0 + a·τ(range {i}) + b·τ(range {j})")
-        fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
-    return _plot(folder / "merge_landscape.png", (6.8, 6.6), draw)
-
-
-def plot_task_vector_norms(norms: dict, folder, ranges=None) -> Path:
-    """Writes task_vector_norms.csv (per layer: ||θ0||, ||τ_i||; last row the totals) and .png (grouped bars)."""
-    n = len(norms["total"])
-    rows = [[name, norms["base"][c]] + list(norms["norms"][:, c]) for c, name in enumerate(norms["layers"])]
-    rows.append(["total", float(np.sqrt((norms["base"] ** 2).sum()))] + list(norms["total"]))
-    _csv(folder / "task_vector_norms.csv", ["layer", "theta0"] + [f"tau_range{r}" for r in range(n)], rows)
-
-    def draw(fig):
-        ax, total = fig.subplots(1, 2, width_ratios=[5, 1])
-        names = [_range_name(r, ranges) for r in range(n)]
-        _bars(ax, norms["norms"], norms["layers"], names, "||τ|| of the layer's weights (L2)")
-        ax.set_title("Task-vector norm τ = θ_range − θ0 per layer and timestep range (DeMe Fig. 6b)")
-        _bars(total, norms["total"][None], [str(r) for r in range(n)], ["all weights"], "||τ|| of all weights (L2)")
-        total.set(xlabel="range", title="total")
-    return _plot(folder / "task_vector_norms.png", (11, 4.6), draw)
-
-
-def plot_stationarity(st: dict, halves, folder, ranges) -> Path:
-    """Writes stationarity.csv (per range: ‖g_j‖, cos between halves, cos with each range; Σ_j g_j) and .png."""
-    n, names = len(ranges), [_range_name(j, ranges) for j in range(len(ranges))]
-    rows = [[names[j], st["norms"][j], halves[j]] + list(st["cos"][j]) for j in range(n)]
-    _csv(folder / "stationarity.csv", ["gradient", "norm", "cos_between_halves"] + [f"cos_range{j}" for j in range(n)],
-         rows + [["sum over ranges", st["sum_norm"], halves[-1]] + [""] * n])
-
-    def draw(fig):
-        left, right = fig.subplots(1, 2)
-        g = [f"g_{j}" for j in range(n)]
-        _bars(left, np.array([st["norms"] + [st["sum_norm"]]]), g + ["Σ_j g_j"], ["norm"],
-              "gradient norm of the held-out loss at θ0")
-        left.set_title(f"‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½ = {st['ratio']:.2f} (0: stationary, 1: unrelated)", fontsize=9)
-        _heatmap(fig, right, st["cos"], g, names, "cosine")
-        right.set_title("cosines between the ranges' gradients")
-        fig.suptitle("Is θ0 stationary? Per-range gradients of the held-out loss (selection images)")
-    return _plot(folder / "stationarity.png", (11, 4.4), draw)
-
-
-def plot_seed_agreement(agree: dict, seeds, folder, ranges) -> Path:
-    """Writes seed_agreement.csv (per range: ‖τ_i‖ per seed, cos between seeds, cos with each τ_j) and .png."""
-    n, pairs = len(ranges), [f"{a}-{b}" for a, b in itertools.combinations(seeds, 2)]
-    _csv(folder / "seed_agreement.csv", ["range", *[f"norm_seed{s}" for s in seeds], *[f"cos_seeds_{p}" for p in pairs],
-                                          *[f"cos_with_range{j}" for j in range(n)]],
-         ([_range_name(i, ranges), *agree["norms"][:, i], *agree["seeds"][:, i], *agree["ranges"][i]]
-          for i in range(n)))
-
-    def draw(fig):
-        left, right = fig.subplots(1, 2)
-        mean = agree["seeds"].mean(0)
-        _bars(left, mean[None], [_range_name(i, ranges) for i in range(n)], ["mean"],
-              f"cos(τ_i of one seed, τ_i of another): mean, min-max of {len(pairs)} pairs",
-              np.stack([mean - agree["seeds"].min(0), agree["seeds"].max(0) - mean])[:, None])
-        left.set_title("Do seeds agree on each range's task vector?", fontsize=9)
-        _heatmap(fig, right, agree["ranges"], [f"τ_{i}" for i in range(n)], [f"τ_{i}" for i in range(n)], "cosine")
-        right.set_title("cos(τ_i, τ_j) of one seed, mean over seeds", fontsize=9)
-    return _plot(folder / "seed_agreement.png", (11, 4.4), draw)
-
-
-def plot_interference(change, scales, folder, ranges) -> Path:
-    """Writes interference.csv (range i, scale s, each range's loss change in % under θ0 + s τ_i) and .png."""
-    n, limit = len(ranges), max(1e-9, float(np.abs(change).max()))
-    _csv(folder / "interference.csv", ["task_vector", "scale"] + [f"dloss_range{j}_pct" for j in range(n)],
-         ([i, s] + list(change[i, k]) for i in range(n) for k, s in enumerate(scales)))
-
-    def draw(fig):
-        for k, (ax, s) in enumerate(zip(fig.subplots(1, len(scales), squeeze=False)[0], scales)):
-            _heatmap(fig, ax, change[:, k], [f"L_{j}" for j in range(n)], [f"θ0 + {s:g} τ_{i}" for i in range(n)],
-                     "change vs θ0 (%)", -limit, limit, "+.1f")
-            ax.set_xlabel("held-out loss of range j (selection images)")
-        fig.suptitle("Interference: each range's loss when one task vector is added to θ0")
-    return _plot(folder / "interference.png", (4.6 * len(scales) + 1, 4.2), draw)
-
-
-def plot_partial_ensembles(values: dict, metric, folder) -> Path:
-    """Writes partial_ensembles.csv (model, sample metric, its difference to θ0) and .png (the differences)."""
-    base, names = values["theta0"], list(values)[1:]
-    _csv(folder / "partial_ensembles.csv", ["model", "value", "vs_theta0"], ([k, v, v - base] for k, v in
-                                                                             values.items()))
-
-    def draw(fig):
-        ax = fig.add_subplot()
-        _bars(ax, np.array([[values[k] - base for k in names]]), names, [metric], f"{metric} minus θ0's")
-        ax.set_title("Where the ensemble's gain comes from: θ0 with one range's model (selection samples)", fontsize=9)
-    return _plot(folder / "partial_ensembles.png", (1.3 * len(values) + 3, 4.4), draw)
-
-
 def analysis_figure_list(cfg: Config) -> list:
     """--figures as a list of names ("all": every figure this run can draw; seeds needs --seeds with two or more)."""
     if cfg.figures == "all":
-        return [f for f in ANALYSIS_FIGURES if f != "seeds" or len(seed_list(cfg) if cfg.seeds else []) > 1]
+        return [f for f in ANALYSES if f != "seeds" or len(seed_list(cfg) if cfg.seeds else []) > 1]
     names = [s.strip() for s in cfg.figures.split(",") if s.strip()]
-    bad = [s for s in names if s not in ANALYSIS_FIGURES]
+    bad = [s for s in names if s not in ANALYSES]
     if bad or not names:
-        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSIS_FIGURES)} (comma-separated), all")
+        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSES)} (comma-separated), all")
     if "seeds" in names and len(seed_list(cfg) if cfg.seeds else []) < 2:
         raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds (the run's)")
     return names
@@ -2843,6 +2701,7 @@ class Analysis:
 
 
 def analyze_conflict(a: Analysis) -> Path:
+    """DeMe Fig. 1a for θ0: gradient_conflict.csv (the K x K cosines) and .png (a heatmap from -1 to 1)."""
     cfg, T = a.cfg, a.diffusion.T
     ts = conflict_timesteps(cfg.conflict_timesteps, T)
     batch = max(1, min(64, cfg.batch_size // cfg.grad_accum))  # a training micro-batch fits with gradients
@@ -2853,10 +2712,19 @@ def analyze_conflict(a: Analysis) -> Path:
           f"{np.diag(cos, 1).mean():.3f}, of timesteps >= {T // 2} apart {cos[far].mean():.3f}, min {cos.min():.3f} at "
           f"t = {ts[i]}, {ts[j]}")
     note = f"θ0 = {cfg.pretrained or 'pretrain/ckpt.pt'}, {len(a.images)} held-out images, same noise at every t"
-    return plot_gradient_conflict(cos, ts, a.folder, note)
+    _csv(a.folder / "gradient_conflict.csv", ["t"] + ts, ([t] + list(r) for t, r in zip(ts, cos)))
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        _heatmap(fig, ax, cos, [str(t) for t in ts], [str(t) for t in ts], "cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t")
+        ax.set(xlabel="timestep t", ylabel="timestep t",
+               title=f"Gradient conflict between timesteps (DeMe Fig. 1a)\n{note}")
+    return _plot(a.folder / "gradient_conflict.png", (6.4, 5.4), draw)
 
 
 def analyze_landscape(a: Analysis) -> Path:
+    """DeMe Fig. 6a: merge_landscape.csv (w_i, w_j, held-out loss) and .png (contours; θ0, θ_i, θ_j, the minimum,
+    the run's merge)."""
     (i, j), grid = landscape_pair(a.cfg), landscape_grid(a.cfg.landscape_points)
     values = merge_landscape(a.base, a.finetuned, i, j, lambda sd: a.losses(sd)[0], grid)
     p, q = np.unravel_index(np.argmin(values), values.shape)
@@ -2864,16 +2732,48 @@ def analyze_landscape(a: Analysis) -> Path:
                         (("θ0", 0.0, 0.0), (f"range {i}", 1.0, 0.0), (f"range {j}", 0.0, 1.0)) if {x, y} <= set(grid))
     print(f"merge landscape of ranges {i}, {j} (held-out loss): {corners + ', ' if corners else ''}minimum "
           f"{values[p, q]:.5f} at ({grid[p]:g}, {grid[q]:g})")
-    return plot_merge_landscape(values, grid, i, j, a.folder, a.ranges, chosen_merge_weights(a.cfg, i, j))
+    _csv(a.folder / "merge_landscape.csv", [f"w_range{i}", f"w_range{j}", "heldout_loss"],
+         ([grid[p], grid[q], values[p, q]] for p, q in itertools.product(range(len(grid)), repeat=2)))
+    merged = chosen_merge_weights(a.cfg, i, j)
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        filled = ax.contourf(grid, grid, values.T, levels=21, cmap="viridis_r")
+        fig.colorbar(filled, ax=ax, label="held-out denoising loss", format="%.4g")
+        ax.plot(0, 0, "o", ms=8, mfc="white", mec="black", label="θ0 (pretrained)")
+        ax.plot([1, 0], [0, 1], "^", ms=8, mfc="white", mec="black", label=f"finetuned: range {i}, range {j}")
+        ax.plot(grid[p], grid[q], "X", ms=9, mfc="red", mec="white", label=f"grid minimum ({grid[p]:g}, {grid[q]:g})")
+        if merged is not None:
+            ax.plot(*merged, "*", ms=14, mfc="gold", mec="black", label="the run's merge (other weights off-plane)")
+        ax.set(xlabel=f"a: weight of τ of {_range_name(i, a.ranges)}",
+               ylabel=f"b: weight of τ of {_range_name(j, a.ranges)}",
+               title=f"Merge landscape (DeMe Fig. 6a)\nθ0 + a·τ(range {i}) + b·τ(range {j})")
+        fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return _plot(a.folder / "merge_landscape.png", (6.8, 6.6), draw)
 
 
 def analyze_norms(a: Analysis) -> Path:
+    """DeMe Fig. 6b: task_vector_norms.csv (per layer: ||θ0||, ||τ_i||; last row the totals) and .png (bars)."""
     norms = task_vector_norms(a.base, a.finetuned)
     print("task-vector norms ||θ_range - θ0||: " + ", ".join(f"range {r} {v:.4f}" for r, v in enumerate(norms["total"])))
-    return plot_task_vector_norms(norms, a.folder, a.ranges)
+    n = len(norms["total"])
+    rows = [[name, norms["base"][c]] + list(norms["norms"][:, c]) for c, name in enumerate(norms["layers"])]
+    rows.append(["total", float(np.sqrt((norms["base"] ** 2).sum()))] + list(norms["total"]))
+    _csv(a.folder / "task_vector_norms.csv", ["layer", "theta0"] + [f"tau_range{r}" for r in range(n)], rows)
+
+    def draw(fig):
+        ax, total = fig.subplots(1, 2, width_ratios=[5, 1])
+        names = [_range_name(r, a.ranges) for r in range(n)]
+        _bars(ax, norms["norms"], norms["layers"], names, "||τ|| of the layer's weights (L2)")
+        ax.set_title("Task-vector norm τ = θ_range − θ0 per layer and timestep range (DeMe Fig. 6b)")
+        _bars(total, norms["total"][None], [str(r) for r in range(n)], ["all weights"], "||τ|| of all weights (L2)")
+        total.set(xlabel="range", title="total")
+    return _plot(a.folder / "task_vector_norms.png", (11, 4.6), draw)
 
 
 def analyze_stationarity(a: Analysis) -> Path:
+    """Whether θ0 is stationary: stationarity.csv (per range: ‖g_j‖, cos between the two halves of the images, cos
+    with each range; then Σ_j g_j) and .png (the norms, the ratio, the cosines)."""
     batch = max(1, min(64, a.cfg.batch_size // a.cfg.grad_accum))
     halves = range_gradients(unwrap(a.theta0), a.diffusion, a.images, a.env, a.cfg.n_ranges, batch,
                              role_seed(a.cfg.seed, "select"))  # (2, N, P)
@@ -2883,25 +2783,68 @@ def analyze_stationarity(a: Analysis) -> Path:
     print(f"stationarity of θ0 ({len(a.images)} selection images): ‖g_j‖ {', '.join(f'{v:.4g}' for v in st['norms'])}, "
           f"‖Σ_j g_j‖ {st['sum_norm']:.4g}, ratio {st['ratio']:.3f}; cos between the two halves of the images: "
           f"{', '.join(f'{v:.2f}' for v in agree[:-1])} (g_j), {agree[-1]:.2f} (Σ_j g_j)")
-    return plot_stationarity(st, agree, a.folder, a.ranges)
+    n, names = a.cfg.n_ranges, [_range_name(j, a.ranges) for j in range(a.cfg.n_ranges)]
+    rows = [[names[j], st["norms"][j], agree[j]] + list(st["cos"][j]) for j in range(n)]
+    head = ["gradient", "norm", "cos_between_halves"] + [f"cos_range{j}" for j in range(n)]
+    _csv(a.folder / "stationarity.csv", head, rows + [["sum over ranges", st["sum_norm"], agree[-1]] + [""] * n])
+
+    def draw(fig):
+        left, right = fig.subplots(1, 2)
+        g = [f"g_{j}" for j in range(n)]
+        _bars(left, np.array([st["norms"] + [st["sum_norm"]]]), g + ["Σ_j g_j"], ["norm"],
+              "gradient norm of the held-out loss at θ0")
+        left.set_title(f"‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½ = {st['ratio']:.2f} (0: stationary, 1: unrelated)", fontsize=9)
+        _heatmap(fig, right, st["cos"], g, names, "cosine")
+        right.set_title("cosines between the ranges' gradients")
+        fig.suptitle("Is θ0 stationary? Per-range gradients of the held-out loss (selection images)")
+    return _plot(a.folder / "stationarity.png", (11, 4.4), draw)
 
 
 def analyze_seeds(a: Analysis) -> Path:
-    agree = task_vector_agreement(a.base, a.by_seed)
+    """Each range's task vector across seeds: seed_agreement.csv (per range: ‖τ_i‖ per seed, cos between seeds, cos
+    with each τ_j) and .png."""
+    agree, seeds, n = task_vector_agreement(a.base, a.by_seed), seed_list(a.cfg), a.cfg.n_ranges
     print("task vectors across seeds, cos(τ_i, τ_i') per range (mean over pairs): " +
           ", ".join(f"range {i} {v:.3f}" for i, v in enumerate(agree["seeds"].mean(0))))
-    return plot_seed_agreement(agree, seed_list(a.cfg), a.folder, a.ranges)
+    pairs = [f"{s}-{t}" for s, t in itertools.combinations(seeds, 2)]
+    head = ["range", *[f"norm_seed{s}" for s in seeds], *[f"cos_seeds_{p}" for p in pairs]]
+    _csv(a.folder / "seed_agreement.csv", head + [f"cos_with_range{j}" for j in range(n)],
+         ([_range_name(i, a.ranges), *agree["norms"][:, i], *agree["seeds"][:, i], *agree["ranges"][i]]
+          for i in range(n)))
+
+    def draw(fig):
+        left, right = fig.subplots(1, 2)
+        mean = agree["seeds"].mean(0)
+        _bars(left, mean[None], [_range_name(i, a.ranges) for i in range(n)], ["mean"],
+              f"cos(τ_i of one seed, τ_i of another): mean, min-max of {len(pairs)} pairs",
+              np.stack([mean - agree["seeds"].min(0), agree["seeds"].max(0) - mean])[:, None])
+        left.set_title("Do seeds agree on each range's task vector?", fontsize=9)
+        _heatmap(fig, right, agree["ranges"], [f"τ_{i}" for i in range(n)], [f"τ_{i}" for i in range(n)], "cosine")
+        right.set_title("cos(τ_i, τ_j) of one seed, mean over seeds", fontsize=9)
+    return _plot(a.folder / "seed_agreement.png", (11, 4.4), draw)
 
 
 def analyze_interference(a: Analysis) -> Path:
-    scales = (0.5, 1.0, 1.5)
+    """interference.csv (range i, scale s, each range's loss change in % under θ0 + s τ_i) and .png (heatmaps)."""
+    scales, n = (0.5, 1.0, 1.5), a.cfg.n_ranges
     change = interference(lambda sd: a.losses(sd)[1], a.base, a.finetuned, scales)
     print("interference, θ0 + τ_i (rows) on each range's held-out loss, % vs θ0:\n" + "\n".join(
         f"  τ_{i}: " + " ".join(f"{v:+.2f}" for v in change[i, 1]) for i in range(len(change))))
-    return plot_interference(change, scales, a.folder, a.ranges)
+    limit = max(1e-9, float(np.abs(change).max()))
+    _csv(a.folder / "interference.csv", ["task_vector", "scale"] + [f"dloss_range{j}_pct" for j in range(n)],
+         ([i, s] + list(change[i, k]) for i in range(n) for k, s in enumerate(scales)))
+
+    def draw(fig):
+        for k, (ax, s) in enumerate(zip(fig.subplots(1, len(scales), squeeze=False)[0], scales)):
+            _heatmap(fig, ax, change[:, k], [f"L_{j}" for j in range(n)], [f"θ0 + {s:g} τ_{i}" for i in range(n)],
+                     "change vs θ0 (%)", -limit, limit, "+.1f")
+            ax.set_xlabel("held-out loss of range j (selection images)")
+        fig.suptitle("Interference: each range's loss when one task vector is added to θ0")
+    return _plot(a.folder / "interference.png", (4.6 * len(scales) + 1, 4.2), draw)
 
 
 def analyze_partial(a: Analysis) -> Path:
+    """partial_ensembles.csv (model, sample metric, its difference to θ0) and .png (the differences)."""
     theta0 = unwrap(a.theta0).eval()
     models = [build_model(theta0.config, sd).eval() for sd in a.finetuned]
     named = {"theta0": theta0, **{f"range {i} alone": m for i, m in enumerate(partial_ensembles(theta0, models))},
@@ -2910,7 +2853,15 @@ def analyze_partial(a: Analysis) -> Path:
     print("partial ensembles, sample metric vs θ0 (selection samples): " +
           ", ".join(f"{k} {v - values['theta0']:+.4f}" for k, v in values.items() if k != "theta0"))
     metric = "pixel Fréchet distance" if eval_metric(a.cfg) == "pixel" else "FID"
-    return plot_partial_ensembles(values, f"{metric}, {selection_samples(a.cfg)} samples", a.folder)
+    metric, base, names = f"{metric}, {selection_samples(a.cfg)} samples", values["theta0"], list(values)[1:]
+    _csv(a.folder / "partial_ensembles.csv", ["model", "value", "vs_theta0"], ([k, v, v - base] for k, v in
+                                                                               values.items()))
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        _bars(ax, np.array([[values[k] - base for k in names]]), names, [metric], f"{metric} minus θ0's")
+        ax.set_title("Where the ensemble's gain comes from: θ0 with one range's model (selection samples)", fontsize=9)
+    return _plot(a.folder / "partial_ensembles.png", (1.3 * len(values) + 3, 4.4), draw)
 
 
 ANALYSES = {"conflict": analyze_conflict, "landscape": analyze_landscape, "norms": analyze_norms,
@@ -2937,11 +2888,10 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
         except UserError as e:
             raise UserError(f"the {' and '.join(needs)} figure{'s' * (len(needs) > 1)} need{'s' * (len(needs) == 1)} "
                             f"finished ranges: {e}") from None
-    if theta0 is None:
-        if not cfg.pretrained and not run_dir(cfg, "pretrain", "ckpt.pt").exists():
-            raise UserError(f"the analysis needs θ0 and {run_dir(cfg, 'pretrain', 'ckpt.pt')} does not exist: run "
-                            f"`python deme.py train` with the same --out first, or pass --pretrained")
-        theta0 = theta0_model(cfg, env, diffusion)
+    try:
+        theta0 = named_model(cfg, env, "theta0", theta0)
+    except UserError as e:
+        raise UserError(f"the analysis needs θ0: {e}") from None
     if not env.master:  # one process draws the figures
         return
     folder = run_dir(cfg, "analysis")
