@@ -585,9 +585,10 @@ def export_diffusers(model, directory):
         raise UserError(f"cannot export to diffusers: UNet2DModel has no channel projections and this model's "
                         f"{', '.join(kept)} are not the identity; keep it in the native layout "
                         "(atomic_save(model.state_dict(), path); load_pretrained(path))")
-    sd = {_convert_key(k, model.num_levels, to_diffusers=True): (v[:, :, 0, 0] if _is_attn_linear(k) else v).detach()
-          .to("cpu").contiguous() for k, v in model.state_dict().items()
+    sd = {k: v[:, :, 0, 0] if _is_attn_linear(k) else v for k, v in model.state_dict().items()
           if not k.endswith(".proj.weight")}  # the identity projections are dropped: they change nothing
+    sd = {_convert_key(k, model.num_levels, to_diffusers=True): v.detach().to("cpu").contiguous()
+          for k, v in sd.items()}
     config = json.dumps(diffusers_config(model.config), indent=2, sort_keys=True).encode()
     try:
         import safetensors.torch

@@ -944,8 +944,8 @@ def check_config(cfg: Config):
               (cfg.search_candidates >= 2, f"--search-candidates {cfg.search_candidates}: give 2 or more; one "
                f"candidate has nothing to be ranked against"),
               (0 < cfg.heldout_fraction < 1, f"--heldout-fraction {cfg.heldout_fraction} is not in (0, 1); e.g. 0.1"),
-              (cfg.sampler != "ddim" or cfg.sample_steps < 1 or 1000 % cfg.sample_steps == 0, f"--sample-steps {cfg.sample_steps} does not "
-               f"divide the 1000 timesteps; use 10, 20, 50, 100, ...")]
+              (cfg.sampler != "ddim" or cfg.sample_steps < 1 or 1000 % cfg.sample_steps == 0,  # (< 1: said above)
+               f"--sample-steps {cfg.sample_steps} does not divide the 1000 timesteps; use 10, 20, 50, 100, ...")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -1301,6 +1301,7 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
     if teacher is not None:
         teacher = prepare(teacher, dataclasses.replace(env, world=1))
     net = prepare(model, env, train=True)
+    grid = grid or (lambda state, path: save_grid(build_model(unwrap(model).config, state), diffusion, path, env, cfg))
     stage_dir.mkdir(parents=True, exist_ok=True)
 
     def save(step):
@@ -1351,8 +1352,7 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
         if curve is not None and env.master and cfg.curve_every and done % cfg.curve_every == 0:
             append_curve(stage_dir / "heldout_curve.csv", done, curve(done, ema.state))
         if env.master and (done == steps or (cfg.grid_every and done % cfg.grid_every == 0)):
-            (grid or (lambda state, path: save_grid(build_model(unwrap(model).config, state), diffusion, path, env,
-                                                    cfg)))(ema.state, stage_dir / f"grid_{done:06d}.png")
+            grid(ema.state, stage_dir / f"grid_{done:06d}.png")
     bar.close()
     env.barrier()
     return ema.state
@@ -1544,10 +1544,13 @@ def image_files(folder) -> list:
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     good, bad = [], []
     for p in paths:
+        if p.suffix.lower() not in IMAGE_SUFFIXES:  # not opened: only image files are worth verifying
+            bad.append(p)
+            continue
         try:
             with Image.open(p) as im:
                 im.verify()
-            (good if p.suffix.lower() in IMAGE_SUFFIXES else bad).append(p)
+            good.append(p)
         except Exception:
             bad.append(p)
     if bad:
@@ -2342,7 +2345,9 @@ def seed_summary(rows_by_seed: dict) -> dict:
         per_range = [spread(v) for v in zip(*(r["heldout_loss_per_range"] for r in rs))]
         return dict(zip(keys, (spread([r["value"] for r in rs]), spread([r["heldout_loss"] for r in rs]), per_range)))
     summary = {name: spreads(rs, ("value", "heldout_loss", "heldout_loss_per_range")) for name, rs in rows.items()}
-    for name, rs in rows.items() if base is not None else ():  # the same spreads of the differences to θ0's row
+    if base is None:
+        return summary
+    for name, rs in rows.items():  # the same spreads of the differences to θ0's row
         diffs = [dict(value=r["value"] - b["value"], heldout_loss=pct(r["heldout_loss"], b["heldout_loss"]),
                       heldout_loss_per_range=list(map(pct, r["heldout_loss_per_range"], b["heldout_loss_per_range"])))
                  for r, b in zip(rs, base)]
@@ -2733,7 +2738,7 @@ def analyze_landscape(a: Analysis) -> Path:
     print(f"merge landscape of ranges {i}, {j} (held-out loss): {corners + ', ' if corners else ''}minimum "
           f"{values[p, q]:.5f} at ({grid[p]:g}, {grid[q]:g})")
     _csv(a.folder / "merge_landscape.csv", [f"w_range{i}", f"w_range{j}", "heldout_loss"],
-         ([grid[p], grid[q], values[p, q]] for p, q in itertools.product(range(len(grid)), repeat=2)))
+         ([grid[u], grid[v], values[u, v]] for u, v in itertools.product(range(len(grid)), repeat=2)))
     merged = chosen_merge_weights(a.cfg, i, j)
 
     def draw(fig):
