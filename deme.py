@@ -711,16 +711,16 @@ def seed_runs(cfg: "Config") -> list:
 
 # --- II.1 Configuration: one dataclass that is also the command line, and its checks ---------------------------------
 
-def _opt(default, help, choices=None):
-    """A config field with its command-line help."""
-    return field(default=default, metadata=dict(help=help, choices=choices))
+def _opt(default, help, choices=""):
+    """A config field with its command-line help and its choices, given as one string: "fid pixel"."""
+    return field(default=default, metadata=dict(help=help, choices=choices.split() or None))
 
 
 @dataclass
 class Config:
     """Every setting of every stage; dataset presets below fill in the paper's values, flags override them."""
     # run
-    dataset: str = _opt("synthetic", "training data", ["synthetic", "cifar10", "lsun_church", "lsun_bedroom", "folder"])
+    dataset: str = _opt("synthetic", "training data", "synthetic cifar10 lsun_church lsun_bedroom folder")
     data_dir: str = _opt("data", "where the dataset lives (CIFAR-10: the folder holding cifar-10-batches-py)")
     download: bool = _opt(False, "download CIFAR-10 into --data-dir if it is missing")
     out: str = _opt("", "run folder; everything this run writes goes under it (default runs/<dataset>)")
@@ -729,15 +729,13 @@ class Config:
     device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     resume: bool = _opt(False, "continue the interrupted stages of this run folder from their last checkpoint")
     overwrite: bool = _opt(False, "start over, replacing what this run folder holds")
-    precision: str = _opt("auto", "training autocast (auto: bf16 on a GPU that has it, else fp32)",
-                          ["auto", "fp32", "bf16", "fp16"])
-    eval_precision: str = _opt("fp32", "precision of everything that measures or selects", ["fp32", "bf16"])
+    precision: str = _opt("auto", "training autocast (auto: bf16 on a GPU with bf16, else fp32)", "auto fp32 bf16 fp16")
+    eval_precision: str = _opt("fp32", "precision of everything that measures or selects", "fp32 bf16")
     compile: Optional[bool] = _opt(None, "torch.compile the model (default: on for CUDA, off on CPU)")
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for CUDA, off on CPU)")
     workers: int = _opt(0, "data-loading worker processes (0 loads in the main process)")
     # model
-    model: str = _opt("ddpm", "ddpm: the pixel UNet; sd: a diffusers Stable Diffusion folder (--pretrained)",
-                      ["ddpm", "sd"])
+    model: str = _opt("ddpm", "ddpm: the pixel UNet; sd: a diffusers Stable Diffusion folder (--pretrained)", "ddpm sd")
     preset: str = _opt("tiny", "UNet size: " + ", ".join(PRESETS))
     pretrained: str = _opt("", "θ0: cifar10, lsun_church, lsun_bedroom, a file or a folder; empty: train it here")
     image_size: int = _opt(0, "training resolution (0: the preset's)")
@@ -748,7 +746,7 @@ class Config:
     train_lr: float = _opt(2e-4, "pretraining learning rate (DDPM: 2e-4)")
     train_warmup: int = _opt(100, "pretraining linear warm-up steps (DDPM: 5000)")
     train_schedule: str = _opt("constant", "after the warm-up: constant (DDPM) or cosine (to 0 at --train-steps)",
-                               ["constant", "cosine"])
+                               "constant cosine")
     curve_every: int = _opt(0, "log the EMA's held-out loss every this many pretraining steps (0: off)")
     # decoupled finetuning (finetune and baseline stages)
     n_ranges: int = _opt(PAPER.n_ranges, "N, the number of timestep ranges (paper: 4; 8 in the ablation)")
@@ -768,17 +766,16 @@ class Config:
     consistency: float = _opt(PAPER.consistency, "λ, weight of the consistency loss to the frozen θ0 (Eq. 4-5)")
     projections: bool = _opt(PAPER.projections, "channel-wise projections (identity-initialised 1x1 convs)")
     baseline: bool = _opt(True, "also run the equal-compute baseline: plain finetuning on all timesteps, N x steps")
-    baseline_weighting: str = _opt("none", "the baseline's loss: none, minsnr or p2 (DeMe Table 1)",
-                                   ["none", "minsnr", "p2"])
+    baseline_weighting: str = _opt("none", "the baseline's loss: none, minsnr or p2 (DeMe Table 1)", "none minsnr p2")
     ckpt_every: int = _opt(1000, "save a resumable checkpoint every this many steps")
     grid_every: int = _opt(0, "save a sample grid every this many steps (0: only at the end)")
     # merge (merge stage)
-    merge_method: str = _opt("task_arithmetic", "how to merge", ["task_arithmetic", "average", "ties", "dare"])
+    merge_method: str = _opt("task_arithmetic", "how to merge", "task_arithmetic average ties dare")
     merge_weights: str = _opt("", "w_1..w_N, low t first (LSUN official: 0.1,0.1,0.2,0.5); empty: search them")
     heldout_fraction: float = _opt(0.1, "folder and LSUN: the share held out from training (half to select)")
     search_images: int = _opt(512, "selection images of the merge search's held-out loss")
     search_objective: str = _opt("loss", "what chooses w: the held-out loss, per range, or selection samples",
-                                 ["loss", "per_range", "samples"])
+                                 "loss per_range samples")
     search_evals: int = _opt(60, "most candidates the loss search scores")
     search_candidates: int = _opt(8, "most candidates the samples objective ranks")
     search_samples: int = _opt(0, "samples per candidate of the samples objective (0: --n-samples)")
@@ -786,15 +783,14 @@ class Config:
     ties_lam: float = _opt(PAPER.ties_lam, "TIES: scale of the merged task vector")
     dare_p: float = _opt(PAPER.dare_p, "DARE: drop probability")
     # evaluation (sample and evaluate stages)
-    sampler: str = _opt("ddim", "sampler for evaluation", ["ddim", "ddpm"])
+    sampler: str = _opt("ddim", "sampler for evaluation", "ddim ddpm")
     sample_steps: int = _opt(100, "DDIM steps (paper: 100 for CIFAR-10, 50 for LSUN)")
     eta: float = _opt(0.0, "DDIM eta (0: deterministic)")
-    variance: str = _opt("fixedlarge", "DDPM sampling variance", ["fixedlarge", "fixedsmall"])
+    variance: str = _opt("fixedlarge", "DDPM sampling variance", "fixedlarge fixedsmall")
     n_samples: int = _opt(50000, "samples per model for the metric (paper: 50K)")
     report_images: int = _opt(512, "report images of the results table's held-out loss")
     eval_batch: int = _opt(256, "sampling batch size")
-    metric: str = _opt("auto", "fid, or pixel: a Fréchet distance on pixels (auto: pixel for synthetic)",
-                       ["auto", "fid", "pixel"])
+    metric: str = _opt("auto", "FID, or a Fréchet distance on pixels (auto: pixel for synthetic)", "auto fid pixel")
     inception_weights: str = _opt("", "pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
     fid_stats: str = _opt("", "reference statistics .npz of the training set (default: computed once, cached)")
     models: str = _opt("theta0,baseline,ensemble,merged", "models the evaluate stage compares")
@@ -829,29 +825,11 @@ DATASET_PRESETS = {
 
 
 def preset_of(given: dict) -> tuple:
-    """(name, values) of the dataset preset that fills in what no flag gives."""
-    dataset = given.get("dataset", Config.dataset)
-    if dataset not in DATASET_PRESETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_PRESETS)}")
-    device = given.get("device", Config.device)
-    name, values = f"the {dataset} preset", DATASET_PRESETS[dataset]
+    """(name, values) of the dataset preset that fills in what no flag gives (argparse refuses an unknown dataset)."""
+    dataset, device = given.get("dataset", Config.dataset), given.get("device", Config.device)
     if dataset == "folder" and (device == "cpu" or device == "auto" and not torch.cuda.is_available()):
-        name, values = "the CPU recipe", dict(CPU_RECIPE, metric="pixel")  # a laptop: θ0 trained here first
-    return name, values
-
-
-def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
-    """Defaults < dataset preset < flags given on the command line; a folder's held-out splits fitted to its size
-    (fit_folder, which appends what it changed to `notes`); then the values checked."""
-    cfg = Config(**{**preset_of(given)[1], **given})
-    if not cfg.out:
-        cfg.out = f"runs/{cfg.dataset}"
-    check_config(cfg)
-    if cfg.dataset == "folder" and cfg.model == "ddpm":
-        cfg, note = fit_folder(cfg, given)
-        if note and notes is not None:
-            notes.append(note)
-    return cfg
+        return "the CPU recipe", dict(CPU_RECIPE, metric="pixel")  # a laptop: θ0 trained here first
+    return f"the {dataset} preset", DATASET_PRESETS[dataset]
 
 
 # A folder too small for the held-out counts asked for holds out a larger share of its images, up to 30%.
@@ -859,10 +837,15 @@ HELDOUT_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3)
 MIN_FOLDER_IMAGES, MIN_HELDOUT_IMAGES = 100, 8
 
 
-def fit_folder(cfg: Config, given: dict) -> tuple:
-    """(cfg, note) for --dataset folder: where the selection or report split is smaller than --search-images or
-    --report-images, the held-out share rises, then every count no flag gave is capped at what its split holds
-    (--n-samples too, for the pixel metric's two sets of real training images); note says what changed."""
+def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
+    """Defaults < dataset preset < flags given, checked. --dataset folder: where the selection or report split is
+    smaller than --search-images or --report-images the held-out share rises, then every count no flag gave is capped
+    at what its split holds (--n-samples too, for the pixel metric's real images); `notes` gets what changed."""
+    cfg = Config(**{**preset_of(given)[1], **given})
+    cfg.out = cfg.out or f"runs/{cfg.dataset}"
+    check_config(cfg)
+    if cfg.dataset != "folder" or cfg.model != "ddpm":
+        return cfg
     names = [p.relative_to(cfg.data_dir).as_posix() for p in image_files(cfg.data_dir)]
     if len(names) < MIN_FOLDER_IMAGES:
         raise UserError(f"{cfg.data_dir} holds {len(names)} images, too few to train, select and report: use a folder "
@@ -874,43 +857,40 @@ def fit_folder(cfg: Config, given: dict) -> tuple:
         return select, held - select, len(h) - held
 
     fraction = cfg.heldout_fraction
-    if "heldout_fraction" not in given:
-        fraction = next((f for f in HELDOUT_FRACTIONS if f >= fraction and split_sizes(f)[0] >= cfg.search_images
-                         and split_sizes(f)[1] >= cfg.report_images), max(fraction, HELDOUT_FRACTIONS[-1]))
+    if "heldout_fraction" not in given:  # the smallest share whose splits hold the counts asked for
+        fraction = next((f for f in HELDOUT_FRACTIONS if split_sizes(f)[0] >= cfg.search_images
+                         and split_sizes(f)[1] >= cfg.report_images), HELDOUT_FRACTIONS[-1])
     select, report, train = split_sizes(fraction)
     if min(select, report) < MIN_HELDOUT_IMAGES:
         raise UserError(f"at --heldout-fraction {fraction} the selection and report splits of {cfg.data_dir} get "
                         f"{select} and {report} images, fewer than {MIN_HELDOUT_IMAGES}; raise --heldout-fraction")
-    changed = {k: v for k, v in dict(search_images=select, report_images=report).items()
-               if k not in given and getattr(cfg, k) > v}
+    caps = dict(search_images=select, report_images=report)
     if eval_metric(cfg) == "pixel":  # real images: two sets from the training split, one from the selection split
-        if "n_samples" not in given and cfg.n_samples > train // 2:
-            changed["n_samples"] = train // 2
-        if "search_samples" not in given and (cfg.search_samples or changed.get("n_samples", cfg.n_samples)) > select:
-            changed["search_samples"] = select
-    if fraction != cfg.heldout_fraction:
-        changed = dict(heldout_fraction=fraction, **changed)
-    if not changed:
-        return cfg, ""
+        caps.update(n_samples=train // 2, search_samples=select)
+    new = dict(heldout_fraction=fraction)
+    for k, cap in caps.items():  # (--search-samples 0 means --n-samples)
+        if k not in given and (getattr(cfg, k) or new.get("n_samples", cfg.n_samples)) > cap:
+            new[k] = cap
+    changed = {k: v for k, v in new.items() if v != getattr(cfg, k)}
     why = dict(heldout_fraction=f"{select} images to select and {report} to report",
                search_images="what the selection split holds", report_images="what the report split holds",
-               search_samples="the selection split's real images for the pixel metric",
-               n_samples="two sets of real training images for the pixel metric")
+               n_samples="two sets of real training images for the pixel metric",
+               search_samples="the selection split's real images for the pixel metric")
     note = "; ".join(f"--{k.replace('_', '-')} {getattr(cfg, k) or cfg.n_samples} -> {v} ({why[k]})"
                      for k, v in changed.items())
-    return dataclasses.replace(cfg, **changed), f"{cfg.data_dir} holds {len(names):,} images: {note}"
+    if note and notes is not None:
+        notes.append(f"{cfg.data_dir} holds {len(names):,} images: {note}")
+    return dataclasses.replace(cfg, **changed)
 
 
 def config_summary(cfg: Config, given: dict, stage: str, notes=(), saved=True) -> str:
     """What this run's configuration changes from the defaults, and where each change came from."""
     preset_name, preset = preset_of(given)
-    default = Config(out=cfg.out)
-    groups = {"flags": {}, preset_name: {}, "fitted to the folder": {}}
-    for f in dataclasses.fields(Config):
-        value = getattr(cfg, f.name)
-        where = "flags" if f.name in given else preset_name if preset.get(f.name) == value else "fitted to the folder"
-        if f.name in given or value != getattr(default, f.name):
-            groups[where][f.name] = value
+    default, groups = Config(out=cfg.out), {"flags": {}, preset_name: {}, "fitted to the folder": {}}
+    for k, value in vars(cfg).items():
+        where = "flags" if k in given else preset_name if preset.get(k) == value else "fitted to the folder"
+        if k in given or value != getattr(default, k):
+            groups[where][k] = value
     lines = [f"deme.py {stage}: {cfg.dataset} into {cfg.out}; what differs from the defaults:"]
     lines += [f"  from {where}: " + ", ".join(f"{k}={v}" for k, v in values.items())
               for where, values in groups.items() if values]
@@ -919,11 +899,10 @@ def config_summary(cfg: Config, given: dict, stage: str, notes=(), saved=True) -
 
 
 def check_config(cfg: Config):
-    """One clear line for the first value that cannot work."""
+    """One clear line for the first value that cannot work (argparse has checked the types and the choices)."""
     counts = ("steps", "batch_size", "grad_accum", "n_samples", "eval_batch", "sample_steps", "train_steps",
               "ckpt_every", "search_evals", "search_images", "report_images", "bench_iters")
-    checks = [(cfg.model in ("ddpm", "sd"), f"unknown --model {cfg.model!r}; use ddpm or sd"),
-              (cfg.model != "sd" or cfg.dataset == "folder" and cfg.pretrained, "--model sd needs --pretrained "
+    checks = [(cfg.model != "sd" or cfg.dataset == "folder" and cfg.pretrained, "--model sd needs --pretrained "
                "SD_PIPELINE_FOLDER and --dataset folder --data-dir DIR (images plus metadata.jsonl)"),
               (cfg.model != "sd" or cfg.search_objective != "samples", "--search-objective samples scores DDPM "
                "samples by the pixel or FID metric; use loss or per_range with --model sd"),
@@ -978,7 +957,6 @@ def range_indices(cfg: Config) -> list:
 
 
 def seed_list(cfg: Config) -> list:
-    """--seeds as distinct non-negative integers."""
     seeds = parse_list("seeds", cfg.seeds)
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise UserError(f"--seeds {cfg.seeds!r}: give distinct non-negative integers, e.g. 0,1,2")
@@ -986,7 +964,6 @@ def seed_list(cfg: Config) -> list:
 
 
 def merge_weight_list(cfg: Config) -> list:
-    """--merge-weights as floats, one per range."""
     w = parse_list("merge-weights", cfg.merge_weights, float, "0.1,0.1,0.2,0.5")
     if len(w) != cfg.n_ranges:
         raise UserError(f"--merge-weights has {len(w)} values but there are {cfg.n_ranges} ranges; give one per range")
