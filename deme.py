@@ -718,8 +718,7 @@ def _opt(default, help, choices=""):
 
 @dataclass
 class Config:
-    """Every setting of every stage; dataset presets below fill in the paper's values, flags override them."""
-    # run
+    """Every setting of every stage, in the --help groups of GROUPS; dataset presets fill in the paper's values."""
     dataset: str = _opt("synthetic", "training data", "synthetic cifar10 lsun_church lsun_bedroom folder")
     data_dir: str = _opt("data", "where the dataset lives (CIFAR-10: the folder holding cifar-10-batches-py)")
     download: bool = _opt(False, "download CIFAR-10 into --data-dir if it is missing")
@@ -734,21 +733,18 @@ class Config:
     compile: Optional[bool] = _opt(None, "torch.compile the model (default: on for CUDA, off on CPU)")
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for CUDA, off on CPU)")
     workers: int = _opt(0, "data-loading worker processes (0 loads in the main process)")
-    # model
     model: str = _opt("ddpm", "ddpm: the pixel UNet; sd: a diffusers Stable Diffusion folder (--pretrained)", "ddpm sd")
     preset: str = _opt("tiny", "UNet size: " + ", ".join(PRESETS))
     pretrained: str = _opt("", "θ0: cifar10, lsun_church, lsun_bedroom, a file or a folder; empty: train it here")
     image_size: int = _opt(0, "training resolution (0: the preset's)")
     flip: bool = _opt(False, "random horizontal flips")
     dropout: Optional[float] = _opt(None, "dropout while training (default: the preset's; 0 when finetuning)")
-    # pretraining θ0 from scratch (train stage)
     train_steps: int = _opt(2000, "optimizer steps to pretrain θ0")
     train_lr: float = _opt(2e-4, "pretraining learning rate (DDPM: 2e-4)")
     train_warmup: int = _opt(100, "pretraining linear warm-up steps (DDPM: 5000)")
     train_schedule: str = _opt("constant", "after the warm-up: constant (DDPM) or cosine (to 0 at --train-steps)",
                                "constant cosine")
     curve_every: int = _opt(0, "log the EMA's held-out loss every this many pretraining steps (0: off)")
-    # decoupled finetuning (finetune and baseline stages)
     n_ranges: int = _opt(PAPER.n_ranges, "N, the number of timestep ranges (paper: 4; 8 in the ablation)")
     ranges: str = _opt("all", "which ranges this invocation finetunes: all, or indices such as 0,2")
     steps: int = _opt(PAPER.steps, "optimizer steps per range (paper: 20K); the baseline gets N times as many")
@@ -769,7 +765,6 @@ class Config:
     baseline_weighting: str = _opt("none", "the baseline's loss: none, minsnr or p2 (DeMe Table 1)", "none minsnr p2")
     ckpt_every: int = _opt(1000, "save a resumable checkpoint every this many steps")
     grid_every: int = _opt(0, "save a sample grid every this many steps (0: only at the end)")
-    # merge (merge stage)
     merge_method: str = _opt("task_arithmetic", "how to merge", "task_arithmetic average ties dare")
     merge_weights: str = _opt("", "w_1..w_N, low t first (LSUN official: 0.1,0.1,0.2,0.5); empty: search them")
     heldout_fraction: float = _opt(0.1, "folder and LSUN: the share held out from training (half to select)")
@@ -782,7 +777,6 @@ class Config:
     ties_k: float = _opt(PAPER.ties_k, "TIES: percent of each task vector's entries kept")
     ties_lam: float = _opt(PAPER.ties_lam, "TIES: scale of the merged task vector")
     dare_p: float = _opt(PAPER.dare_p, "DARE: drop probability")
-    # evaluation (sample and evaluate stages)
     sampler: str = _opt("ddim", "sampler for evaluation", "ddim ddpm")
     sample_steps: int = _opt(100, "DDIM steps (paper: 100 for CIFAR-10, 50 for LSUN)")
     eta: float = _opt(0.0, "DDIM eta (0: deterministic)")
@@ -794,15 +788,12 @@ class Config:
     inception_weights: str = _opt("", "pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
     fid_stats: str = _opt("", "reference statistics .npz of the training set (default: computed once, cached)")
     models: str = _opt("theta0,baseline,ensemble,merged", "models the evaluate stage compares")
-    # benchmark (bench stage)
     bench_batch: int = _opt(0, "images per timed step (0: the run's micro-batch and --eval-batch; on a CPU try 8)")
     bench_iters: int = _opt(5, "timed rounds after a warm-up; the median is reported")
-    # analysis (analyze stage)
     figures: str = _opt("all", "all, or some of conflict, landscape, norms, stationarity, seeds, interference, partial")
     conflict_timesteps: int = _opt(20, "K, the timesteps of the gradient-conflict figure: the centres of K bins")
     landscape_ranges: str = _opt("", "i,j: the ranges spanning the merge-landscape plane (default: 0 and N-1)")
     landscape_points: int = _opt(15, "grid points per axis of the merge landscape, weights from -0.25 to 1.5")
-    # Stable Diffusion (--model sd)
     prompts: str = _opt("", "prompts to draw: a file with one per line or 'a|b|c' (default: 8 captions)")
     guidance_scale: float = _opt(7.5, "classifier-free guidance scale (1: none)")
     sd_resolution: int = _opt(512, "image resolution for training and sampling (SD v1: 512)")
@@ -1006,9 +997,7 @@ class Env:
 
     def evaluation(self):
         """Where everything that measures or selects runs: exact fp32, or bf16 autocast with --eval-precision bf16."""
-        if self.eval_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return self.exact()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.eval_precision == "bf16" else self.exact()
 
     def barrier(self):
         if self.world > 1:
@@ -1027,51 +1016,43 @@ class Env:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, and bf16
-    autocast runs several times slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    """Whether this CPU does bf16 natively (AVX512-BF16, AMX); elsewhere oneDNN emulates it, several times slower."""
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def timing_unet(cfg: Config) -> UNet:
     """A fresh UNet of the run's preset and resolution, no dropout (official finetuning): what bench and plans time."""
-    return set_dropout(UNet.from_preset(cfg.preset, **({"resolution": cfg.image_size} if cfg.image_size else {})),
-                       0.0)
+    return UNet.from_preset(cfg.preset, dropout=0.0, resolution=cfg.image_size or PRESETS[cfg.preset]["resolution"])
 
 
 def setup_env(cfg: Config) -> Env:
     """Device and precision from the config, decided by what the machine is and never by a timing (--precision auto:
     bf16 on a GPU that has it, fp32 elsewhere); torch.distributed when torchrun started several processes."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(cfg.device)
-        except RuntimeError:
-            raise UserError(f"--device {cfg.device!r} is not a device; use cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        raise UserError(f"--device {cfg.device!r} is not a device; use cpu, cuda or cuda:N") from None
+    gpu = device.type == "cuda"
+    if gpu:
+        if not torch.cuda.is_available():
             raise UserError(f"--device {cfg.device} asked for a GPU but torch sees none; use --device cpu")
-        if device.type == "cuda" and (world > 1 or device.index is None):  # torchrun: the GPU of this LOCAL_RANK
+        if world > 1 or device.index is None:  # torchrun: the GPU of this LOCAL_RANK
             device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
-        if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        if device.index >= torch.cuda.device_count():
             raise UserError(f"--device {cfg.device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
-    if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        from datetime import timedelta
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
-                                             device_id=device if device.type == "cuda" else None)
+        import datetime
+        torch.distributed.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(hours=1),
+                                             device_id=device if gpu else None)
     precision = cfg.precision
     if precision == "auto":  # CPUs too train in fp32: bf16 there is an opt-in (README, "bf16 on CPUs")
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cuda":  # TF32 only where training is not fp32 anyway; evaluation switches it off (Env.exact)
+        precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if gpu:  # TF32 only where training is not fp32 anyway; evaluation switches it off (Env.exact)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    on_gpu = device.type == "cuda"
-    return Env(device, rank, world, precision,
-               compile=on_gpu if cfg.compile is None else cfg.compile,
-               channels_last=on_gpu if cfg.channels_last is None else cfg.channels_last,
-               eval_precision=cfg.eval_precision)
+    return Env(device, rank, world, precision, gpu if cfg.compile is None else cfg.compile,
+               gpu if cfg.channels_last is None else cfg.channels_last, cfg.eval_precision)
 
 
 def unwrap(model):
