@@ -829,19 +829,17 @@ MIN_FOLDER_IMAGES, MIN_HELDOUT_IMAGES = 100, 8
 
 
 def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
-    """Defaults < dataset preset < flags given, checked. --dataset folder: where the selection or report split is
-    smaller than --search-images or --report-images the held-out share rises, then every count no flag gave is capped
-    at what its split holds (--n-samples too, for the pixel metric's real images); `notes` gets what changed."""
+    """Defaults < dataset preset < flags given, checked; for --dataset folder, a larger held-out share and the counts
+    no flag gave capped where its splits hold fewer images than asked for (`notes` gets what changed)."""
     cfg = Config(**{**preset_of(given)[1], **given})
     cfg.out = cfg.out or f"runs/{cfg.dataset}"
     check_config(cfg)
     if cfg.dataset != "folder" or cfg.model != "ddpm":
         return cfg
-    names = [p.relative_to(cfg.data_dir).as_posix() for p in image_files(cfg.data_dir)]
-    if len(names) < MIN_FOLDER_IMAGES:
-        raise UserError(f"{cfg.data_dir} holds {len(names)} images, too few to train, select and report: use a folder "
+    h = sorted(unit_hash(p.relative_to(cfg.data_dir).as_posix()) for p in image_files(cfg.data_dir))
+    if len(h) < MIN_FOLDER_IMAGES:
+        raise UserError(f"{cfg.data_dir} holds {len(h)} images, too few to train, select and report: use a folder "
                         f"of at least {MIN_FOLDER_IMAGES} images")
-    h = sorted(unit_hash(name) for name in names)
 
     def split_sizes(fraction):  # (select, report, train), as heldout_role splits
         select, held = bisect.bisect_left(h, fraction / 2), bisect.bisect_left(h, fraction)
@@ -870,7 +868,7 @@ def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
     note = "; ".join(f"--{k.replace('_', '-')} {getattr(cfg, k) or cfg.n_samples} -> {v} ({why[k]})"
                      for k, v in changed.items())
     if note and notes is not None:
-        notes.append(f"{cfg.data_dir} holds {len(names):,} images: {note}")
+        notes.append(f"{cfg.data_dir} holds {len(h):,} images: {note}")
     return dataclasses.replace(cfg, **changed)
 
 
@@ -980,9 +978,8 @@ class Env:
 
     def autocast(self):
         """Training's bf16/fp16 autocast, or nothing for fp32."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def exact(self):
