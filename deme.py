@@ -1135,8 +1135,7 @@ def prepare(model, env: Env, train=False):
 # --- II.3 The training loop: EMA, checkpoints, resume, RNG state, atomic writes --------------------------------------
 
 class EMA:
-    """Exponential moving average of the weights; decay at optimizer step k is min(max_decay, 1 - k^-3/4), the
-    warm-up of diffusers' EMAModel (inv_gamma 1, power 3/4) that the official code uses."""
+    """EMA of the weights, decay min(max_decay, 1 - k^-3/4) at step k: diffusers' EMAModel, as the official code."""
 
     def __init__(self, model, max_decay=PAPER.ema_decay):
         self.max_decay, self.step, live = max_decay, 0, unwrap(model).state_dict()
@@ -1153,10 +1152,10 @@ class EMA:
         torch._foreach_lerp_(self._ema, self._live, 1.0 - self.decay())
 
 
-def restore(state: dict, model, ema, opt, sched, scaler, generators, fallback_seed) -> list:
-    """Loads a training checkpoint into the loop's objects as far as this machine allows; returns what it could not
-    restore: CUDA states of GPUs this machine lacks, generators saved on another kind of device (seeded with
-    fallback_seed + their position instead, alike on every rank), an fp16 scaler."""
+def restore(state: dict, env: Env, desc, seed, model, ema, opt, sched, scaler, generators):
+    """Loads a training checkpoint into train_loop's objects and says what this machine could not restore: CUDA states
+    of GPUs it lacks, generators of another kind of device (reseeded instead, alike on every rank), a scaler."""
+    reseed = seed + 1_000_003 * state["step"]
     model.load_state_dict(state["model"])
     for k, v in state["ema"].items():
         ema.state[k].copy_(v)
@@ -1165,8 +1164,7 @@ def restore(state: dict, model, ema, opt, sched, scaler, generators, fallback_se
     sched.load_state_dict(state["scheduler"])
     lost, rng, gpus = [], state["rng"], torch.cuda.device_count()
     torch.set_rng_state(rng["torch"])
-    for i, s in enumerate(rng["cuda"][:gpus]):
-        torch.cuda.set_rng_state(s, i)
+    torch.cuda.set_rng_state_all(rng["cuda"][:gpus])
     if len(rng["cuda"]) > gpus:
         lost.append(f"the CUDA random state of {len(rng['cuda']) - gpus} of {len(rng['cuda'])} GPU(s)")
     for k, (g, s) in enumerate(zip(generators, rng["generators"])):
@@ -1174,19 +1172,20 @@ def restore(state: dict, model, ema, opt, sched, scaler, generators, fallback_se
             g.set_state(s)
         except RuntimeError:
             lost.append(f"the {g.device.type} noise generator (saved on another kind of device)")
-            g.manual_seed(fallback_seed + k)
+            g.manual_seed(reseed + k)
     if scaler.is_enabled() and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     elif scaler.is_enabled() or state["scaler"]:
         lost.append("the fp16 gradient scaler's state (the run changed precision)")
-    return lost
+    if env.world > 1:  # rank 0's global states were saved; dropout must not repeat rank 0's masks
+        torch.manual_seed(reseed + env.rank + 2)
+    if lost and env.master:
+        print(f"{desc}: resumed at step {state['step']} with the model, EMA, optimizer, step and data position; could "
+              f"not restore {'; '.join(lost)}")
 
 
 def load_checkpoint(path) -> dict:
     """A checkpoint dict of this project, loaded safely (weights_only: no code in a pickle runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; check the path or run the stage that makes it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1206,22 +1205,6 @@ def load_model(path, ck=None) -> UNet:
     if "model_config" not in ck:
         raise UserError(f"{path} is not a checkpoint of this project (no model_config); pass weights as --pretrained")
     return build_model(ck["model_config"], ck["ema"])
-
-
-def stage_checkpoint(path: Path, identity: dict, cfg: Config) -> Optional[dict]:
-    """The stage's saved state if it may be reused (finished) or resumed (--resume); None to start fresh."""
-    if cfg.overwrite or not path.exists():
-        return None
-    ck = load_checkpoint(path)
-    saved = ck.get("identity", {})
-    diff = [f"{k}: {saved.get(k)!r} there vs {v!r} now" for k, v in identity.items() if saved.get(k) != v]
-    if diff:
-        raise UserError(f"{path} was made with other settings ({'; '.join(diff[:3])}); choose another --out, or "
-                        f"pass --overwrite to replace it")
-    if ck["step"] < identity["steps"] and not cfg.resume:
-        raise UserError(f"{path} holds an unfinished stage (step {ck['step']} of {identity['steps']}); pass "
-                        f"--resume to continue it or --overwrite to start over")
-    return ck
 
 
 def atomic_write_text(text, path):
@@ -1259,8 +1242,16 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
     weights each sample's loss (Table 1's baselines); `curve(step, ema_state)` runs every --curve-every steps."""
     ckpt_path = Path(stage_dir) / "ckpt.pt"
     identity = dict(identity, steps=steps, lr=lr, batch_size=cfg.batch_size, seed=seed)
-    state = stage_checkpoint(ckpt_path, identity, cfg)
-    if state is not None and state["step"] >= steps:
+    state = None if cfg.overwrite or not ckpt_path.exists() else load_checkpoint(ckpt_path)
+    diff = [f"{k}: {state['identity'].get(k)!r} there vs {v!r} now" for k, v in identity.items()
+            if state and state["identity"].get(k) != v]
+    if diff:  # a stage made with other settings is never silently replaced, an unfinished one never silently reused
+        raise UserError(f"{ckpt_path} was made with other settings ({'; '.join(diff[:3])}); choose another --out, "
+                        f"or pass --overwrite to replace it")
+    if state and state["step"] < steps and not cfg.resume:
+        raise UserError(f"{ckpt_path} holds an unfinished stage (step {state['step']} of {steps}); pass --resume to "
+                        f"continue it or --overwrite to start over")
+    if state and state["step"] >= steps:
         if env.master:
             print(f"{desc}: reusing the finished stage in {ckpt_path}")
         return state["ema"]
@@ -1273,22 +1264,16 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
     t_gen = torch.Generator().manual_seed(seed * 7919)  # timesteps and coins (CPU)
     x_gen = torch.Generator(env.device).manual_seed(seed * 7919 + 1)  # noise and flips (device)
     torch.manual_seed(seed * 7919 + env.rank + 2)  # dropout, different on every rank
-    start = 0 if state is None else state["step"]
-    if state is not None:  # on any device, precision or number of processes: what cannot be restored is said
-        lost = restore(state, model, ema, opt, sched, scaler, (t_gen, x_gen), seed * 7919 + 1_000_003 * start)
-        if env.world > 1:  # rank 0's global states were saved; dropout must not repeat rank 0's masks
-            torch.manual_seed(seed * 7919 + env.rank + 2 + 1_000_003 * start)
-        if lost and env.master:
-            print(f"{desc}: resumed at step {start} with the model, EMA, optimizer, step and data position; could not "
-                  f"restore {'; '.join(lost)}")
+    start = state["step"] if state else 0
+    if state:  # on any device, precision or number of processes
+        restore(state, env, desc, seed * 7919, model, ema, opt, sched, scaler, (t_gen, x_gen))
     teacher = None if teacher is None else prepare(teacher, dataclasses.replace(env, world=1))
     net = prepare(model, env, train=True)
     grid = grid or (lambda state, path: save_grid(build_model(unwrap(model).config, state), diffusion, path, env, cfg))
     data_iter = batches(data, micro, seed, env.rank, env.world, start=start * cfg.grad_accum, workers=cfg.workers)
 
     def micro_step(last) -> torch.Tensor:  # one micro-batch: DDPM Algorithm 1 with DeMe's consistency loss (Eq. 4-5)
-        batch = next(data_iter)
-        x0, cond = encode(batch) if encode else (batch.to(env.device, non_blocking=True), {})
+        x0, cond = encode(next(data_iter)) if encode else (next(data_iter).to(env.device, non_blocking=True), {})
         if cfg.flip:
             flip = (torch.rand(micro * env.world, generator=x_gen, device=env.device) < 0.5)[mine]
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
@@ -1354,8 +1339,7 @@ def optimizer_step(model, opt, sched, scaler, ema, grad_clip):
 
 
 def lr_factor(k, steps, warmup, schedule="constant") -> float:
-    """The learning rate of step k as a fraction of the peak: a linear warm-up, then constant or a cosine decay to
-    0 at the last step (SGDR, Loshchilov & Hutter 2017, without restarts)."""
+    """Step k's learning rate / peak: a linear warm-up, then constant or a cosine to 0 (SGDR, without restarts)."""
     if k < warmup:
         return (k + 1) / warmup
     if schedule == "constant":
@@ -1422,8 +1406,7 @@ def stage_train(cfg: Config, env: Env, diffusion=None):
 
 
 def finished_checkpoint(path: Path, what: str, command: str) -> dict:
-    """The checkpoint at `path`, or one line saying that `what` is missing or unfinished and the `command` that makes
-    or finishes it."""
+    """The checkpoint at `path`, or one line saying `what` is missing or unfinished and the `command` that fixes it."""
     if not path.exists():
         raise UserError(f"{what} has no checkpoint at {path}; run `{command}` with the same --out first")
     ck = load_checkpoint(path)
@@ -1448,8 +1431,7 @@ def range_models(cfg: Config) -> list:
 # --- II.4 Data loaders: CIFAR-10, LSUN, image folders, held-out splits -----------------------------------------------
 
 class TensorImages(torch.utils.data.Dataset):
-    """Images held in memory as one tensor, uint8 in [0, 255] or float in [-1, 1]; items (or batches, indexed by a
-    tensor of indices) float in [-1, 1]."""
+    """Images in memory, uint8 in [0, 255] or float in [-1, 1]; items (or batches, given index tensors) in [-1, 1]."""
 
     def __init__(self, images):
         self.images = images
@@ -1530,9 +1512,8 @@ def unit_hash(name: str) -> float:
 
 
 def heldout_role(name: str, fraction: float) -> str:
-    """"train", "select" or "report" for the image called `name` (its path in the data folder, or its LSUN key) by a
-    hash of the name, so adding files moves none between splits: `fraction` is held out, half to select, half to
-    report."""
+    """The split of the image called `name` (path in the folder, or LSUN key) by its hash, so new files move none:
+    `fraction` is held out, half to select (merge weights, re-ranking), half to report; the rest trains."""
     h = unit_hash(name)
     return "select" if h < fraction / 2 else "report" if h < fraction else "train"
 
@@ -1543,15 +1524,12 @@ def split_item(item):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """A directory tree of images (only the `role` split's, given one), the short side resized to `size`, then a crop,
-    centred or random from a generator seeded by the item's crop key (fixed by the data order: every rank and worker
-    crops alike)."""
+    """A directory tree of images (given `role`, that split's), the short side resized to `size`, cropped: centred, or
+    seeded by the item's crop key (fixed by the data order, so every rank and worker crops alike)."""
 
     def __init__(self, folder, size, random_crop=False, role=None, fraction=0.1):
         self.paths = [p for p in image_files(folder)
                       if role is None or heldout_role(p.relative_to(folder).as_posix(), fraction) == role]
-        if not self.paths:
-            raise UserError(f"the {role} split of {folder} holds no image; raise --heldout-fraction or add images")
         self.size, self.random_crop = size, random_crop
 
     def __len__(self):
@@ -1575,9 +1553,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 class LSUN(ImageFolder):
-    """An official LSUN lmdb folder (<category>_train_lmdb): its images whose keys are in the `role` split. The keys
-    are listed once (minutes for bedroom's 3M) into `cache`; the lmdb is opened on first use in each process, so
-    DataLoader workers never share a handle forked from their parent."""
+    """The `role` split of an official LSUN lmdb folder, its keys listed once into `cache` (bedroom's 3M: minutes); the
+    lmdb opens on first use in each process, so DataLoader workers never share a handle forked from their parent."""
 
     def __init__(self, folder, size, random_crop, role, fraction, cache: Path):
         if cache.is_file():
@@ -1612,9 +1589,8 @@ class LSUN(ImageFolder):
 
 
 def make_dataset(cfg: Config, split="train", n=None):
-    """The configured dataset. split: "train" (training images, randomly cropped where the dataset is), "eval" (the
-    same, center-cropped: reference statistics), "select" and "report" (disjoint, never trained on: CIFAR-10's test
-    split in halves; folders and LSUN by heldout_role; synthetic: other seeds)."""
+    """The configured dataset's split: train (randomly cropped where the dataset is), eval (the same, centred), select
+    and report (disjoint, untrained: CIFAR-10's test split in halves; synthetic other seeds; else heldout_role)."""
     size = cfg.image_size or PRESETS[cfg.preset]["resolution"]
     if cfg.dataset == "synthetic":  # a fixed dataset, like the real ones: --seed changes the training, not the data
         count = n or (20000 if split in ("train", "eval") else 2048)
@@ -1651,30 +1627,25 @@ def heldout_images(cfg: Config, n, role) -> torch.Tensor:
 
 
 def batches(dataset, batch, seed, rank=0, world=1, start=0, workers=0):
-    """Endless micro-batches: epoch e visits a permutation seeded by (seed, e), rank r takes its share of every
-    global batch, and `start` skips that many batches, so a resumed run sees exactly the data it would have seen.
-    Image files get (index, crop key) items: every draw's random crop is fixed by the seed and the data order."""
+    """Endless micro-batches: epoch e visits a permutation seeded by (seed, e), rank r takes its share of every global
+    batch, `start` skips that many (a resume sees the same data); image files get (index, crop key) items."""
     n = len(dataset)
     per_epoch = n // (batch * world)
     if per_epoch == 0:
         raise UserError(f"the dataset has {n} images, fewer than one batch of {batch * world}; lower --batch-size")
-    k = start
+    epoch, offset = divmod(start, per_epoch)
     while True:
-        epoch, offset = divmod(k, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         pos = torch.arange(per_epoch * batch * world).view(per_epoch, world, batch)[offset:, rank]  # (batches, batch)
         idx = perm[pos]
         if isinstance(dataset, TensorImages):  # whole batches at once
-            loader = (dataset[i] for i in idx)
+            yield from (dataset[i] for i in idx)
         else:
             keys = (seed * 1_000_003 + epoch) * n + pos  # one key per draw, the same on every rank and worker
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=[list(zip(i.tolist(), c.tolist()))
-                                                                         for i, c in zip(idx, keys)],
-                                                 num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                                 persistent_workers=False)
-        for x in loader:
-            yield x
-            k += 1
+            sampler = [list(zip(i.tolist(), c.tolist())) for i, c in zip(idx, keys)]
+            yield from torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                                   pin_memory=torch.cuda.is_available())
+        epoch, offset = epoch + 1, 0
 
 
 # --- II.5 Evaluation: FID as pytorch-fid computes it, samples on disk, pixel Fréchet distance, results files ---------
