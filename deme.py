@@ -1562,11 +1562,10 @@ class LSUN(ImageFolder):
         else:
             try:
                 import lmdb
-            except ImportError:
-                raise UserError("reading LSUN lmdb folders needs the lmdb package: pip install lmdb") from None
-            try:
                 with lmdb.open(str(folder), readonly=True, lock=False) as db, db.begin() as txn:
                     keys = list(txn.cursor().iternext(keys=True, values=False))
+            except ImportError:  # (matched first: lmdb.Error is looked up only once lmdb is imported)
+                raise UserError("reading LSUN lmdb folders needs the lmdb package: pip install lmdb") from None
             except lmdb.Error as e:
                 raise UserError(f"{folder} is not a readable lmdb ({e}); check --data-dir") from None
             with atomic_path(cache) as tmp:
