@@ -1189,9 +1189,9 @@ def load_checkpoint(path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} cannot be read ({first}); it is truncated, corrupt or not a plain "
-                        f"weights file: delete it and rerun the stage") from None
+        why = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise UserError(f"checkpoint {path} cannot be read ({why}); it is truncated, corrupt or not a plain weights "
+                        f"file: delete it and rerun the stage") from None
 
 
 def build_model(model_config: dict, state_dict) -> UNet:
