@@ -1090,50 +1090,36 @@ def prepare(model, env: Env, train=False):
 # --- II.3 The training loop: EMA, checkpoints, resume, RNG state, atomic writes --------------------------------------
 
 class EMA:
-    """Exponential moving average of the weights; decay at optimizer step k is min(max_decay, 1 - k^-3/4), the
-    warm-up of diffusers' EMAModel (inv_gamma 1, power 3/4) that the official code uses."""
+    """EMA of the weights, decay min(max_decay, 1 - k^-3/4) at step k: diffusers' EMAModel, as the official code."""
 
-    def __init__(self, model, max_decay=PAPER.ema_decay, power=0.75):
-        self.max_decay, self.power, self.step = max_decay, power, 0
-        self.state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
-        live = unwrap(model).state_dict()
-        self._pairs = [(self.state[k], live[k]) for k in self.state if self.state[k].is_floating_point()]
+    def __init__(self, model, max_decay=PAPER.ema_decay):
+        self.max_decay, self.step, live = max_decay, 0, unwrap(model).state_dict()
+        self.state = {k: v.detach().clone() for k, v in live.items()}
+        floats = [k for k, v in live.items() if v.is_floating_point()]
+        self._ema, self._live = [self.state[k] for k in floats], [live[k] for k in floats]
 
     def decay(self):
-        return min(self.max_decay, 1.0 - self.step ** -self.power) if self.step > 0 else 0.0
+        return min(self.max_decay, 1.0 - self.step ** -0.75) if self.step > 0 else 0.0
 
-    @torch.no_grad()
     def update(self):
-        """ema = d * ema + (1 - d) * θ after optimizer step k = self.step + 1."""
+        """ema = d * ema + (1 - d) * θ after optimizer step k = self.step + 1 (on detached tensors: no autograd)."""
         self.step += 1
-        ema, live = zip(*self._pairs)
-        torch._foreach_lerp_(list(ema), list(live), 1.0 - self.decay())
-
-    def load(self, state, step):
-        for k, v in state.items():
-            self.state[k].copy_(v)
-        self.step = step
+        torch._foreach_lerp_(self._ema, self._live, 1.0 - self.decay())
 
 
-def rng_state(*generators) -> dict:
-    """Every random state a resumed run needs: torch's, CUDA's and the loop's generators' (no other is drawn)."""
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                generators=[g.get_state() for g in generators])
-
-
-def restore(state: dict, model, ema, opt, sched, scaler, generators, fallback_seed) -> list:
-    """Loads a training checkpoint into the loop's objects, as far as this machine allows; returns what it could not
-    restore: the CUDA states of GPUs this machine lacks, generators saved on another device type (their states
-    differ in kind: seeded with fallback_seed + their position instead, the same on every rank), an fp16 scaler."""
+def restore(state: dict, env: Env, desc, seed, model, ema, opt, sched, scaler, generators):
+    """Loads a training checkpoint into train_loop's objects and says what this machine could not restore: CUDA states
+    of GPUs it lacks, generators of another kind of device (reseeded instead, alike on every rank), a scaler."""
+    reseed = seed + 1_000_003 * state["step"]
     model.load_state_dict(state["model"])
-    ema.load(state["ema"], state["step"])
+    for k, v in state["ema"].items():
+        ema.state[k].copy_(v)
+    ema.step = state["step"]
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    lost, rng = [], state["rng"]
+    lost, rng, gpus = [], state["rng"], torch.cuda.device_count()
     torch.set_rng_state(rng["torch"])
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for i, s in enumerate(rng["cuda"][:gpus]):
-        torch.cuda.set_rng_state(s, i)
+    torch.cuda.set_rng_state_all(rng["cuda"][:gpus])
     if len(rng["cuda"]) > gpus:
         lost.append(f"the CUDA random state of {len(rng['cuda']) - gpus} of {len(rng['cuda'])} GPU(s)")
     for k, (g, s) in enumerate(zip(generators, rng["generators"])):
@@ -1141,54 +1127,39 @@ def restore(state: dict, model, ema, opt, sched, scaler, generators, fallback_se
             g.set_state(s)
         except RuntimeError:
             lost.append(f"the {g.device.type} noise generator (saved on another kind of device)")
-            g.manual_seed(fallback_seed + k)
+            g.manual_seed(reseed + k)
     if scaler.is_enabled() and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     elif scaler.is_enabled() or state["scaler"]:
         lost.append("the fp16 gradient scaler's state (the run changed precision)")
-    return lost
+    if env.world > 1:  # rank 0's global states were saved; dropout must not repeat rank 0's masks
+        torch.manual_seed(reseed + env.rank + 2)
+    if lost and env.master:
+        print(f"{desc}: resumed at step {state['step']} with the model, EMA, optimizer, step and data position; could "
+              f"not restore {'; '.join(lost)}")
 
 
 def load_checkpoint(path) -> dict:
     """A checkpoint dict of this project, loaded safely (weights_only: no code in a pickle runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; check the path or run the stage that makes it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} cannot be read ({first}); it is truncated, corrupt or not a plain "
-                        f"weights file: delete it and rerun the stage") from None
+        why = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise UserError(f"checkpoint {path} cannot be read ({why}); it is truncated, corrupt or not a plain weights "
+                        f"file: delete it and rerun the stage") from None
 
 
-def build_model(model_config: dict, state_dict=None) -> UNet:
-    """A UNet from its config, holding `state_dict` (with the projections the weights have) when given."""
-    return UNet(**model_config) if state_dict is None else model_from_state_dict(state_dict, model_config)
+def build_model(model_config: dict, state_dict) -> UNet:
+    """A UNet from its config holding `state_dict` (with the projections the weights have)."""
+    return model_from_state_dict(state_dict, model_config)
 
 
-def load_model(path, which="ema", ck=None) -> UNet:
-    """The model saved in one of this project's checkpoints (its EMA weights by default); `ck`: already loaded."""
+def load_model(path, ck=None) -> UNet:
+    """The EMA weights saved in one of this project's checkpoints, as a model; `ck`: that checkpoint, if loaded."""
     ck = ck or load_checkpoint(path)
     if "model_config" not in ck:
         raise UserError(f"{path} is not a checkpoint of this project (no model_config); pass weights as --pretrained")
-    return build_model(ck["model_config"], ck.get(which) or ck["model"])
-
-
-def stage_checkpoint(path: Path, identity: dict, cfg: Config) -> Optional[dict]:
-    """The stage's saved state if it may be reused (finished) or resumed (--resume); None to start fresh."""
-    if cfg.overwrite or not path.exists():
-        return None
-    ck = load_checkpoint(path)
-    diff = [f"{k}: {ck['identity'].get(k)!r} there vs {v!r} now" for k, v in identity.items()
-            if ck.get("identity", {}).get(k) != v]
-    if diff:
-        raise UserError(f"{path} was made with other settings ({'; '.join(diff[:3])}); choose another --out, or "
-                        f"pass --overwrite to replace it")
-    if ck["step"] < identity["steps"] and not cfg.resume:
-        raise UserError(f"{path} holds an unfinished stage (step {ck['step']} of {identity['steps']}); pass "
-                        f"--resume to continue it or --overwrite to start over")
-    return ck
+    return build_model(ck["model_config"], ck["ema"])
 
 
 def atomic_write_text(text, path):
@@ -1197,19 +1168,15 @@ def atomic_write_text(text, path):
         tmp.write_text(text)
 
 
-def save_grid(model, diffusion, path, env: Env, cfg: Config, seed=0):
+def save_grid(model, diffusion, path, env: Env, cfg: Config):
     """A grid of samples (the evaluation's sampler) from fixed noise, so grids of two models compare image by image."""
     from torchvision.utils import save_image
-    m = unwrap(model).to(env.device)
-    res = m.config["resolution"]
+    res = model.config["resolution"]
     n = min(64 if res <= 64 else 16, cfg.n_samples)  # never more samples than the evaluation draws
-    was_training = m.training
-    m.eval()
-    x = sample_batch(cfg, env, diffusion, m, range(n), seed, (m.config["in_channels"], res, res))
-    m.train(was_training)
+    model = model.to(env.device).eval()
+    x = sample_batch(cfg, env, diffusion, model, range(n), 0, (model.config["in_channels"], res, res))
     with atomic_path(path) as tmp:
         save_image(x.float() * 0.5 + 0.5, tmp, nrow=int(math.sqrt(n)))
-    return x
 
 
 def check_batch_split(cfg: Config, world: int) -> int:
@@ -1227,12 +1194,19 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
     """Trains `model` in place and returns its EMA weights: DDPM Algorithm 1, with DeMe's consistency loss to
     `teacher` when given (Eq. 4-5); resumable. `encode(batch) -> (x0, cond)`: the diffused tensor and the model's
     extra inputs (SD: VAE latents, text embeddings); `grid(ema_state, path)` draws a sample grid; `weighting(t)`
-    weights each sample's loss (Table 1's baselines); `curve(step, ema_state) -> row` goes to heldout_curve.csv."""
-    stage_dir = Path(stage_dir)
-    ckpt_path = stage_dir / "ckpt.pt"
+    weights each sample's loss (Table 1's baselines); `curve(step, ema_state)` runs every --curve-every steps."""
+    ckpt_path = Path(stage_dir) / "ckpt.pt"
     identity = dict(identity, steps=steps, lr=lr, batch_size=cfg.batch_size, seed=seed)
-    state = stage_checkpoint(ckpt_path, identity, cfg)
-    if state is not None and state["step"] >= steps:
+    state = None if cfg.overwrite or not ckpt_path.exists() else load_checkpoint(ckpt_path)
+    diff = [f"{k}: {state['identity'].get(k)!r} there vs {v!r} now" for k, v in identity.items()
+            if state and state["identity"].get(k) != v]
+    if diff:  # a stage made with other settings is never silently replaced, an unfinished one never silently reused
+        raise UserError(f"{ckpt_path} was made with other settings ({'; '.join(diff[:3])}); choose another --out, "
+                        f"or pass --overwrite to replace it")
+    if state and state["step"] < steps and not cfg.resume:
+        raise UserError(f"{ckpt_path} holds an unfinished stage (step {state['step']} of {steps}); pass --resume to "
+                        f"continue it or --overwrite to start over")
+    if state and state["step"] >= steps:
         if env.master:
             print(f"{desc}: reusing the finished stage in {ckpt_path}")
         return state["ema"]
@@ -1245,32 +1219,16 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
     t_gen = torch.Generator().manual_seed(seed * 7919)  # timesteps and coins (CPU)
     x_gen = torch.Generator(env.device).manual_seed(seed * 7919 + 1)  # noise and flips (device)
     torch.manual_seed(seed * 7919 + env.rank + 2)  # dropout, different on every rank
-    start = 0 if state is None else state["step"]
-    if state is not None:  # on any device, precision or number of processes: what cannot be restored is said
-        lost = restore(state, model, ema, opt, sched, scaler, (t_gen, x_gen), seed * 7919 + 1_000_003 * start)
-        if env.world > 1:  # rank 0's global states were saved; dropout must not repeat rank 0's masks
-            torch.manual_seed(seed * 7919 + env.rank + 2 + 1_000_003 * start)
-        if lost and env.master:
-            print(f"{desc}: resumed at step {start} with the model, EMA, optimizer, step and data position; could not "
-                  f"restore {'; '.join(lost)}")
-    if teacher is not None:
-        teacher = prepare(teacher, dataclasses.replace(env, world=1))
+    start = state["step"] if state else 0
+    if state:  # on any device, precision or number of processes
+        restore(state, env, desc, seed * 7919, model, ema, opt, sched, scaler, (t_gen, x_gen))
+    teacher = None if teacher is None else prepare(teacher, dataclasses.replace(env, world=1))
     net = prepare(model, env, train=True)
     grid = grid or (lambda state, path: save_grid(build_model(unwrap(model).config, state), diffusion, path, env, cfg))
-    stage_dir.mkdir(parents=True, exist_ok=True)
-
-    def save(step):
-        if env.master:
-            atomic_save(dict(model=unwrap(model).state_dict(), ema=ema.state, optimizer=opt.state_dict(),
-                             scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=step,
-                             rng=rng_state(t_gen, x_gen), identity=identity, config=dataclasses.asdict(cfg),
-                             model_config=getattr(unwrap(model), "config", None)), ckpt_path)
-
     data_iter = batches(data, micro, seed, env.rank, env.world, start=start * cfg.grad_accum, workers=cfg.workers)
 
     def micro_step(last) -> torch.Tensor:  # one micro-batch: DDPM Algorithm 1 with DeMe's consistency loss (Eq. 4-5)
-        batch = next(data_iter)
-        x0, cond = encode(batch) if encode else (batch.to(env.device, non_blocking=True), {})
+        x0, cond = encode(next(data_iter)) if encode else (next(data_iter).to(env.device, non_blocking=True), {})
         if cfg.flip:
             flip = (torch.rand(micro * env.world, generator=x_gen, device=env.device) < 0.5)[mine]
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
@@ -1285,30 +1243,32 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
             scaler.scale(loss / cfg.grad_accum).backward()
         return loss.detach() / cfg.grad_accum
 
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not env.master, dynamic_ncols=True)
     bad_steps = 0
-    for step in range(start, steps):
-        total = sum(micro_step(m == cfg.grad_accum - 1) for m in range(cfg.grad_accum))
-        if env.world > 1:
-            torch.distributed.all_reduce(total)
-            total /= env.world
-        value = total.item()
-        bad_steps = 0 if math.isfinite(value) else bad_steps + 1
-        if bad_steps and (env.precision != "fp16" or bad_steps > 50):  # fp16: the scaler skips overflowing steps
-            bar.close()
-            raise UserError(f"{desc}: the loss became {value} at step {step + 1}; stopped, and {ckpt_path} still "
-                            f"holds the last good checkpoint; lower the learning rate, then --resume")
-        optimizer_step(model, opt, sched, scaler, ema, cfg.grad_clip)
-        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-        bar.update(1)
-        done = step + 1
-        if done % cfg.ckpt_every == 0 or done == steps:
-            save(done)
-        if curve is not None and env.master and cfg.curve_every and done % cfg.curve_every == 0:
-            append_curve(stage_dir / "heldout_curve.csv", done, curve(done, ema.state))
-        if env.master and (done == steps or (cfg.grid_every and done % cfg.grid_every == 0)):
-            grid(ema.state, stage_dir / f"grid_{done:06d}.png")
-    bar.close()
+    with tqdm(total=steps, initial=start, desc=desc, disable=not env.master, dynamic_ncols=True) as bar:
+        for done in range(start + 1, steps + 1):
+            total = sum(micro_step(m == cfg.grad_accum - 1) for m in range(cfg.grad_accum))
+            if env.world > 1:
+                torch.distributed.all_reduce(total)
+                total /= env.world
+            value = total.item()
+            bad_steps = 0 if math.isfinite(value) else bad_steps + 1
+            if bad_steps and (env.precision != "fp16" or bad_steps > 50):  # fp16: the scaler skips overflowing steps
+                raise UserError(f"{desc}: the loss became {value} at step {done}; stopped, and {ckpt_path} still "
+                                f"holds the last good checkpoint; lower the learning rate, then --resume")
+            optimizer_step(model, opt, sched, scaler, ema, cfg.grad_clip)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            bar.update(1)
+            if env.master and (done % cfg.ckpt_every == 0 or done == steps):
+                atomic_save(dict(model=unwrap(model).state_dict(), ema=ema.state, optimizer=opt.state_dict(),
+                                 scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=done,
+                                 rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all(),
+                                          generators=[t_gen.get_state(), x_gen.get_state()]),
+                                 identity=identity, config=dataclasses.asdict(cfg),
+                                 model_config=getattr(unwrap(model), "config", None)), ckpt_path)
+            if curve is not None and env.master and cfg.curve_every and done % cfg.curve_every == 0:
+                curve(done, ema.state)
+            if env.master and (done == steps or (cfg.grid_every and done % cfg.grid_every == 0)):
+                grid(ema.state, ckpt_path.parent / f"grid_{done:06d}.png")
     env.barrier()
     return ema.state
 
@@ -1334,8 +1294,7 @@ def optimizer_step(model, opt, sched, scaler, ema, grad_clip):
 
 
 def lr_factor(k, steps, warmup, schedule="constant") -> float:
-    """The learning rate of step k as a fraction of the peak: a linear warm-up, then constant or a cosine decay to
-    0 at the last step (SGDR, Loshchilov & Hutter 2017, without restarts)."""
+    """Step k's learning rate / peak: a linear warm-up, then constant or a cosine to 0 (SGDR, without restarts)."""
     if k < warmup:
         return (k + 1) / warmup
     if schedule == "constant":
@@ -1378,36 +1337,31 @@ def stage_train(cfg: Config, env: Env, diffusion=None):
     identity = stage_identity(dataclasses.replace(cfg, pretrained=""),  # from scratch, whatever --pretrained says
                               stage="pretrain", preset=cfg.preset, model=model.config, warmup=cfg.train_warmup,
                               schedule=cfg.train_schedule)
-    curve = None
-    if cfg.curve_every:  # how far from converged θ0 is: its EMA's held-out loss along the way (selection images)
-        images = heldout_images(cfg, cfg.search_images, "select")
-        curve = lambda step, ema: heldout_loss(build_model(model.config, ema), diffusion, images, env, cfg.n_ranges,
-                                               role_seed(cfg.seed, "select"))
+    csv = run_dir(cfg, "pretrain", "heldout_curve.csv")
+    images = heldout_images(cfg, cfg.search_images, "select") if cfg.curve_every else None
+
+    def curve(step, ema):  # how far from converged θ0 is: a row (step, its EMA's held-out loss, loss per range)
+        mean, per_range = heldout_loss(build_model(model.config, ema), diffusion, images, env, cfg.n_ranges,
+                                       role_seed(cfg.seed, "select"))
+        rows = csv.read_text().splitlines()[1:] if csv.exists() else []  # a resume drops the rows it redoes
+        head = "step,heldout_loss," + ",".join(f"loss_range{i}" for i in range(len(per_range)))
+        atomic_write_text("\n".join([head] + [r for r in rows if int(r.split(",")[0]) < step] +
+                                    [",".join(f"{v:.6g}" for v in [step, mean, *per_range])]) + "\n", csv)
+
     ema = train_loop(cfg, env, run_dir(cfg, "pretrain"), model, make_dataset(cfg), diffusion, steps=cfg.train_steps,
                      lr=cfg.train_lr, warmup=cfg.train_warmup, timesteps=uniform, identity=identity,
                      desc="pretrain θ0", seed=cfg.seed, curve=curve, schedule=cfg.train_schedule)
     if env.master:  # θ0 alone, in the layout assets/ ships it in
         atomic_save({k: v.float() for k, v in ema.items()}, run_dir(cfg, "pretrain", "theta0.pt"))
-        if cfg.curve_every and run_dir(cfg, "pretrain", "heldout_curve.csv").exists():
+        if cfg.curve_every and csv.exists():
             try:
-                print(f"held-out loss curve: {plot_curve(run_dir(cfg, 'pretrain', 'heldout_curve.csv'))}")
+                print(f"held-out loss curve: {plot_curve(csv)}")
             except UserError as e:
                 print(f"warning: no curve plot ({e})", file=sys.stderr)
 
 
-def append_curve(path: Path, step, losses):
-    """One row (step, held-out loss, loss per range) of a curve CSV; older rows at or past `step` dropped (resumes)."""
-    mean, per_range = losses
-    rows = path.read_text().splitlines() if path.exists() else []
-    rows = rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) < step]
-    head = "step,heldout_loss," + ",".join(f"loss_range{i}" for i in range(len(per_range)))
-    atomic_write_text("\n".join((rows or [head]) + [",".join(f"{v:.6g}" for v in [step, mean, *per_range])]) + "\n",
-                      path)
-
-
 def finished_checkpoint(path: Path, what: str, command: str) -> dict:
-    """The one "is this stage finished" check: the checkpoint at `path`, or one line saying that `what` is missing or
-    unfinished and the `command` that makes or finishes it."""
+    """The checkpoint at `path`, or one line saying `what` is missing or unfinished and the `command` that fixes it."""
     if not path.exists():
         raise UserError(f"{what} has no checkpoint at {path}; run `{command}` with the same --out first")
     ck = load_checkpoint(path)
@@ -1431,11 +1385,8 @@ def range_models(cfg: Config) -> list:
 
 # --- II.4 Data loaders: CIFAR-10, LSUN, image folders, held-out splits -----------------------------------------------
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
 class TensorImages(torch.utils.data.Dataset):
-    """Images held in memory as one tensor: uint8 in [0, 255] or float in [-1, 1]."""
+    """Images in memory, uint8 in [0, 255] or float in [-1, 1]; items (or batches, given index tensors) in [-1, 1]."""
 
     def __init__(self, images):
         self.images = images
@@ -1444,17 +1395,13 @@ class TensorImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return to_unit(self.images[i])
-
-
-def to_unit(x):
-    """uint8 [0, 255] or float [-1, 1] images as float [-1, 1]."""
-    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+        x = self.images[i]
+        return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
 
 
 class _NumpyOnlyUnpickler(__import__("pickle").Unpickler):
     """Unpickles numpy arrays, lists and dicts and nothing that could run code (the CIFAR-10 batch files)."""
-    ALLOWED = {(m, name) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")}
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
     ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
@@ -1467,15 +1414,15 @@ def cifar10_images(root, train=True, download=False) -> torch.Tensor:
     """CIFAR-10 from its python pickles (cifar-10-batches-py) as uint8 (N, 3, 32, 32)."""
     folder = Path(root) / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    if download and not all((folder / n).is_file() for n in names):
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing and download:
         from torchvision.datasets import CIFAR10
         try:
             CIFAR10(root, train=train, download=True)
         except Exception as e:
             raise UserError(f"could not download CIFAR-10 into {root} ({e}); download cifar-10-python.tar.gz from "
                             f"https://www.cs.toronto.edu/~kriz/cifar.html and extract it there") from None
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
+    elif missing:
         raise UserError(f"CIFAR-10 not found: {folder / missing[0]} is missing; pass --download, or extract "
                         f"cifar-10-python.tar.gz into {root} (or point --data-dir at the folder that holds "
                         f"cifar-10-batches-py)")
@@ -1496,18 +1443,16 @@ def image_files(folder) -> list:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist; check --data-dir (or the folders given to fid)")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     good, bad = [], []
-    for p in paths:
-        if p.suffix.lower() not in IMAGE_SUFFIXES:  # not opened: only image files are worth verifying
-            bad.append(p)
-            continue
+    for p in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        ok = p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # only image files are worth opening
         try:
-            with Image.open(p) as im:
-                im.verify()
-            good.append(p)
+            if ok:
+                with Image.open(p) as im:
+                    im.verify()
         except Exception:
-            bad.append(p)
+            ok = False
+        (good if ok else bad).append(p)
     if bad:
         print(f"warning: skipped {len(bad)} file(s) under {folder} that are not readable images, e.g. {bad[0]}",
               file=sys.stderr)
@@ -1522,24 +1467,10 @@ def unit_hash(name: str) -> float:
 
 
 def heldout_role(name: str, fraction: float) -> str:
-    """"train", "select" or "report" for the image called `name` (its path relative to the data folder, or its LSUN
-    key), decided by a hash of the name, so that adding files never moves one from a split to another: a `fraction`
-    of the images is held out from training, half of it to select (merge weights, re-ranking), half to report."""
+    """The split of the image called `name` (path in the folder, or LSUN key) by its hash, so new files move none:
+    `fraction` is held out, half to select (merge weights, re-ranking), half to report; the rest trains."""
     h = unit_hash(name)
     return "select" if h < fraction / 2 else "report" if h < fraction else "train"
-
-
-def resize_crop(image, size, crop_key=None) -> torch.Tensor:
-    """A PIL image as (3, size, size) in [-1, 1]: the short side resized to `size`, then a crop, centred, or random
-    from a generator seeded by `crop_key` (which the data order fixes, so every rank and worker crops alike)."""
-    from torchvision.transforms import functional as TF
-    image = TF.resize(image.convert("RGB"), size)
-    if crop_key is None:
-        image = TF.center_crop(image, size)
-    else:
-        rng, (w, h) = random.Random(crop_key), image.size
-        image = TF.crop(image, rng.randint(0, h - size), rng.randint(0, w - size), size, size)
-    return TF.to_tensor(image) * 2 - 1
 
 
 def split_item(item):
@@ -1548,31 +1479,54 @@ def split_item(item):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """A directory tree of images, resized (short side) and cropped to `size`; with `role`, only that split's."""
+    """A directory tree of images (given `role`, that split's), the short side resized to `size`, cropped: centred, or
+    seeded by the item's crop key (fixed by the data order, so every rank and worker crops alike)."""
 
     def __init__(self, folder, size, random_crop=False, role=None, fraction=0.1):
         self.paths = [p for p in image_files(folder)
                       if role is None or heldout_role(p.relative_to(folder).as_posix(), fraction) == role]
-        if not self.paths:
-            raise UserError(f"the {role} split of {folder} holds no image; raise --heldout-fraction or add images")
         self.size, self.random_crop = size, random_crop
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, item):
+    def open(self, i):
         from PIL import Image
+        return Image.open(self.paths[i])
+
+    def __getitem__(self, item):
+        from torchvision.transforms import functional as TF
         i, key = split_item(item)
-        with Image.open(self.paths[i]) as im:
-            return resize_crop(im, self.size, key if self.random_crop else None)
+        with self.open(i) as im:
+            image = TF.resize(im.convert("RGB"), self.size)
+        if key is None or not self.random_crop:
+            image = TF.center_crop(image, self.size)
+        else:
+            rng, (w, h) = random.Random(key), image.size
+            image = TF.crop(image, rng.randint(0, h - self.size), rng.randint(0, w - self.size), self.size, self.size)
+        return TF.to_tensor(image) * 2 - 1
 
 
-class LSUN(torch.utils.data.Dataset):
-    """An official LSUN lmdb folder (<category>_train_lmdb): the images stored under `keys`. The lmdb is opened on
-    first use in each process, so DataLoader workers never share a handle forked from their parent."""
+class LSUN(ImageFolder):
+    """The `role` split of an official LSUN lmdb folder, its keys listed once into `cache` (bedroom's 3M: minutes); the
+    lmdb opens on first use in each process, so DataLoader workers never share a handle forked from their parent."""
 
-    def __init__(self, folder, keys, size, random_crop=False):
-        self.folder, self.keys, self.size, self.random_crop, self._txn = str(folder), keys, size, random_crop, None
+    def __init__(self, folder, size, random_crop, role, fraction, cache: Path):
+        if cache.is_file():
+            keys = cache.read_bytes().split(b"\n")
+        else:
+            try:
+                import lmdb
+                with lmdb.open(str(folder), readonly=True, lock=False) as db, db.begin() as txn:
+                    keys = list(txn.cursor().iternext(keys=True, values=False))
+            except ImportError:  # (matched first: lmdb.Error is looked up only once lmdb is imported)
+                raise UserError("reading LSUN lmdb folders needs the lmdb package: pip install lmdb") from None
+            except lmdb.Error as e:
+                raise UserError(f"{folder} is not a readable lmdb ({e}); check --data-dir") from None
+            with atomic_path(cache) as tmp:
+                tmp.write_bytes(b"\n".join(keys))
+        self.keys = [k for k in keys if heldout_role(k.decode(), fraction) == role]
+        self.folder, self.size, self.random_crop, self._txn = str(folder), size, random_crop, None
 
     def __getstate__(self):
         return {**self.__dict__, "_txn": None}
@@ -1580,55 +1534,17 @@ class LSUN(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.keys)
 
-    def __getitem__(self, item):
+    def open(self, i):
         import lmdb
         from PIL import Image
-        i, key = split_item(item)
         if self._txn is None:
             self._txn = lmdb.open(self.folder, readonly=True, lock=False, readahead=False, meminit=False).begin()
-        with Image.open(io.BytesIO(self._txn.get(self.keys[i]))) as im:
-            return resize_crop(im, self.size, key if self.random_crop else None)
-
-
-def lsun_keys(folder, cache: Path) -> list:
-    """The image keys of an LSUN lmdb, listed once (minutes for bedroom's 3M) into `cache` inside the run folder."""
-    if cache.is_file():
-        return cache.read_bytes().split(b"\n")
-    try:
-        import lmdb
-    except ImportError:
-        raise UserError("reading LSUN lmdb folders needs the lmdb package: pip install lmdb") from None
-    try:
-        with lmdb.open(str(folder), readonly=True, lock=False) as db, db.begin() as txn:
-            keys = list(txn.cursor().iternext(keys=True, values=False))
-    except lmdb.Error as e:
-        raise UserError(f"{folder} is not a readable lmdb ({e}); check --data-dir") from None
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache) as tmp:
-        tmp.write_bytes(b"\n".join(keys))
-    return keys
-
-
-def lsun(cfg: "Config", size, split):
-    """LSUN from the official lmdb folder (keys cached under --out), or from a plain image folder."""
-    category = {"lsun_church": "church_outdoor", "lsun_bedroom": "bedroom"}[cfg.dataset]
-    folder = Path(cfg.data_dir) / f"{category}_train_lmdb"
-    role, random_crop = ("train" if split == "eval" else split), split == "train"  # random crops for training only
-    if not folder.is_dir():
-        return ImageFolder(cfg.data_dir, size, random_crop, role, cfg.heldout_fraction)
-    keys = [k for k in lsun_keys(folder, run_dir(cfg, f"lsun_keys_{category}.txt"))
-            if heldout_role(k.decode(), cfg.heldout_fraction) == role]
-    return LSUN(folder, keys, size, random_crop)
-
-
-SPLITS = ("train", "eval", "select", "report")
+        return Image.open(io.BytesIO(self._txn.get(self.keys[i])))
 
 
 def make_dataset(cfg: Config, split="train", n=None):
-    """The configured dataset. split: "train" (training images, randomly cropped where the dataset is), "eval" (the
-    same images, center-cropped: reference statistics), "select" and "report" (two disjoint sets of images that
-    training never sees: CIFAR-10's test split in halves; folders and LSUN by heldout_role; synthetic: other seeds)."""
-    assert split in SPLITS, split
+    """The configured dataset's split: train (randomly cropped where the dataset is), eval (the same, centred), select
+    and report (disjoint, untrained: CIFAR-10's test split in halves; synthetic other seeds; else heldout_role)."""
     size = cfg.image_size or PRESETS[cfg.preset]["resolution"]
     if cfg.dataset == "synthetic":  # a fixed dataset, like the real ones: --seed changes the training, not the data
         count = n or (20000 if split in ("train", "eval") else 2048)
@@ -1640,10 +1556,12 @@ def make_dataset(cfg: Config, split="train", n=None):
         images = cifar10_images(cfg.data_dir, train=split in ("train", "eval"), download=cfg.download)
         half = len(images) // 2
         return TensorImages({"select": images[:half], "report": images[half:]}.get(split, images))
-    if cfg.dataset in ("lsun_church", "lsun_bedroom"):
-        return lsun(cfg, size, split)
-    role = "train" if split == "eval" else split
-    return ImageFolder(cfg.data_dir, size, False, role, cfg.heldout_fraction)
+    role, random_crop = ("train" if split == "eval" else split), split == "train" and cfg.dataset != "folder"
+    category = {"lsun_church": "church_outdoor", "lsun_bedroom": "bedroom"}.get(cfg.dataset)
+    if category and (Path(cfg.data_dir) / f"{category}_train_lmdb").is_dir():  # else LSUN as a plain image folder
+        return LSUN(Path(cfg.data_dir) / f"{category}_train_lmdb", size, random_crop, role, cfg.heldout_fraction,
+                    run_dir(cfg, f"lsun_keys_{category}.txt"))
+    return ImageFolder(cfg.data_dir, size, random_crop, role, cfg.heldout_fraction)
 
 
 def held_out_split(cfg: Config, n, role, flag=None):
@@ -1659,36 +1577,29 @@ def held_out_split(cfg: Config, n, role, flag=None):
 def heldout_images(cfg: Config, n, role) -> torch.Tensor:
     """The first n images of the "select" or "report" split, as one (n, 3, H, W) tensor in [-1, 1]."""
     ds = held_out_split(cfg, n, role)
-    if isinstance(ds, TensorImages):
-        return to_unit(ds.images[:n])
     return torch.stack([ds[i] for i in range(n)])
 
 
 def batches(dataset, batch, seed, rank=0, world=1, start=0, workers=0):
-    """Endless micro-batches: epoch e visits a permutation seeded by (seed, e), rank r takes its share of every
-    global batch, and `start` skips that many batches, so a resumed run sees exactly the data it would have seen.
-    Image files get (index, crop key) items: every draw's random crop is fixed by the seed and the data order."""
+    """Endless micro-batches: epoch e visits a permutation seeded by (seed, e), rank r takes its share of every global
+    batch, `start` skips that many (a resume sees the same data); image files get (index, crop key) items."""
     n = len(dataset)
     per_epoch = n // (batch * world)
     if per_epoch == 0:
         raise UserError(f"the dataset has {n} images, fewer than one batch of {batch * world}; lower --batch-size")
-    k = start
+    epoch, offset = divmod(start, per_epoch)
     while True:
-        epoch, offset = divmod(k, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         pos = torch.arange(per_epoch * batch * world).view(per_epoch, world, batch)[offset:, rank]  # (batches, batch)
         idx = perm[pos]
-        if isinstance(dataset, TensorImages):
-            loader = (to_unit(dataset.images[i]) for i in idx)
+        if isinstance(dataset, TensorImages):  # whole batches at once
+            yield from (dataset[i] for i in idx)
         else:
             keys = (seed * 1_000_003 + epoch) * n + pos  # one key per draw, the same on every rank and worker
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=[list(zip(i.tolist(), c.tolist()))
-                                                                         for i, c in zip(idx, keys)],
-                                                 num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                                 persistent_workers=False)
-        for x in loader:
-            yield x
-            k += 1
+            sampler = [list(zip(i.tolist(), c.tolist())) for i, c in zip(idx, keys)]
+            yield from torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                                   pin_memory=torch.cuda.is_available())
+        epoch, offset = epoch + 1, 0
 
 
 # --- II.5 Evaluation: FID as pytorch-fid computes it, samples on disk, pixel Fréchet distance, results files ---------
