@@ -1743,67 +1743,38 @@ FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid
 FID_WEIGHTS_SHA256_PREFIX, FID_DIMS = "6726825d", 2048
 
 
-def _avg_pool_excluding_pad(x):
-    """3x3 stride-1 average pool that, like TensorFlow's, does not count the zero padding."""
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-def _max_pool(x):
-    """3x3 stride-1 max pool: the TF 2015-12-05 graph pools Mixed_7c's pool branch by max, not by average."""
-    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
-
-def _inception_a(block, x):
-    """torchvision InceptionA (Mixed_5b..5d) with the pad-excluding average pool."""
-    b5x5 = block.branch5x5_2(block.branch5x5_1(x))
-    b3x3 = block.branch3x3dbl_3(block.branch3x3dbl_2(block.branch3x3dbl_1(x)))
-    return torch.cat([block.branch1x1(x), b5x5, b3x3, block.branch_pool(_avg_pool_excluding_pad(x))], 1)
-
-
-def _inception_c(block, x):
-    """torchvision InceptionC (Mixed_6b..6e) with the pad-excluding average pool."""
-    b7x7 = block.branch7x7_3(block.branch7x7_2(block.branch7x7_1(x)))
-    b7x7dbl = x
-    for k in range(1, 6):
-        b7x7dbl = getattr(block, f"branch7x7dbl_{k}")(b7x7dbl)
-    return torch.cat([block.branch1x1(x), b7x7, b7x7dbl, block.branch_pool(_avg_pool_excluding_pad(x))], 1)
-
-
-def _inception_e(block, x, pool):
-    """torchvision InceptionE (Mixed_7b, 7c) with the given 3x3 pool in its pool branch."""
-    b3x3 = block.branch3x3_1(x)
-    b3x3 = torch.cat([block.branch3x3_2a(b3x3), block.branch3x3_2b(b3x3)], 1)
-    b3x3dbl = block.branch3x3dbl_2(block.branch3x3dbl_1(x))
-    b3x3dbl = torch.cat([block.branch3x3dbl_3a(b3x3dbl), block.branch3x3dbl_3b(b3x3dbl)], 1)
-    return torch.cat([block.branch1x1(x), b3x3, b3x3dbl, block.branch_pool(pool(x))], 1)
-
-
-def fid_weights_file(weights_path=None, check_hash=True):
-    """The Inception weights file: weights_path, or pytorch-fid's file in the torch hub cache, downloaded once."""
-    if weights_path is not None:
-        if not Path(weights_path).is_file():
-            raise UserError(f"Inception weights file {weights_path} does not exist; "
-                            f"download {FID_WEIGHTS_URL} and pass its path")
-        return Path(weights_path)
-    path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_NAME
-    if path.is_file():
-        return path
-    try:
-        return download(FID_WEIGHTS_URL, path, FID_WEIGHTS_SHA256_PREFIX if check_hash else "", "sha256")
-    except UserError as e:
-        raise UserError(f"Inception weights missing: {e}, or pass --inception-weights FILE") from None
+def _tf_mixed(b, x, pool):
+    """torchvision's InceptionA/C/E (Mixed_5b..7c) with the TF graph's pool branch: pool(x), not the padded average."""
+    if hasattr(b, "branch5x5_1"):  # InceptionA
+        mid = [b.branch5x5_2(b.branch5x5_1(x)), b.branch3x3dbl_3(b.branch3x3dbl_2(b.branch3x3dbl_1(x)))]
+    elif hasattr(b, "branch7x7_1"):  # InceptionC
+        mid = [b.branch7x7_3(b.branch7x7_2(b.branch7x7_1(x))), x]
+        for k in range(1, 6):
+            mid[1] = getattr(b, f"branch7x7dbl_{k}")(mid[1])
+    else:  # InceptionE: both 3x3 branches end in two parallel convs
+        b3x3, b3x3dbl = b.branch3x3_1(x), b.branch3x3dbl_2(b.branch3x3dbl_1(x))
+        mid = [b.branch3x3_2a(b3x3), b.branch3x3_2b(b3x3), b.branch3x3dbl_3a(b3x3dbl), b.branch3x3dbl_3b(b3x3dbl)]
+    return torch.cat([b.branch1x1(x), *mid, b.branch_pool(pool(x))], 1)
 
 
 class FIDInception(nn.Module):
-    """pytorch-fid's InceptionV3([3]): the TF 2015-12-05 Inception (1008 classes) with TF pooling, pool3 features."""
+    """pytorch-fid's InceptionV3([3]): the TF 2015-12-05 Inception (1008 classes) with TF pooling, pool3 features;
+    weights from weights_path, or pytorch-fid's file in the torch hub cache, downloaded once."""
 
     def __init__(self, weights_path=None, check_hash=True):
         super().__init__()
         from torchvision.models.inception import Inception3
-        net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
-        for name, module in net.named_children():  # same state-dict keys as the weights file
-            self.add_module(name, module)
-        path = fid_weights_file(weights_path, check_hash)
+        for name, module in Inception3(num_classes=1008, aux_logits=False, init_weights=False).named_children():
+            self.add_module(name, module)  # the same state-dict keys as the weights file
+        path = Path(weights_path or Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_NAME)
+        if weights_path and not path.is_file():
+            raise UserError(f"Inception weights file {weights_path} does not exist; "
+                            f"download {FID_WEIGHTS_URL} and pass its path")
+        if not path.is_file():
+            try:
+                download(FID_WEIGHTS_URL, path, FID_WEIGHTS_SHA256_PREFIX if check_hash else "", "sha256")
+            except UserError as e:
+                raise UserError(f"Inception weights missing: {e}, or pass --inception-weights FILE") from None
         if check_hash:
             digest = file_digest(path, "sha256")
             if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
@@ -1820,27 +1791,26 @@ class FIDInception(nn.Module):
 
     def forward(self, images):
         """(B, 3, H, W) images in [0, 1] -> (B, 2048) float32 pool3 features."""
+        avg = lambda y: F.avg_pool2d(y, kernel_size=3, stride=1, padding=1, count_include_pad=False)  # as TF's
         x = F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
         x = 2 * x - 1                                                          # the TF graph expects [-1, 1]
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))      # (B, 64, 147, 147)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(self.maxpool1(x)))           # (B, 192, 71, 71)
         x = self.maxpool2(x)                                                   # (B, 192, 35, 35)
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d):
-            x = _inception_a(block, x)                                         # (B, 288, 35, 35)
+            x = _tf_mixed(block, x, avg)                                       # (B, 288, 35, 35)
         x = self.Mixed_6a(x)                                                   # (B, 768, 17, 17)
         for block in (self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
-            x = _inception_c(block, x)                                         # (B, 768, 17, 17)
+            x = _tf_mixed(block, x, avg)                                       # (B, 768, 17, 17)
         x = self.Mixed_7a(x)                                                   # (B, 1280, 8, 8)
-        x = _inception_e(self.Mixed_7b, x, _avg_pool_excluding_pad)            # (B, 2048, 8, 8)
-        x = _inception_e(self.Mixed_7c, x, _max_pool)                          # (B, 2048, 8, 8)
+        x = _tf_mixed(self.Mixed_7b, x, avg)                                   # (B, 2048, 8, 8)
+        x = _tf_mixed(self.Mixed_7c, x, lambda y: F.max_pool2d(y, 3, 1, 1))    # TF's graph: max, not average
         return F.adaptive_avg_pool2d(x, 1).flatten(1)                          # (B, 2048)
 
 
 def feature_stats(features):
     """Gaussian fitted to features (N, D): mean and unbiased covariance np.cov, in float64 as pytorch-fid."""
     features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or len(features) < 2:
-        raise UserError(f"need at least 2 feature vectors of shape (N, D), got shape {features.shape}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -1886,21 +1856,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def load_image(path):
-    """An image file as a (3, H, W) float32 tensor in [0, 1], read as pytorch-fid reads it (PIL RGB, ToTensor)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB"))                                  # (H, W, 3) uint8
-    except OSError as e:
-        raise UserError(f"cannot read image {path} ({e}); delete or replace it") from None
-    return torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)
-
-
 def png_batches(paths, batch_size=50):
-    """(B, 3, H, W) batches in [0, 1] of image files, read as pytorch-fid reads them."""
+    """(B, 3, H, W) batches in [0, 1] of image files, read as pytorch-fid reads them (PIL RGB, ToTensor)."""
+    from PIL import Image
     for start in range(0, len(paths), batch_size):
-        batch = [load_image(p) for p in paths[start:start + batch_size]]
+        batch = []
+        for p in paths[start:start + batch_size]:
+            try:
+                with Image.open(p) as im:
+                    batch.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float().div(255))
+            except OSError as e:
+                raise UserError(f"cannot read image {p} ({e}); delete or replace it") from None
         if len({x.shape for x in batch}) > 1:
             raise UserError(f"images differ in size (e.g. {paths[start]}); resize or crop them to one size first")
         yield torch.stack(batch)
@@ -1958,26 +1924,6 @@ def images_to_uint8(images):
     return x.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
 
 
-def generate_samples(sample_fn, n, out_dir, batch_size, rank=0, world=1):
-    """Write samples 0..n-1 as 8-bit PNGs out_dir/{i:06d}.png, sample_fn(indices) -> (B, C, H, W) in [-1, 1]; rank r
-    of world makes i % world == r, skipping those already written."""
-    from PIL import Image
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(rank, n, world) if not (out_dir / f"{i:06d}.png").exists()]
-    with tqdm(total=len(todo), desc=f"sampling rank {rank}", unit="img", disable=rank != 0) as bar:
-        for start in range(0, len(todo), batch_size):
-            indices = todo[start:start + batch_size]
-            with torch.no_grad():
-                images = sample_fn(indices)                                    # (B, C, H, W) in [-1, 1]
-            assert images.ndim == 4 and len(images) == len(indices), f"sample_fn gave shape {tuple(images.shape)}"
-            for i, pixels in zip(indices, images_to_uint8(images)):           # (H, W, C) uint8
-                with atomic_path(out_dir / f"{i:06d}.png", sync=False) as tmp:
-                    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(tmp, format="PNG")
-            bar.update(len(indices))
-    return len(todo)
-
-
 def pixel_frechet(images_a, images_b, pool=1):
     """Fréchet distance between raw pixel vectors, average-pooled by pool first: a cheap sanity check, NOT FID."""
     def pixel_vectors(images):
@@ -2022,8 +1968,29 @@ def named_model(cfg: Config, env: Env, name: str, theta0=None):
     return load_model(path, ck=ck).eval()
 
 
+def sample_shape(model) -> tuple:
+    """(C, H, W) of the samples of a UNet or of an ensemble."""
+    m = unwrap(model)
+    m = m.models[0] if isinstance(m, RangeEnsemble) else m
+    return m.config["in_channels"], m.config["resolution"], m.config["resolution"]
+
+
+def sample_batches(cfg: Config, env: Env, diffusion, model, indices, seed, desc="sampling"):
+    """(indices, samples (B, C, H, W) in [-1, 1]) in batches of --eval-batch; sample i starts from noise fixed by
+    (seed, i), the same for every model and batch size."""
+    shape = sample_shape(model)
+    model = model.to(env.device).eval()
+    with tqdm(total=len(indices), desc=desc, unit="img", leave=False, disable=not env.master) as bar:
+        for start in range(0, len(indices), cfg.eval_batch):
+            batch = indices[start:start + cfg.eval_batch]
+            yield batch, sample_batch(cfg, env, diffusion, model, batch, seed, shape)
+            bar.update(len(batch))
+
+
 def write_samples(cfg: Config, env: Env, diffusion, model, name) -> Path:
-    """cfg.n_samples samples of `model` as PNGs under samples/<name>/, streamed, resumable, split over ranks."""
+    """cfg.n_samples samples of `model` as 8-bit PNGs samples/<name>/{i:06d}.png, streamed and resumable: rank r of
+    world writes those with i % world == r that are not there yet."""
+    from PIL import Image
     folder = run_dir(cfg, "samples", name)
     seed = role_seed(cfg.seed, "samples")
     meta = dict(model=fingerprint(model), sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
@@ -2038,40 +2005,27 @@ def write_samples(cfg: Config, env: Env, diffusion, model, name) -> Path:
                 p.unlink()
         atomic_write_text(json.dumps(meta), meta_path)
     env.barrier()
-    model = model.to(env.device).eval()
-    c, res = unwrap_config(model)
-    generate_samples(lambda indices: sample_batch(cfg, env, diffusion, model, indices, seed, (c, res, res)),
-                     cfg.n_samples, folder, cfg.eval_batch, env.rank, env.world)
+    todo = [i for i in range(env.rank, cfg.n_samples, env.world) if not (folder / f"{i:06d}.png").exists()]
+    for indices, images in sample_batches(cfg, env, diffusion, model, todo, seed, f"sampling {name}"):
+        for i, pixels in zip(indices, images_to_uint8(images)):               # (H, W, C) uint8
+            with atomic_path(folder / f"{i:06d}.png", sync=False) as tmp:
+                Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(tmp, format="PNG")
     env.barrier()
     return folder
 
 
-def unwrap_config(model):
-    """(channels, resolution) of a UNet or of the models of an ensemble."""
-    m = unwrap(model)
-    m = m.models[0] if isinstance(m, RangeEnsemble) else m
-    return m.config["in_channels"], m.config["resolution"]
-
-
 def sample_in_memory(cfg: Config, env: Env, diffusion, model, n, seed, rank=0, world=1) -> torch.Tensor:
-    """Samples rank, rank + world, ... < n (all n by default) as (k, C, H, W) in [-1, 1]; sample i starts from
-    noise fixed by (seed, i), the same for every model."""
-    c, res = unwrap_config(model)
-    model = model.to(env.device).eval()
-    mine = list(range(rank, n, world))
-    out = [torch.empty(0, c, res, res)]
-    for s in tqdm(range(0, len(mine), cfg.eval_batch), desc="sampling", leave=False, disable=not env.master):
-        out.append(sample_batch(cfg, env, diffusion, model, mine[s:s + cfg.eval_batch], seed, (c, res, res)))
-    return torch.cat(out)
+    """Samples rank, rank + world, ... < n (all n by default) as (k, C, H, W) in [-1, 1]."""
+    parts = [x for _, x in sample_batches(cfg, env, diffusion, model, list(range(rank, n, world)), seed)]
+    return torch.cat([torch.empty(0, *sample_shape(model)), *parts])
 
 
 def gather_strided(part, env: Env) -> torch.Tensor:
     """All ranks' parts (rank r holds items r, r + world, ...) interleaved back into one tensor, on every rank."""
-    if env.world == 1:
-        return part
-    parts = [None] * env.world
-    torch.distributed.all_gather_object(parts, part)
-    out = part.new_empty((sum(len(p) for p in parts), *part.shape[1:]))
+    parts = [part] * env.world
+    if env.world > 1:
+        torch.distributed.all_gather_object(parts, part)
+    out = part.new_empty((sum(map(len, parts)), *part.shape[1:]))
     for r, p in enumerate(parts):
         out[r::env.world] = p
     return out
@@ -2287,7 +2241,7 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> 
         stats = inception_statistics(png_batches(paths[env.rank::env.world], cfg.eval_batch), len(paths),
                                      ref["inception"], env, f"FID features of {name}")
         value = frechet_distance(*stats, *ref["stats"])
-        grid = torch.stack([load_image(p) * 2 - 1 for p in paths[:64]])
+        grid = next(png_batches(paths[:64], 64)) * 2 - 1
     seconds = time.perf_counter() - start
     loss, per_range = heldout_loss(model.to(env.device), diffusion, ref["heldout"], env, cfg.n_ranges, ref["loss_seed"])
     row = dict(model=name, value=value, heldout_loss=loss, heldout_loss_per_range=per_range,
