@@ -1743,20 +1743,6 @@ FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid
 FID_WEIGHTS_SHA256_PREFIX, FID_DIMS = "6726825d", 2048
 
 
-def _tf_mixed(b, x, pool):
-    """torchvision's InceptionA/C/E (Mixed_5b..7c) with the TF graph's pool branch: pool(x), not the padded average."""
-    if hasattr(b, "branch5x5_1"):  # InceptionA
-        mid = [b.branch5x5_2(b.branch5x5_1(x)), b.branch3x3dbl_3(b.branch3x3dbl_2(b.branch3x3dbl_1(x)))]
-    elif hasattr(b, "branch7x7_1"):  # InceptionC
-        mid = [b.branch7x7_3(b.branch7x7_2(b.branch7x7_1(x))), x]
-        for k in range(1, 6):
-            mid[1] = getattr(b, f"branch7x7dbl_{k}")(mid[1])
-    else:  # InceptionE: both 3x3 branches end in two parallel convs
-        b3x3, b3x3dbl = b.branch3x3_1(x), b.branch3x3dbl_2(b.branch3x3dbl_1(x))
-        mid = [b.branch3x3_2a(b3x3), b.branch3x3_2b(b3x3), b.branch3x3dbl_3a(b3x3dbl), b.branch3x3dbl_3b(b3x3dbl)]
-    return torch.cat([b.branch1x1(x), *mid, b.branch_pool(pool(x))], 1)
-
-
 class FIDInception(nn.Module):
     """pytorch-fid's InceptionV3([3]): the TF 2015-12-05 Inception (1008 classes) with TF pooling, pool3 features;
     weights from weights_path, or pytorch-fid's file in the torch hub cache, downloaded once."""
@@ -1790,22 +1776,26 @@ class FIDInception(nn.Module):
         self.requires_grad_(False).eval()
 
     def forward(self, images):
-        """(B, 3, H, W) images in [0, 1] -> (B, 2048) float32 pool3 features."""
-        avg = lambda y: F.avg_pool2d(y, kernel_size=3, stride=1, padding=1, count_include_pad=False)  # as TF's
-        x = F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1                                                          # the TF graph expects [-1, 1]
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))      # (B, 64, 147, 147)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(self.maxpool1(x)))           # (B, 192, 71, 71)
-        x = self.maxpool2(x)                                                   # (B, 192, 35, 35)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d):
-            x = _tf_mixed(block, x, avg)                                       # (B, 288, 35, 35)
-        x = self.Mixed_6a(x)                                                   # (B, 768, 17, 17)
-        for block in (self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
-            x = _tf_mixed(block, x, avg)                                       # (B, 768, 17, 17)
-        x = self.Mixed_7a(x)                                                   # (B, 1280, 8, 8)
-        x = _tf_mixed(self.Mixed_7b, x, avg)                                   # (B, 2048, 8, 8)
-        x = _tf_mixed(self.Mixed_7c, x, lambda y: F.max_pool2d(y, 3, 1, 1))    # TF's graph: max, not average
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)                          # (B, 2048)
+        """(B, 3, H, W) images in [0, 1] -> (B, 2048) float32 pool3 features, as the TF graph computes them: the pool
+        branches of Mixed_5b..7b average without counting the zero padding, and Mixed_7c's takes the max."""
+        x = 2 * F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False) - 1  # TF: [-1, 1]
+        for name, b in self.named_children():  # torchvision's order: the stem, Mixed_5b ... Mixed_7c, avgpool, fc
+            if name == "avgpool":
+                return F.adaptive_avg_pool2d(x, 1).flatten(1)                  # (B, 2048)
+            if not hasattr(b, "branch_pool"):  # the stem, Mixed_6a and Mixed_7a: as torchvision runs them
+                x = b(x)
+                continue
+            pool = F.max_pool2d(x, 3, 1, 1) if name == "Mixed_7c" else F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+            if hasattr(b, "branch5x5_1"):  # InceptionA
+                mid = [b.branch5x5_2(b.branch5x5_1(x)), b.branch3x3dbl_3(b.branch3x3dbl_2(b.branch3x3dbl_1(x)))]
+            elif hasattr(b, "branch7x7_1"):  # InceptionC
+                mid = [b.branch7x7_3(b.branch7x7_2(b.branch7x7_1(x))), x]
+                for k in range(1, 6):
+                    mid[1] = getattr(b, f"branch7x7dbl_{k}")(mid[1])
+            else:  # InceptionE: both 3x3 branches end in two parallel convs
+                b3, b3dbl = b.branch3x3_1(x), b.branch3x3dbl_2(b.branch3x3dbl_1(x))
+                mid = [b.branch3x3_2a(b3), b.branch3x3_2b(b3), b.branch3x3dbl_3a(b3dbl), b.branch3x3dbl_3b(b3dbl)]
+            x = torch.cat([b.branch1x1(x), *mid, b.branch_pool(pool)], 1)
 
 
 def feature_stats(features):
@@ -2358,24 +2348,15 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
 
 
 def side_by_side(grids: dict, path):
-    """One image: each model's first 64 samples as an 8x8 grid, titled, left to right."""
+    """One image: each model's first 64 samples as an 8x8 grid under its name, left to right."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
-    tiles = []
-    for name, x in grids.items():
-        g = make_grid(x.float() * 0.5 + 0.5, nrow=8, padding=1, pad_value=1.0).clamp(0, 1)
-        im = Image.fromarray(g.mul(255).round().byte().permute(1, 2, 0).numpy())
-        s = max(1, 256 // im.width)  # an integer upscale of small images, towards 256 pixels wide
-        im = im.resize((im.width * s, im.height * s), Image.NEAREST)
-        tile = Image.new("RGB", (im.width, im.height + 18), "white")
-        tile.paste(im, (0, 18))
-        ImageDraw.Draw(tile).text((4, 3), name, fill="black")
-        tiles.append(tile)
-    out = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), max(t.height for t in tiles)), "white")
-    x = 0
-    for t in tiles:
-        out.paste(t, (x, 0))
-        x += t.width + 8
+    tiles = [make_grid(x.float() * 0.5 + 0.5, nrow=8, padding=1, pad_value=1.0).clamp(0, 1) for x in grids.values()]
+    s = max(1, 256 // tiles[0].shape[-1])  # an integer upscale of small images, towards 256 pixels wide
+    tiles = [F.pad(t.repeat_interleave(s, 1).repeat_interleave(s, 2), (0, 8, 18, 0), value=1.0) for t in tiles]
+    out = Image.fromarray(torch.cat(tiles, 2)[:, :, :-8].mul(255).round().byte().permute(1, 2, 0).numpy())
+    for k, name in enumerate(grids):  # a title above each grid, on the 18 white rows
+        ImageDraw.Draw(out).text((4 + k * tiles[0].shape[-1], 3), name, fill="black")
     with atomic_path(path) as tmp:
         out.save(tmp)
 
