@@ -1815,12 +1815,12 @@ def load_stats(path):
     try:
         with np.load(path) as f:
             mu, sigma = f["mu"][:], f["sigma"][:]
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not all(np.isfinite(x).all() for x in (mu, sigma)):
+            raise ValueError(f"no finite Gaussian statistics: mu {mu.shape}, sigma {sigma.shape}")
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot read FID statistics (keys mu, sigma) from {path} ({type(e).__name__}); "
-                        f"pass an .npz written by pytorch-fid --save-stats or by this program") from None
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise UserError(f"{path} holds no finite Gaussian statistics (mu {mu.shape}, sigma {sigma.shape}); compute "
-                        f"them with pytorch-fid --save-stats or this program")
+        raise UserError(f"cannot read FID statistics (keys mu, sigma) from {path} ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())}); pass an .npz written by pytorch-fid --save-stats or by this "
+                        f"program") from None
     return mu, sigma
 
 
@@ -1863,9 +1863,8 @@ def png_batches(paths, batch_size=50):
 
 
 def inception_statistics(images, n, inception, env, desc="FID features"):
-    """FID statistics (mean and unbiased covariance of the 2048-d features, float64 as pytorch-fid's) of n images,
-    of which this process holds `images`, an iterable of (B, 3, H, W) batches in [0, 1]: every rank sums its features
-    and their outer products, the sums are all-reduced, and every rank gets the statistics of all n images."""
+    """FID statistics (mean, unbiased covariance; float64 as pytorch-fid's) of n images, of which this rank holds
+    `images`, (B, 3, H, W) batches in [0, 1]: the ranks' sums of features and outer products are all-reduced."""
     s1 = torch.zeros(FID_DIMS, dtype=torch.float64, device=env.device)                 # Σ f
     s2 = torch.zeros(FID_DIMS, FID_DIMS, dtype=torch.float64, device=env.device)       # Σ f f^T
     inception = inception.to(env.device).eval()
@@ -1892,13 +1891,12 @@ def fid_command(path_a, path_b, batch_size=50, device="cpu", inception_weights=N
     inputs = [load_stats(p) if str(p).endswith(".npz") else image_files(p) for p in (path_a, path_b)]
     model = None if all(isinstance(x, tuple) for x in inputs) else FIDInception(inception_weights, check_hash)
     for k, (path, paths) in enumerate(zip((path_a, path_b), inputs)):
-        if isinstance(paths, tuple):  # (mu, sigma) of an .npz
-            continue
-        if len(paths) < FID_DIMS:
-            print(f"warning: {len(paths)} images < {FID_DIMS} feature dims: singular covariance, FID biased upward; "
-                  f"compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
-        inputs[k] = inception_statistics(png_batches(paths, batch_size), len(paths), model, Env(torch.device(device)),
-                                         f"features of {Path(path).name}")
+        if isinstance(paths, list):  # image files, not the (mu, sigma) of an .npz
+            if len(paths) < FID_DIMS:
+                print(f"warning: {len(paths)} images < {FID_DIMS} feature dims: singular covariance, FID biased "
+                      f"upward; compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
+            inputs[k] = inception_statistics(png_batches(paths, batch_size), len(paths), model,
+                                             Env(torch.device(device)), f"features of {Path(path).name}")
     (mu_a, sigma_a), (mu_b, sigma_b) = inputs
     if len(mu_a) != len(mu_b):
         raise UserError(f"statistics do not match: {len(mu_a)} vs {len(mu_b)} dimensions; compute both with the "
@@ -1916,10 +1914,8 @@ def images_to_uint8(images):
 
 def pixel_frechet(images_a, images_b, pool=1):
     """Fréchet distance between raw pixel vectors, average-pooled by pool first: a cheap sanity check, NOT FID."""
-    def pixel_vectors(images):
-        x = torch.as_tensor(images).to(torch.float64)                          # (N, C, H, W)
-        return (F.avg_pool2d(x, pool) if pool > 1 else x).flatten(1).numpy()   # (N, C * H/pool * W/pool)
-    a, b = pixel_vectors(images_a), pixel_vectors(images_b)
+    vectors = lambda x: (F.avg_pool2d(x, pool) if pool > 1 else x).flatten(1).numpy()  # (N, C * H/pool * W/pool)
+    a, b = vectors(torch.as_tensor(images_a).to(torch.float64)), vectors(torch.as_tensor(images_b).to(torch.float64))
     if a.shape[1] != b.shape[1]:
         raise UserError(f"pixel vectors differ in size ({a.shape[1]} vs {b.shape[1]}); use images of one shape")
     n, dims = min(len(a), len(b)), a.shape[1]
@@ -2010,17 +2006,6 @@ def sample_in_memory(cfg: Config, env: Env, diffusion, model, n, seed, rank=0, w
     return torch.cat([torch.empty(0, *sample_shape(model)), *parts])
 
 
-def gather_strided(part, env: Env) -> torch.Tensor:
-    """All ranks' parts (rank r holds items r, r + world, ...) interleaved back into one tensor, on every rank."""
-    parts = [part] * env.world
-    if env.world > 1:
-        torch.distributed.all_gather_object(parts, part)
-    out = part.new_empty((sum(map(len, parts)), *part.shape[1:]))
-    for r, p in enumerate(parts):
-        out[r::env.world] = p
-    return out
-
-
 def selection_samples(cfg: Config) -> int:
     return cfg.search_samples or cfg.n_samples
 
@@ -2040,21 +2025,6 @@ def selection_quality(cfg: Config, env: Env, diffusion, model) -> float:
     return frechet_distance(*stats, *reference_stats(cfg, alone, inception, "select"))
 
 
-def score_cache(path: Path, scored_with: dict, fresh=False):
-    """cached(kind, w, compute): candidate w's score of that kind, computed once and kept in `path` while everything
-    it depends on (`scored_with`) stays the same; a cache made with anything else is dropped, never reused."""
-    saved = json.loads(path.read_text()) if path.exists() and not fresh else {}
-    values = saved.get("values", {}) if saved.get("scored_with") == scored_with else {}
-
-    def cached(kind, w, compute):
-        key = kind + json.dumps([round(x, 6) for x in w])
-        if key not in values:
-            values[key] = compute()
-            atomic_write_text(json.dumps(dict(scored_with=scored_with, values=values)), path)
-        return values[key]
-    return cached
-
-
 def choose_merge_weights(cfg: Config, env: Env, diffusion, backbone, base, finetuned) -> Optional[dict]:
     """The merge search, on rank 0 (the others wait, and get None): coordinate descent on the selection split's
     held-out loss (search_merge_weights; objective loss or per_range), and for --search-objective samples the
@@ -2066,12 +2036,23 @@ def choose_merge_weights(cfg: Config, env: Env, diffusion, backbone, base, finet
         env.barrier()
         return None
     (images, cond), seed, n = backbone.selection(), role_seed(cfg.seed, "select"), cfg.n_ranges
-    sampler = dict(n=selection_samples(cfg), sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta, metric=
-                   eval_metric(cfg), precision=cfg.eval_precision) if samples else None
-    cached = score_cache(run_dir(cfg, "merge", "search_cache.json"), dict(
-        method=cfg.merge_method, options=merge_options(cfg), images=len(images), split="select", seed=seed,
-        ranges=[fingerprint(sd) for sd in finetuned], samples=sampler), cfg.overwrite)
+    k, sample_seed = selection_samples(cfg), role_seed(cfg.seed, "select_samples")
+    source = split_description(cfg, "select")
+    cache = run_dir(cfg, "merge", "search_cache.json")
+    scored_with = dict(method=cfg.merge_method, options=merge_options(cfg), images=len(images), split="select",
+                       seed=seed, ranges=[fingerprint(sd) for sd in finetuned], samples=dict(
+                           n=k, sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta, metric=eval_metric(cfg),
+                           precision=cfg.eval_precision) if samples else None)
+    saved = json.loads(cache.read_text()) if cache.exists() and not cfg.overwrite else {}
+    values = saved.get("values", {}) if saved.get("scored_with") == scored_with else {}  # others' are never reused
     model = backbone.build(base).to(env.device)
+
+    def cached(kind, w, compute):  # candidate w's score of that kind, computed once and kept in search_cache.json
+        key = kind + json.dumps([round(x, 6) for x in w])
+        if key not in values:
+            values[key] = compute()
+            atomic_write_text(json.dumps(dict(scored_with=scored_with, values=values)), cache)
+        return values[key]
 
     def merged(w):
         model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
@@ -2088,17 +2069,16 @@ def choose_merge_weights(cfg: Config, env: Env, diffusion, backbone, base, finet
     for point in search["path"]:
         point["loss"], point["loss_per_range"] = losses(point["w"])
     what = dict(loss="held-out loss", per_range="each range's held-out loss relative to θ0's, averaged over the "
-                "ranges", samples=f"sample metric of {selection_samples(cfg)} samples (noise seed "
-                f"{role_seed(cfg.seed, 'select_samples')}) against selection images, among candidates from the "
-                f"held-out loss")[cfg.search_objective]
-    search.update(objective=f"{what}; {len(images)} selection images ({split_description(cfg, 'select')}), t "
-                            f"stratified over [0, {diffusion.T}), noise seed {seed}", objective_name=cfg.search_objective,
-                  images=len(images), source=split_description(cfg, "select"), noise_seed=seed)
+                "ranges", samples=f"sample metric of {k} samples (noise seed {sample_seed}) against selection "
+                "images, among candidates from the held-out loss")[cfg.search_objective]
+    search.update(objective=f"{what}; {len(images)} selection images ({source}), t stratified over [0, "
+                            f"{diffusion.T}), noise seed {seed}", objective_name=cfg.search_objective,
+                  images=len(images), source=source, noise_seed=seed)
     if samples:
         scored = [dict(w=w, score=cached("samples", w, lambda: selection_quality(cfg, env, diffusion, merged(w))))
                   for w in tqdm(sample_candidates(search["path"], n, cfg.search_candidates), desc="candidates")]
-        search.update(samples=sorted(scored, key=lambda c: c["score"]), search_samples=selection_samples(cfg),
-                      samples_noise_seed=role_seed(cfg.seed, "select_samples"))
+        search.update(samples=sorted(scored, key=lambda c: c["score"]), search_samples=k,
+                      samples_noise_seed=sample_seed)
         search["weights"] = search["samples"][0]["w"]
     search["chosen"] = dict(zip(("loss", "loss_per_range"), losses(search["weights"])),
                             theta0_loss_per_range=theta0_per_range)
@@ -2124,23 +2104,9 @@ def check_pixel_reference(size, n):
                         f"and its real-vs-real floor; lower --n-samples")
 
 
-def real_image_sets(cfg: Config, n):
-    """Two disjoint sets of n real images that report: the pixel metric's reference and its real-vs-real floor
-    (synthetic: two other seeds; else training images, as FID compares with training-set statistics)."""
-    if cfg.dataset == "synthetic":
-        res = cfg.image_size or PRESETS[cfg.preset]["resolution"]
-        a, b = SYNTHETIC_SEEDS["real"]
-        return synthetic_images(n, res, seed=a), synthetic_images(n, res, seed=b)
-    ds = make_dataset(cfg, "eval")
-    check_pixel_reference(len(ds), n)
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))
-    images = torch.stack([ds[int(i)] for i in idx[:2 * n]])
-    return images[:n], images[n:]
-
-
 def reference_stats(cfg: Config, env: Env, inception, split="eval"):
-    """FID statistics of the training set (--fid-stats, or computed once and cached in the run folder), or of the
-    selection split (split "select": what the samples objective compares with)."""
+    """FID statistics of the training set (--fid-stats, or computed once and cached in the run folder), or (split
+    "select") of the selection split, which the samples objective compares with."""
     if cfg.fid_stats and split == "eval":
         return load_stats(cfg.fid_stats)
     cache = run_dir(cfg, f"fid_stats_{cfg.dataset}" + ("_select" if split == "select" else "") + ".npz")
@@ -2164,8 +2130,8 @@ def split_description(cfg: Config, role) -> str:
     if cfg.dataset == "cifar10":
         return {"train": "the CIFAR-10 training split", "select": "CIFAR-10 test images 0-4999",
                 "report": "CIFAR-10 test images 5000-9999"}[role]
-    share = {"train": 1 - cfg.heldout_fraction, "select": cfg.heldout_fraction / 2, "report": cfg.heldout_fraction / 2}
-    return f"the {role} split of {cfg.data_dir}: {share[role]:.0%} of its images, by a hash of each path"
+    share = 1 - cfg.heldout_fraction if role == "train" else cfg.heldout_fraction / 2
+    return f"the {role} split of {cfg.data_dir}: {share:.0%} of its images, by a hash of each path"
 
 
 def evaluation_protocol(cfg: Config, metric: str) -> dict:
@@ -2190,17 +2156,25 @@ def evaluation_protocol(cfg: Config, metric: str) -> dict:
 
 def evaluation_reference(cfg: Config, env: Env) -> dict:
     """What every model is compared with: the report split's images and loss seed, the samples' noise seed, and the
-    metric's real side (pixel: real images and their real-vs-real floor; FID: the training-set statistics)."""
+    metric's real side: FID, the training-set statistics; pixel, n real images and the real-vs-real floor from n
+    others (synthetic: two other seeds; else training images, as FID compares with training-set statistics)."""
     ref = dict(metric=eval_metric(cfg), heldout=heldout_images(cfg, cfg.report_images, "report"),
                loss_seed=role_seed(cfg.seed, "report"), sample_seed=role_seed(cfg.seed, "samples"), floor=None,
                pool=None)
-    if ref["metric"] == "pixel":
-        ref["real"], real_b = real_image_sets(cfg, cfg.n_samples)
-        ref["pool"] = pixel_pool(ref["real"].shape[-1], ref["real"].shape[1], cfg.n_samples)
-        ref["floor"] = pixel_frechet(real_b, ref["real"], ref["pool"]) if env.master else None
-    else:
+    if ref["metric"] == "fid":
         ref["inception"] = FIDInception(cfg.inception_weights or None)
         ref["stats"] = reference_stats(cfg, env, ref["inception"])  # sharded over the ranks, then cached
+        return ref
+    n = cfg.n_samples
+    if cfg.dataset == "synthetic":
+        real, other = (synthetic_images(n, cfg.image_size or PRESETS[cfg.preset]["resolution"], seed=s)
+                       for s in SYNTHETIC_SEEDS["real"])
+    else:  # 2 n training images (preflight's check_pixel_reference)
+        ds = make_dataset(cfg, "eval")
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))
+        real, other = torch.stack([ds[int(i)] for i in idx[:2 * n]]).split(n)
+    ref.update(real=real, pool=pixel_pool(real.shape[-1], real.shape[1], n))
+    ref["floor"] = pixel_frechet(other, real, ref["pool"]) if env.master else None
     return ref
 
 
@@ -2219,9 +2193,14 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> 
         return dict(kept["row"], model=name), kept["grid"].float() / 127.5 - 1
     env.barrier()
     start = time.perf_counter()
-    if ref["metric"] == "pixel":
-        samples = gather_strided(sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, ref["sample_seed"],
-                                                  env.rank, env.world), env)
+    if ref["metric"] == "pixel":  # rank r makes samples r, r + world, ...; all are gathered on every rank
+        part = sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, ref["sample_seed"], env.rank, env.world)
+        parts = [part] * env.world
+        if env.world > 1:
+            torch.distributed.all_gather_object(parts, part)
+        samples = part.new_empty((cfg.n_samples, *part.shape[1:]))
+        for r, p in enumerate(parts):
+            samples[r::env.world] = p
         value = pixel_frechet(samples, ref["real"], ref["pool"]) if env.master else None
         grid = samples[:64]
     else:
@@ -2277,25 +2256,21 @@ def seed_summary(rows_by_seed: dict) -> dict:
     """Each model's spread ({mean, min, max, values}) over seeds of "value", "heldout_loss" and each range's loss,
     from {seed: results rows}; with a θ0 row, also the paired differences to it seed by seed, which the evaluation
     noise shared by both does not blur: "value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct"."""
-    def spread(values):
-        return dict(mean=float(np.mean(values)), min=float(np.min(values)), max=float(np.max(values)),
-                    values=[float(v) for v in values])
+    def spread(v):
+        return dict(mean=float(np.mean(v)), min=float(np.min(v)), max=float(np.max(v)), values=[float(x) for x in v])
     names = [r["model"] for r in next(iter(rows_by_seed.values()))]
     rows = {n: [next(r for r in seed_rows if r["model"] == n) for seed_rows in rows_by_seed.values()] for n in names}
-    base = next((rows[n] for n in ("theta0", "θ0") if n in rows), None)
-    pct = lambda a, b: 100 * (a / b - 1)
-
-    def spreads(rs, keys):  # of "value", "heldout_loss", each range's loss, under the names `keys`
-        per_range = [spread(v) for v in zip(*(r["heldout_loss_per_range"] for r in rs))]
-        return dict(zip(keys, (spread([r["value"] for r in rs]), spread([r["heldout_loss"] for r in rs]), per_range)))
-    summary = {name: spreads(rs, ("value", "heldout_loss", "heldout_loss_per_range")) for name, rs in rows.items()}
-    if base is None:
-        return summary
-    for name, rs in rows.items():  # the same spreads of the differences to θ0's row
-        diffs = [dict(value=r["value"] - b["value"], heldout_loss=pct(r["heldout_loss"], b["heldout_loss"]),
-                      heldout_loss_per_range=list(map(pct, r["heldout_loss_per_range"], b["heldout_loss_per_range"])))
-                 for r, b in zip(rs, base)]
-        summary[name].update(spreads(diffs, ("value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct")))
+    cols = {n: [np.array([r[k] for r in rs]) for k in ("value", "heldout_loss", "heldout_loss_per_range")]
+            for n, rs in rows.items()}                                     # (seeds,), (seeds,), (seeds, ranges)
+    base = next((cols[n] for n in ("theta0", "θ0") if n in cols), None)
+    summary = {}
+    for name, (value, loss, per_range) in cols.items():
+        summary[name] = dict(value=spread(value), heldout_loss=spread(loss),
+                             heldout_loss_per_range=[spread(c) for c in per_range.T])
+        if base is not None:  # the same spreads of the differences to θ0's row, the losses' in %
+            loss_pct, per_range_pct = 100 * (loss / base[1] - 1), 100 * (per_range / base[2] - 1)
+            summary[name].update(value_vs_theta0=spread(value - base[0]), loss_vs_theta0_pct=spread(loss_pct),
+                                 loss_per_range_vs_theta0_pct=[spread(c) for c in per_range_pct.T])
     return summary
 
 
