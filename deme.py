@@ -1744,8 +1744,7 @@ FID_WEIGHTS_SHA256_PREFIX, FID_DIMS = "6726825d", 2048
 
 
 class FIDInception(nn.Module):
-    """pytorch-fid's InceptionV3([3]): the TF 2015-12-05 Inception (1008 classes) with TF pooling, pool3 features;
-    weights from weights_path, or pytorch-fid's file in the torch hub cache, downloaded once."""
+    """pytorch-fid's InceptionV3([3]), the TF 2015-12-05 graph; weights_path, or its weights downloaded once."""
 
     def __init__(self, weights_path=None, check_hash=True):
         super().__init__()
@@ -1776,8 +1775,7 @@ class FIDInception(nn.Module):
         self.requires_grad_(False).eval()
 
     def forward(self, images):
-        """(B, 3, H, W) images in [0, 1] -> (B, 2048) float32 pool3 features, as the TF graph computes them: the pool
-        branches of Mixed_5b..7b average without counting the zero padding, and Mixed_7c's takes the max."""
+        """(B, 3, H, W) in [0, 1] -> (B, 2048) pool3 features; TF's pool branches skip the padding, 7c's is a max."""
         x = 2 * F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False) - 1  # TF: [-1, 1]
         for name, b in self.named_children():  # torchvision's order: the stem, Mixed_5b ... Mixed_7c, avgpool, fc
             if name == "avgpool":
@@ -1863,8 +1861,7 @@ def png_batches(paths, batch_size=50):
 
 
 def inception_statistics(images, n, inception, env, desc="FID features"):
-    """FID statistics (mean, unbiased covariance; float64 as pytorch-fid's) of n images, of which this rank holds
-    `images`, (B, 3, H, W) batches in [0, 1]: the ranks' sums of features and outer products are all-reduced."""
+    """FID statistics (float64, as pytorch-fid's) of n images; `images`: this rank's share, batches in [0, 1]."""
     s1 = torch.zeros(FID_DIMS, dtype=torch.float64, device=env.device)                 # Σ f
     s2 = torch.zeros(FID_DIMS, FID_DIMS, dtype=torch.float64, device=env.device)       # Σ f f^T
     inception = inception.to(env.device).eval()
@@ -1926,8 +1923,7 @@ def pixel_frechet(images_a, images_b, pool=1):
 
 
 def fingerprint(weights) -> str:
-    """SHA-256 (16 hex digits) of a model's or a state dict's keys and values: samples and scores on disk are reused
-    only for the very weights that made them."""
+    """SHA-256 (16 hex digits) of a model's or state dict's weights, which samples and scores on disk are kept by."""
     h = hashlib.sha256()
     for k, v in sorted((unwrap(weights).state_dict() if isinstance(weights, nn.Module) else weights).items()):
         h.update(k.encode())
@@ -1962,8 +1958,7 @@ def sample_shape(model) -> tuple:
 
 
 def sample_batches(cfg: Config, env: Env, diffusion, model, indices, seed, desc="sampling"):
-    """(indices, samples (B, C, H, W) in [-1, 1]) in batches of --eval-batch; sample i starts from noise fixed by
-    (seed, i), the same for every model and batch size."""
+    """(indices, samples (B, C, H, W) in [-1, 1]) per --eval-batch; sample i's noise is fixed by (seed, i)."""
     shape = sample_shape(model)
     model = model.to(env.device).eval()
     with tqdm(total=len(indices), desc=desc, unit="img", leave=False, disable=not env.master) as bar:
@@ -1974,8 +1969,7 @@ def sample_batches(cfg: Config, env: Env, diffusion, model, indices, seed, desc=
 
 
 def write_samples(cfg: Config, env: Env, diffusion, model, name) -> Path:
-    """cfg.n_samples samples of `model` as 8-bit PNGs samples/<name>/{i:06d}.png, streamed and resumable: rank r of
-    world writes those with i % world == r that are not there yet."""
+    """--n-samples PNGs samples/<name>/{i:06d}.png of `model`, resumable; rank r writes those with i % world == r."""
     from PIL import Image
     folder = run_dir(cfg, "samples", name)
     seed = role_seed(cfg.seed, "samples")
@@ -1984,8 +1978,7 @@ def write_samples(cfg: Config, env: Env, diffusion, model, name) -> Path:
     meta_path = folder.with_suffix(".json")
     if meta_path.exists() and not cfg.overwrite and json.loads(meta_path.read_text()) != meta:
         raise UserError(f"{folder} holds samples of another model or sampler; pass --overwrite to replace them")
-    if env.master:
-        folder.mkdir(parents=True, exist_ok=True)
+    if env.master:  # (atomic_path makes the folders)
         if cfg.overwrite:
             for p in folder.glob("*.png"):
                 p.unlink()
@@ -2011,8 +2004,7 @@ def selection_samples(cfg: Config) -> int:
 
 
 def selection_quality(cfg: Config, env: Env, diffusion, model) -> float:
-    """The sample metric that selects (--metric): --search-samples samples of the selection noise seed against the
-    selection split's real images, never the report split's; in memory, by this process alone (rank 0 searches)."""
+    """The metric of --search-samples samples (selection noise seed) vs the selection split, by this rank alone."""
     n = selection_samples(cfg)
     samples = sample_in_memory(cfg, env, diffusion, model, n, role_seed(cfg.seed, "select_samples"))
     if eval_metric(cfg) == "pixel":
@@ -2026,9 +2018,8 @@ def selection_quality(cfg: Config, env: Env, diffusion, model) -> float:
 
 
 def choose_merge_weights(cfg: Config, env: Env, diffusion, backbone, base, finetuned) -> Optional[dict]:
-    """The merge search, on rank 0 (the others wait, and get None): coordinate descent on the selection split's
-    held-out loss (search_merge_weights; objective loss or per_range), and for --search-objective samples the
-    paper's grid search scored by samples: sample_candidates ranked by selection_quality. Every score is cached."""
+    """The merge search on rank 0 (others get None): search_merge_weights on the selection split's held-out loss, and
+    for --search-objective samples, sample_candidates ranked by selection_quality. Every score is cached."""
     samples = cfg.search_objective == "samples"
     if samples and eval_metric(cfg) == "fid":  # the selection split's statistics first, shared by all ranks
         reference_stats(cfg, env, FIDInception(cfg.inception_weights or None), "select")
@@ -2105,8 +2096,7 @@ def check_pixel_reference(size, n):
 
 
 def reference_stats(cfg: Config, env: Env, inception, split="eval"):
-    """FID statistics of the training set (--fid-stats, or computed once and cached in the run folder), or (split
-    "select") of the selection split, which the samples objective compares with."""
+    """FID statistics of the training set (--fid-stats, else computed once and cached) or of split "select"."""
     if cfg.fid_stats and split == "eval":
         return load_stats(cfg.fid_stats)
     cache = run_dir(cfg, f"fid_stats_{cfg.dataset}" + ("_select" if split == "select" else "") + ".npz")
@@ -2155,9 +2145,8 @@ def evaluation_protocol(cfg: Config, metric: str) -> dict:
 
 
 def evaluation_reference(cfg: Config, env: Env) -> dict:
-    """What every model is compared with: the report split's images and loss seed, the samples' noise seed, and the
-    metric's real side: FID, the training-set statistics; pixel, n real images and the real-vs-real floor from n
-    others (synthetic: two other seeds; else training images, as FID compares with training-set statistics)."""
+    """What every model is compared with: the report split, the noise seeds, and the training-set statistics (FID) or
+    n real images and the real-vs-real floor from n others (pixel: synthetic, two other seeds; else training images)."""
     ref = dict(metric=eval_metric(cfg), heldout=heldout_images(cfg, cfg.report_images, "report"),
                loss_seed=role_seed(cfg.seed, "report"), sample_seed=role_seed(cfg.seed, "samples"), floor=None,
                pool=None)
@@ -2179,8 +2168,7 @@ def evaluation_reference(cfg: Config, env: Env) -> dict:
 
 
 def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> tuple:
-    """(results row, its first 64 samples) of one model: the metric on --n-samples samples and the held-out loss per
-    range; kept in evaluations/, keyed by the weights and protocol: a rerun costs nothing."""
+    """(results row, first 64 samples) of one model; kept in evaluations/ under its weights and protocol."""
     protocol = dict(metric=ref["metric"], n=cfg.n_samples, sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
                     variance=cfg.variance, precision=cfg.eval_precision, report=cfg.report_images,
                     seeds=[ref["loss_seed"], ref["sample_seed"]], ranges=cfg.n_ranges, dataset=cfg.dataset,
@@ -2237,12 +2225,11 @@ def results_markdown(results, cfg: Config) -> str:
         lines[0] += (f" Real vs real at the same N: {results['real_vs_real']:.4f} (pixels average-pooled "
                      f"{results['pixel_pool']}x{results['pixel_pool']}).")
     p = results["protocol"]
-    sel = (f"merge weights {p['select']['weights']} selected on {p['select']['images']} images "
-           f"({p['select']['source']}; noise seed {p['select']['noise_seed']}; objective {p['select']['objective']})"
-           if isinstance(p["select"], dict) else f"merge weights: {p['select']}")
+    sel = ("merge weights {weights} selected on {images} images ({source}; noise seed {noise_seed}; objective "
+           "{objective})".format(**p["select"]) if isinstance(p["select"], dict) else f"merge weights: {p['select']}")
     if isinstance(p["select_samples"], dict):
-        sel += (f", ranked among {p['select_samples']['candidates']} candidates by {p['select_samples']['samples']} "
-                f"samples of noise seed {p['select_samples']['noise_seed']}")
+        sel += ", ranked among {candidates} candidates by {samples} samples of noise seed {noise_seed}".format(
+            **p["select_samples"])
     lines += ["", f"Protocol: trained on {p['train']}; {sel}; held-out loss on {p['report_loss']['images']} other "
               f"images ({p['report_loss']['source']}; noise seed {p['report_loss']['noise_seed']}); samples from noise "
               f"seed {p['report_samples']['noise_seed']}, which no selection step used; evaluation in "
@@ -2253,9 +2240,8 @@ def results_markdown(results, cfg: Config) -> str:
 
 
 def seed_summary(rows_by_seed: dict) -> dict:
-    """Each model's spread ({mean, min, max, values}) over seeds of "value", "heldout_loss" and each range's loss,
-    from {seed: results rows}; with a θ0 row, also the paired differences to it seed by seed, which the evaluation
-    noise shared by both does not blur: "value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct"."""
+    """Each model's {mean, min, max, values} over seeds of "value", "heldout_loss", each range's loss, and with a θ0
+    row, of the paired differences to it seed by seed ("value_vs_theta0", "loss_vs_theta0_pct", ...)."""
     def spread(v):
         return dict(mean=float(np.mean(v)), min=float(np.min(v)), max=float(np.max(v)), values=[float(x) for x in v])
     names = [r["model"] for r in next(iter(rows_by_seed.values()))]
@@ -2275,8 +2261,7 @@ def seed_summary(rows_by_seed: dict) -> dict:
 
 
 def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
-    """{name}.json, {name}.md (mean [min, max] over seeds, and the paired differences to θ0) and {name}.png (bars
-    with min-max whiskers: held-out loss, sample metric, each range's loss relative to θ0's on the same seed)."""
+    """{name}.json, .md and .png (bars, min-max whiskers): the spread over seeds, and the paired differences to θ0."""
     summary, seeds, ranges = seed_summary(rows_by_seed), list(rows_by_seed), timestep_ranges(cfg.n_ranges)
     names, plain = list(summary), ("value", "heldout_loss", "heldout_loss_per_range")
     vs_theta0 = ("value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct")
