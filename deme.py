@@ -2266,6 +2266,7 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
     names, plain = list(summary), ("value", "heldout_loss", "heldout_loss_per_range")
     vs_theta0 = ("value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct")
     paired = vs_theta0[1] in summary[names[0]]  # the differences to θ0 on the same seed: its noise drops out
+    keys = vs_theta0 if paired else plain
     short = "pixel Fréchet distance (not FID)" if eval_metric(cfg) == "pixel" else "FID"
     metric = f"{short}, {cfg.n_samples} samples"
     cell = lambda d, f: f"{d['mean']:{f}} [{d['min']:{f}}, {d['max']:{f}}]"
@@ -2286,7 +2287,6 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
                       run_dir(cfg, f"{name}.json"))
     atomic_write_text(text, run_dir(cfg, f"{name}.md"))
     print("\n" + text)
-    keys = vs_theta0 if paired else plain
     spread = lambda ds: (np.array([d["mean"] for d in ds]), np.array([[d["mean"] - d["min"] for d in ds],
                                                                       [d["max"] - d["mean"] for d in ds]]))
 
