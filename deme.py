@@ -1609,67 +1609,23 @@ FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid
 FID_WEIGHTS_SHA256_PREFIX, FID_DIMS = "6726825d", 2048
 
 
-def _avg_pool_excluding_pad(x):
-    """3x3 stride-1 average pool that, like TensorFlow's, does not count the zero padding."""
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-def _max_pool(x):
-    """3x3 stride-1 max pool: the TF 2015-12-05 graph pools Mixed_7c's pool branch by max, not by average."""
-    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
-
-def _inception_a(block, x):
-    """torchvision InceptionA (Mixed_5b..5d) with the pad-excluding average pool."""
-    b5x5 = block.branch5x5_2(block.branch5x5_1(x))
-    b3x3 = block.branch3x3dbl_3(block.branch3x3dbl_2(block.branch3x3dbl_1(x)))
-    return torch.cat([block.branch1x1(x), b5x5, b3x3, block.branch_pool(_avg_pool_excluding_pad(x))], 1)
-
-
-def _inception_c(block, x):
-    """torchvision InceptionC (Mixed_6b..6e) with the pad-excluding average pool."""
-    b7x7 = block.branch7x7_3(block.branch7x7_2(block.branch7x7_1(x)))
-    b7x7dbl = x
-    for k in range(1, 6):
-        b7x7dbl = getattr(block, f"branch7x7dbl_{k}")(b7x7dbl)
-    return torch.cat([block.branch1x1(x), b7x7, b7x7dbl, block.branch_pool(_avg_pool_excluding_pad(x))], 1)
-
-
-def _inception_e(block, x, pool):
-    """torchvision InceptionE (Mixed_7b, 7c) with the given 3x3 pool in its pool branch."""
-    b3x3 = block.branch3x3_1(x)
-    b3x3 = torch.cat([block.branch3x3_2a(b3x3), block.branch3x3_2b(b3x3)], 1)
-    b3x3dbl = block.branch3x3dbl_2(block.branch3x3dbl_1(x))
-    b3x3dbl = torch.cat([block.branch3x3dbl_3a(b3x3dbl), block.branch3x3dbl_3b(b3x3dbl)], 1)
-    return torch.cat([block.branch1x1(x), b3x3, b3x3dbl, block.branch_pool(pool(x))], 1)
-
-
-def fid_weights_file(weights_path=None, check_hash=True):
-    """The Inception weights file: weights_path, or pytorch-fid's file in the torch hub cache, downloaded once."""
-    if weights_path is not None:
-        if not Path(weights_path).is_file():
-            raise UserError(f"Inception weights file {weights_path} does not exist; "
-                            f"download {FID_WEIGHTS_URL} and pass its path")
-        return Path(weights_path)
-    path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_NAME
-    if path.is_file():
-        return path
-    try:
-        return download(FID_WEIGHTS_URL, path, FID_WEIGHTS_SHA256_PREFIX if check_hash else "", "sha256")
-    except UserError as e:
-        raise UserError(f"Inception weights missing: {e}, or pass --inception-weights FILE") from None
-
-
 class FIDInception(nn.Module):
-    """pytorch-fid's InceptionV3([3]): the TF 2015-12-05 Inception (1008 classes) with TF pooling, pool3 features."""
+    """pytorch-fid's InceptionV3([3]), the TF 2015-12-05 graph; weights_path, or its weights downloaded once."""
 
     def __init__(self, weights_path=None, check_hash=True):
         super().__init__()
         from torchvision.models.inception import Inception3
-        net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
-        for name, module in net.named_children():  # same state-dict keys as the weights file
-            self.add_module(name, module)
-        path = fid_weights_file(weights_path, check_hash)
+        for name, module in Inception3(num_classes=1008, aux_logits=False, init_weights=False).named_children():
+            self.add_module(name, module)  # the same state-dict keys as the weights file
+        path = Path(weights_path or Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_NAME)
+        if weights_path and not path.is_file():
+            raise UserError(f"Inception weights file {weights_path} does not exist; "
+                            f"download {FID_WEIGHTS_URL} and pass its path")
+        if not path.is_file():
+            try:
+                download(FID_WEIGHTS_URL, path, FID_WEIGHTS_SHA256_PREFIX if check_hash else "", "sha256")
+            except UserError as e:
+                raise UserError(f"Inception weights missing: {e}, or pass --inception-weights FILE") from None
         if check_hash:
             digest = file_digest(path, "sha256")
             if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
@@ -1685,28 +1641,30 @@ class FIDInception(nn.Module):
         self.requires_grad_(False).eval()
 
     def forward(self, images):
-        """(B, 3, H, W) images in [0, 1] -> (B, 2048) float32 pool3 features."""
-        x = F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1                                                          # the TF graph expects [-1, 1]
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))      # (B, 64, 147, 147)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(self.maxpool1(x)))           # (B, 192, 71, 71)
-        x = self.maxpool2(x)                                                   # (B, 192, 35, 35)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d):
-            x = _inception_a(block, x)                                         # (B, 288, 35, 35)
-        x = self.Mixed_6a(x)                                                   # (B, 768, 17, 17)
-        for block in (self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
-            x = _inception_c(block, x)                                         # (B, 768, 17, 17)
-        x = self.Mixed_7a(x)                                                   # (B, 1280, 8, 8)
-        x = _inception_e(self.Mixed_7b, x, _avg_pool_excluding_pad)            # (B, 2048, 8, 8)
-        x = _inception_e(self.Mixed_7c, x, _max_pool)                          # (B, 2048, 8, 8)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)                          # (B, 2048)
+        """(B, 3, H, W) in [0, 1] -> (B, 2048) pool3 features; TF's pool branches skip the padding, 7c's is a max."""
+        x = 2 * F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False) - 1  # TF: [-1, 1]
+        for name, b in self.named_children():  # torchvision's order: the stem, Mixed_5b ... Mixed_7c, avgpool, fc
+            if name == "avgpool":
+                return F.adaptive_avg_pool2d(x, 1).flatten(1)                  # (B, 2048)
+            if not hasattr(b, "branch_pool"):  # the stem, Mixed_6a and Mixed_7a: as torchvision runs them
+                x = b(x)
+                continue
+            pool = F.max_pool2d(x, 3, 1, 1) if name == "Mixed_7c" else F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+            if hasattr(b, "branch5x5_1"):  # InceptionA
+                mid = [b.branch5x5_2(b.branch5x5_1(x)), b.branch3x3dbl_3(b.branch3x3dbl_2(b.branch3x3dbl_1(x)))]
+            elif hasattr(b, "branch7x7_1"):  # InceptionC
+                mid = [b.branch7x7_3(b.branch7x7_2(b.branch7x7_1(x))), x]
+                for k in range(1, 6):
+                    mid[1] = getattr(b, f"branch7x7dbl_{k}")(mid[1])
+            else:  # InceptionE: both 3x3 branches end in two parallel convs
+                b3, b3dbl = b.branch3x3_1(x), b.branch3x3dbl_2(b.branch3x3dbl_1(x))
+                mid = [b.branch3x3_2a(b3), b.branch3x3_2b(b3), b.branch3x3dbl_3a(b3dbl), b.branch3x3dbl_3b(b3dbl)]
+            x = torch.cat([b.branch1x1(x), *mid, b.branch_pool(pool)], 1)
 
 
 def feature_stats(features):
     """Gaussian fitted to features (N, D): mean and unbiased covariance np.cov, in float64 as pytorch-fid."""
     features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or len(features) < 2:
-        raise UserError(f"need at least 2 feature vectors of shape (N, D), got shape {features.shape}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -1721,12 +1679,12 @@ def load_stats(path):
     try:
         with np.load(path) as f:
             mu, sigma = f["mu"][:], f["sigma"][:]
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not all(np.isfinite(x).all() for x in (mu, sigma)):
+            raise ValueError(f"no finite Gaussian statistics: mu {mu.shape}, sigma {sigma.shape}")
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot read FID statistics (keys mu, sigma) from {path} ({type(e).__name__}); "
-                        f"pass an .npz written by pytorch-fid --save-stats or by this program") from None
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise UserError(f"{path} holds no finite Gaussian statistics (mu {mu.shape}, sigma {sigma.shape}); compute "
-                        f"them with pytorch-fid --save-stats or this program")
+        raise UserError(f"cannot read FID statistics (keys mu, sigma) from {path} ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())}); pass an .npz written by pytorch-fid --save-stats or by this "
+                        f"program") from None
     return mu, sigma
 
 
@@ -1752,30 +1710,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def load_image(path):
-    """An image file as a (3, H, W) float32 tensor in [0, 1], read as pytorch-fid reads it (PIL RGB, ToTensor)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB"))                                  # (H, W, 3) uint8
-    except OSError as e:
-        raise UserError(f"cannot read image {path} ({e}); delete or replace it") from None
-    return torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)
-
-
 def png_batches(paths, batch_size=50):
-    """(B, 3, H, W) batches in [0, 1] of image files, read as pytorch-fid reads them."""
+    """(B, 3, H, W) batches in [0, 1] of image files, read as pytorch-fid reads them (PIL RGB, ToTensor)."""
+    from PIL import Image
     for start in range(0, len(paths), batch_size):
-        batch = [load_image(p) for p in paths[start:start + batch_size]]
+        batch = []
+        for p in paths[start:start + batch_size]:
+            try:
+                with Image.open(p) as im:
+                    batch.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float().div(255))
+            except OSError as e:
+                raise UserError(f"cannot read image {p} ({e}); delete or replace it") from None
         if len({x.shape for x in batch}) > 1:
             raise UserError(f"images differ in size (e.g. {paths[start]}); resize or crop them to one size first")
         yield torch.stack(batch)
 
 
 def inception_statistics(images, n, inception, env, desc="FID features"):
-    """FID statistics (mean and unbiased covariance of the 2048-d features, float64 as pytorch-fid's) of n images,
-    of which this process holds `images`, an iterable of (B, 3, H, W) batches in [0, 1]: every rank sums its features
-    and their outer products, the sums are all-reduced, and every rank gets the statistics of all n images."""
+    """FID statistics (float64, as pytorch-fid's) of n images; `images`: this rank's share, batches in [0, 1]."""
     s1 = torch.zeros(FID_DIMS, dtype=torch.float64, device=env.device)                 # Σ f
     s2 = torch.zeros(FID_DIMS, FID_DIMS, dtype=torch.float64, device=env.device)       # Σ f f^T
     inception = inception.to(env.device).eval()
@@ -1802,13 +1754,12 @@ def fid_command(path_a, path_b, batch_size=50, device="cpu", inception_weights=N
     inputs = [load_stats(p) if str(p).endswith(".npz") else image_files(p) for p in (path_a, path_b)]
     model = None if all(isinstance(x, tuple) for x in inputs) else FIDInception(inception_weights, check_hash)
     for k, (path, paths) in enumerate(zip((path_a, path_b), inputs)):
-        if isinstance(paths, tuple):  # (mu, sigma) of an .npz
-            continue
-        if len(paths) < FID_DIMS:
-            print(f"warning: {len(paths)} images < {FID_DIMS} feature dims: singular covariance, FID biased upward; "
-                  f"compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
-        inputs[k] = inception_statistics(png_batches(paths, batch_size), len(paths), model, Env(torch.device(device)),
-                                         f"features of {Path(path).name}")
+        if isinstance(paths, list):  # image files, not the (mu, sigma) of an .npz
+            if len(paths) < FID_DIMS:
+                print(f"warning: {len(paths)} images < {FID_DIMS} feature dims: singular covariance, FID biased "
+                      f"upward; compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
+            inputs[k] = inception_statistics(png_batches(paths, batch_size), len(paths), model,
+                                             Env(torch.device(device)), f"features of {Path(path).name}")
     (mu_a, sigma_a), (mu_b, sigma_b) = inputs
     if len(mu_a) != len(mu_b):
         raise UserError(f"statistics do not match: {len(mu_a)} vs {len(mu_b)} dimensions; compute both with the "
@@ -1824,32 +1775,10 @@ def images_to_uint8(images):
     return x.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
 
 
-def generate_samples(sample_fn, n, out_dir, batch_size, rank=0, world=1):
-    """Write samples 0..n-1 as 8-bit PNGs out_dir/{i:06d}.png, sample_fn(indices) -> (B, C, H, W) in [-1, 1]; rank r
-    of world makes i % world == r, skipping those already written."""
-    from PIL import Image
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(rank, n, world) if not (out_dir / f"{i:06d}.png").exists()]
-    with tqdm(total=len(todo), desc=f"sampling rank {rank}", unit="img", disable=rank != 0) as bar:
-        for start in range(0, len(todo), batch_size):
-            indices = todo[start:start + batch_size]
-            with torch.no_grad():
-                images = sample_fn(indices)                                    # (B, C, H, W) in [-1, 1]
-            assert images.ndim == 4 and len(images) == len(indices), f"sample_fn gave shape {tuple(images.shape)}"
-            for i, pixels in zip(indices, images_to_uint8(images)):           # (H, W, C) uint8
-                with atomic_path(out_dir / f"{i:06d}.png", sync=False) as tmp:
-                    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(tmp, format="PNG")
-            bar.update(len(indices))
-    return len(todo)
-
-
 def pixel_frechet(images_a, images_b, pool=1):
     """Fréchet distance between raw pixel vectors, average-pooled by pool first: a cheap sanity check, NOT FID."""
-    def pixel_vectors(images):
-        x = torch.as_tensor(images).to(torch.float64)                          # (N, C, H, W)
-        return (F.avg_pool2d(x, pool) if pool > 1 else x).flatten(1).numpy()   # (N, C * H/pool * W/pool)
-    a, b = pixel_vectors(images_a), pixel_vectors(images_b)
+    vectors = lambda x: (F.avg_pool2d(x, pool) if pool > 1 else x).flatten(1).numpy()  # (N, C * H/pool * W/pool)
+    a, b = vectors(torch.as_tensor(images_a).to(torch.float64)), vectors(torch.as_tensor(images_b).to(torch.float64))
     if a.shape[1] != b.shape[1]:
         raise UserError(f"pixel vectors differ in size ({a.shape[1]} vs {b.shape[1]}); use images of one shape")
     n, dims = min(len(a), len(b)), a.shape[1]
@@ -1860,8 +1789,7 @@ def pixel_frechet(images_a, images_b, pool=1):
 
 
 def fingerprint(weights) -> str:
-    """SHA-256 (16 hex digits) of a model's or a state dict's keys and values: samples and scores on disk are reused
-    only for the very weights that made them."""
+    """SHA-256 (16 hex digits) of a model's or state dict's weights, which samples and scores on disk are kept by."""
     h = hashlib.sha256()
     for k, v in sorted((unwrap(weights).state_dict() if isinstance(weights, nn.Module) else weights).items()):
         h.update(k.encode())
@@ -1888,8 +1816,27 @@ def named_model(cfg: Config, env: Env, name: str, theta0=None):
     return load_model(path, ck=ck).eval()
 
 
+def sample_shape(model) -> tuple:
+    """(C, H, W) of the samples of a UNet or of an ensemble."""
+    m = unwrap(model)
+    m = m.models[0] if isinstance(m, RangeEnsemble) else m
+    return m.config["in_channels"], m.config["resolution"], m.config["resolution"]
+
+
+def sample_batches(cfg: Config, env: Env, diffusion, model, indices, seed, desc="sampling"):
+    """(indices, samples (B, C, H, W) in [-1, 1]) per --eval-batch; sample i's noise is fixed by (seed, i)."""
+    shape = sample_shape(model)
+    model = model.to(env.device).eval()
+    with tqdm(total=len(indices), desc=desc, unit="img", leave=False, disable=not env.master) as bar:
+        for start in range(0, len(indices), cfg.eval_batch):
+            batch = indices[start:start + cfg.eval_batch]
+            yield batch, sample_batch(cfg, env, diffusion, model, batch, seed, shape)
+            bar.update(len(batch))
+
+
 def write_samples(cfg: Config, env: Env, diffusion, model, name) -> Path:
-    """cfg.n_samples samples of `model` as PNGs under samples/<name>/, streamed, resumable, split over ranks."""
+    """--n-samples PNGs samples/<name>/{i:06d}.png of `model`, resumable; rank r writes those with i % world == r."""
+    from PIL import Image
     folder = run_dir(cfg, "samples", name)
     seed = role_seed(cfg.seed, "samples")
     meta = dict(model=fingerprint(model), sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
@@ -1897,50 +1844,25 @@ def write_samples(cfg: Config, env: Env, diffusion, model, name) -> Path:
     meta_path = folder.with_suffix(".json")
     if meta_path.exists() and not cfg.overwrite and json.loads(meta_path.read_text()) != meta:
         raise UserError(f"{folder} holds samples of another model or sampler; pass --overwrite to replace them")
-    if env.master:
-        folder.mkdir(parents=True, exist_ok=True)
+    if env.master:  # (atomic_path makes the folders)
         if cfg.overwrite:
             for p in folder.glob("*.png"):
                 p.unlink()
         atomic_write_text(json.dumps(meta), meta_path)
     env.barrier()
-    model = model.to(env.device).eval()
-    c, res = unwrap_config(model)
-    generate_samples(lambda indices: sample_batch(cfg, env, diffusion, model, indices, seed, (c, res, res)),
-                     cfg.n_samples, folder, cfg.eval_batch, env.rank, env.world)
+    todo = [i for i in range(env.rank, cfg.n_samples, env.world) if not (folder / f"{i:06d}.png").exists()]
+    for indices, images in sample_batches(cfg, env, diffusion, model, todo, seed, f"sampling {name}"):
+        for i, pixels in zip(indices, images_to_uint8(images)):               # (H, W, C) uint8
+            with atomic_path(folder / f"{i:06d}.png", sync=False) as tmp:
+                Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(tmp, format="PNG")
     env.barrier()
     return folder
 
 
-def unwrap_config(model):
-    """(channels, resolution) of a UNet or of the models of an ensemble."""
-    m = unwrap(model)
-    m = m.models[0] if isinstance(m, RangeEnsemble) else m
-    return m.config["in_channels"], m.config["resolution"]
-
-
 def sample_in_memory(cfg: Config, env: Env, diffusion, model, n, seed, rank=0, world=1) -> torch.Tensor:
-    """Samples rank, rank + world, ... < n (all n by default) as (k, C, H, W) in [-1, 1]; sample i starts from
-    noise fixed by (seed, i), the same for every model."""
-    c, res = unwrap_config(model)
-    model = model.to(env.device).eval()
-    mine = list(range(rank, n, world))
-    out = [torch.empty(0, c, res, res)]
-    for s in tqdm(range(0, len(mine), cfg.eval_batch), desc="sampling", leave=False, disable=not env.master):
-        out.append(sample_batch(cfg, env, diffusion, model, mine[s:s + cfg.eval_batch], seed, (c, res, res)))
-    return torch.cat(out)
-
-
-def gather_strided(part, env: Env) -> torch.Tensor:
-    """All ranks' parts (rank r holds items r, r + world, ...) interleaved back into one tensor, on every rank."""
-    if env.world == 1:
-        return part
-    parts = [None] * env.world
-    torch.distributed.all_gather_object(parts, part)
-    out = part.new_empty((sum(len(p) for p in parts), *part.shape[1:]))
-    for r, p in enumerate(parts):
-        out[r::env.world] = p
-    return out
+    """Samples rank, rank + world, ... < n (all n by default) as (k, C, H, W) in [-1, 1]."""
+    parts = [x for _, x in sample_batches(cfg, env, diffusion, model, list(range(rank, n, world)), seed)]
+    return torch.cat([torch.empty(0, *sample_shape(model)), *parts])
 
 
 def selection_samples(cfg: Config) -> int:
@@ -1948,8 +1870,7 @@ def selection_samples(cfg: Config) -> int:
 
 
 def selection_quality(cfg: Config, env: Env, diffusion, model) -> float:
-    """The sample metric that selects (--metric): --search-samples samples of the selection noise seed against the
-    selection split's real images, never the report split's; in memory, by this process alone (rank 0 searches)."""
+    """The metric of --search-samples samples (selection noise seed) vs the selection split, by this rank alone."""
     n = selection_samples(cfg)
     samples = sample_in_memory(cfg, env, diffusion, model, n, role_seed(cfg.seed, "select_samples"))
     if eval_metric(cfg) == "pixel":
@@ -1962,25 +1883,9 @@ def selection_quality(cfg: Config, env: Env, diffusion, model) -> float:
     return frechet_distance(*stats, *reference_stats(cfg, alone, inception, "select"))
 
 
-def score_cache(path: Path, scored_with: dict, fresh=False):
-    """cached(kind, w, compute): candidate w's score of that kind, computed once and kept in `path` while everything
-    it depends on (`scored_with`) stays the same; a cache made with anything else is dropped, never reused."""
-    saved = json.loads(path.read_text()) if path.exists() and not fresh else {}
-    values = saved.get("values", {}) if saved.get("scored_with") == scored_with else {}
-
-    def cached(kind, w, compute):
-        key = kind + json.dumps([round(x, 6) for x in w])
-        if key not in values:
-            values[key] = compute()
-            atomic_write_text(json.dumps(dict(scored_with=scored_with, values=values)), path)
-        return values[key]
-    return cached
-
-
 def choose_merge_weights(cfg: Config, env: Env, diffusion, backbone, base, finetuned) -> Optional[dict]:
-    """The merge search, on rank 0 (the others wait, and get None): coordinate descent on the selection split's
-    held-out loss (search_merge_weights; objective loss or per_range), and for --search-objective samples the
-    paper's grid search scored by samples: sample_candidates ranked by selection_quality. Every score is cached."""
+    """The merge search on rank 0 (others get None): search_merge_weights on the selection split's held-out loss, and
+    for --search-objective samples, sample_candidates ranked by selection_quality. Every score is cached."""
     samples = cfg.search_objective == "samples"
     if samples and eval_metric(cfg) == "fid":  # the selection split's statistics first, shared by all ranks
         reference_stats(cfg, env, FIDInception(cfg.inception_weights or None), "select")
@@ -1988,12 +1893,23 @@ def choose_merge_weights(cfg: Config, env: Env, diffusion, backbone, base, finet
         env.barrier()
         return None
     (images, cond), seed, n = backbone.selection(), role_seed(cfg.seed, "select"), cfg.n_ranges
-    sampler = dict(n=selection_samples(cfg), sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta, metric=
-                   eval_metric(cfg), precision=cfg.eval_precision) if samples else None
-    cached = score_cache(run_dir(cfg, "merge", "search_cache.json"), dict(
-        method=cfg.merge_method, options=merge_options(cfg), images=len(images), split="select", seed=seed,
-        ranges=[fingerprint(sd) for sd in finetuned], samples=sampler), cfg.overwrite)
+    k, sample_seed = selection_samples(cfg), role_seed(cfg.seed, "select_samples")
+    source = split_description(cfg, "select")
+    cache = run_dir(cfg, "merge", "search_cache.json")
+    scored_with = dict(method=cfg.merge_method, options=merge_options(cfg), images=len(images), split="select",
+                       seed=seed, ranges=[fingerprint(sd) for sd in finetuned], samples=dict(
+                           n=k, sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta, metric=eval_metric(cfg),
+                           precision=cfg.eval_precision) if samples else None)
+    saved = json.loads(cache.read_text()) if cache.exists() and not cfg.overwrite else {}
+    values = saved.get("values", {}) if saved.get("scored_with") == scored_with else {}  # others' are never reused
     model = backbone.build(base).to(env.device)
+
+    def cached(kind, w, compute):  # candidate w's score of that kind, computed once and kept in search_cache.json
+        key = kind + json.dumps([round(x, 6) for x in w])
+        if key not in values:
+            values[key] = compute()
+            atomic_write_text(json.dumps(dict(scored_with=scored_with, values=values)), cache)
+        return values[key]
 
     def merged(w):
         model.load_state_dict(merge(base, finetuned, list(w), cfg.merge_method, **merge_options(cfg)))
@@ -2010,17 +1926,16 @@ def choose_merge_weights(cfg: Config, env: Env, diffusion, backbone, base, finet
     for point in search["path"]:
         point["loss"], point["loss_per_range"] = losses(point["w"])
     what = dict(loss="held-out loss", per_range="each range's held-out loss relative to θ0's, averaged over the "
-                "ranges", samples=f"sample metric of {selection_samples(cfg)} samples (noise seed "
-                f"{role_seed(cfg.seed, 'select_samples')}) against selection images, among candidates from the "
-                f"held-out loss")[cfg.search_objective]
-    search.update(objective=f"{what}; {len(images)} selection images ({split_description(cfg, 'select')}), t "
-                            f"stratified over [0, {diffusion.T}), noise seed {seed}", objective_name=cfg.search_objective,
-                  images=len(images), source=split_description(cfg, "select"), noise_seed=seed)
+                "ranges", samples=f"sample metric of {k} samples (noise seed {sample_seed}) against selection "
+                "images, among candidates from the held-out loss")[cfg.search_objective]
+    search.update(objective=f"{what}; {len(images)} selection images ({source}), t stratified over [0, "
+                            f"{diffusion.T}), noise seed {seed}", objective_name=cfg.search_objective,
+                  images=len(images), source=source, noise_seed=seed)
     if samples:
         scored = [dict(w=w, score=cached("samples", w, lambda: selection_quality(cfg, env, diffusion, merged(w))))
                   for w in tqdm(sample_candidates(search["path"], n, cfg.search_candidates), desc="candidates")]
-        search.update(samples=sorted(scored, key=lambda c: c["score"]), search_samples=selection_samples(cfg),
-                      samples_noise_seed=role_seed(cfg.seed, "select_samples"))
+        search.update(samples=sorted(scored, key=lambda c: c["score"]), search_samples=k,
+                      samples_noise_seed=sample_seed)
         search["weights"] = search["samples"][0]["w"]
     search["chosen"] = dict(zip(("loss", "loss_per_range"), losses(search["weights"])),
                             theta0_loss_per_range=theta0_per_range)
@@ -2046,23 +1961,8 @@ def check_pixel_reference(size, n):
                         f"and its real-vs-real floor; lower --n-samples")
 
 
-def real_image_sets(cfg: Config, n):
-    """Two disjoint sets of n real images that report: the pixel metric's reference and its real-vs-real floor
-    (synthetic: two other seeds; else training images, as FID compares with training-set statistics)."""
-    if cfg.dataset == "synthetic":
-        res = cfg.image_size or PRESETS[cfg.preset]["resolution"]
-        a, b = SYNTHETIC_SEEDS["real"]
-        return synthetic_images(n, res, seed=a), synthetic_images(n, res, seed=b)
-    ds = make_dataset(cfg, "eval")
-    check_pixel_reference(len(ds), n)
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))
-    images = torch.stack([ds[int(i)] for i in idx[:2 * n]])
-    return images[:n], images[n:]
-
-
 def reference_stats(cfg: Config, env: Env, inception, split="eval"):
-    """FID statistics of the training set (--fid-stats, or computed once and cached in the run folder), or of the
-    selection split (split "select": what the samples objective compares with)."""
+    """FID statistics of the training set (--fid-stats, else computed once and cached) or of split "select"."""
     if cfg.fid_stats and split == "eval":
         return load_stats(cfg.fid_stats)
     cache = run_dir(cfg, f"fid_stats_{cfg.dataset}" + ("_select" if split == "select" else "") + ".npz")
@@ -2086,8 +1986,8 @@ def split_description(cfg: Config, role) -> str:
     if cfg.dataset == "cifar10":
         return {"train": "the CIFAR-10 training split", "select": "CIFAR-10 test images 0-4999",
                 "report": "CIFAR-10 test images 5000-9999"}[role]
-    share = {"train": 1 - cfg.heldout_fraction, "select": cfg.heldout_fraction / 2, "report": cfg.heldout_fraction / 2}
-    return f"the {role} split of {cfg.data_dir}: {share[role]:.0%} of its images, by a hash of each path"
+    share = 1 - cfg.heldout_fraction if role == "train" else cfg.heldout_fraction / 2
+    return f"the {role} split of {cfg.data_dir}: {share:.0%} of its images, by a hash of each path"
 
 
 def evaluation_protocol(cfg: Config, metric: str) -> dict:
@@ -2111,24 +2011,30 @@ def evaluation_protocol(cfg: Config, metric: str) -> dict:
 
 
 def evaluation_reference(cfg: Config, env: Env) -> dict:
-    """What every model is compared with: the report split's images and loss seed, the samples' noise seed, and the
-    metric's real side (pixel: real images and their real-vs-real floor; FID: the training-set statistics)."""
+    """What every model is compared with: the report split, the noise seeds, and the training-set statistics (FID) or
+    n real images and the real-vs-real floor from n others (pixel: synthetic, two other seeds; else training images)."""
     ref = dict(metric=eval_metric(cfg), heldout=heldout_images(cfg, cfg.report_images, "report"),
                loss_seed=role_seed(cfg.seed, "report"), sample_seed=role_seed(cfg.seed, "samples"), floor=None,
                pool=None)
-    if ref["metric"] == "pixel":
-        ref["real"], real_b = real_image_sets(cfg, cfg.n_samples)
-        ref["pool"] = pixel_pool(ref["real"].shape[-1], ref["real"].shape[1], cfg.n_samples)
-        ref["floor"] = pixel_frechet(real_b, ref["real"], ref["pool"]) if env.master else None
-    else:
+    if ref["metric"] == "fid":
         ref["inception"] = FIDInception(cfg.inception_weights or None)
         ref["stats"] = reference_stats(cfg, env, ref["inception"])  # sharded over the ranks, then cached
+        return ref
+    n = cfg.n_samples
+    if cfg.dataset == "synthetic":
+        real, other = (synthetic_images(n, cfg.image_size or PRESETS[cfg.preset]["resolution"], seed=s)
+                       for s in SYNTHETIC_SEEDS["real"])
+    else:  # 2 n training images (preflight's check_pixel_reference)
+        ds = make_dataset(cfg, "eval")
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))
+        real, other = torch.stack([ds[int(i)] for i in idx[:2 * n]]).split(n)
+    ref.update(real=real, pool=pixel_pool(real.shape[-1], real.shape[1], n))
+    ref["floor"] = pixel_frechet(other, real, ref["pool"]) if env.master else None
     return ref
 
 
 def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> tuple:
-    """(results row, its first 64 samples) of one model: the metric on --n-samples samples and the held-out loss per
-    range; kept in evaluations/, keyed by the weights and protocol: a rerun costs nothing."""
+    """(results row, first 64 samples) of one model; kept in evaluations/ under its weights and protocol."""
     protocol = dict(metric=ref["metric"], n=cfg.n_samples, sampler=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
                     variance=cfg.variance, precision=cfg.eval_precision, report=cfg.report_images,
                     seeds=[ref["loss_seed"], ref["sample_seed"]], ranges=cfg.n_ranges, dataset=cfg.dataset,
@@ -2141,9 +2047,14 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> 
         return dict(kept["row"], model=name), kept["grid"].float() / 127.5 - 1
     env.barrier()
     start = time.perf_counter()
-    if ref["metric"] == "pixel":
-        samples = gather_strided(sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, ref["sample_seed"],
-                                                  env.rank, env.world), env)
+    if ref["metric"] == "pixel":  # rank r makes samples r, r + world, ...; all are gathered on every rank
+        part = sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, ref["sample_seed"], env.rank, env.world)
+        parts = [part] * env.world
+        if env.world > 1:
+            torch.distributed.all_gather_object(parts, part)
+        samples = part.new_empty((cfg.n_samples, *part.shape[1:]))
+        for r, p in enumerate(parts):
+            samples[r::env.world] = p
         value = pixel_frechet(samples, ref["real"], ref["pool"]) if env.master else None
         grid = samples[:64]
     else:
@@ -2153,7 +2064,7 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> 
         stats = inception_statistics(png_batches(paths[env.rank::env.world], cfg.eval_batch), len(paths),
                                      ref["inception"], env, f"FID features of {name}")
         value = frechet_distance(*stats, *ref["stats"])
-        grid = torch.stack([load_image(p) * 2 - 1 for p in paths[:64]])
+        grid = next(png_batches(paths[:64], 64)) * 2 - 1
     seconds = time.perf_counter() - start
     loss, per_range = heldout_loss(model.to(env.device), diffusion, ref["heldout"], env, cfg.n_ranges, ref["loss_seed"])
     row = dict(model=name, value=value, heldout_loss=loss, heldout_loss_per_range=per_range,
@@ -2180,12 +2091,11 @@ def results_markdown(results, cfg: Config) -> str:
         lines[0] += (f" Real vs real at the same N: {results['real_vs_real']:.4f} (pixels average-pooled "
                      f"{results['pixel_pool']}x{results['pixel_pool']}).")
     p = results["protocol"]
-    sel = (f"merge weights {p['select']['weights']} selected on {p['select']['images']} images "
-           f"({p['select']['source']}; noise seed {p['select']['noise_seed']}; objective {p['select']['objective']})"
-           if isinstance(p["select"], dict) else f"merge weights: {p['select']}")
+    sel = ("merge weights {weights} selected on {images} images ({source}; noise seed {noise_seed}; objective "
+           "{objective})".format(**p["select"]) if isinstance(p["select"], dict) else f"merge weights: {p['select']}")
     if isinstance(p["select_samples"], dict):
-        sel += (f", ranked among {p['select_samples']['candidates']} candidates by {p['select_samples']['samples']} "
-                f"samples of noise seed {p['select_samples']['noise_seed']}")
+        sel += ", ranked among {candidates} candidates by {samples} samples of noise seed {noise_seed}".format(
+            **p["select_samples"])
     lines += ["", f"Protocol: trained on {p['train']}; {sel}; held-out loss on {p['report_loss']['images']} other "
               f"images ({p['report_loss']['source']}; noise seed {p['report_loss']['noise_seed']}); samples from noise "
               f"seed {p['report_samples']['noise_seed']}, which no selection step used; evaluation in "
@@ -2196,38 +2106,33 @@ def results_markdown(results, cfg: Config) -> str:
 
 
 def seed_summary(rows_by_seed: dict) -> dict:
-    """Each model's spread ({mean, min, max, values}) over seeds of "value", "heldout_loss" and each range's loss,
-    from {seed: results rows}; with a θ0 row, also the paired differences to it seed by seed, which the evaluation
-    noise shared by both does not blur: "value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct"."""
-    def spread(values):
-        return dict(mean=float(np.mean(values)), min=float(np.min(values)), max=float(np.max(values)),
-                    values=[float(v) for v in values])
+    """Each model's {mean, min, max, values} over seeds of "value", "heldout_loss", each range's loss, and with a θ0
+    row, of the paired differences to it seed by seed ("value_vs_theta0", "loss_vs_theta0_pct", ...)."""
+    def spread(v):
+        return dict(mean=float(np.mean(v)), min=float(np.min(v)), max=float(np.max(v)), values=[float(x) for x in v])
     names = [r["model"] for r in next(iter(rows_by_seed.values()))]
     rows = {n: [next(r for r in seed_rows if r["model"] == n) for seed_rows in rows_by_seed.values()] for n in names}
-    base = next((rows[n] for n in ("theta0", "θ0") if n in rows), None)
-    pct = lambda a, b: 100 * (a / b - 1)
-
-    def spreads(rs, keys):  # of "value", "heldout_loss", each range's loss, under the names `keys`
-        per_range = [spread(v) for v in zip(*(r["heldout_loss_per_range"] for r in rs))]
-        return dict(zip(keys, (spread([r["value"] for r in rs]), spread([r["heldout_loss"] for r in rs]), per_range)))
-    summary = {name: spreads(rs, ("value", "heldout_loss", "heldout_loss_per_range")) for name, rs in rows.items()}
-    if base is None:
-        return summary
-    for name, rs in rows.items():  # the same spreads of the differences to θ0's row
-        diffs = [dict(value=r["value"] - b["value"], heldout_loss=pct(r["heldout_loss"], b["heldout_loss"]),
-                      heldout_loss_per_range=list(map(pct, r["heldout_loss_per_range"], b["heldout_loss_per_range"])))
-                 for r, b in zip(rs, base)]
-        summary[name].update(spreads(diffs, ("value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct")))
+    cols = {n: [np.array([r[k] for r in rs]) for k in ("value", "heldout_loss", "heldout_loss_per_range")]
+            for n, rs in rows.items()}                                     # (seeds,), (seeds,), (seeds, ranges)
+    base = next((cols[n] for n in ("theta0", "θ0") if n in cols), None)
+    summary = {}
+    for name, (value, loss, per_range) in cols.items():
+        summary[name] = dict(value=spread(value), heldout_loss=spread(loss),
+                             heldout_loss_per_range=[spread(c) for c in per_range.T])
+        if base is not None:  # the same spreads of the differences to θ0's row, the losses' in %
+            loss_pct, per_range_pct = 100 * (loss / base[1] - 1), 100 * (per_range / base[2] - 1)
+            summary[name].update(value_vs_theta0=spread(value - base[0]), loss_vs_theta0_pct=spread(loss_pct),
+                                 loss_per_range_vs_theta0_pct=[spread(c) for c in per_range_pct.T])
     return summary
 
 
 def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
-    """{name}.json, {name}.md (mean [min, max] over seeds, and the paired differences to θ0) and {name}.png (bars
-    with min-max whiskers: held-out loss, sample metric, each range's loss relative to θ0's on the same seed)."""
+    """{name}.json, .md and .png (bars, min-max whiskers): the spread over seeds, and the paired differences to θ0."""
     summary, seeds, ranges = seed_summary(rows_by_seed), list(rows_by_seed), timestep_ranges(cfg.n_ranges)
     names, plain = list(summary), ("value", "heldout_loss", "heldout_loss_per_range")
     vs_theta0 = ("value_vs_theta0", "loss_vs_theta0_pct", "loss_per_range_vs_theta0_pct")
     paired = vs_theta0[1] in summary[names[0]]  # the differences to θ0 on the same seed: its noise drops out
+    keys = vs_theta0 if paired else plain
     short = "pixel Fréchet distance (not FID)" if eval_metric(cfg) == "pixel" else "FID"
     metric = f"{short}, {cfg.n_samples} samples"
     cell = lambda d, f: f"{d['mean']:{f}} [{d['min']:{f}}, {d['max']:{f}}]"
@@ -2248,7 +2153,6 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
                       run_dir(cfg, f"{name}.json"))
     atomic_write_text(text, run_dir(cfg, f"{name}.md"))
     print("\n" + text)
-    keys = vs_theta0 if paired else plain
     spread = lambda ds: (np.array([d["mean"] for d in ds]), np.array([[d["mean"] - d["min"] for d in ds],
                                                                       [d["max"] - d["mean"] for d in ds]]))
 
@@ -2270,24 +2174,15 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
 
 
 def side_by_side(grids: dict, path):
-    """One image: each model's first 64 samples as an 8x8 grid, titled, left to right."""
+    """One image: each model's first 64 samples as an 8x8 grid under its name, left to right."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
-    tiles = []
-    for name, x in grids.items():
-        g = make_grid(x.float() * 0.5 + 0.5, nrow=8, padding=1, pad_value=1.0).clamp(0, 1)
-        im = Image.fromarray(g.mul(255).round().byte().permute(1, 2, 0).numpy())
-        s = max(1, 256 // im.width)  # an integer upscale of small images, towards 256 pixels wide
-        im = im.resize((im.width * s, im.height * s), Image.NEAREST)
-        tile = Image.new("RGB", (im.width, im.height + 18), "white")
-        tile.paste(im, (0, 18))
-        ImageDraw.Draw(tile).text((4, 3), name, fill="black")
-        tiles.append(tile)
-    out = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), max(t.height for t in tiles)), "white")
-    x = 0
-    for t in tiles:
-        out.paste(t, (x, 0))
-        x += t.width + 8
+    tiles = [make_grid(x.float() * 0.5 + 0.5, nrow=8, padding=1, pad_value=1.0).clamp(0, 1) for x in grids.values()]
+    s = max(1, 256 // tiles[0].shape[-1])  # an integer upscale of small images, towards 256 pixels wide
+    tiles = [F.pad(t.repeat_interleave(s, 1).repeat_interleave(s, 2), (0, 8, 18, 0), value=1.0) for t in tiles]
+    out = Image.fromarray(torch.cat(tiles, 2)[:, :, :-8].mul(255).round().byte().permute(1, 2, 0).numpy())
+    for k, name in enumerate(grids):  # a title above each grid, on the 18 white rows
+        ImageDraw.Draw(out).text((4 + k * tiles[0].shape[-1], 3), name, fill="black")
     with atomic_path(path) as tmp:
         out.save(tmp)
 

@@ -781,8 +781,8 @@ def test_the_pipeline_runs_every_stage_and_writes_its_table_and_grids(tmp_path):
     assert all(math.isfinite(r["value"]) and math.isfinite(r["heldout_loss"]) for r in results["rows"])
     assert results["metric"].startswith("pixel Fréchet distance (not FID)") and results["real_vs_real"] >= 0
     # the floor beside the table: two disjoint sets of real images at the samples' N, pooled as the samples are
-    real_a, real_b = real_image_sets(resolve_config(dict(pretrained="", n_samples=64)), 64)
-    assert len(real_a) == len(real_b) == 64 and results["pixel_pool"] == pixel_pool(16, 3, 64)
+    real_a, real_b = (synthetic_images(64, 16, seed=s) for s in SYNTHETIC_SEEDS["real"])
+    assert results["pixel_pool"] == pixel_pool(16, 3, 64)
     assert results["real_vs_real"] == pytest.approx(pixel_frechet(real_b, real_a, results["pixel_pool"]), rel=1e-9)
     assert "| merged |" in (out / "results.md").read_text() and (out / "models.png").exists()
     search = json.loads((out / "merge" / "search.json").read_text())
@@ -1521,26 +1521,33 @@ def test_uint8_conversion_matches_torchvision_save_image(tmp_path):
 
 
 @pytest.mark.part4
-def test_generated_samples_do_not_depend_on_batch_size_processes_or_resume(tmp_path):
+def test_written_samples_do_not_depend_on_batch_size_processes_or_resume(tmp_path, monkeypatch):
     from PIL import Image
     def read(folder):
         return {p.name: np.array(Image.open(p)) for p in sorted(folder.iterdir())}
     made = []
-    def sample_fn(indices, seed=3):  # a deterministic stand-in for a sampler
+    def sample_batch(cfg, env, diffusion, model, indices, seed, shape):  # a deterministic stand-in for a sampler
         made.append(len(indices))
-        return torch.tanh(SampleNoise(seed, indices, (3, 8, 8))())
+        return torch.tanh(SampleNoise(seed, indices, shape)())
+    monkeypatch.setattr(deme, "sample_batch", sample_batch)
+    monkeypatch.setattr(deme.Env, "barrier", lambda self: None)  # the ranks of a world of 2, one after the other
+    model = tiny_theta0()
+    def write(run, eval_batch, rank=0, world=1):
+        cfg = tiny_cfg(tmp_path / run, n_samples=10, eval_batch=eval_batch)
+        return write_samples(cfg, dataclasses.replace(setup_env(cfg), rank=rank, world=world), None, model, "m")
     for rank in (0, 1):
-        generate_samples(sample_fn, 10, tmp_path / "two", batch_size=4, rank=rank, world=2)
-    generate_samples(sample_fn, 10, tmp_path / "one", batch_size=3)
-    two, one = read(tmp_path / "two"), read(tmp_path / "one")
+        two = write("two", 4, rank, world=2)
+    one = write("one", 3)
+    two, one = read(two), read(one)
     assert list(two) == [f"{i:06d}.png" for i in range(10)] and list(one) == list(two)
-    assert all(np.array_equal(two[k], one[k]) for k in two) and two["000000.png"].shape == (8, 8, 3)
-    (tmp_path / "one" / "000002.png").unlink()
-    (tmp_path / "one" / "000007.png").unlink()
+    assert all(np.array_equal(two[k], one[k]) for k in two) and two["000000.png"].shape == (16, 16, 3)
+    (tmp_path / "one" / "run" / "samples" / "m" / "000002.png").unlink()
+    (tmp_path / "one" / "run" / "samples" / "m" / "000007.png").unlink()
     made.clear()
-    assert generate_samples(sample_fn, 10, tmp_path / "one", batch_size=4) == 2
-    assert made == [2] and all(np.array_equal(v, one[k]) for k, v in read(tmp_path / "one").items())
-    assert generate_samples(lambda i: sample_fn(i, seed=4), 10, tmp_path / "one", batch_size=3) == 0
+    again = read(write("one", 4))
+    assert made == [2] and list(again) == list(one) and all(np.array_equal(v, one[k]) for k, v in again.items())
+    write("one", 3)
+    assert made == [2]  # nothing left to make
 
 
 @pytest.mark.part4
