@@ -2429,17 +2429,16 @@ def side_by_side(grids: dict, path):
 # --- II.6 The paper's figures: gradient conflict (Fig. 1a), merge landscape (Fig. 6a), task vectors (Fig. 6b) ---
 
 def loss_gradients(model, diffusion, images, timesteps, env: Env, batch=64, seed=0) -> torch.Tensor:
-    """(K, P): ∇_θ of DDPM's loss on `images`, image b at timesteps[k][b], the same noise at every k; dropout off."""
+    """(K, P): ∇_θ of DDPM's loss on `images` at timesteps[k] (one or one per image), the same noise at every k."""
     params = list(model.to(env.device).eval().requires_grad_(True).parameters())
     n = len(images)
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     grads = torch.zeros(len(timesteps), sum(p.numel() for p in params), device=env.device)  # (K, P)
     for k, t in enumerate(tqdm(timesteps, desc="loss gradients", leave=False, disable=not env.master)):
         for s in range(0, n, batch):
-            x0, eps, tb = (v[s:s + batch].to(env.device) for v in (images, noise, t))
+            x0, eps, tb = (v[s:s + batch].to(env.device) for v in (images, noise, torch.as_tensor(t).expand(n)))
             loss = training_loss(model, None, diffusion, x0, tb, eps) * (len(x0) / n)  # this batch's share
-            g = torch.autograd.grad(loss, params, materialize_grads=True)  # zeros for unused parameters
-            grads[k] += torch.cat([gi.float().flatten() for gi in g])
+            grads[k] += torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, materialize_grads=True)])
     return grads
 
 
@@ -2454,8 +2453,7 @@ def cosines(vectors) -> np.ndarray:
 
 def gradient_conflict(model, diffusion, images, timesteps, env: Env, batch=64, seed=0) -> np.ndarray:
     """DeMe Fig. 1a: the (K, K) matrix cos(g_a, g_b), g_t = ∇_θ of DDPM's simple loss at the fixed timestep t."""
-    ts = [torch.full((len(images),), int(t), dtype=torch.long) for t in timesteps]
-    return cosines(loss_gradients(model, diffusion, images, ts, env, batch, seed))
+    return cosines(loss_gradients(model, diffusion, images, timesteps, env, batch, seed))
 
 
 def range_gradients(model, diffusion, images, env: Env, n_ranges, batch=64, seed=0) -> torch.Tensor:
@@ -2463,9 +2461,8 @@ def range_gradients(model, diffusion, images, env: Env, n_ranges, batch=64, seed
     n = len(images)
     u = (torch.arange(n) + 0.5)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] / n  # (n,) in (0, 1)
     ts = [lo + (u * (hi - lo)).long() for lo, hi in timestep_ranges(n_ranges, diffusion.T)]
-    halves = (slice(0, n // 2), slice(n // 2, n))
     return torch.stack([loss_gradients(model, diffusion, images[h], [t[h] for t in ts], env, batch, seed + k)
-                        for k, h in enumerate(halves)])
+                        for k, h in enumerate((slice(0, n // 2), slice(n // 2, n)))])
 
 
 def stationarity(grads) -> dict:
@@ -2480,11 +2477,9 @@ def task_vector_agreement(base_sd, finetuned_by_seed) -> dict:
     """τ_i across seeds: norms (S, N), seeds (pairs, N) cos of two seeds' τ_i, ranges (N, N) mean cos(τ_i, τ_j)."""
     flat = torch.stack([torch.stack([torch.cat([v.double().flatten() for v in tau.values()]) for tau in
                                      task_vectors(base_sd, sds)]) for sds in finetuned_by_seed])  # (S, N, P)
-    pairs = list(itertools.combinations(range(len(flat)), 2))
-    return dict(norms=flat.norm(dim=2).numpy(),
-                seeds=np.array([[F.cosine_similarity(flat[a, i], flat[b, i], dim=0).item()
-                                 for i in range(flat.shape[1])] for a, b in pairs]),
-                ranges=np.mean([cosines(taus) for taus in flat], axis=0))
+    seeds = [[F.cosine_similarity(flat[a, i], flat[b, i], dim=0).item() for i in range(flat.shape[1])]
+             for a, b in itertools.combinations(range(len(flat)), 2)]
+    return dict(norms=flat.norm(dim=2).numpy(), seeds=np.array(seeds), ranges=np.mean([cosines(t) for t in flat], 0))
 
 
 def interference(per_range_loss, base_sd, finetuned_sds, scales=(0.5, 1.0, 1.5)) -> np.ndarray:
@@ -2511,11 +2506,8 @@ def task_vector_norms(base_sd, finetuned_sds) -> dict:
     """DeMe Fig. 6b: layers (L), norms (N, L) and total (N,) of τ_i = θ_i - θ0, base (L,) the norms of θ0's layers."""
     def layer_name(key):  # temb, conv_in, down.i, mid, up.i, out, projections (DeMe's), or another model's first name
         parts = key.split(".")
-        if parts[-2:-1] == ["proj"]:
-            return "projections"
-        if parts[0] in ("norm_out", "conv_out"):
-            return "out"
-        return ".".join(parts[:2] if len(parts) > 2 and parts[1].isdigit() else parts[:1])
+        name = ".".join(parts[:2] if len(parts) > 2 and parts[1].isdigit() else parts[:1])  # down.0, up.2, mid
+        return "projections" if parts[-2:-1] == ["proj"] else "out" if parts[0] in ("norm_out", "conv_out") else name
 
     taus = task_vectors(base_sd, finetuned_sds)
     layer = {key: layer_name(key) for key in taus[0]}
@@ -2532,14 +2524,13 @@ def task_vector_norms(base_sd, finetuned_sds) -> dict:
 def _plot(path, size, draw) -> Path:
     """Draws a figure with draw(fig) (matplotlib, an optional extra, without pyplot's state) into `path` as PNG."""
     try:  # `import matplotlib.x` also looks matplotlib itself up, even when matplotlib.x was imported before
-        import matplotlib.backends.backend_agg
         import matplotlib.figure
     except ImportError:
         raise UserError("plots need matplotlib: pip install matplotlib (the numbers are in the CSV)") from None
     fig = matplotlib.figure.Figure(figsize=size, layout="constrained")
     draw(fig)
     with atomic_path(path) as tmp:
-        matplotlib.backends.backend_agg.FigureCanvasAgg(fig).print_png(str(tmp))
+        fig.savefig(tmp)  # a PNG (tmp keeps the suffix), drawn by Agg
     return Path(path)
 
 
@@ -2554,7 +2545,7 @@ def _heatmap(ax, values, xlabels, ylabels, label, limit=1.0, title="", **setting
     ax.set(**settings)
 
 
-def _bars(ax, values, groups, series, ylabel, err=None, title="", **settings):
+def _bars(ax, values, groups, series, ylabel, err=None, title=""):
     """Grouped bars: values (len(series), len(groups)), optional (2, ...) min-max whiskers, one colour per series."""
     width = 0.8 / len(series)
     for k, name in enumerate(series):
@@ -2564,7 +2555,6 @@ def _bars(ax, values, groups, series, ylabel, err=None, title="", **settings):
     ax.set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 4 else 0, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.set(**settings)
     if len(series) > 1:
         ax.legend(fontsize=7)
 
@@ -2641,8 +2631,7 @@ def analyze_landscape(a) -> Path:
 
 def analyze_norms(a) -> Path:
     """DeMe Fig. 6b: task_vector_norms.csv (per layer: ||θ0||, ||τ_i||; last row the totals) and .png (bars)."""
-    norms = task_vector_norms(a.base, a.finetuned)
-    n = len(norms["total"])
+    norms, n = task_vector_norms(a.base, a.finetuned), a.cfg.n_ranges
     rows = [[name, norms["base"][c], *norms["norms"][:, c]] for c, name in enumerate(norms["layers"])]
     rows.append(["total", float(np.sqrt((norms["base"] ** 2).sum())), *norms["total"]])
 
@@ -2651,7 +2640,7 @@ def analyze_norms(a) -> Path:
         _bars(ax, norms["norms"], norms["layers"], a.names, "||τ|| of the layer's weights (L2)",
               title="Task-vector norm τ = θ_range − θ0 per layer and timestep range (DeMe Fig. 6b)")
         _bars(total, norms["total"][None], [str(r) for r in range(n)], ["all weights"], "||τ|| of all weights (L2)",
-              title="total", xlabel="range")
+              title="total per range")
     return _write(a, "task_vector_norms", "task-vector norms ||θ_range - θ0||: " + ", ".join(
         f"range {r} {v:.4f}" for r, v in enumerate(norms["total"])), ["layer", "theta0"] +
         [f"tau_range{r}" for r in range(n)], rows, (11, 4.6), draw)
@@ -2724,8 +2713,7 @@ def analyze_partial(a) -> Path:
     named = {"theta0": a.theta0, **parts, "ensemble": RangeEnsemble(models)}
     values = {name: selection_quality(a.cfg, a.env, a.diffusion, m) for name, m in tqdm(named.items(), desc="partial")}
     base, names = values["theta0"], list(values)[1:]
-    metric = ("pixel Fréchet distance" if eval_metric(a.cfg) == "pixel" else "FID") + \
-        f", {selection_samples(a.cfg)} samples"
+    metric = f"{'FID' if eval_metric(a.cfg) == 'fid' else 'pixel Fréchet distance'}, {selection_samples(a.cfg)} samples"
     draw = lambda fig: _bars(fig.add_subplot(), np.array([[values[k] - base for k in names]]), names, [metric],
                              f"{metric} minus θ0's", title="Where the ensemble's gain comes from: θ0 with one "
                              "range's model (selection samples)")
@@ -2740,43 +2728,37 @@ ANALYSES = {"conflict": analyze_conflict, "landscape": analyze_landscape, "norms
 
 
 def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
-    """analysis/: the paper's figures and the merge's diagnostics, PNG and CSV, on the selection split (of seed 1)."""
+    """analysis/: the paper's figures and the merge's diagnostics as PNG and CSV, selection split, first of --seeds."""
     diffusion = diffusion or GaussianDiffusion()
-    seeds = len(seed_list(cfg)) if cfg.seeds else 0
-    figures = ([f for f in ANALYSES if f != "seeds" or seeds > 1] if cfg.figures == "all" else  # every one it can draw
+    n_seeds = len(seed_list(cfg)) if cfg.seeds else 0
+    figures = ([f for f in ANALYSES if f != "seeds" or n_seeds > 1] if cfg.figures == "all" else  # all it can draw
                [s.strip() for s in cfg.figures.split(",") if s.strip()])
     if not figures or set(figures) - set(ANALYSES):
         raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSES)} (comma-separated), all")
-    if "seeds" in figures and seeds < 2:
+    if "seeds" in figures and n_seeds < 2:
         raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds (the run's)")
-    if "conflict" in figures and not 2 <= cfg.conflict_timesteps <= diffusion.T:
-        raise UserError(f"--conflict-timesteps {cfg.conflict_timesteps}: give between 2 and {diffusion.T} timesteps "
-                        f"(e.g. 10 or 20)")
-    pair = [0, cfg.n_ranges - 1]
-    if "landscape" in figures:
-        pair = parse_list("landscape-ranges", cfg.landscape_ranges, example="0,3") or pair
-        if len(pair) != 2 or pair[0] == pair[1] or not all(0 <= i < cfg.n_ranges for i in pair):
-            raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r}: give two different indices in "
-                            f"0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
-        if cfg.landscape_points < 2:
-            raise UserError(f"--landscape-points {cfg.landscape_points}: the landscape needs at least 2 points per "
-                            f"axis (e.g. 15)")
+    if not 2 <= cfg.conflict_timesteps <= diffusion.T:
+        raise UserError(f"--conflict-timesteps {cfg.conflict_timesteps}: give 2 to {diffusion.T} timesteps (e.g. 20)")
+    pair = parse_list("landscape-ranges", cfg.landscape_ranges, example="0,3") or [0, cfg.n_ranges - 1]
+    if "landscape" in figures and not (len(set(pair)) == len(pair) == 2 and all(0 <= i < cfg.n_ranges for i in pair)):
+        raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r}: give two different indices in "
+                        f"0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
+    if cfg.landscape_points < 2:
+        raise UserError(f"--landscape-points {cfg.landscape_points}: give 2 or more points per axis (e.g. 15)")
     runs, needs = [c for _, c in seed_runs(cfg)], [f for f in figures if f not in ("conflict", "stationarity")]
+    what = f"the {' and '.join(needs)} figure{'s' * (len(needs) > 1)} need{'s' * (len(needs) == 1)} finished ranges"
     try:  # on env.device, where the gradients move θ0
         by_seed = [[m.to(env.device).state_dict() for m in range_models(c)]
                    for c in (runs if "seeds" in needs else runs[:1] if needs else [])]
-    except UserError as e:
-        raise UserError(f"the {' and '.join(needs)} figure{'s' * (len(needs) > 1)} need{'s' * (len(needs) == 1)} "
-                        f"finished ranges: {e}") from None
-    try:
+        what = "the analysis needs θ0"
         theta0 = unwrap(named_model(cfg, env, "theta0", theta0)).to(env.device)
     except UserError as e:
-        raise UserError(f"the analysis needs θ0: {e}") from None
+        raise UserError(f"{what}: {e}") from None
     if not env.master:  # one process draws the figures
         return
     run = dataclasses.replace(runs[0], seeds=cfg.seeds)  # with --seeds, the first seed's run
     images = heldout_images(cfg, cfg.search_images, "select")
-    # what the figures share; -0.25 to 1.5: the merge search's box [0, 1.5] and a little past θ0, 0 and 1 at 15 points
+    # what the figures share; grid: the merge search's box [0, 1.5] and a little past θ0, with 0 and 1 at 15 points
     a = argparse.Namespace(cfg=run, env=env, diffusion=diffusion, theta0=theta0, images=images, pair=tuple(pair),
                            grid=tuple(round(float(v), 6) for v in np.linspace(-0.25, 1.5, cfg.landscape_points)),
                            folder=run_dir(cfg, "analysis"), batch=max(1, min(64, cfg.batch_size // cfg.grad_accum)),
