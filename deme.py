@@ -2189,44 +2189,17 @@ def side_by_side(grids: dict, path):
 
 # --- II.6 The paper's figures: gradient conflict (Fig. 1a), merge landscape (Fig. 6a), task vectors (Fig. 6b) ---
 
-def landscape_grid(points=15) -> tuple:
-    """The weights on each axis of the merge landscape: `points` values from -0.25 to 1.5, the merge search's box
-    [0, 1.5] and a little past θ0 (15 points: steps of 0.125, so 0 and 1 are on the grid)."""
-    if points < 2:
-        raise UserError(f"--landscape-points {points}: the landscape needs at least 2 points per axis (e.g. 15)")
-    return tuple(round(float(v), 6) for v in np.linspace(-0.25, 1.5, points))
-
-
-def conflict_timesteps(k, T=1000) -> list:
-    """The K timesteps of the gradient-conflict figure: the centres of K equal bins of [0, T)."""
-    if not 2 <= k <= T:
-        raise UserError(f"--conflict-timesteps {k}: give between 2 and {T} timesteps (e.g. 10 or 20)")
-    return [int((i + 0.5) * T / k) for i in range(k)]
-
-
 def loss_gradients(model, diffusion, images, timesteps, env: Env, batch=64, seed=0) -> torch.Tensor:
-    """(K, P): g_k = ∇_θ over all parameters of DDPM's simple loss, the mean over `images` with image b at timestep
-    timesteps[k][b], and the same noise (fixed by `seed`) for every k: common random numbers, so that two gradients
-    differ by their timesteps alone. Accumulated in batches of `batch` (memory only); fp32, dropout off."""
-    model = model.to(env.device)
-    params = list(model.parameters())
-    was_training, needed_grad = model.training, [p.requires_grad for p in params]
-    model.eval().requires_grad_(True)
+    """(K, P): ∇_θ of DDPM's loss on `images` at timesteps[k] (one or one per image), the same noise at every k."""
+    params = list(model.to(env.device).eval().requires_grad_(True).parameters())
     n = len(images)
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     grads = torch.zeros(len(timesteps), sum(p.numel() for p in params), device=env.device)  # (K, P)
-    try:
-        for k, t in enumerate(tqdm(timesteps, desc="loss gradients", leave=False, disable=not env.master)):
-            for s in range(0, n, batch):
-                x0, eps, tb = (v[s:s + batch].to(env.device) for v in (images, noise, t))
-                loss = training_loss(model, None, diffusion, x0, tb, eps) * (len(x0) / n)  # this batch's share
-                g = torch.autograd.grad(loss, params, allow_unused=True)
-                grads[k] += torch.cat([(gi if gi is not None else torch.zeros_like(p)).float().flatten()
-                                       for gi, p in zip(g, params)])
-    finally:
-        model.train(was_training)
-        for p, flag in zip(params, needed_grad):
-            p.requires_grad_(flag)
+    for k, t in enumerate(tqdm(timesteps, desc="loss gradients", leave=False, disable=not env.master)):
+        for s in range(0, n, batch):
+            x0, eps, tb = (v[s:s + batch].to(env.device) for v in (images, noise, torch.as_tensor(t).expand(n)))
+            loss = training_loss(model, None, diffusion, x0, tb, eps) * (len(x0) / n)  # this batch's share
+            grads[k] += torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, materialize_grads=True)])
     return grads
 
 
@@ -2240,28 +2213,21 @@ def cosines(vectors) -> np.ndarray:
 
 
 def gradient_conflict(model, diffusion, images, timesteps, env: Env, batch=64, seed=0) -> np.ndarray:
-    """DeMe Fig. 1a: the (K, K) matrix cos(g_a, g_b), g_t = ∇_θ of DDPM's simple loss at the fixed timestep t over
-    all parameters, on the same images with the same noise for every t (loss_gradients)."""
-    ts = [torch.full((len(images),), int(t), dtype=torch.long) for t in timesteps]
-    return cosines(loss_gradients(model, diffusion, images, ts, env, batch, seed))
+    """DeMe Fig. 1a: the (K, K) matrix cos(g_a, g_b), g_t = ∇_θ of DDPM's simple loss at the fixed timestep t."""
+    return cosines(loss_gradients(model, diffusion, images, timesteps, env, batch, seed))
 
 
 def range_gradients(model, diffusion, images, env: Env, n_ranges, batch=64, seed=0) -> torch.Tensor:
-    """(2, N, P): for each half of `images`, g_j = ∇_θ of the held-out loss on range j, every image at a timestep
-    stratified over the range (at the same relative place in every range) and with the same noise in every range;
-    the two halves (other images, other noise) show how much of each gradient is sampling noise."""
+    """(2, N, P): per half of `images` (the halves show sampling noise), g_j = ∇_θ of range j's held-out loss."""
     n = len(images)
     u = (torch.arange(n) + 0.5)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] / n  # (n,) in (0, 1)
     ts = [lo + (u * (hi - lo)).long() for lo, hi in timestep_ranges(n_ranges, diffusion.T)]
-    halves = (slice(0, n // 2), slice(n // 2, n))
     return torch.stack([loss_gradients(model, diffusion, images[h], [t[h] for t in ts], env, batch, seed + k)
-                        for k, h in enumerate(halves)])  # each half its own images and noise
+                        for k, h in enumerate((slice(0, n // 2), slice(n // 2, n)))])
 
 
 def stationarity(grads) -> dict:
-    """Whether the per-range gradients g_j (N, P) cancel, as they do where θ0 is a stationary point of the loss with
-    t uniform over [0, T): their norms, ‖Σ_j g_j‖, ratio = ‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½ (0 where they cancel, about 1
-    for unrelated directions, √N for one shared direction) and their (N, N) cosines."""
+    """Do the g_j (N, P) cancel (θ0 stationary)? ratio ‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½: 0 cancel, 1 unrelated, √N aligned."""
     g = grads.double()
     norms, total = g.norm(dim=1), g.sum(0).norm()
     return dict(norms=norms.tolist(), sum_norm=total.item(), ratio=(total / norms.square().sum().sqrt()).item(),
@@ -2269,112 +2235,78 @@ def stationarity(grads) -> dict:
 
 
 def task_vector_agreement(base_sd, finetuned_by_seed) -> dict:
-    """τ_i of one range from different seeds: norms (S, N) of τ_i per seed; seeds (pairs, N), the cosine of every
-    pair of seeds' τ_i (near 1: finetuning found a direction; near 0: the task vector is mostly noise at this
-    finetuning length); ranges (N, N), the cosine of τ_i and τ_j of one seed, averaged over the seeds."""
+    """τ_i across seeds: norms (S, N), seeds (pairs, N) cos of two seeds' τ_i, ranges (N, N) mean cos(τ_i, τ_j)."""
     flat = torch.stack([torch.stack([torch.cat([v.double().flatten() for v in tau.values()]) for tau in
                                      task_vectors(base_sd, sds)]) for sds in finetuned_by_seed])  # (S, N, P)
-    pairs = list(itertools.combinations(range(len(flat)), 2))
-    return dict(norms=flat.norm(dim=2).numpy(),
-                seeds=np.array([[F.cosine_similarity(flat[a, i], flat[b, i], dim=0).item()
-                                 for i in range(flat.shape[1])] for a, b in pairs]),
-                ranges=np.mean([cosines(taus) for taus in flat], axis=0))
+    seeds = [[F.cosine_similarity(flat[a, i], flat[b, i], dim=0).item() for i in range(flat.shape[1])]
+             for a, b in itertools.combinations(range(len(flat)), 2)]
+    return dict(norms=flat.norm(dim=2).numpy(), seeds=np.array(seeds), ranges=np.mean([cosines(t) for t in flat], 0))
 
 
 def interference(per_range_loss, base_sd, finetuned_sds, scales=(0.5, 1.0, 1.5)) -> np.ndarray:
-    """(N, S, N): 100 (L_j(θ0 + s τ_i) / L_j(θ0) - 1), the change (%) of range j's held-out loss when range i's task
-    vector alone is added to θ0 at scale s; per_range_loss(state_dict) gives the N losses."""
+    """(N, S, N): 100 (L_j(θ0 + s τ_i) / L_j(θ0) - 1), range j's held-out loss change (%) under range i's τ alone."""
     base = np.array(per_range_loss(base_sd))
     return np.array([[100 * (np.array(per_range_loss(merge(base_sd, [sd], [s]))) / base - 1) for s in scales]
                      for sd in finetuned_sds])
 
 
 def partial_ensembles(theta0, models) -> list:
-    """DeMe's ensemble (Eq. 7) with θ0 on every range but one: model i serves range i alone, θ0 the rest; which
-    range's model carries the ensemble's gain in sample quality."""
+    """DeMe's ensemble (Eq. 7) with model i on range i alone and θ0 on the rest: which range carries the gain."""
     return [RangeEnsemble([m if j == i else theta0 for j, m in enumerate(models)]) for i in range(len(models))]
 
 
-def merge_landscape(base_sd, finetuned_sds, i, j, objective_fn, grid=landscape_grid()) -> np.ndarray:
-    """DeMe Fig. 6a: L[p, q] = objective_fn(θ0 + a τ_i + b τ_j) for a = grid[p], b = grid[q] (Eq. 8 on the plane
-    spanned by two task vectors); (0, 0) is θ0, (1, 0) is θ_i and (0, 1) is θ_j."""
-    grid = [float(v) for v in grid]
-    pair = [finetuned_sds[i], finetuned_sds[j]]
+def merge_landscape(base_sd, finetuned_sds, i, j, objective_fn, grid) -> np.ndarray:
+    """DeMe Fig. 6a: L[p, q] = objective_fn(θ0 + grid[p] τ_i + grid[q] τ_j), Eq. 8 on the plane of two task vectors."""
     values = np.empty((len(grid), len(grid)))
     for p, q in tqdm(list(itertools.product(range(len(grid)), repeat=2)), desc="merge landscape", leave=False):
-        values[p, q] = float(objective_fn(merge(base_sd, pair, [grid[p], grid[q]])))
+        values[p, q] = float(objective_fn(merge(base_sd, [finetuned_sds[i], finetuned_sds[j]], [grid[p], grid[q]])))
     return values
 
 
-def layer_name(key: str) -> str:
-    """The readable layer a state-dict key belongs to: temb, conv_in, down.i, mid, up.i, out or projections."""
-    parts = key.split(".")
-    if len(parts) >= 2 and parts[-2] == "proj":  # DeMe's channel projections: down.i.proj, mid.proj, up.i.proj
-        return "projections"
-    if parts[0] in ("norm_out", "conv_out"):
-        return "out"
-    if len(parts) > 2 and parts[1].isdigit():  # down.0.block..., up.2.attn...
-        return ".".join(parts[:2])
-    return parts[0]  # temb, conv_in, mid, or the first name of another model's key
-
-
-def layer_order(keys) -> list:
-    """Layer names in the order of the forward pass: as the keys come, but the up levels (stored in resolution order,
-    up.0 at full resolution) from the lowest resolution up, and the projections last."""
-    names = list(dict.fromkeys(layer_name(k) for k in keys))
-    ups = iter(sorted((n for n in names if n.startswith("up.")), key=lambda n: -int(n.split(".")[1])))
-    names = [next(ups) if n.startswith("up.") else n for n in names]
-    return [n for n in names if n != "projections"] + (["projections"] if "projections" in names else [])
-
-
 def task_vector_norms(base_sd, finetuned_sds) -> dict:
-    """DeMe Fig. 6b: ||τ_i|| per layer and in total, τ_i = θ_i - θ0. Returns layers (L names), norms (N, L),
-    total (N,) and base (L,), the norm of θ0's weights in each layer."""
+    """DeMe Fig. 6b: layers (L), norms (N, L) and total (N,) of τ_i = θ_i - θ0, base (L,) the norms of θ0's layers."""
+    def layer_name(key):  # temb, conv_in, down.i, mid, up.i, out, projections (DeMe's), or another model's first name
+        parts = key.split(".")
+        name = ".".join(parts[:2] if len(parts) > 2 and parts[1].isdigit() else parts[:1])  # down.0, up.2, mid
+        return "projections" if parts[-2:-1] == ["proj"] else "out" if parts[0] in ("norm_out", "conv_out") else name
+
     taus = task_vectors(base_sd, finetuned_sds)
-    layers = layer_order(taus[0].keys())
-    col = {name: c for c, name in enumerate(layers)}
-    squared, base = np.zeros((len(taus), len(layers))), np.zeros(len(layers))
-    for key in taus[0]:
-        c = col[layer_name(key)]
-        base[c] += base_sd[key].double().pow(2).sum().item()
-        for r, tau in enumerate(taus):
-            squared[r, c] += tau[key].double().pow(2).sum().item()
+    layer = {key: layer_name(key) for key in taus[0]}
+    names = list(dict.fromkeys(layer.values()))
+    ups = iter(sorted((n for n in names if n.startswith("up.")), key=lambda n: -int(n.split(".")[1])))
+    names = [next(ups) if n.startswith("up.") else n for n in names]  # forward order: up.0 is the full resolution
+    layers = [n for n in names if n != "projections"] + ["projections"] * ("projections" in names)
+    norms = lambda sd: np.sqrt([sum(sd[k].double().pow(2).sum().item() for k in layer if layer[k] == name)
+                                for name in layers])
     total = np.array([torch.stack([v.double().norm() for v in tau.values()]).norm().item() for tau in taus])
-    return dict(layers=layers, norms=np.sqrt(squared), total=total, base=np.sqrt(base))
+    return dict(layers=layers, norms=np.array([norms(tau) for tau in taus]), total=total, base=norms(base_sd))
 
 
 def _plot(path, size, draw) -> Path:
     """Draws a figure with draw(fig) (matplotlib, an optional extra, without pyplot's state) into `path` as PNG."""
     try:  # `import matplotlib.x` also looks matplotlib itself up, even when matplotlib.x was imported before
-        import matplotlib.backends.backend_agg
         import matplotlib.figure
     except ImportError:
         raise UserError("plots need matplotlib: pip install matplotlib (the numbers are in the CSV)") from None
     fig = matplotlib.figure.Figure(figsize=size, layout="constrained")
     draw(fig)
     with atomic_path(path) as tmp:
-        matplotlib.backends.backend_agg.FigureCanvasAgg(fig).print_png(str(tmp))
+        fig.savefig(tmp)  # a PNG (tmp keeps the suffix), drawn by Agg
     return Path(path)
 
 
-def _csv(path, header, rows):
-    fmt = lambda v: f"{v:.8g}" if isinstance(v, (float, np.floating)) else str(v)
-    atomic_write_text("\n".join(",".join(fmt(v) for v in row) for row in [header] + list(rows)) + "\n", path)
-
-
-def _heatmap(fig, ax, values, xlabels, ylabels, label, vmin=-1.0, vmax=1.0, fmt=".2f"):
-    """values (rows, columns) as colours on a diverging scale, each cell written out where there are few."""
-    im = ax.imshow(values, cmap="RdBu_r", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
+def _heatmap(ax, values, xlabels, ylabels, label, limit=1.0, title="", **settings):
+    """values (rows, columns) as colours on a diverging scale from -limit to limit; settings go to ax.set."""
+    im = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower", aspect="auto")
     step = max(1, len(xlabels) // 20)
     ax.set_xticks(range(0, len(xlabels), step), xlabels[::step], rotation=90 if len(xlabels) > 6 else 0)
     ax.set_yticks(range(0, len(ylabels), step), ylabels[::step])
-    if max(values.shape) <= 12:
-        for (a, b), v in np.ndenumerate(values):
-            ax.text(b, a, f"{v:{fmt}}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, label=label)
+    ax.figure.colorbar(im, ax=ax, label=label)
+    ax.set_title(title, fontsize=9)
+    ax.set(**settings)
 
 
-def _bars(ax, values, groups, series, ylabel, err=None):
+def _bars(ax, values, groups, series, ylabel, err=None, title=""):
     """Grouped bars: values (len(series), len(groups)), optional (2, ...) min-max whiskers, one colour per series."""
     width = 0.8 / len(series)
     for k, name in enumerate(series):
@@ -2383,251 +2315,172 @@ def _bars(ax, values, groups, series, ylabel, err=None):
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 4 else 0, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     if len(series) > 1:
         ax.legend(fontsize=7)
 
 
-def _range_name(r, ranges=None) -> str:
-    """'range r, t∈[lo,hi)': ranges are 0-based here, so the figures never write θ_0 next to the pretrained θ0."""
-    return f"range {r}" + (f", t∈[{ranges[r][0]},{ranges[r][1]})" if ranges else "")
-
-
 def plot_curve(csv_path) -> Path:
-    """heldout_curve.png next to heldout_curve.csv: θ0's held-out loss over pretraining, overall and per range
-    (each relative to its last value: a flat line is a range that has stopped improving)."""
-    rows = np.loadtxt(csv_path, delimiter=",", skiprows=1, ndmin=2)
-    head = Path(csv_path).read_text().splitlines()[0].split(",")
+    """heldout_curve.png beside the CSV: θ0's held-out loss over pretraining, overall and per range (÷ its last)."""
+    curve = np.atleast_1d(np.genfromtxt(csv_path, delimiter=",", names=True))
 
     def draw(fig):
         left, right = fig.subplots(1, 2)
-        left.plot(rows[:, 0], rows[:, 1], marker="o", ms=3)
+        left.plot(curve["step"], curve["heldout_loss"], marker="o", ms=3)
         left.set(xlabel="pretraining step", ylabel="held-out loss (selection images)", title="θ0's EMA weights")
-        for k in range(2, rows.shape[1]):
-            right.plot(rows[:, 0], rows[:, k] / rows[-1, k], marker="o", ms=3, label=head[k].replace("loss_", ""))
+        for name in curve.dtype.names[2:]:  # a flat line: a range that has stopped improving
+            right.plot(curve["step"], curve[name] / curve[name][-1], marker="o", ms=3, label=name.replace("loss_", ""))
         right.set(xlabel="pretraining step", ylabel="loss / its final value", title="per timestep range")
         right.legend(fontsize=8)
     return _plot(Path(csv_path).with_suffix(".png"), (10, 4), draw)
 
 
-def analysis_figure_list(cfg: Config) -> list:
-    """--figures as a list of names ("all": every figure this run can draw; seeds needs --seeds with two or more)."""
-    if cfg.figures == "all":
-        return [f for f in ANALYSES if f != "seeds" or len(seed_list(cfg) if cfg.seeds else []) > 1]
-    names = [s.strip() for s in cfg.figures.split(",") if s.strip()]
-    bad = [s for s in names if s not in ANALYSES]
-    if bad or not names:
-        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSES)} (comma-separated), all")
-    if "seeds" in names and len(seed_list(cfg) if cfg.seeds else []) < 2:
-        raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds (the run's)")
-    return names
+def _write(a, name, summary, header, rows, size, draw) -> Path:
+    """Prints a figure's summary, then writes analysis/<name>.csv (floats to 8 significant digits) and <name>.png."""
+    print(summary)
+    fmt = lambda v: f"{v:.8g}" if isinstance(v, (float, np.floating)) else str(v)
+    atomic_write_text("".join(",".join(map(fmt, row)) + "\n" for row in [header, *rows]), a.folder / f"{name}.csv")
+    return _plot(a.folder / f"{name}.png", size, draw)
 
 
-def landscape_pair(cfg: Config) -> tuple:
-    """--landscape-ranges as (i, j); default the lowest and the highest range, 0 and N-1."""
-    pair = parse_list("landscape-ranges", cfg.landscape_ranges, example="0,3") or [0, cfg.n_ranges - 1]
-    if len(pair) != 2 or pair[0] == pair[1] or not all(0 <= i < cfg.n_ranges for i in pair):
-        raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r}: give two different indices in "
-                        f"0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
-    return tuple(pair)
-
-
-def chosen_merge_weights(cfg: Config, i, j) -> Optional[tuple]:
-    """(w_i, w_j) of the run's task-arithmetic merge (merge/search.json), or None when there is none."""
-    path = run_dir(cfg, "merge", "search.json")
-    record = json.loads(path.read_text()) if path.exists() else {}
-    w = record.get("weights") or []
-    if record.get("method") not in ("task_arithmetic", "average") or len(w) != cfg.n_ranges:
-        return None
-    return float(w[i]), float(w[j])
-
-
-@dataclass
-class Analysis:
-    """What the analyze stage draws from: the run (with --seeds, its first seed), θ0, the selection images, and
-    θ_1..θ_N as state dicts beside their merge base (with --seeds, every seed's)."""
-    cfg: Config
-    env: Env
-    diffusion: GaussianDiffusion
-    theta0: nn.Module
-    images: torch.Tensor
-    folder: Path
-    base: Optional[dict] = None
-    finetuned: Optional[list] = None
-    by_seed: Optional[list] = None
-
-    @property
-    def ranges(self):
-        return timestep_ranges(self.cfg.n_ranges, self.diffusion.T)
-
-    def losses(self, state_dict) -> tuple:
-        """(mean, per range) held-out loss of a state dict: the merge search's objective on its images and noise."""
-        model = build_model(unwrap(self.theta0).config, state_dict).to(self.env.device)
-        return heldout_loss(model, self.diffusion, self.images, self.env, self.cfg.n_ranges,
-                            role_seed(self.cfg.seed, "select"))
-
-
-def analyze_conflict(a: Analysis) -> Path:
+def analyze_conflict(a) -> Path:
     """DeMe Fig. 1a for θ0: gradient_conflict.csv (the K x K cosines) and .png (a heatmap from -1 to 1)."""
-    cfg, T = a.cfg, a.diffusion.T
-    ts = conflict_timesteps(cfg.conflict_timesteps, T)
-    batch = max(1, min(64, cfg.batch_size // cfg.grad_accum))  # a training micro-batch fits with gradients
-    cos = gradient_conflict(unwrap(a.theta0), a.diffusion, a.images, ts, a.env, batch, cfg.seed)
+    K, T = a.cfg.conflict_timesteps, a.diffusion.T
+    ts = [int((i + 0.5) * T / K) for i in range(K)]  # the centres of K equal bins of [0, T)
+    cos = gradient_conflict(a.theta0, a.diffusion, a.images, ts, a.env, a.batch, a.cfg.seed)
     far = np.abs(np.subtract.outer(ts, ts)) >= T // 2
     i, j = np.unravel_index(np.argmin(cos), cos.shape)
-    print(f"gradient conflict of θ0 ({len(a.images)} held-out images, {len(ts)} timesteps): mean cos of neighbours "
-          f"{np.diag(cos, 1).mean():.3f}, of timesteps >= {T // 2} apart {cos[far].mean():.3f}, min {cos.min():.3f} at "
-          f"t = {ts[i]}, {ts[j]}")
-    note = f"θ0 = {cfg.pretrained or 'pretrain/ckpt.pt'}, {len(a.images)} held-out images, same noise at every t"
-    _csv(a.folder / "gradient_conflict.csv", ["t"] + ts, ([t] + list(r) for t, r in zip(ts, cos)))
-
-    def draw(fig):
-        ax = fig.add_subplot()
-        _heatmap(fig, ax, cos, [str(t) for t in ts], [str(t) for t in ts], "cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t")
-        ax.set(xlabel="timestep t", ylabel="timestep t",
-               title=f"Gradient conflict between timesteps (DeMe Fig. 1a)\n{note}")
-    return _plot(a.folder / "gradient_conflict.png", (6.4, 5.4), draw)
+    labels, theta0 = [str(t) for t in ts], a.cfg.pretrained or "pretrain/ckpt.pt"
+    draw = lambda fig: _heatmap(fig.add_subplot(), cos, labels, labels, "cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t",
+                                title=f"Gradient conflict between timesteps (DeMe Fig. 1a)\nθ0 = {theta0}, "
+                                f"{len(a.images)} held-out images, same noise at every t", xlabel="timestep t",
+                                ylabel="timestep t")
+    return _write(a, "gradient_conflict", f"gradient conflict of θ0 ({len(a.images)} held-out images, {len(ts)} "
+                  f"timesteps): mean cos of neighbours {np.diag(cos, 1).mean():.3f}, of timesteps >= {T // 2} apart "
+                  f"{cos[far].mean():.3f}, min {cos.min():.3f} at t = {ts[i]}, {ts[j]}",
+                  ["t", *ts], ([t, *r] for t, r in zip(ts, cos)), (6.4, 5.4), draw)
 
 
-def analyze_landscape(a: Analysis) -> Path:
-    """DeMe Fig. 6a: merge_landscape.csv (w_i, w_j, held-out loss) and .png (contours; θ0, θ_i, θ_j, the minimum,
-    the run's merge)."""
-    (i, j), grid = landscape_pair(a.cfg), landscape_grid(a.cfg.landscape_points)
+def analyze_landscape(a) -> Path:
+    """DeMe Fig. 6a: merge_landscape.csv (w_i, w_j, held-out loss), .png (contours; θ0, θ_i, θ_j, minimum, merge)."""
+    (i, j), grid = a.pair, a.grid
     values = merge_landscape(a.base, a.finetuned, i, j, lambda sd: a.losses(sd)[0], grid)
     p, q = np.unravel_index(np.argmin(values), values.shape)
-    corners = ", ".join(f"{name} {values[grid.index(x), grid.index(y)]:.5f}" for name, x, y in
-                        (("θ0", 0.0, 0.0), (f"range {i}", 1.0, 0.0), (f"range {j}", 0.0, 1.0)) if {x, y} <= set(grid))
-    print(f"merge landscape of ranges {i}, {j} (held-out loss): {corners + ', ' if corners else ''}minimum "
-          f"{values[p, q]:.5f} at ({grid[p]:g}, {grid[q]:g})")
-    _csv(a.folder / "merge_landscape.csv", [f"w_range{i}", f"w_range{j}", "heldout_loss"],
-         ([grid[u], grid[v], values[u, v]] for u, v in itertools.product(range(len(grid)), repeat=2)))
-    merged = chosen_merge_weights(a.cfg, i, j)
+    corners = "".join(f"{name} {values[grid.index(x), grid.index(y)]:.5f}, " for name, x, y in
+                      (("θ0", 0.0, 0.0), (f"range {i}", 1.0, 0.0), (f"range {j}", 0.0, 1.0)) if {x, y} <= set(grid))
+    path = run_dir(a.cfg, "merge", "search.json")
+    record = json.loads(path.read_text()) if path.exists() else {}
+    w = record.get("weights") if record.get("method") in ("task_arithmetic", "average") else None
 
     def draw(fig):
         ax = fig.add_subplot()
-        filled = ax.contourf(grid, grid, values.T, levels=21, cmap="viridis_r")
-        fig.colorbar(filled, ax=ax, label="held-out denoising loss", format="%.4g")
+        fig.colorbar(ax.contourf(grid, grid, values.T, levels=21, cmap="viridis_r"), ax=ax,
+                     label="held-out denoising loss", format="%.4g")
         ax.plot(0, 0, "o", ms=8, mfc="white", mec="black", label="θ0 (pretrained)")
         ax.plot([1, 0], [0, 1], "^", ms=8, mfc="white", mec="black", label=f"finetuned: range {i}, range {j}")
         ax.plot(grid[p], grid[q], "X", ms=9, mfc="red", mec="white", label=f"grid minimum ({grid[p]:g}, {grid[q]:g})")
-        if merged is not None:
-            ax.plot(*merged, "*", ms=14, mfc="gold", mec="black", label="the run's merge (other weights off-plane)")
-        ax.set(xlabel=f"a: weight of τ of {_range_name(i, a.ranges)}",
-               ylabel=f"b: weight of τ of {_range_name(j, a.ranges)}",
+        if w and len(w) == a.cfg.n_ranges:
+            ax.plot(w[i], w[j], "*", ms=14, mfc="gold", mec="black", label="the run's merge (other weights off-plane)")
+        ax.set(xlabel=f"a: weight of τ of {a.names[i]}", ylabel=f"b: weight of τ of {a.names[j]}",
                title=f"Merge landscape (DeMe Fig. 6a)\nθ0 + a·τ(range {i}) + b·τ(range {j})")
         fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
-    return _plot(a.folder / "merge_landscape.png", (6.8, 6.6), draw)
+    return _write(a, "merge_landscape", f"merge landscape of ranges {i}, {j} (held-out loss): {corners}minimum "
+                  f"{values[p, q]:.5f} at ({grid[p]:g}, {grid[q]:g})", [f"w_range{i}", f"w_range{j}", "heldout_loss"],
+                  ([grid[u], grid[v], values[u, v]] for u, v in itertools.product(range(len(grid)), repeat=2)),
+                  (6.8, 6.6), draw)
 
 
-def analyze_norms(a: Analysis) -> Path:
+def analyze_norms(a) -> Path:
     """DeMe Fig. 6b: task_vector_norms.csv (per layer: ||θ0||, ||τ_i||; last row the totals) and .png (bars)."""
-    norms = task_vector_norms(a.base, a.finetuned)
-    print("task-vector norms ||θ_range - θ0||: " + ", ".join(f"range {r} {v:.4f}" for r, v in enumerate(norms["total"])))
-    n = len(norms["total"])
-    rows = [[name, norms["base"][c]] + list(norms["norms"][:, c]) for c, name in enumerate(norms["layers"])]
-    rows.append(["total", float(np.sqrt((norms["base"] ** 2).sum()))] + list(norms["total"]))
-    _csv(a.folder / "task_vector_norms.csv", ["layer", "theta0"] + [f"tau_range{r}" for r in range(n)], rows)
+    norms, n = task_vector_norms(a.base, a.finetuned), a.cfg.n_ranges
+    rows = [[name, norms["base"][c], *norms["norms"][:, c]] for c, name in enumerate(norms["layers"])]
+    rows.append(["total", float(np.sqrt((norms["base"] ** 2).sum())), *norms["total"]])
 
     def draw(fig):
         ax, total = fig.subplots(1, 2, width_ratios=[5, 1])
-        names = [_range_name(r, a.ranges) for r in range(n)]
-        _bars(ax, norms["norms"], norms["layers"], names, "||τ|| of the layer's weights (L2)")
-        ax.set_title("Task-vector norm τ = θ_range − θ0 per layer and timestep range (DeMe Fig. 6b)")
-        _bars(total, norms["total"][None], [str(r) for r in range(n)], ["all weights"], "||τ|| of all weights (L2)")
-        total.set(xlabel="range", title="total")
-    return _plot(a.folder / "task_vector_norms.png", (11, 4.6), draw)
+        _bars(ax, norms["norms"], norms["layers"], a.names, "||τ|| of the layer's weights (L2)",
+              title="Task-vector norm τ = θ_range − θ0 per layer and timestep range (DeMe Fig. 6b)")
+        _bars(total, norms["total"][None], [str(r) for r in range(n)], ["all weights"], "||τ|| of all weights (L2)",
+              title="total per range")
+    return _write(a, "task_vector_norms", "task-vector norms ||θ_range - θ0||: " + ", ".join(
+        f"range {r} {v:.4f}" for r, v in enumerate(norms["total"])), ["layer", "theta0"] +
+        [f"tau_range{r}" for r in range(n)], rows, (11, 4.6), draw)
 
 
-def analyze_stationarity(a: Analysis) -> Path:
-    """Whether θ0 is stationary: stationarity.csv (per range: ‖g_j‖, cos between the two halves of the images, cos
-    with each range; then Σ_j g_j) and .png (the norms, the ratio, the cosines)."""
-    batch = max(1, min(64, a.cfg.batch_size // a.cfg.grad_accum))
-    halves = range_gradients(unwrap(a.theta0), a.diffusion, a.images, a.env, a.cfg.n_ranges, batch,
+def analyze_stationarity(a) -> Path:
+    """Is θ0 stationary? stationarity.csv (per range: ‖g_j‖, cos of the images' two halves, cos with each range)."""
+    halves = range_gradients(a.theta0, a.diffusion, a.images, a.env, a.cfg.n_ranges, a.batch,
                              role_seed(a.cfg.seed, "select"))  # (2, N, P)
-    st = stationarity(halves.sum(0))
-    agree = [F.cosine_similarity(halves[0, j], halves[1, j], dim=0).item() for j in range(a.cfg.n_ranges)]
-    agree.append(F.cosine_similarity(halves[0].sum(0), halves[1].sum(0), dim=0).item())
-    print(f"stationarity of θ0 ({len(a.images)} selection images): ‖g_j‖ {', '.join(f'{v:.4g}' for v in st['norms'])}, "
-          f"‖Σ_j g_j‖ {st['sum_norm']:.4g}, ratio {st['ratio']:.3f}; cos between the two halves of the images: "
-          f"{', '.join(f'{v:.2f}' for v in agree[:-1])} (g_j), {agree[-1]:.2f} (Σ_j g_j)")
-    n, names = a.cfg.n_ranges, [_range_name(j, a.ranges) for j in range(a.cfg.n_ranges)]
-    rows = [[names[j], st["norms"][j], agree[j]] + list(st["cos"][j]) for j in range(n)]
-    head = ["gradient", "norm", "cos_between_halves"] + [f"cos_range{j}" for j in range(n)]
-    _csv(a.folder / "stationarity.csv", head, rows + [["sum over ranges", st["sum_norm"], agree[-1]] + [""] * n])
+    st, n, g = stationarity(halves.sum(0)), a.cfg.n_ranges, [f"g_{j}" for j in range(a.cfg.n_ranges)]
+    agree = [F.cosine_similarity(u, v, dim=0).item() for u, v in [*zip(*halves), (halves[0].sum(0), halves[1].sum(0))]]
+    rows = [[a.names[j], st["norms"][j], agree[j], *st["cos"][j]] for j in range(n)]
 
     def draw(fig):
         left, right = fig.subplots(1, 2)
-        g = [f"g_{j}" for j in range(n)]
         _bars(left, np.array([st["norms"] + [st["sum_norm"]]]), g + ["Σ_j g_j"], ["norm"],
-              "gradient norm of the held-out loss at θ0")
-        left.set_title(f"‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½ = {st['ratio']:.2f} (0: stationary, 1: unrelated)", fontsize=9)
-        _heatmap(fig, right, st["cos"], g, names, "cosine")
-        right.set_title("cosines between the ranges' gradients")
+              "gradient norm of the held-out loss at θ0",
+              title=f"‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½ = {st['ratio']:.2f} (0: stationary, 1: unrelated)")
+        _heatmap(right, st["cos"], g, a.names, "cosine", title="cosines between the ranges' gradients")
         fig.suptitle("Is θ0 stationary? Per-range gradients of the held-out loss (selection images)")
-    return _plot(a.folder / "stationarity.png", (11, 4.4), draw)
+    return _write(a, "stationarity", f"stationarity of θ0 ({len(a.images)} selection images): ‖g_j‖ "
+                  f"{', '.join(f'{v:.4g}' for v in st['norms'])}, ‖Σ_j g_j‖ {st['sum_norm']:.4g}, ratio "
+                  f"{st['ratio']:.3f}; cos between the two halves of the images: "
+                  f"{', '.join(f'{v:.2f}' for v in agree[:-1])} (g_j), {agree[-1]:.2f} (Σ_j g_j)",
+                  ["gradient", "norm", "cos_between_halves", *[f"cos_range{j}" for j in range(n)]],
+                  rows + [["sum over ranges", st["sum_norm"], agree[-1]] + [""] * n], (11, 4.4), draw)
 
 
-def analyze_seeds(a: Analysis) -> Path:
-    """Each range's task vector across seeds: seed_agreement.csv (per range: ‖τ_i‖ per seed, cos between seeds, cos
-    with each τ_j) and .png."""
+def analyze_seeds(a) -> Path:
+    """Each range's τ across seeds: seed_agreement.csv (‖τ_i‖ per seed, cos between seeds, cos with each τ_j), .png."""
     agree, seeds, n = task_vector_agreement(a.base, a.by_seed), seed_list(a.cfg), a.cfg.n_ranges
-    print("task vectors across seeds, cos(τ_i, τ_i') per range (mean over pairs): " +
-          ", ".join(f"range {i} {v:.3f}" for i, v in enumerate(agree["seeds"].mean(0))))
-    pairs = [f"{s}-{t}" for s, t in itertools.combinations(seeds, 2)]
-    head = ["range", *[f"norm_seed{s}" for s in seeds], *[f"cos_seeds_{p}" for p in pairs]]
-    _csv(a.folder / "seed_agreement.csv", head + [f"cos_with_range{j}" for j in range(n)],
-         ([_range_name(i, a.ranges), *agree["norms"][:, i], *agree["seeds"][:, i], *agree["ranges"][i]]
-          for i in range(n)))
+    pairs, mean, taus = list(itertools.combinations(seeds, 2)), agree["seeds"].mean(0), [f"τ_{i}" for i in range(n)]
 
     def draw(fig):
         left, right = fig.subplots(1, 2)
-        mean = agree["seeds"].mean(0)
-        _bars(left, mean[None], [_range_name(i, a.ranges) for i in range(n)], ["mean"],
-              f"cos(τ_i of one seed, τ_i of another): mean, min-max of {len(pairs)} pairs",
-              np.stack([mean - agree["seeds"].min(0), agree["seeds"].max(0) - mean])[:, None])
-        left.set_title("Do seeds agree on each range's task vector?", fontsize=9)
-        _heatmap(fig, right, agree["ranges"], [f"τ_{i}" for i in range(n)], [f"τ_{i}" for i in range(n)], "cosine")
-        right.set_title("cos(τ_i, τ_j) of one seed, mean over seeds", fontsize=9)
-    return _plot(a.folder / "seed_agreement.png", (11, 4.4), draw)
+        _bars(left, mean[None], a.names, ["mean"], f"cos(τ_i of one seed, τ_i of another): mean, min-max of "
+              f"{len(pairs)} pairs", np.stack([mean - agree["seeds"].min(0), agree["seeds"].max(0) - mean])[:, None],
+              title="Do seeds agree on each range's task vector?")
+        _heatmap(right, agree["ranges"], taus, taus, "cosine", title="cos(τ_i, τ_j) of one seed, mean over seeds")
+    return _write(a, "seed_agreement", "task vectors across seeds, cos(τ_i, τ_i') per range (mean over pairs): " +
+                  ", ".join(f"range {i} {v:.3f}" for i, v in enumerate(mean)),
+                  ["range", *[f"norm_seed{s}" for s in seeds], *[f"cos_seeds_{s}-{t}" for s, t in pairs],
+                   *[f"cos_with_range{j}" for j in range(n)]],
+                  ([a.names[i], *agree["norms"][:, i], *agree["seeds"][:, i], *agree["ranges"][i]] for i in range(n)),
+                  (11, 4.4), draw)
 
 
-def analyze_interference(a: Analysis) -> Path:
+def analyze_interference(a) -> Path:
     """interference.csv (range i, scale s, each range's loss change in % under θ0 + s τ_i) and .png (heatmaps)."""
     scales, n = (0.5, 1.0, 1.5), a.cfg.n_ranges
     change = interference(lambda sd: a.losses(sd)[1], a.base, a.finetuned, scales)
-    print("interference, θ0 + τ_i (rows) on each range's held-out loss, % vs θ0:\n" + "\n".join(
-        f"  τ_{i}: " + " ".join(f"{v:+.2f}" for v in change[i, 1]) for i in range(len(change))))
-    limit = max(1e-9, float(np.abs(change).max()))
-    _csv(a.folder / "interference.csv", ["task_vector", "scale"] + [f"dloss_range{j}_pct" for j in range(n)],
-         ([i, s] + list(change[i, k]) for i in range(n) for k, s in enumerate(scales)))
 
     def draw(fig):
         for k, (ax, s) in enumerate(zip(fig.subplots(1, len(scales), squeeze=False)[0], scales)):
-            _heatmap(fig, ax, change[:, k], [f"L_{j}" for j in range(n)], [f"θ0 + {s:g} τ_{i}" for i in range(n)],
-                     "change vs θ0 (%)", -limit, limit, "+.1f")
-            ax.set_xlabel("held-out loss of range j (selection images)")
+            _heatmap(ax, change[:, k], [f"L_{j}" for j in range(n)], [f"θ0 + {s:g} τ_{i}" for i in range(n)],
+                     "change vs θ0 (%)", max(1e-9, float(np.abs(change).max())),
+                     xlabel="held-out loss of range j (selection images)")
         fig.suptitle("Interference: each range's loss when one task vector is added to θ0")
-    return _plot(a.folder / "interference.png", (4.6 * len(scales) + 1, 4.2), draw)
+    return _write(a, "interference", "interference, θ0 + τ_i (rows) on each range's held-out loss, % vs θ0:\n" +
+                  "\n".join(f"  τ_{i}: " + " ".join(f"{v:+.2f}" for v in change[i, 1]) for i in range(n)),
+                  ["task_vector", "scale", *[f"dloss_range{j}_pct" for j in range(n)]],
+                  ([i, s, *change[i, k]] for i in range(n) for k, s in enumerate(scales)),
+                  (4.6 * len(scales) + 1, 4.2), draw)
 
 
-def analyze_partial(a: Analysis) -> Path:
+def analyze_partial(a) -> Path:
     """partial_ensembles.csv (model, sample metric, its difference to θ0) and .png (the differences)."""
-    theta0 = unwrap(a.theta0).eval()
-    models = [build_model(theta0.config, sd).eval() for sd in a.finetuned]
-    named = {"theta0": theta0, **{f"range {i} alone": m for i, m in enumerate(partial_ensembles(theta0, models))},
-             "ensemble": RangeEnsemble(models)}
+    models = [build_model(a.theta0.config, sd).eval() for sd in a.finetuned]
+    parts = {f"range {i} alone": m for i, m in enumerate(partial_ensembles(a.theta0, models))}
+    named = {"theta0": a.theta0, **parts, "ensemble": RangeEnsemble(models)}
     values = {name: selection_quality(a.cfg, a.env, a.diffusion, m) for name, m in tqdm(named.items(), desc="partial")}
-    print("partial ensembles, sample metric vs θ0 (selection samples): " +
-          ", ".join(f"{k} {v - values['theta0']:+.4f}" for k, v in values.items() if k != "theta0"))
-    metric = "pixel Fréchet distance" if eval_metric(a.cfg) == "pixel" else "FID"
-    metric, base, names = f"{metric}, {selection_samples(a.cfg)} samples", values["theta0"], list(values)[1:]
-    _csv(a.folder / "partial_ensembles.csv", ["model", "value", "vs_theta0"], ([k, v, v - base] for k, v in
-                                                                               values.items()))
-
-    def draw(fig):
-        ax = fig.add_subplot()
-        _bars(ax, np.array([[values[k] - base for k in names]]), names, [metric], f"{metric} minus θ0's")
-        ax.set_title("Where the ensemble's gain comes from: θ0 with one range's model (selection samples)", fontsize=9)
-    return _plot(a.folder / "partial_ensembles.png", (1.3 * len(values) + 3, 4.4), draw)
+    base, names = values["theta0"], list(values)[1:]
+    metric = f"{'FID' if eval_metric(a.cfg) == 'fid' else 'pixel Fréchet distance'}, {selection_samples(a.cfg)} samples"
+    draw = lambda fig: _bars(fig.add_subplot(), np.array([[values[k] - base for k in names]]), names, [metric],
+                             f"{metric} minus θ0's", title="Where the ensemble's gain comes from: θ0 with one "
+                             "range's model (selection samples)")
+    return _write(a, "partial_ensembles", "partial ensembles, sample metric vs θ0 (selection samples): " +
+                  ", ".join(f"{k} {values[k] - base:+.4f}" for k in names), ["model", "value", "vs_theta0"],
+                  ([k, v, v - base] for k, v in values.items()), (1.3 * len(values) + 3, 4.4), draw)
 
 
 ANALYSES = {"conflict": analyze_conflict, "landscape": analyze_landscape, "norms": analyze_norms,
@@ -2636,39 +2489,46 @@ ANALYSES = {"conflict": analyze_conflict, "landscape": analyze_landscape, "norms
 
 
 def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
-    """Under analysis/, as PNG and CSV, on the selection split: the paper's figures (gradient conflict, Fig. 1a;
-    merge landscape, Fig. 6a; task-vector norms, Fig. 6b) and the merge's diagnostics (stationarity of θ0, task
-    vectors across seeds, interference, partial ensembles). With --seeds, of the first seed's models."""
+    """analysis/: the paper's figures and the merge's diagnostics as PNG and CSV, selection split, first of --seeds."""
     diffusion = diffusion or GaussianDiffusion()
-    figures = analysis_figure_list(cfg)
-    runs = [c for _, c in seed_runs(cfg)]
-    run = runs[0]
-    if "landscape" in figures:  # checked before any long computation
-        landscape_pair(cfg)
-        landscape_grid(cfg.landscape_points)
-    by_seed = None
-    needs = [f for f in figures if f not in ("conflict", "stationarity")]
-    if needs:
-        try:
-            by_seed = [[m.state_dict() for m in range_models(c)] for c in (runs if "seeds" in figures else runs[:1])]
-        except UserError as e:
-            raise UserError(f"the {' and '.join(needs)} figure{'s' * (len(needs) > 1)} need{'s' * (len(needs) == 1)} "
-                            f"finished ranges: {e}") from None
-    try:
-        theta0 = named_model(cfg, env, "theta0", theta0)
+    n_seeds = len(seed_list(cfg)) if cfg.seeds else 0
+    figures = ([f for f in ANALYSES if f != "seeds" or n_seeds > 1] if cfg.figures == "all" else  # all it can draw
+               [s.strip() for s in cfg.figures.split(",") if s.strip()])
+    if not figures or set(figures) - set(ANALYSES):
+        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSES)} (comma-separated), all")
+    if "seeds" in figures and n_seeds < 2:
+        raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds (the run's)")
+    if not 2 <= cfg.conflict_timesteps <= diffusion.T:
+        raise UserError(f"--conflict-timesteps {cfg.conflict_timesteps}: give 2 to {diffusion.T} timesteps (e.g. 20)")
+    pair = parse_list("landscape-ranges", cfg.landscape_ranges, example="0,3") or [0, cfg.n_ranges - 1]
+    if "landscape" in figures and not (len(set(pair)) == len(pair) == 2 and all(0 <= i < cfg.n_ranges for i in pair)):
+        raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r}: give two different indices in "
+                        f"0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
+    if cfg.landscape_points < 2:
+        raise UserError(f"--landscape-points {cfg.landscape_points}: give 2 or more points per axis (e.g. 15)")
+    runs, needs = [c for _, c in seed_runs(cfg)], [f for f in figures if f not in ("conflict", "stationarity")]
+    what = f"the {' and '.join(needs)} figure{'s' * (len(needs) > 1)} need{'s' * (len(needs) == 1)} finished ranges"
+    try:  # on env.device, where the gradients move θ0
+        by_seed = [[m.to(env.device).state_dict() for m in range_models(c)]
+                   for c in (runs if "seeds" in needs else runs[:1] if needs else [])]
+        what = "the analysis needs θ0"
+        theta0 = unwrap(named_model(cfg, env, "theta0", theta0)).to(env.device)
     except UserError as e:
-        raise UserError(f"the analysis needs θ0: {e}") from None
+        raise UserError(f"{what}: {e}") from None
     if not env.master:  # one process draws the figures
         return
-    folder = run_dir(cfg, "analysis")
-    folder.mkdir(parents=True, exist_ok=True)
-    a = Analysis(dataclasses.replace(run, seeds=cfg.seeds), env, diffusion, theta0,
-                 heldout_images(cfg, cfg.search_images, "select"), folder)
-    if by_seed is not None:  # all on env.device (a gradient may have moved θ0 there)
-        on_device = lambda sd: {k: v.to(env.device) for k, v in sd.items()}
-        a.base = on_device(merge_base(theta0, any(key.endswith(".proj.weight") for key in by_seed[0][0])))
-        a.by_seed = [[on_device(sd) for sd in sds] for sds in by_seed]
-        a.finetuned = a.by_seed[0]
+    run = dataclasses.replace(runs[0], seeds=cfg.seeds)  # with --seeds, the first seed's run
+    images = heldout_images(cfg, cfg.search_images, "select")
+    # what the figures share; grid: the merge search's box [0, 1.5] and a little past θ0, with 0 and 1 at 15 points
+    a = argparse.Namespace(cfg=run, env=env, diffusion=diffusion, theta0=theta0, images=images, pair=tuple(pair),
+                           grid=tuple(round(float(v), 6) for v in np.linspace(-0.25, 1.5, cfg.landscape_points)),
+                           folder=run_dir(cfg, "analysis"), batch=max(1, min(64, cfg.batch_size // cfg.grad_accum)),
+                           names=[f"range {r}, t∈[{lo},{hi})" for r, (lo, hi) in  # 0-based: θ_0 is not θ0
+                                  enumerate(timestep_ranges(cfg.n_ranges, diffusion.T))],
+                           losses=lambda sd: heldout_loss(build_model(theta0.config, sd).to(env.device), diffusion,
+                                                          images, env, cfg.n_ranges, role_seed(run.seed, "select")),
+                           by_seed=by_seed, finetuned=by_seed[0] if by_seed else None,
+                           base=by_seed and merge_base(theta0, any(k.endswith(".proj.weight") for k in by_seed[0][0])))
     written = [ANALYSES[name](a) for name in figures]
     print("figures: " + ", ".join(str(p) for p in written) + " (numbers in the .csv beside each)")
     return written
