@@ -2934,8 +2934,8 @@ def sd_libraries():
 
 
 class ChannelProjection(nn.Module):
-    """DeMe's channel-wise projection h -> W h (W: C x C, a bias-free 1x1 conv, identity at the start), run as a
-    forward hook of a diffusers block; a module, so deepcopy and .to() carry it with the model that owns it."""
+    """DeMe's channel-wise projection h -> W h (a bias-free 1x1 conv, identity at the start) as a diffusers block's
+    forward hook; a module, so deepcopy and .to() carry it with the model that owns it."""
 
     def __init__(self, channels, like):
         super().__init__()
@@ -2959,19 +2959,14 @@ class SDUNet(nn.Module):
         self.config = dict(kind="stable_diffusion", unet=json.loads(json.dumps(dict(unet.config), default=str)),
                            projections=[])
 
-    def places(self) -> dict:
-        """place -> (block, channels of its main output): down_i, mid, up_i."""
-        c = list(self.unet.config.block_out_channels)
-        places = {f"down_{i}": (b, c[i]) for i, b in enumerate(self.unet.down_blocks)}
-        places["mid"] = (self.unet.mid_block, c[-1])
-        return places | {f"up_{i}": (b, c[::-1][i]) for i, b in enumerate(self.unet.up_blocks)}
-
     def add_projections(self, names=None):
-        """Identity projections at `names` (default: every place) where none is yet; in place, returns self."""
-        like = next(self.unet.parameters())
-        for name, (block, channels) in self.places().items():
+        """Identity projections where none is yet at `names` (default: all) of down_i, mid, up_i; returns self."""
+        unet, c = self.unet, list(self.unet.config.block_out_channels)
+        places = {**{f"down_{i}": (b, c[i]) for i, b in enumerate(unet.down_blocks)}, "mid": (unet.mid_block, c[-1]),
+                  **{f"up_{i}": (b, c[::-1][i]) for i, b in enumerate(unet.up_blocks)}}  # (block, its channels)
+        for name, (block, channels) in places.items():
             if (names is None or name in names) and name not in self.projections:
-                self.projections[name] = ChannelProjection(channels, like)
+                self.projections[name] = ChannelProjection(channels, next(unet.parameters()))
                 block.register_forward_hook(self.projections[name])
                 self.config["projections"].append(name)
         return self
@@ -2989,38 +2984,45 @@ def sd_model(theta0: SDUNet, state) -> SDUNet:
 
 class StableDiffusion:
     """A diffusers Stable Diffusion folder as DeMe sees it: θ0 an SDUNet, images VAE latents, captions CLIP embeddings,
-    the pipeline's schedule (SD v1: scaled-linear, T = 1000); with cfg, the backbone of stage_finetune/stage_merge."""
+    the pipeline's schedule (SD v1: scaled-linear, T = 1000). With cfg it also checks the run's resolution, captions
+    and prompts, and is the backbone of stage_finetune/stage_merge, as PixelDDPM is for the DDPM UNet."""
     name = "SD "
 
-    def __init__(self, folder, env: Env, cfg: Optional[Config] = None, prompts=()):
-        self.cfg, self.prompts = cfg, list(prompts)
+    def __init__(self, folder, env: Env, cfg: Optional[Config] = None):
         diffusers, transformers = sd_libraries()
-        folder = Path(folder)
+        folder, self.env, self.cfg = Path(folder), env, cfg
         parts = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler/scheduler_config.json")
-        missing = [p for p in parts if not (folder / p).exists()]
+        missing = [p for p in parts if not (folder / p).exists()]  # from_pretrained makes a tokenizer of nothing
         if missing:
             raise UserError(f"--pretrained {folder} is not a diffusers Stable Diffusion folder (no {missing[0]}); get "
                             f"one with `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`")
-        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        if sched.get("beta_schedule", "linear") not in ("linear", "scaled_linear"):
-            raise UserError(f"{folder} uses the {sched['beta_schedule']} schedule; this code knows (scaled_)linear")
-        if sched.get("prediction_type", "epsilon") != "epsilon":
-            raise UserError(f"{folder} predicts {sched['prediction_type']}; this code trains ε-prediction models "
-                            f"(SD v1.x), so use one of those")
-        self.env = env
-        self.diffusion = GaussianDiffusion(sched.get("num_train_timesteps", 1000), sched["beta_start"],
-                                           sched["beta_end"], sched.get("beta_schedule", "linear"))
         try:
+            sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+            for key, known in (("beta_schedule", ("linear", "scaled_linear")), ("prediction_type", ("epsilon",))):
+                if sched.setdefault(key, known[0]) not in known:
+                    raise UserError(f"{folder} has the {key} {sched[key]!r}; this code knows {' or '.join(known)} "
+                                    f"(ε-prediction SD v1.x models)")
+            self.diffusion = GaussianDiffusion(sched.get("num_train_timesteps", 1000), sched["beta_start"],
+                                               sched["beta_end"], sched["beta_schedule"])
             self.unet = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")).eval()
             self.vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae")
             self.text_encoder = transformers.CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
             self.tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, KeyError) as e:
             raise UserError(f"cannot load the pipeline in {folder} ({str(e).strip().splitlines()[0]})") from None
         for m in (self.vae, self.text_encoder):
             m.to(env.device).eval().requires_grad_(False)  # frozen: only the UNet trains
-        self.scale = self.vae.config.scaling_factor
+        self.theta0, self.scale = self.unet, self.vae.config.scaling_factor
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixels per latent (SD: 8)
+        if cfg:  # before any training; the merge-weight search needs selection pairs
+            multiple = self.vae_factor * 2 ** (len(self.unet.unet.down_blocks) - 1)
+            if cfg.sd_resolution % multiple:
+                raise UserError(f"--sd-resolution {cfg.sd_resolution} is not a multiple of {multiple}, which this "
+                                f"UNet needs")
+            self.prompts = sd_prompts(cfg, self.train_data())
+            if not (cfg.merge_weights or cfg.merge_method == "average"):
+                self.captions("select")
+            self.identity, self.batch = dict(model="sd", resolution=cfg.sd_resolution), cfg.eval_batch
 
     @torch.no_grad()
     def embed(self, captions) -> torch.Tensor:
@@ -3037,51 +3039,45 @@ class StableDiffusion:
         with self.env.autocast():
             return self.vae.encode(images.to(self.env.device)).latent_dist.mean.float() * self.scale
 
-    @torch.no_grad()
-    def decode(self, latents) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] from latents, in fp32."""
-        return self.vae.decode(latents.float() / self.scale).sample.clamp(-1, 1)
-
     def encode(self, batch):
         """train_loop's encode: (images, captions) -> (latents, {"encoder_hidden_states": embeddings})."""
         images, captions = batch
         return self.encode_images(images), {"encoder_hidden_states": self.embed(captions)}
 
-    # the backbone of stage_finetune and stage_merge (PixelDDPM answers the same for the DDPM UNet)
-    @property
-    def theta0(self):
-        return self.unet
-
-    @property
-    def identity(self):
-        return dict(model="sd", resolution=self.cfg.sd_resolution)
-
-    @property
-    def batch(self):
-        return self.cfg.eval_batch
+    # what stage_finetune and stage_merge ask of their backbone (PixelDDPM answers the same for the DDPM UNet)
+    def captions(self, role):
+        return CaptionedImages(self.cfg.data_dir, self.cfg.sd_resolution, role, self.cfg.heldout_fraction)
 
     def train_data(self):
-        return CaptionedImages(self.cfg.data_dir, self.cfg.sd_resolution, "train", self.cfg.heldout_fraction)
+        return self.captions("train")
 
     def student(self):
         return copy.deepcopy(self.unet).add_projections() if self.cfg.projections else copy.deepcopy(self.unet)
 
     def grid(self, student):
-        return sd_grid(self, student, self.prompts[0], self.cfg)
+        """train_loop's grid(ema_state, path): four samples of the first prompt from the EMA weights."""
+        from torchvision.utils import save_image
+
+        def grid(ema_state, path):
+            x = sd_sample(self, [self.build(ema_state)], self.prompts[:1] * 4, self.cfg, range(4))
+            with atomic_path(path) as tmp:
+                save_image(x.float() * 0.5 + 0.5, tmp, nrow=4)
+        return grid
 
     def build(self, state):
         return sd_model(self.unet, state)
 
     def merge_base(self, finetuned_state):
-        return sd_merge_base(self.unet.state_dict(), finetuned_state)
+        """θ0's weights plus identity projections (the finetuned layout), so a projection's task vector is W_i - I."""
+        return self.unet.state_dict() | {k: torch.eye(len(v), dtype=v.dtype)[:, :, None, None]
+                                         for k, v in finetuned_state.items() if k.startswith("projections.")}
 
     def selection(self):
         """(latents, text embeddings) of --search-images selection pairs, which no range trained on."""
-        data = CaptionedImages(self.cfg.data_dir, self.cfg.sd_resolution, "select", self.cfg.heldout_fraction)
-        idx, b = range(min(len(data), self.cfg.search_images)), self.cfg.eval_batch
-        images, captions = torch.stack([data[i][0] for i in idx]), [data.pairs[i][1] for i in idx]
-        latents = torch.cat([self.encode_images(images[s:s + b]).cpu() for s in range(0, len(images), b)])
-        return latents, torch.cat([self.embed(captions[s:s + b]) for s in range(0, len(captions), b)])
+        data, b = self.captions("select"), self.cfg.eval_batch
+        images, captions = zip(*(data[i] for i in range(min(len(data), self.cfg.search_images))))
+        parts = [self.encode((torch.stack(images[s:s + b]), captions[s:s + b])) for s in range(0, len(images), b)]
+        return torch.cat([x.cpu() for x, _ in parts]), torch.cat([c["encoder_hidden_states"] for _, c in parts])
 
     def save_merged(self, state, record, folder):
         """merge/merged_unet and merge/merged_pipeline for diffusers (export_sd)."""
@@ -3094,8 +3090,7 @@ class CaptionedImages(torch.utils.data.Dataset):
     ...} (a list of texts: one pair per caption); with `role`, only that split's pairs (heldout_role of the name)."""
 
     def __init__(self, folder, size, role=None, fraction=0.1):
-        from torchvision import transforms as T
-        folder, self.pairs = Path(folder), []
+        folder, self.pairs, self.size = Path(folder), [], size
         meta = folder / "metadata.jsonl"
         if not meta.is_file():
             raise UserError(f"{meta} is missing; --data-dir needs images plus a metadata.jsonl with one "
@@ -3113,10 +3108,8 @@ class CaptionedImages(torch.utils.data.Dataset):
             if role is None or heldout_role(name, fraction) == role:
                 self.pairs += [(folder / name, str(t)) for t in ([texts] if isinstance(texts, str) else texts)]
         if not self.pairs:
-            where = f" in its {role} split; raise --heldout-fraction or add pairs" if role else "; add lines like "
-            raise UserError(f"{meta} lists no image-caption pairs{where}" +
-                            ("" if role else '{"file_name": "a.jpg", "text": "a caption"}'))
-        self.transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
+            raise UserError(f"{meta} lists no image-caption pairs" +
+                            (f" in its {role} split; raise --heldout-fraction or add pairs" if role else ""))
 
     def __len__(self):
         return len(self.pairs)
@@ -3126,22 +3119,20 @@ class CaptionedImages(torch.utils.data.Dataset):
         path, caption = self.pairs[split_item(item)[0]]
         try:
             with Image.open(path) as im:
-                return self.transform(im.convert("RGB")) * 2 - 1, caption  # (3, H, W) in [-1, 1], str
+                return resize_crop(im, self.size), caption  # (3, H, W) in [-1, 1], str
         except OSError:
             raise UserError(f"{path} is not a readable image; fix or remove it from metadata.jsonl") from None
 
 
 class Prompted(nn.Module):
-    """ε(x_t, t) of a text UNet for fixed prompt embeddings (B, L, D); given `uncond`, classifier-free guidance
+    """ε(x_t, t) of a text UNet for fixed prompt embeddings (B, L, D) with classifier-free guidance
     ε_u + s (ε_c - ε_u) (Ho & Salimans 2022)."""
 
-    def __init__(self, model, emb, uncond=None, scale=1.0):
+    def __init__(self, model, emb, uncond, scale):
         super().__init__()
         self.model, self.emb, self.uncond, self.scale = model, emb, uncond, scale
 
     def forward(self, x, t):
-        if self.uncond is None:
-            return self.model(x, t, encoder_hidden_states=self.emb)
         eps_u, eps_c = self.model(torch.cat([x, x]), torch.cat([t, t]),
                                   encoder_hidden_states=torch.cat([self.uncond, self.emb])).chunk(2)  # (B, C, h, w)
         return eps_u + self.scale * (eps_c - eps_u)
@@ -3150,44 +3141,30 @@ class Prompted(nn.Module):
 @torch.no_grad()
 def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] of `prompts`: the sampler from the noise of samples `indices` with
-    classifier-free guidance, then the VAE decoder. One model, or N: DeMe's ensemble (Eq. 7)."""
-    env, diffusion = sd.env, sd.diffusion
+    classifier-free guidance, then the VAE decoder in fp32. One model, or N: DeMe's ensemble (Eq. 7)."""
     emb, uncond = sd.embed(prompts), sd.embed([""] * len(prompts))
-    guided = [Prompted(m.to(env.device).eval(), emb, uncond, cfg.guidance_scale) for m in models]
-    eps_model = guided[0] if len(guided) == 1 else RangeEnsemble(guided, diffusion.T)
+    guided = [Prompted(m.to(sd.env.device).eval(), emb, uncond, cfg.guidance_scale) for m in models]
+    eps_model = guided[0] if len(guided) == 1 else RangeEnsemble(guided, sd.diffusion.T)
     side = cfg.sd_resolution // sd.vae_factor
-    latents = sample_batch(cfg, env, diffusion, eps_model, indices, role_seed(cfg.seed, "samples"),
+    latents = sample_batch(cfg, sd.env, sd.diffusion, eps_model, indices, role_seed(cfg.seed, "samples"),
                            (sd.unet.unet.config.in_channels, side, side), clip=False)  # latents are not pixels
-    return sd.decode(latents.to(env.device))
+    return sd.vae.decode(latents.to(sd.env.device).float() / sd.scale).sample.clamp(-1, 1)
 
 
-def write_sd_samples(sd: StableDiffusion, models, prompts, folder, cfg: Config):
-    """<folder>/{i:05d}.png for prompts[i] (seed and index fix the noise, so models compare image by image), and
+def write_sd_samples(sd: StableDiffusion, models, name, cfg: Config):
+    """samples/<name>/{i:05d}.png for prompt i (seed and index fix the noise, so models compare image by image), and
     prompts.txt; with --resume, images already there are kept."""
-    from PIL import Image
-    folder = Path(folder)
+    from torchvision.utils import save_image
+    folder, prompts = run_dir(cfg, "samples", name), sd.prompts
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text("".join(p + "\n" for p in prompts), folder / "prompts.txt")
     todo = [i for i in range(len(prompts)) if not (cfg.resume and (folder / f"{i:05d}.png").exists())]
-    for s in tqdm(range(0, len(todo), cfg.eval_batch), desc=f"sampling {folder.name}"):
+    for s in tqdm(range(0, len(todo), cfg.eval_batch), desc=f"sampling {name}"):
         idx = todo[s:s + cfg.eval_batch]
-        images = images_to_uint8(sd_sample(sd, models, [prompts[i] for i in idx], cfg, idx))  # (B, H, W, 3) uint8
-        for i, pixels in zip(idx, images):
+        for i, x in zip(idx, sd_sample(sd, models, [prompts[i] for i in idx], cfg, idx)):  # x: (3, H, W)
             with atomic_path(folder / f"{i:05d}.png", sync=False) as tmp:
-                Image.fromarray(pixels).save(tmp)
-    return folder
-
-
-def sd_grid(sd: StableDiffusion, student, prompt, cfg: Config):
-    """train_loop's grid(ema_state, path) for SD: four samples of one prompt from the EMA weights."""
-    def grid(ema_state, path):
-        from torchvision.utils import save_image
-        model = copy.deepcopy(unwrap(student))
-        model.load_state_dict(ema_state)
-        x = sd_sample(sd, [model], [prompt] * 4, cfg, range(4))
-        with atomic_path(path) as tmp:
-            save_image(x.float() * 0.5 + 0.5, tmp, nrow=4)
-    return grid
+                save_image(x.float() * 0.5 + 0.5, tmp)  # the same rounding as images_to_uint8
+    print(f"{len(prompts)} images of {name} in {folder}")
 
 
 def sd_prompts(cfg: Config, data: CaptionedImages) -> list:
@@ -3204,28 +3181,18 @@ def sd_prompts(cfg: Config, data: CaptionedImages) -> list:
     return prompts
 
 
-def sd_merge_base(theta0_state, finetuned_state) -> dict:
-    """θ0 in the finetuned layout: its weights plus identity projections, so a projection's task vector is W_i - I."""
-    eye = {k: torch.eye(v.shape[0], dtype=v.dtype)[:, :, None, None] for k, v in finetuned_state.items()
-           if k.startswith("projections.")}
-    return {**theta0_state, **eye}
-
-
 def fold_projections(state) -> tuple:
     """An SDUNet state dict -> (a stock UNet2DConditionModel state dict, {place: P} of the unfoldable projections).
     P after an up block's upsampler conv (W, b) folds exactly into W' = P W, b' = P b, as nothing else reads that conv's
     output; the others (down blocks, whose output is also a skip tensor; mid; the last up block) cannot."""
-    unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    rest = {}
-    for key, proj in state.items():
-        name = key.split(".")[1] if key.startswith("projections.") else None
-        conv = f"up_blocks.{name[3:]}.upsamplers.0.conv" if name and name.startswith("up_") else ""
-        if f"{conv}.weight" in unet:
-            P = proj[:, :, 0, 0].double()  # (C, C)
-            W, b = unet[f"{conv}.weight"], unet[f"{conv}.bias"]  # (C, C_in, 3, 3), (C,)
+    unet, rest = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}, {}
+    for name, proj in ((k.split(".")[1], v) for k, v in state.items() if k.startswith("projections.")):
+        conv = f"up_blocks.{name[3:]}.upsamplers.0.conv"
+        if name.startswith("up_") and f"{conv}.weight" in unet:
+            P, W, b = proj[:, :, 0, 0].double(), unet[f"{conv}.weight"], unet[f"{conv}.bias"]  # (C, C), (C, C_in, 3, 3)
             unet[f"{conv}.weight"] = torch.einsum("oc,cikl->oikl", P, W.double()).to(W.dtype)
             unet[f"{conv}.bias"] = (P @ b.double()).to(b.dtype)
-        elif name:
+        else:
             rest[name] = proj
     return unet, rest
 
@@ -3244,10 +3211,9 @@ def export_sd(model: SDUNet, pretrained, folder) -> dict:
     diffusers.StableDiffusionPipeline.from_pretrained(pretrained, unet=unet).save_pretrained(folder / "merged_pipeline")
     for unet_dir in (folder / "merged_unet", folder / "merged_pipeline" / "unet"):
         sidecar = unet_dir / PROJECTION_SIDECAR
+        sidecar.unlink(missing_ok=True)  # a stale one from an earlier export would be restored by load_sd_unet
         if rest:
-            save_file({k: v.contiguous() for k, v in rest.items()}, str(sidecar))
-        else:
-            sidecar.unlink(missing_ok=True)  # a stale one from an earlier export would be restored by load_sd_unet
+            save_file(rest, str(sidecar))
     changed = [n for n, W in rest.items() if not torch.equal(W[:, :, 0, 0], torch.eye(len(W), dtype=W.dtype))]
     if changed:
         print(f"warning: plain diffusers loading of {folder}/merged_* drops {len(changed)} channel projections that "
@@ -3260,17 +3226,11 @@ def load_sd_unet(folder) -> SDUNet:
     """A UNet that export_sd saved (merged_unet/, or a pipeline folder), with its unfoldable projections as hooks."""
     diffusers, _ = sd_libraries()
     from safetensors.torch import load_file
-    folder = Path(folder)
-    folder = folder / "unet" if (folder / "model_index.json").is_file() else folder
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} holds no diffusers UNet (no config.json); pass merged_unet or merged_pipeline")
-    model = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder))
+    folder = Path(folder) / "unet" if (Path(folder) / "model_index.json").is_file() else Path(folder)
     sidecar = folder / PROJECTION_SIDECAR
     weights = load_file(str(sidecar)) if sidecar.is_file() else {}
-    model.add_projections(set(weights))
-    with torch.no_grad():
-        for name, W in weights.items():
-            model.projections[name].weight.copy_(W)
+    model = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder)).add_projections(set(weights))
+    model.load_state_dict({f"projections.{k}.weight": W for k, W in weights.items()}, strict=False)
     return model.eval()
 
 
@@ -3279,16 +3239,8 @@ def stage_sd(cfg: Config, env: Env):
     if cfg.flip:
         print("warning: --flip flips VAE latents, which only roughly flips the images; consider --no-flip",
               file=sys.stderr)
-    sd = StableDiffusion(cfg.pretrained, env)
-    theta0, diffusion = sd.unet, sd.diffusion
-    multiple = sd.vae_factor * 2 ** (len(theta0.unet.down_blocks) - 1)
-    if cfg.sd_resolution % multiple:
-        raise UserError(f"--sd-resolution {cfg.sd_resolution} is not a multiple of {multiple}, which this UNet needs")
-    data = CaptionedImages(cfg.data_dir, cfg.sd_resolution, "train", cfg.heldout_fraction)
-    if not (cfg.merge_weights or cfg.merge_method == "average"):  # before any training: the search needs its pairs
-        CaptionedImages(cfg.data_dir, cfg.sd_resolution, "select", cfg.heldout_fraction)
-    sd.cfg, sd.prompts = cfg, sd_prompts(cfg, data)
-    stage_finetune(cfg, env, diffusion, theta0, backbone=sd)  # DeMe Sec. 3.2, as for the DDPM UNet
+    sd = StableDiffusion(cfg.pretrained, env, cfg)
+    stage_finetune(cfg, env, sd.diffusion, backbone=sd)  # DeMe Sec. 3.2, as for the DDPM UNet
     if not env.master:  # merging, export and sampling run on rank 0 alone
         return
     try:  # θ_1..θ_N as EMA state dicts; while a range is unfinished (split with --ranges), say which
@@ -3296,14 +3248,12 @@ def stage_sd(cfg: Config, env: Env):
     except UserError as e:
         print(f"{e}; then run again to merge")
         return
-    merged = sd_model(theta0, stage_merge(cfg, dataclasses.replace(env, rank=0, world=1), diffusion, theta0,
-                                          backbone=sd, finetuned=states))
-    prompts = sd.prompts
+    merged = sd.build(stage_merge(cfg, dataclasses.replace(env, rank=0, world=1), sd.diffusion, backbone=sd,
+                                  finetuned=states))
     names = [n for n in (s.strip() for s in cfg.models.split(",")) if n in ("theta0", "ensemble", "merged")]
     for name in names or ["merged"]:
-        models = {"theta0": [theta0], "merged": [merged]}.get(name) or [sd_model(theta0, s) for s in states]
-        out = write_sd_samples(sd, models, prompts, run_dir(cfg, "samples", name), cfg)
-        print(f"{len(prompts)} images of {name} in {out}")
+        write_sd_samples(sd, {"theta0": [sd.unet], "merged": [merged]}.get(name) or [sd.build(s) for s in states],
+                         name, cfg)
 
 
 # --- II.8 Benchmark, the plan line, the ablation ---------------------------------------------------------------------
