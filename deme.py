@@ -2914,28 +2914,23 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
 
 
 # --- II.7 Stable Diffusion: the same method on a text-conditioned latent UNet (paper: SD v1.4) -----------------------
-# diffusers and transformers are optional extras, imported on first use. A local diffusers pipeline folder becomes what
-# the DDPM path works with: θ0 is an SDUNet called as eps(x_t, t, encoder_hidden_states), the data are VAE latents and
-# CLIP text embeddings (train_loop's `encode`), and everything else (Eq. 6 timesteps, Eq. 4-5 consistency loss, Eq. 8
-# merge, Eq. 7 ensemble, EMA, checkpoints) is the code above. Projections are forward hooks: diffusers stays unedited.
+# diffusers and transformers are optional extras, imported on first use. θ0 is an SDUNet, eps(x_t, t, text embedding),
+# the data are VAE latents and CLIP embeddings, and everything else (Eq. 4-8, EMA, checkpoints) is the code above.
 
-PROJECTION_SIDECAR = "deme_projections.safetensors"
+SIDECAR = "deme_projections.safetensors"  # the projections that export_sd cannot fold
 
 
 def sd_libraries():
     """(diffusers, transformers), or one line telling the user how to install them."""
     try:
-        import diffusers
-        import transformers
+        return __import__("diffusers"), __import__("transformers")
     except ImportError:
         raise UserError("the Stable Diffusion path needs diffusers and transformers: pip install -r "
                         "requirements-extra.txt") from None
-    return diffusers, transformers
 
 
 class ChannelProjection(nn.Module):
-    """DeMe's channel-wise projection h -> W h (a bias-free 1x1 conv, identity at the start) as a diffusers block's
-    forward hook; a module, so deepcopy and .to() carry it with the model that owns it."""
+    """DeMe's channel projection h -> W h (a 1x1 conv, identity at first) as a forward hook of a diffusers block."""
 
     def __init__(self, channels, like):
         super().__init__()
@@ -2948,13 +2943,11 @@ class ChannelProjection(nn.Module):
 
 
 class SDUNet(nn.Module):
-    """ε_θ(x_t, t, c) of Stable Diffusion: a diffusers UNet2DConditionModel called as the DDPM UNet is, with DeMe's
-    projections after every down block, the mid block and every up block (SD v1: 9, 1.06% of the parameters)."""
+    """ε_θ(x_t, t, c): a diffusers UNet2DConditionModel with projections as hooks (SD v1: 9, 1.06% of the weights)."""
 
     def __init__(self, unet):
         super().__init__()
-        self.unet = unet
-        self.projections = nn.ModuleDict()  # place -> ChannelProjection; θ0 has none
+        self.unet, self.projections = unet, nn.ModuleDict()  # place -> ChannelProjection; θ0 has none
         # plain JSON types: train_loop stores this in checkpoints, which load with weights_only=True
         self.config = dict(kind="stable_diffusion", unet=json.loads(json.dumps(dict(unet.config), default=str)),
                            projections=[])
@@ -2975,35 +2968,26 @@ class SDUNet(nn.Module):
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states).sample  # (B, 4, h, w)
 
 
-def sd_model(theta0: SDUNet, state) -> SDUNet:
-    """θ0's architecture with the projections that `state` has, holding `state`."""
-    model = copy.deepcopy(theta0).add_projections({k.split(".")[1] for k in state if k.startswith("projections.")})
-    model.load_state_dict(state)
-    return model.eval()
-
-
 class StableDiffusion:
-    """A diffusers Stable Diffusion folder as DeMe sees it: θ0 an SDUNet, images VAE latents, captions CLIP embeddings,
-    the pipeline's schedule (SD v1: scaled-linear, T = 1000). With cfg it also checks the run's resolution, captions
-    and prompts, and is the backbone of stage_finetune/stage_merge, as PixelDDPM is for the DDPM UNet."""
+    """A diffusers SD folder as DeMe sees it, with its schedule (SD v1: scaled-linear, T = 1000); with cfg, a checked
+    run and the backbone of stage_finetune/stage_merge, as PixelDDPM is for the DDPM UNet."""
     name = "SD "
 
     def __init__(self, folder, env: Env, cfg: Optional[Config] = None):
         diffusers, transformers = sd_libraries()
         folder, self.env, self.cfg = Path(folder), env, cfg
         parts = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler/scheduler_config.json")
-        missing = [p for p in parts if not (folder / p).exists()]  # from_pretrained makes a tokenizer of nothing
-        if missing:
+        if missing := [p for p in parts if not (folder / p).exists()]:  # from_pretrained makes a tokenizer of nothing
             raise UserError(f"--pretrained {folder} is not a diffusers Stable Diffusion folder (no {missing[0]}); get "
                             f"one with `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`")
         try:
             sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-            for key, known in (("beta_schedule", ("linear", "scaled_linear")), ("prediction_type", ("epsilon",))):
-                if sched.setdefault(key, known[0]) not in known:
-                    raise UserError(f"{folder} has the {key} {sched[key]!r}; this code knows {' or '.join(known)} "
-                                    f"(ε-prediction SD v1.x models)")
+            kind = sched.get("prediction_type", "epsilon"), sched.get("beta_schedule", "linear")
+            if kind not in (("epsilon", "linear"), ("epsilon", "scaled_linear")):
+                raise UserError(f"{folder} predicts {kind[0]} on a {kind[1]} schedule; this code knows SD v1.x's "
+                                f"epsilon on a (scaled_)linear one")
             self.diffusion = GaussianDiffusion(sched.get("num_train_timesteps", 1000), sched["beta_start"],
-                                               sched["beta_end"], sched["beta_schedule"])
+                                               sched["beta_end"], kind[1])
             self.unet = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")).eval()
             self.vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae")
             self.text_encoder = transformers.CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
@@ -3027,22 +3011,17 @@ class StableDiffusion:
     @torch.no_grad()
     def embed(self, captions) -> torch.Tensor:
         """CLIP text embeddings (B, L, D), padded to the tokenizer's length as SD's pipeline does."""
-        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(list(captions), padding="max_length", truncation=True, return_tensors="pt").input_ids
         with self.env.autocast():
             return self.text_encoder(ids.to(self.env.device))[0].float()
 
     @torch.no_grad()
-    def encode_images(self, images) -> torch.Tensor:
-        """Latents (B, 4, H/8, W/8) of images in [-1, 1]: the VAE posterior's mean times its scaling factor (the mean,
-        not a sample as diffusers' training script draws, so that a resumed run repeats exactly)."""
-        with self.env.autocast():
-            return self.vae.encode(images.to(self.env.device)).latent_dist.mean.float() * self.scale
-
     def encode(self, batch):
-        """train_loop's encode: (images, captions) -> (latents, {"encoder_hidden_states": embeddings})."""
-        images, captions = batch
-        return self.encode_images(images), {"encoder_hidden_states": self.embed(captions)}
+        """train_loop's encode: (images, captions) -> (latents, {"encoder_hidden_states": embeddings}); latents: the VAE
+        posterior's mean (not a sample, so that a resumed run repeats exactly) times the scaling factor."""
+        with self.env.autocast():
+            latents = self.vae.encode(batch[0].to(self.env.device)).latent_dist.mean.float() * self.scale
+        return latents, {"encoder_hidden_states": self.embed(batch[1])}
 
     # what stage_finetune and stage_merge ask of their backbone (PixelDDPM answers the same for the DDPM UNet)
     def captions(self, role):
@@ -3065,7 +3044,11 @@ class StableDiffusion:
         return grid
 
     def build(self, state):
-        return sd_model(self.unet, state)
+        """θ0 with the projections that `state` has, holding `state`."""
+        model = copy.deepcopy(self.unet).add_projections({k.split(".")[1] for k in state
+                                                          if k.startswith("projections.")})
+        model.load_state_dict(state)
+        return model.eval()
 
     def merge_base(self, finetuned_state):
         """θ0's weights plus identity projections (the finetuned layout), so a projection's task vector is W_i - I."""
@@ -3125,8 +3108,7 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 
 class Prompted(nn.Module):
-    """ε(x_t, t) of a text UNet for fixed prompt embeddings (B, L, D) with classifier-free guidance
-    ε_u + s (ε_c - ε_u) (Ho & Salimans 2022)."""
+    """ε(x_t, t) for fixed prompt embeddings, classifier-free guided: ε_u + s (ε_c - ε_u) (Ho & Salimans 2022)."""
 
     def __init__(self, model, emb, uncond, scale):
         super().__init__()
@@ -3140,8 +3122,7 @@ class Prompted(nn.Module):
 
 @torch.no_grad()
 def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] of `prompts`: the sampler from the noise of samples `indices` with
-    classifier-free guidance, then the VAE decoder in fp32. One model, or N: DeMe's ensemble (Eq. 7)."""
+    """Images (B, 3, H, W) in [-1, 1] of `prompts` from the noise of `indices`, by one model or N (Eq. 7's ensemble)."""
     emb, uncond = sd.embed(prompts), sd.embed([""] * len(prompts))
     guided = [Prompted(m.to(sd.env.device).eval(), emb, uncond, cfg.guidance_scale) for m in models]
     eps_model = guided[0] if len(guided) == 1 else RangeEnsemble(guided, sd.diffusion.T)
@@ -3151,66 +3132,38 @@ def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> tor
     return sd.vae.decode(latents.to(sd.env.device).float() / sd.scale).sample.clamp(-1, 1)
 
 
-def write_sd_samples(sd: StableDiffusion, models, name, cfg: Config):
-    """samples/<name>/{i:05d}.png for prompt i (seed and index fix the noise, so models compare image by image), and
-    prompts.txt; with --resume, images already there are kept."""
-    from torchvision.utils import save_image
-    folder, prompts = run_dir(cfg, "samples", name), sd.prompts
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text("".join(p + "\n" for p in prompts), folder / "prompts.txt")
-    todo = [i for i in range(len(prompts)) if not (cfg.resume and (folder / f"{i:05d}.png").exists())]
-    for s in tqdm(range(0, len(todo), cfg.eval_batch), desc=f"sampling {name}"):
-        idx = todo[s:s + cfg.eval_batch]
-        for i, x in zip(idx, sd_sample(sd, models, [prompts[i] for i in idx], cfg, idx)):  # x: (3, H, W)
-            with atomic_path(folder / f"{i:05d}.png", sync=False) as tmp:
-                save_image(x.float() * 0.5 + 0.5, tmp)  # the same rounding as images_to_uint8
-    print(f"{len(prompts)} images of {name} in {folder}")
-
-
 def sd_prompts(cfg: Config, data: CaptionedImages) -> list:
     """--prompts: a file with one prompt per line or a |-separated list; empty: the captions of the last 8 pairs."""
-    if not cfg.prompts:
-        return [caption for _, caption in data.pairs[-8:]]
-    path = Path(cfg.prompts)
+    path = Path(cfg.prompts)  # Path(""): ".", not a file
     if path.suffix == ".txt" and not path.is_file():
         raise UserError(f"prompt file {path} does not exist; pass a file with one prompt per line or 'a|b|c'")
     lines = path.read_text().splitlines() if path.is_file() else cfg.prompts.split("|")
-    prompts = [p.strip() for p in lines if p.strip()]
-    if not prompts:
+    if cfg.prompts and not any(p.strip() for p in lines):
         raise UserError(f"--prompts {cfg.prompts!r} holds no prompt")
-    return prompts
-
-
-def fold_projections(state) -> tuple:
-    """An SDUNet state dict -> (a stock UNet2DConditionModel state dict, {place: P} of the unfoldable projections).
-    P after an up block's upsampler conv (W, b) folds exactly into W' = P W, b' = P b, as nothing else reads that conv's
-    output; the others (down blocks, whose output is also a skip tensor; mid; the last up block) cannot."""
-    unet, rest = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}, {}
-    for name, proj in ((k.split(".")[1], v) for k, v in state.items() if k.startswith("projections.")):
-        conv = f"up_blocks.{name[3:]}.upsamplers.0.conv"
-        if name.startswith("up_") and f"{conv}.weight" in unet:
-            P, W, b = proj[:, :, 0, 0].double(), unet[f"{conv}.weight"], unet[f"{conv}.bias"]  # (C, C), (C, C_in, 3, 3)
-            unet[f"{conv}.weight"] = torch.einsum("oc,cikl->oikl", P, W.double()).to(W.dtype)
-            unet[f"{conv}.bias"] = (P @ b.double()).to(b.dtype)
-        else:
-            rest[name] = proj
-    return unet, rest
+    return [p.strip() for p in lines if p.strip()] or [caption for _, caption in data.pairs[-8:]]
 
 
 def export_sd(model: SDUNet, pretrained, folder) -> dict:
-    """Saves `model` for diffusers as <folder>/merged_unet and merged_pipeline (--pretrained with this UNet), each with
-    the unfoldable projections in deme_projections.safetensors (load_sd_unet restores them); returns those."""
+    """<folder>/merged_unet and merged_pipeline for diffusers, with the unfoldable projections beside (returned).
+    P after an up block's upsampler conv (W, b) folds exactly into W' = P W, b' = P b, as nothing else reads that conv's
+    output; the others (down blocks, whose output is also a skip tensor; mid; the last up block) cannot."""
     diffusers, _ = sd_libraries()
     from safetensors.torch import save_file
-    state, rest = fold_projections({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    state, rest = {k: v.detach().cpu() for k, v in model.unet.state_dict().items()}, {}
+    for name, proj in ((n, p.weight.detach().cpu()) for n, p in model.projections.items()):
+        conv = f"up_blocks.{name[3:]}.upsamplers.0.conv"
+        if name.startswith("up_") and f"{conv}.weight" in state:
+            P, W, b = proj[:, :, 0, 0].double(), state[f"{conv}.weight"], state[f"{conv}.bias"]  # (C, C), (C, C', 3, 3)
+            state[f"{conv}.weight"] = torch.einsum("oc,cikl->oikl", P, W.double()).to(W.dtype)
+            state[f"{conv}.bias"] = (P @ b.double()).to(b.dtype)
+        else:
+            rest[name] = proj
     with torch.device("meta"):  # a stock UNet, without spending time on a random initialisation
         unet = diffusers.UNet2DConditionModel.from_config(model.unet.config)
     unet.load_state_dict(state, assign=True)
-    folder = Path(folder)
     unet.save_pretrained(folder / "merged_unet")
     diffusers.StableDiffusionPipeline.from_pretrained(pretrained, unet=unet).save_pretrained(folder / "merged_pipeline")
-    for unet_dir in (folder / "merged_unet", folder / "merged_pipeline" / "unet"):
-        sidecar = unet_dir / PROJECTION_SIDECAR
+    for sidecar in (folder / "merged_unet" / SIDECAR, folder / "merged_pipeline" / "unet" / SIDECAR):
         sidecar.unlink(missing_ok=True)  # a stale one from an earlier export would be restored by load_sd_unet
         if rest:
             save_file(rest, str(sidecar))
@@ -3227,8 +3180,7 @@ def load_sd_unet(folder) -> SDUNet:
     diffusers, _ = sd_libraries()
     from safetensors.torch import load_file
     folder = Path(folder) / "unet" if (Path(folder) / "model_index.json").is_file() else Path(folder)
-    sidecar = folder / PROJECTION_SIDECAR
-    weights = load_file(str(sidecar)) if sidecar.is_file() else {}
+    weights = load_file(str(folder / SIDECAR)) if (folder / SIDECAR).is_file() else {}
     model = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder)).add_projections(set(weights))
     model.load_state_dict({f"projections.{k}.weight": W for k, W in weights.items()}, strict=False)
     return model.eval()
@@ -3236,6 +3188,7 @@ def load_sd_unet(folder) -> SDUNet:
 
 def stage_sd(cfg: Config, env: Env):
     """DeMe on Stable Diffusion: finetune per range, merge (Eq. 8), export for diffusers, draw --prompts by --models."""
+    from torchvision.utils import save_image
     if cfg.flip:
         print("warning: --flip flips VAE latents, which only roughly flips the images; consider --no-flip",
               file=sys.stderr)
@@ -3251,9 +3204,17 @@ def stage_sd(cfg: Config, env: Env):
     merged = sd.build(stage_merge(cfg, dataclasses.replace(env, rank=0, world=1), sd.diffusion, backbone=sd,
                                   finetuned=states))
     names = [n for n in (s.strip() for s in cfg.models.split(",")) if n in ("theta0", "ensemble", "merged")]
-    for name in names or ["merged"]:
-        write_sd_samples(sd, {"theta0": [sd.unet], "merged": [merged]}.get(name) or [sd.build(s) for s in states],
-                         name, cfg)
+    for name in names or ["merged"]:  # samples/<name>/{i:05d}.png of prompt i: seed and index fix the noise
+        models = {"theta0": [sd.unet], "merged": [merged]}.get(name) or [sd.build(s) for s in states]
+        folder = run_dir(cfg, "samples", name)
+        atomic_write_text("".join(p + "\n" for p in sd.prompts), folder / "prompts.txt")
+        todo = [i for i in range(len(sd.prompts)) if not (cfg.resume and (folder / f"{i:05d}.png").exists())]
+        for s in tqdm(range(0, len(todo), cfg.eval_batch), desc=f"sampling {name}"):
+            idx = todo[s:s + cfg.eval_batch]
+            for i, x in zip(idx, sd_sample(sd, models, [sd.prompts[i] for i in idx], cfg, idx)):  # x: (3, H, W)
+                with atomic_path(folder / f"{i:05d}.png", sync=False) as tmp:
+                    save_image(x.float() * 0.5 + 0.5, tmp)  # the same rounding as images_to_uint8
+        print(f"{len(sd.prompts)} images of {name} in {folder}")
 
 
 # --- II.8 Benchmark, the plan line, the ablation ---------------------------------------------------------------------
