@@ -2914,8 +2914,8 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
 
 
 # --- II.7 Stable Diffusion: the same method on a text-conditioned latent UNet (paper: SD v1.4) -----------------------
-# diffusers and transformers are optional extras, imported on first use. θ0 is an SDUNet, eps(x_t, t, text embedding),
-# the data are VAE latents and CLIP embeddings, and everything else (Eq. 4-8, EMA, checkpoints) is the code above.
+# diffusers and transformers are optional extras, imported on first use. θ0 is an SDUNet, the data VAE latents and CLIP
+# embeddings, and everything else (Eq. 4-8, EMA, checkpoints) is the code above.
 
 SIDECAR = "deme_projections.safetensors"  # the projections that export_sd cannot fold
 
@@ -2930,7 +2930,8 @@ def sd_libraries():
 
 
 class ChannelProjection(nn.Module):
-    """DeMe's channel projection h -> W h (a 1x1 conv, identity at first) as a forward hook of a diffusers block."""
+    """DeMe's channel projection h -> W h (a 1x1 conv, identity at first) as a forward hook of a diffusers block; a
+    module, so deepcopy and .to() carry it with the model that owns it."""
 
     def __init__(self, channels, like):
         super().__init__()
@@ -2949,8 +2950,7 @@ class SDUNet(nn.Module):
         super().__init__()
         self.unet, self.projections = unet, nn.ModuleDict()  # place -> ChannelProjection; θ0 has none
         # plain JSON types: train_loop stores this in checkpoints, which load with weights_only=True
-        self.config = dict(kind="stable_diffusion", unet=json.loads(json.dumps(dict(unet.config), default=str)),
-                           projections=[])
+        self.config = dict(kind="stable_diffusion", unet=json.loads(json.dumps(dict(unet.config), default=str)))
 
     def add_projections(self, names=None):
         """Identity projections where none is yet at `names` (default: all) of down_i, mid, up_i; returns self."""
@@ -2961,7 +2961,6 @@ class SDUNet(nn.Module):
             if (names is None or name in names) and name not in self.projections:
                 self.projections[name] = ChannelProjection(channels, next(unet.parameters()))
                 block.register_forward_hook(self.projections[name])
-                self.config["projections"].append(name)
         return self
 
     def forward(self, x, t, encoder_hidden_states):
@@ -2969,8 +2968,8 @@ class SDUNet(nn.Module):
 
 
 class StableDiffusion:
-    """A diffusers SD folder as DeMe sees it, with its schedule (SD v1: scaled-linear, T = 1000); with cfg, a checked
-    run and the backbone of stage_finetune/stage_merge, as PixelDDPM is for the DDPM UNet."""
+    """A diffusers SD folder as DeMe sees it; with cfg, a checked run and the backbone of stage_finetune/stage_merge
+    (as PixelDDPM is for the DDPM UNet)."""
     name = "SD "
 
     def __init__(self, folder, env: Env, cfg: Optional[Config] = None):
@@ -2984,8 +2983,7 @@ class StableDiffusion:
             sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
             kind = sched.get("prediction_type", "epsilon"), sched.get("beta_schedule", "linear")
             if kind not in (("epsilon", "linear"), ("epsilon", "scaled_linear")):
-                raise UserError(f"{folder} predicts {kind[0]} on a {kind[1]} schedule; this code knows SD v1.x's "
-                                f"epsilon on a (scaled_)linear one")
+                raise UserError(f"{folder}: {kind[0]}, {kind[1]} schedule; this code knows epsilon, (scaled_)linear")
             self.diffusion = GaussianDiffusion(sched.get("num_train_timesteps", 1000), sched["beta_start"],
                                                sched["beta_end"], kind[1])
             self.unet = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")).eval()
@@ -2998,24 +2996,27 @@ class StableDiffusion:
             m.to(env.device).eval().requires_grad_(False)  # frozen: only the UNet trains
         self.theta0, self.scale = self.unet, self.vae.config.scaling_factor
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixels per latent (SD: 8)
-        if cfg:  # before any training; the merge-weight search needs selection pairs
+        if cfg:  # the run's checks, before any training
             multiple = self.vae_factor * 2 ** (len(self.unet.unet.down_blocks) - 1)
             if cfg.sd_resolution % multiple:
-                raise UserError(f"--sd-resolution {cfg.sd_resolution} is not a multiple of {multiple}, which this "
-                                f"UNet needs")
-            self.prompts = sd_prompts(cfg, self.train_data())
+                raise UserError(f"--sd-resolution {cfg.sd_resolution} is not a multiple of {multiple} (this UNet's)")
+            data, path = self.train_data(), Path(cfg.prompts)  # --prompts: a file of lines or 'a|b|c' (Path(""): ".")
             if not (cfg.merge_weights or cfg.merge_method == "average"):
-                self.captions("select")
+                self.captions("select")  # the merge-weight search's pairs
+            if path.suffix == ".txt" and not path.is_file():
+                raise UserError(f"prompt file {path} does not exist; pass a file with one prompt per line or 'a|b|c'")
+            lines = path.read_text().splitlines() if path.is_file() else cfg.prompts.split("|")
+            if cfg.prompts and not any(p.strip() for p in lines):
+                raise UserError(f"--prompts {cfg.prompts!r} holds no prompt")
+            self.prompts = [p.strip() for p in lines if p.strip()] or [c for _, c in data.pairs[-8:]]  # or 8 captions
             self.identity, self.batch = dict(model="sd", resolution=cfg.sd_resolution), cfg.eval_batch
 
-    @torch.no_grad()
-    def embed(self, captions) -> torch.Tensor:
+    def embed(self, captions) -> torch.Tensor:  # (frozen encoders record no gradients)
         """CLIP text embeddings (B, L, D), padded to the tokenizer's length as SD's pipeline does."""
         ids = self.tokenizer(list(captions), padding="max_length", truncation=True, return_tensors="pt").input_ids
         with self.env.autocast():
             return self.text_encoder(ids.to(self.env.device))[0].float()
 
-    @torch.no_grad()
     def encode(self, batch):
         """train_loop's encode: (images, captions) -> (latents, {"encoder_hidden_states": embeddings}); latents: the VAE
         posterior's mean (not a sample, so that a resumed run repeats exactly) times the scaling factor."""
@@ -3023,12 +3024,10 @@ class StableDiffusion:
             latents = self.vae.encode(batch[0].to(self.env.device)).latent_dist.mean.float() * self.scale
         return latents, {"encoder_hidden_states": self.embed(batch[1])}
 
-    # what stage_finetune and stage_merge ask of their backbone (PixelDDPM answers the same for the DDPM UNet)
-    def captions(self, role):
+    def captions(self, role="train"):
         return CaptionedImages(self.cfg.data_dir, self.cfg.sd_resolution, role, self.cfg.heldout_fraction)
 
-    def train_data(self):
-        return self.captions("train")
+    train_data = captions
 
     def student(self):
         return copy.deepcopy(self.unet).add_projections() if self.cfg.projections else copy.deepcopy(self.unet)
@@ -3069,8 +3068,8 @@ class StableDiffusion:
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Image-caption pairs, Hugging Face imagefolder layout: images and metadata.jsonl lines {"file_name": ..., "text":
-    ...} (a list of texts: one pair per caption); with `role`, only that split's pairs (heldout_role of the name)."""
+    """Image-caption pairs: images and metadata.jsonl lines {"file_name": ..., "text": a caption or a list of them}
+    (Hugging Face's imagefolder layout); with `role`, only that split's pairs (heldout_role of the file name)."""
 
     def __init__(self, folder, size, role=None, fraction=0.1):
         folder, self.pairs, self.size = Path(folder), [], size
@@ -3132,17 +3131,6 @@ def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> tor
     return sd.vae.decode(latents.to(sd.env.device).float() / sd.scale).sample.clamp(-1, 1)
 
 
-def sd_prompts(cfg: Config, data: CaptionedImages) -> list:
-    """--prompts: a file with one prompt per line or a |-separated list; empty: the captions of the last 8 pairs."""
-    path = Path(cfg.prompts)  # Path(""): ".", not a file
-    if path.suffix == ".txt" and not path.is_file():
-        raise UserError(f"prompt file {path} does not exist; pass a file with one prompt per line or 'a|b|c'")
-    lines = path.read_text().splitlines() if path.is_file() else cfg.prompts.split("|")
-    if cfg.prompts and not any(p.strip() for p in lines):
-        raise UserError(f"--prompts {cfg.prompts!r} holds no prompt")
-    return [p.strip() for p in lines if p.strip()] or [caption for _, caption in data.pairs[-8:]]
-
-
 def export_sd(model: SDUNet, pretrained, folder) -> dict:
     """<folder>/merged_unet and merged_pipeline for diffusers, with the unfoldable projections beside (returned).
     P after an up block's upsampler conv (W, b) folds exactly into W' = P W, b' = P b, as nothing else reads that conv's
@@ -3167,8 +3155,7 @@ def export_sd(model: SDUNet, pretrained, folder) -> dict:
         sidecar.unlink(missing_ok=True)  # a stale one from an earlier export would be restored by load_sd_unet
         if rest:
             save_file(rest, str(sidecar))
-    changed = [n for n, W in rest.items() if not torch.equal(W[:, :, 0, 0], torch.eye(len(W), dtype=W.dtype))]
-    if changed:
+    if changed := [n for n, W in rest.items() if not torch.equal(W[:, :, 0, 0], torch.eye(len(W), dtype=W.dtype))]:
         print(f"warning: plain diffusers loading of {folder}/merged_* drops {len(changed)} channel projections that "
               f"cannot be folded ({', '.join(changed)}); load the UNet with deme.load_sd_unet(DIR) to keep them",
               file=sys.stderr)
@@ -3190,8 +3177,7 @@ def stage_sd(cfg: Config, env: Env):
     """DeMe on Stable Diffusion: finetune per range, merge (Eq. 8), export for diffusers, draw --prompts by --models."""
     from torchvision.utils import save_image
     if cfg.flip:
-        print("warning: --flip flips VAE latents, which only roughly flips the images; consider --no-flip",
-              file=sys.stderr)
+        print("warning: --flip flips VAE latents, which only roughly flips images; consider --no-flip", file=sys.stderr)
     sd = StableDiffusion(cfg.pretrained, env, cfg)
     stage_finetune(cfg, env, sd.diffusion, backbone=sd)  # DeMe Sec. 3.2, as for the DDPM UNet
     if not env.master:  # merging, export and sampling run on rank 0 alone
