@@ -2914,8 +2914,7 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
 
 
 # --- II.7 Stable Diffusion: the same method on a text-conditioned latent UNet (paper: SD v1.4) -----------------------
-# diffusers and transformers are optional extras, imported on first use. θ0 is an SDUNet, the data VAE latents and CLIP
-# embeddings, and everything else (Eq. 4-8, EMA, checkpoints) is the code above.
+# θ0 an SDUNet, data VAE latents and CLIP embeddings; the rest (Eq. 4-8, EMA, checkpoints) is the code above.
 
 SIDECAR = "deme_projections.safetensors"  # the projections that export_sd cannot fold
 
@@ -2930,8 +2929,7 @@ def sd_libraries():
 
 
 class ChannelProjection(nn.Module):
-    """DeMe's channel projection h -> W h (a 1x1 conv, identity at first) as a forward hook of a diffusers block; a
-    module, so deepcopy and .to() carry it with the model that owns it."""
+    """DeMe's projection h -> W h (a 1x1 conv, identity at first) as a block's hook; a module: deepcopy carries it."""
 
     def __init__(self, channels, like):
         super().__init__()
@@ -2968,8 +2966,7 @@ class SDUNet(nn.Module):
 
 
 class StableDiffusion:
-    """A diffusers SD folder as DeMe sees it; with cfg, a checked run and the backbone of stage_finetune/stage_merge
-    (as PixelDDPM is for the DDPM UNet)."""
+    """A diffusers SD folder as DeMe sees it; with cfg, a checked run and the finetune/merge stages' backbone."""
     name = "SD "
 
     def __init__(self, folder, env: Env, cfg: Optional[Config] = None):
@@ -2992,13 +2989,12 @@ class StableDiffusion:
             self.tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"cannot load the pipeline in {folder} ({str(e).strip().splitlines()[0]})") from None
-        for m in (self.vae, self.text_encoder):
-            m.to(env.device).eval().requires_grad_(False)  # frozen: only the UNet trains
+        for m in (self.vae, self.text_encoder):  # frozen (recording no gradients): only the UNet trains
+            m.to(env.device).eval().requires_grad_(False)
         self.theta0, self.scale = self.unet, self.vae.config.scaling_factor
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixels per latent (SD: 8)
         if cfg:  # the run's checks, before any training
-            multiple = self.vae_factor * 2 ** (len(self.unet.unet.down_blocks) - 1)
-            if cfg.sd_resolution % multiple:
+            if cfg.sd_resolution % (multiple := self.vae_factor * 2 ** (len(self.unet.unet.down_blocks) - 1)):
                 raise UserError(f"--sd-resolution {cfg.sd_resolution} is not a multiple of {multiple} (this UNet's)")
             data, path = self.train_data(), Path(cfg.prompts)  # --prompts: a file of lines or 'a|b|c' (Path(""): ".")
             if not (cfg.merge_weights or cfg.merge_method == "average"):
@@ -3011,7 +3007,7 @@ class StableDiffusion:
             self.prompts = [p.strip() for p in lines if p.strip()] or [c for _, c in data.pairs[-8:]]  # or 8 captions
             self.identity, self.batch = dict(model="sd", resolution=cfg.sd_resolution), cfg.eval_batch
 
-    def embed(self, captions) -> torch.Tensor:  # (frozen encoders record no gradients)
+    def embed(self, captions) -> torch.Tensor:
         """CLIP text embeddings (B, L, D), padded to the tokenizer's length as SD's pipeline does."""
         ids = self.tokenizer(list(captions), padding="max_length", truncation=True, return_tensors="pt").input_ids
         with self.env.autocast():
@@ -3034,9 +3030,8 @@ class StableDiffusion:
 
     def grid(self, student):
         """train_loop's grid(ema_state, path): four samples of the first prompt from the EMA weights."""
-        from torchvision.utils import save_image
-
         def grid(ema_state, path):
+            from torchvision.utils import save_image
             x = sd_sample(self, [self.build(ema_state)], self.prompts[:1] * 4, self.cfg, range(4))
             with atomic_path(path) as tmp:
                 save_image(x.float() * 0.5 + 0.5, tmp, nrow=4)
@@ -3044,9 +3039,8 @@ class StableDiffusion:
 
     def build(self, state):
         """θ0 with the projections that `state` has, holding `state`."""
-        model = copy.deepcopy(self.unet).add_projections({k.split(".")[1] for k in state
-                                                          if k.startswith("projections.")})
-        model.load_state_dict(state)
+        model = copy.deepcopy(self.unet)
+        model.add_projections({k.split(".")[1] for k in state if k.startswith("projections.")}).load_state_dict(state)
         return model.eval()
 
     def merge_base(self, finetuned_state):
@@ -3075,8 +3069,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         folder, self.pairs, self.size = Path(folder), [], size
         meta = folder / "metadata.jsonl"
         if not meta.is_file():
-            raise UserError(f"{meta} is missing; --data-dir needs images plus a metadata.jsonl with one "
-                            f'{{"file_name": "a.jpg", "text": "a caption"}} per line')
+            raise UserError(f'{meta} is missing; --data-dir needs images and {{"file_name": ..., "text": ...}} lines')
         for n, line in enumerate(meta.read_text().splitlines(), 1):
             if not line.strip():
                 continue
