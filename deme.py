@@ -2914,7 +2914,7 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
 
 
 # --- II.7 Stable Diffusion: the same method on a text-conditioned latent UNet (paper: SD v1.4) -----------------------
-# θ0 an SDUNet, data VAE latents and CLIP embeddings; the rest (Eq. 4-8, EMA, checkpoints) is the code above.
+# θ0 is an SDUNet, the data are VAE latents and CLIP embeddings; the rest (Eq. 4-8, EMA, checkpoints) is the code above.
 
 SIDECAR = "deme_projections.safetensors"  # the projections that export_sd cannot fold
 
@@ -2980,7 +2980,7 @@ class StableDiffusion:
             sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
             kind = sched.get("prediction_type", "epsilon"), sched.get("beta_schedule", "linear")
             if kind not in (("epsilon", "linear"), ("epsilon", "scaled_linear")):
-                raise UserError(f"{folder}: {kind[0]}, {kind[1]} schedule; this code knows epsilon, (scaled_)linear")
+                raise UserError(f"{folder} predicts {kind[0]}, {kind[1]} schedule; SD v1.x: epsilon, (scaled_)linear")
             self.diffusion = GaussianDiffusion(sched.get("num_train_timesteps", 1000), sched["beta_start"],
                                                sched["beta_end"], kind[1])
             self.unet = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")).eval()
