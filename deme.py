@@ -2535,28 +2535,22 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
 
 
 # --- II.7 Stable Diffusion: the same method on a text-conditioned latent UNet (paper: SD v1.4) -----------------------
-# diffusers and transformers are optional extras, imported on first use. A local diffusers pipeline folder becomes what
-# the DDPM path works with: θ0 is an SDUNet called as eps(x_t, t, encoder_hidden_states), the data are VAE latents and
-# CLIP text embeddings (train_loop's `encode`), and everything else (Eq. 6 timesteps, Eq. 4-5 consistency loss, Eq. 8
-# merge, Eq. 7 ensemble, EMA, checkpoints) is the code above. Projections are forward hooks: diffusers stays unedited.
+# θ0 is an SDUNet, the data are VAE latents and CLIP embeddings; the rest (Eq. 4-8, EMA, checkpoints) is the code above.
 
-PROJECTION_SIDECAR = "deme_projections.safetensors"
+SIDECAR = "deme_projections.safetensors"  # the projections that export_sd cannot fold
 
 
 def sd_libraries():
     """(diffusers, transformers), or one line telling the user how to install them."""
     try:
-        import diffusers
-        import transformers
+        return __import__("diffusers"), __import__("transformers")
     except ImportError:
         raise UserError("the Stable Diffusion path needs diffusers and transformers: pip install -r "
                         "requirements-extra.txt") from None
-    return diffusers, transformers
 
 
 class ChannelProjection(nn.Module):
-    """DeMe's channel-wise projection h -> W h (W: C x C, a bias-free 1x1 conv, identity at the start), run as a
-    forward hook of a diffusers block; a module, so deepcopy and .to() carry it with the model that owns it."""
+    """DeMe's projection h -> W h (a 1x1 conv, identity at first) as a block's hook; a module: deepcopy carries it."""
 
     def __init__(self, channels, like):
         super().__init__()
@@ -2569,140 +2563,118 @@ class ChannelProjection(nn.Module):
 
 
 class SDUNet(nn.Module):
-    """ε_θ(x_t, t, c) of Stable Diffusion: a diffusers UNet2DConditionModel called as the DDPM UNet is, with DeMe's
-    projections after every down block, the mid block and every up block (SD v1: 9, 1.06% of the parameters)."""
+    """ε_θ(x_t, t, c): a diffusers UNet2DConditionModel with projections as hooks (SD v1: 9, 1.06% of the weights)."""
 
     def __init__(self, unet):
         super().__init__()
-        self.unet = unet
-        self.projections = nn.ModuleDict()  # place -> ChannelProjection; θ0 has none
+        self.unet, self.projections = unet, nn.ModuleDict()  # place -> ChannelProjection; θ0 has none
         # plain JSON types: train_loop stores this in checkpoints, which load with weights_only=True
-        self.config = dict(kind="stable_diffusion", unet=json.loads(json.dumps(dict(unet.config), default=str)),
-                           projections=[])
-
-    def places(self) -> dict:
-        """place -> (block, channels of its main output): down_i, mid, up_i."""
-        c = list(self.unet.config.block_out_channels)
-        places = {f"down_{i}": (b, c[i]) for i, b in enumerate(self.unet.down_blocks)}
-        places["mid"] = (self.unet.mid_block, c[-1])
-        return places | {f"up_{i}": (b, c[::-1][i]) for i, b in enumerate(self.unet.up_blocks)}
+        self.config = dict(kind="stable_diffusion", unet=json.loads(json.dumps(dict(unet.config), default=str)))
 
     def add_projections(self, names=None):
-        """Identity projections at `names` (default: every place) where none is yet; in place, returns self."""
-        like = next(self.unet.parameters())
-        for name, (block, channels) in self.places().items():
+        """Identity projections where none is yet at `names` (default: all) of down_i, mid, up_i; returns self."""
+        unet, c = self.unet, list(self.unet.config.block_out_channels)
+        places = {**{f"down_{i}": (b, c[i]) for i, b in enumerate(unet.down_blocks)}, "mid": (unet.mid_block, c[-1]),
+                  **{f"up_{i}": (b, c[::-1][i]) for i, b in enumerate(unet.up_blocks)}}  # (block, its channels)
+        for name, (block, channels) in places.items():
             if (names is None or name in names) and name not in self.projections:
-                self.projections[name] = ChannelProjection(channels, like)
+                self.projections[name] = ChannelProjection(channels, next(unet.parameters()))
                 block.register_forward_hook(self.projections[name])
-                self.config["projections"].append(name)
         return self
 
     def forward(self, x, t, encoder_hidden_states):
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states).sample  # (B, 4, h, w)
 
 
-def sd_model(theta0: SDUNet, state) -> SDUNet:
-    """θ0's architecture with the projections that `state` has, holding `state`."""
-    model = copy.deepcopy(theta0).add_projections({k.split(".")[1] for k in state if k.startswith("projections.")})
-    model.load_state_dict(state)
-    return model.eval()
-
-
 class StableDiffusion:
-    """A diffusers Stable Diffusion folder as DeMe sees it: θ0 an SDUNet, images VAE latents, captions CLIP embeddings,
-    the pipeline's schedule (SD v1: scaled-linear, T = 1000); with cfg, the backbone of stage_finetune/stage_merge."""
+    """A diffusers SD folder as DeMe sees it; with cfg, a checked run and the finetune/merge stages' backbone."""
     name = "SD "
 
-    def __init__(self, folder, env: Env, cfg: Optional[Config] = None, prompts=()):
-        self.cfg, self.prompts = cfg, list(prompts)
+    def __init__(self, folder, env: Env, cfg: Optional[Config] = None):
         diffusers, transformers = sd_libraries()
-        folder = Path(folder)
+        folder, self.env, self.cfg = Path(folder), env, cfg
         parts = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler/scheduler_config.json")
-        missing = [p for p in parts if not (folder / p).exists()]
-        if missing:
+        if missing := [p for p in parts if not (folder / p).exists()]:  # from_pretrained makes a tokenizer of nothing
             raise UserError(f"--pretrained {folder} is not a diffusers Stable Diffusion folder (no {missing[0]}); get "
                             f"one with `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`")
-        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        if sched.get("beta_schedule", "linear") not in ("linear", "scaled_linear"):
-            raise UserError(f"{folder} uses the {sched['beta_schedule']} schedule; this code knows (scaled_)linear")
-        if sched.get("prediction_type", "epsilon") != "epsilon":
-            raise UserError(f"{folder} predicts {sched['prediction_type']}; this code trains ε-prediction models "
-                            f"(SD v1.x), so use one of those")
-        self.env = env
-        self.diffusion = GaussianDiffusion(sched.get("num_train_timesteps", 1000), sched["beta_start"],
-                                           sched["beta_end"], sched.get("beta_schedule", "linear"))
         try:
+            sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+            kind = sched.get("prediction_type", "epsilon"), sched.get("beta_schedule", "linear")
+            if kind not in (("epsilon", "linear"), ("epsilon", "scaled_linear")):
+                raise UserError(f"{folder} predicts {kind[0]}, {kind[1]} schedule; SD v1.x: epsilon, (scaled_)linear")
+            self.diffusion = GaussianDiffusion(sched.get("num_train_timesteps", 1000), sched["beta_start"],
+                                               sched["beta_end"], kind[1])
             self.unet = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")).eval()
             self.vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae")
             self.text_encoder = transformers.CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
             self.tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, KeyError) as e:
             raise UserError(f"cannot load the pipeline in {folder} ({str(e).strip().splitlines()[0]})") from None
-        for m in (self.vae, self.text_encoder):
-            m.to(env.device).eval().requires_grad_(False)  # frozen: only the UNet trains
-        self.scale = self.vae.config.scaling_factor
+        for m in (self.vae, self.text_encoder):  # frozen (recording no gradients): only the UNet trains
+            m.to(env.device).eval().requires_grad_(False)
+        self.theta0, self.scale = self.unet, self.vae.config.scaling_factor
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixels per latent (SD: 8)
+        if cfg:  # the run's checks, before any training
+            if cfg.sd_resolution % (multiple := self.vae_factor * 2 ** (len(self.unet.unet.down_blocks) - 1)):
+                raise UserError(f"--sd-resolution {cfg.sd_resolution} is not a multiple of {multiple} (this UNet's)")
+            data, path = self.train_data(), Path(cfg.prompts)  # --prompts: a file of lines or 'a|b|c' (Path(""): ".")
+            if not (cfg.merge_weights or cfg.merge_method == "average"):
+                self.captions("select")  # the merge-weight search's pairs
+            if path.suffix == ".txt" and not path.is_file():
+                raise UserError(f"prompt file {path} does not exist; pass a file with one prompt per line or 'a|b|c'")
+            lines = path.read_text().splitlines() if path.is_file() else cfg.prompts.split("|")
+            if cfg.prompts and not any(p.strip() for p in lines):
+                raise UserError(f"--prompts {cfg.prompts!r} holds no prompt")
+            self.prompts = [p.strip() for p in lines if p.strip()] or [c for _, c in data.pairs[-8:]]  # or 8 captions
+            self.identity, self.batch = dict(model="sd", resolution=cfg.sd_resolution), cfg.eval_batch
 
-    @torch.no_grad()
     def embed(self, captions) -> torch.Tensor:
         """CLIP text embeddings (B, L, D), padded to the tokenizer's length as SD's pipeline does."""
-        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(list(captions), padding="max_length", truncation=True, return_tensors="pt").input_ids
         with self.env.autocast():
             return self.text_encoder(ids.to(self.env.device))[0].float()
 
-    @torch.no_grad()
-    def encode_images(self, images) -> torch.Tensor:
-        """Latents (B, 4, H/8, W/8) of images in [-1, 1]: the VAE posterior's mean times its scaling factor (the mean,
-        not a sample as diffusers' training script draws, so that a resumed run repeats exactly)."""
-        with self.env.autocast():
-            return self.vae.encode(images.to(self.env.device)).latent_dist.mean.float() * self.scale
-
-    @torch.no_grad()
-    def decode(self, latents) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] from latents, in fp32."""
-        return self.vae.decode(latents.float() / self.scale).sample.clamp(-1, 1)
-
     def encode(self, batch):
-        """train_loop's encode: (images, captions) -> (latents, {"encoder_hidden_states": embeddings})."""
-        images, captions = batch
-        return self.encode_images(images), {"encoder_hidden_states": self.embed(captions)}
+        """train_loop's encode: (images, captions) -> (latents, {"encoder_hidden_states": embeddings}); latents: the VAE
+        posterior's mean (not a sample, so that a resumed run repeats exactly) times the scaling factor."""
+        with self.env.autocast():
+            latents = self.vae.encode(batch[0].to(self.env.device)).latent_dist.mean.float() * self.scale
+        return latents, {"encoder_hidden_states": self.embed(batch[1])}
 
-    # the backbone of stage_finetune and stage_merge (PixelDDPM answers the same for the DDPM UNet)
-    @property
-    def theta0(self):
-        return self.unet
+    def captions(self, role="train"):
+        return CaptionedImages(self.cfg.data_dir, self.cfg.sd_resolution, role, self.cfg.heldout_fraction)
 
-    @property
-    def identity(self):
-        return dict(model="sd", resolution=self.cfg.sd_resolution)
-
-    @property
-    def batch(self):
-        return self.cfg.eval_batch
-
-    def train_data(self):
-        return CaptionedImages(self.cfg.data_dir, self.cfg.sd_resolution, "train", self.cfg.heldout_fraction)
+    train_data = captions
 
     def student(self):
         return copy.deepcopy(self.unet).add_projections() if self.cfg.projections else copy.deepcopy(self.unet)
 
     def grid(self, student):
-        return sd_grid(self, student, self.prompts[0], self.cfg)
+        """train_loop's grid(ema_state, path): four samples of the first prompt from the EMA weights."""
+        def grid(ema_state, path):
+            from torchvision.utils import save_image
+            x = sd_sample(self, [self.build(ema_state)], self.prompts[:1] * 4, self.cfg, range(4))
+            with atomic_path(path) as tmp:
+                save_image(x.float() * 0.5 + 0.5, tmp, nrow=4)
+        return grid
 
     def build(self, state):
-        return sd_model(self.unet, state)
+        """θ0 with the projections that `state` has, holding `state`."""
+        model = copy.deepcopy(self.unet)
+        model.add_projections({k.split(".")[1] for k in state if k.startswith("projections.")}).load_state_dict(state)
+        return model.eval()
 
     def merge_base(self, finetuned_state):
-        return sd_merge_base(self.unet.state_dict(), finetuned_state)
+        """θ0's weights plus identity projections (the finetuned layout), so a projection's task vector is W_i - I."""
+        return self.unet.state_dict() | {k: torch.eye(len(v), dtype=v.dtype)[:, :, None, None]
+                                         for k, v in finetuned_state.items() if k.startswith("projections.")}
 
     def selection(self):
         """(latents, text embeddings) of --search-images selection pairs, which no range trained on."""
-        data = CaptionedImages(self.cfg.data_dir, self.cfg.sd_resolution, "select", self.cfg.heldout_fraction)
-        idx, b = range(min(len(data), self.cfg.search_images)), self.cfg.eval_batch
-        images, captions = torch.stack([data[i][0] for i in idx]), [data.pairs[i][1] for i in idx]
-        latents = torch.cat([self.encode_images(images[s:s + b]).cpu() for s in range(0, len(images), b)])
-        return latents, torch.cat([self.embed(captions[s:s + b]) for s in range(0, len(captions), b)])
+        data, b = self.captions("select"), self.cfg.eval_batch
+        images, captions = zip(*(data[i] for i in range(min(len(data), self.cfg.search_images))))
+        parts = [self.encode((torch.stack(images[s:s + b]), captions[s:s + b])) for s in range(0, len(images), b)]
+        return torch.cat([x.cpu() for x, _ in parts]), torch.cat([c["encoder_hidden_states"] for _, c in parts])
 
     def save_merged(self, state, record, folder):
         """merge/merged_unet and merge/merged_pipeline for diffusers (export_sd)."""
@@ -2711,16 +2683,14 @@ class StableDiffusion:
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Image-caption pairs, Hugging Face imagefolder layout: images and metadata.jsonl lines {"file_name": ..., "text":
-    ...} (a list of texts: one pair per caption); with `role`, only that split's pairs (heldout_role of the name)."""
+    """Image-caption pairs: images and metadata.jsonl lines {"file_name": ..., "text": a caption or a list of them}
+    (Hugging Face's imagefolder layout); with `role`, only that split's pairs (heldout_role of the file name)."""
 
     def __init__(self, folder, size, role=None, fraction=0.1):
-        from torchvision import transforms as T
-        folder, self.pairs = Path(folder), []
+        folder, self.pairs, self.size = Path(folder), [], size
         meta = folder / "metadata.jsonl"
         if not meta.is_file():
-            raise UserError(f"{meta} is missing; --data-dir needs images plus a metadata.jsonl with one "
-                            f'{{"file_name": "a.jpg", "text": "a caption"}} per line')
+            raise UserError(f'{meta} is missing; --data-dir needs images and {{"file_name": ..., "text": ...}} lines')
         for n, line in enumerate(meta.read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -2734,10 +2704,8 @@ class CaptionedImages(torch.utils.data.Dataset):
             if role is None or heldout_role(name, fraction) == role:
                 self.pairs += [(folder / name, str(t)) for t in ([texts] if isinstance(texts, str) else texts)]
         if not self.pairs:
-            where = f" in its {role} split; raise --heldout-fraction or add pairs" if role else "; add lines like "
-            raise UserError(f"{meta} lists no image-caption pairs{where}" +
-                            ("" if role else '{"file_name": "a.jpg", "text": "a caption"}'))
-        self.transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
+            raise UserError(f"{meta} lists no image-caption pairs" +
+                            (f" in its {role} split; raise --heldout-fraction or add pairs" if role else ""))
 
     def __len__(self):
         return len(self.pairs)
@@ -2747,22 +2715,19 @@ class CaptionedImages(torch.utils.data.Dataset):
         path, caption = self.pairs[split_item(item)[0]]
         try:
             with Image.open(path) as im:
-                return self.transform(im.convert("RGB")) * 2 - 1, caption  # (3, H, W) in [-1, 1], str
+                return resize_crop(im, self.size), caption  # (3, H, W) in [-1, 1], str
         except OSError:
             raise UserError(f"{path} is not a readable image; fix or remove it from metadata.jsonl") from None
 
 
 class Prompted(nn.Module):
-    """ε(x_t, t) of a text UNet for fixed prompt embeddings (B, L, D); given `uncond`, classifier-free guidance
-    ε_u + s (ε_c - ε_u) (Ho & Salimans 2022)."""
+    """ε(x_t, t) for fixed prompt embeddings, classifier-free guided: ε_u + s (ε_c - ε_u) (Ho & Salimans 2022)."""
 
-    def __init__(self, model, emb, uncond=None, scale=1.0):
+    def __init__(self, model, emb, uncond, scale):
         super().__init__()
         self.model, self.emb, self.uncond, self.scale = model, emb, uncond, scale
 
     def forward(self, x, t):
-        if self.uncond is None:
-            return self.model(x, t, encoder_hidden_states=self.emb)
         eps_u, eps_c = self.model(torch.cat([x, x]), torch.cat([t, t]),
                                   encoder_hidden_states=torch.cat([self.uncond, self.emb])).chunk(2)  # (B, C, h, w)
         return eps_u + self.scale * (eps_c - eps_u)
@@ -2770,107 +2735,41 @@ class Prompted(nn.Module):
 
 @torch.no_grad()
 def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] of `prompts`: the sampler from the noise of samples `indices` with
-    classifier-free guidance, then the VAE decoder. One model, or N: DeMe's ensemble (Eq. 7)."""
-    env, diffusion = sd.env, sd.diffusion
+    """Images (B, 3, H, W) in [-1, 1] of `prompts` from the noise of `indices`, by one model or N (Eq. 7's ensemble)."""
     emb, uncond = sd.embed(prompts), sd.embed([""] * len(prompts))
-    guided = [Prompted(m.to(env.device).eval(), emb, uncond, cfg.guidance_scale) for m in models]
-    eps_model = guided[0] if len(guided) == 1 else RangeEnsemble(guided, diffusion.T)
+    guided = [Prompted(m.to(sd.env.device).eval(), emb, uncond, cfg.guidance_scale) for m in models]
+    eps_model = guided[0] if len(guided) == 1 else RangeEnsemble(guided, sd.diffusion.T)
     side = cfg.sd_resolution // sd.vae_factor
-    latents = sample_batch(cfg, env, diffusion, eps_model, indices, role_seed(cfg.seed, "samples"),
+    latents = sample_batch(cfg, sd.env, sd.diffusion, eps_model, indices, role_seed(cfg.seed, "samples"),
                            (sd.unet.unet.config.in_channels, side, side), clip=False)  # latents are not pixels
-    return sd.decode(latents.to(env.device))
-
-
-def write_sd_samples(sd: StableDiffusion, models, prompts, folder, cfg: Config):
-    """<folder>/{i:05d}.png for prompts[i] (seed and index fix the noise, so models compare image by image), and
-    prompts.txt; with --resume, images already there are kept."""
-    from PIL import Image
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text("".join(p + "\n" for p in prompts), folder / "prompts.txt")
-    todo = [i for i in range(len(prompts)) if not (cfg.resume and (folder / f"{i:05d}.png").exists())]
-    for s in tqdm(range(0, len(todo), cfg.eval_batch), desc=f"sampling {folder.name}"):
-        idx = todo[s:s + cfg.eval_batch]
-        images = images_to_uint8(sd_sample(sd, models, [prompts[i] for i in idx], cfg, idx))  # (B, H, W, 3) uint8
-        for i, pixels in zip(idx, images):
-            with atomic_path(folder / f"{i:05d}.png", sync=False) as tmp:
-                Image.fromarray(pixels).save(tmp)
-    return folder
-
-
-def sd_grid(sd: StableDiffusion, student, prompt, cfg: Config):
-    """train_loop's grid(ema_state, path) for SD: four samples of one prompt from the EMA weights."""
-    def grid(ema_state, path):
-        from torchvision.utils import save_image
-        model = copy.deepcopy(unwrap(student))
-        model.load_state_dict(ema_state)
-        x = sd_sample(sd, [model], [prompt] * 4, cfg, range(4))
-        with atomic_path(path) as tmp:
-            save_image(x.float() * 0.5 + 0.5, tmp, nrow=4)
-    return grid
-
-
-def sd_prompts(cfg: Config, data: CaptionedImages) -> list:
-    """--prompts: a file with one prompt per line or a |-separated list; empty: the captions of the last 8 pairs."""
-    if not cfg.prompts:
-        return [caption for _, caption in data.pairs[-8:]]
-    path = Path(cfg.prompts)
-    if path.suffix == ".txt" and not path.is_file():
-        raise UserError(f"prompt file {path} does not exist; pass a file with one prompt per line or 'a|b|c'")
-    lines = path.read_text().splitlines() if path.is_file() else cfg.prompts.split("|")
-    prompts = [p.strip() for p in lines if p.strip()]
-    if not prompts:
-        raise UserError(f"--prompts {cfg.prompts!r} holds no prompt")
-    return prompts
-
-
-def sd_merge_base(theta0_state, finetuned_state) -> dict:
-    """θ0 in the finetuned layout: its weights plus identity projections, so a projection's task vector is W_i - I."""
-    eye = {k: torch.eye(v.shape[0], dtype=v.dtype)[:, :, None, None] for k, v in finetuned_state.items()
-           if k.startswith("projections.")}
-    return {**theta0_state, **eye}
-
-
-def fold_projections(state) -> tuple:
-    """An SDUNet state dict -> (a stock UNet2DConditionModel state dict, {place: P} of the unfoldable projections).
-    P after an up block's upsampler conv (W, b) folds exactly into W' = P W, b' = P b, as nothing else reads that conv's
-    output; the others (down blocks, whose output is also a skip tensor; mid; the last up block) cannot."""
-    unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    rest = {}
-    for key, proj in state.items():
-        name = key.split(".")[1] if key.startswith("projections.") else None
-        conv = f"up_blocks.{name[3:]}.upsamplers.0.conv" if name and name.startswith("up_") else ""
-        if f"{conv}.weight" in unet:
-            P = proj[:, :, 0, 0].double()  # (C, C)
-            W, b = unet[f"{conv}.weight"], unet[f"{conv}.bias"]  # (C, C_in, 3, 3), (C,)
-            unet[f"{conv}.weight"] = torch.einsum("oc,cikl->oikl", P, W.double()).to(W.dtype)
-            unet[f"{conv}.bias"] = (P @ b.double()).to(b.dtype)
-        elif name:
-            rest[name] = proj
-    return unet, rest
+    return sd.vae.decode(latents.to(sd.env.device).float() / sd.scale).sample.clamp(-1, 1)
 
 
 def export_sd(model: SDUNet, pretrained, folder) -> dict:
-    """Saves `model` for diffusers as <folder>/merged_unet and merged_pipeline (--pretrained with this UNet), each with
-    the unfoldable projections in deme_projections.safetensors (load_sd_unet restores them); returns those."""
+    """<folder>/merged_unet and merged_pipeline for diffusers, with the unfoldable projections beside (returned).
+    P after an up block's upsampler conv (W, b) folds exactly into W' = P W, b' = P b, as nothing else reads that conv's
+    output; the others (down blocks, whose output is also a skip tensor; mid; the last up block) cannot."""
     diffusers, _ = sd_libraries()
     from safetensors.torch import save_file
-    state, rest = fold_projections({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    state, rest = {k: v.detach().cpu() for k, v in model.unet.state_dict().items()}, {}
+    for name, proj in ((n, p.weight.detach().cpu()) for n, p in model.projections.items()):
+        conv = f"up_blocks.{name[3:]}.upsamplers.0.conv"
+        if name.startswith("up_") and f"{conv}.weight" in state:
+            P, W, b = proj[:, :, 0, 0].double(), state[f"{conv}.weight"], state[f"{conv}.bias"]  # (C, C), (C, C', 3, 3)
+            state[f"{conv}.weight"] = torch.einsum("oc,cikl->oikl", P, W.double()).to(W.dtype)
+            state[f"{conv}.bias"] = (P @ b.double()).to(b.dtype)
+        else:
+            rest[name] = proj
     with torch.device("meta"):  # a stock UNet, without spending time on a random initialisation
         unet = diffusers.UNet2DConditionModel.from_config(model.unet.config)
     unet.load_state_dict(state, assign=True)
-    folder = Path(folder)
     unet.save_pretrained(folder / "merged_unet")
     diffusers.StableDiffusionPipeline.from_pretrained(pretrained, unet=unet).save_pretrained(folder / "merged_pipeline")
-    for unet_dir in (folder / "merged_unet", folder / "merged_pipeline" / "unet"):
-        sidecar = unet_dir / PROJECTION_SIDECAR
+    for sidecar in (folder / "merged_unet" / SIDECAR, folder / "merged_pipeline" / "unet" / SIDECAR):
+        sidecar.unlink(missing_ok=True)  # a stale one from an earlier export would be restored by load_sd_unet
         if rest:
-            save_file({k: v.contiguous() for k, v in rest.items()}, str(sidecar))
-        else:
-            sidecar.unlink(missing_ok=True)  # a stale one from an earlier export would be restored by load_sd_unet
-    changed = [n for n, W in rest.items() if not torch.equal(W[:, :, 0, 0], torch.eye(len(W), dtype=W.dtype))]
-    if changed:
+            save_file(rest, str(sidecar))
+    if changed := [n for n, W in rest.items() if not torch.equal(W[:, :, 0, 0], torch.eye(len(W), dtype=W.dtype))]:
         print(f"warning: plain diffusers loading of {folder}/merged_* drops {len(changed)} channel projections that "
               f"cannot be folded ({', '.join(changed)}); load the UNet with deme.load_sd_unet(DIR) to keep them",
               file=sys.stderr)
@@ -2881,35 +2780,20 @@ def load_sd_unet(folder) -> SDUNet:
     """A UNet that export_sd saved (merged_unet/, or a pipeline folder), with its unfoldable projections as hooks."""
     diffusers, _ = sd_libraries()
     from safetensors.torch import load_file
-    folder = Path(folder)
-    folder = folder / "unet" if (folder / "model_index.json").is_file() else folder
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} holds no diffusers UNet (no config.json); pass merged_unet or merged_pipeline")
-    model = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder))
-    sidecar = folder / PROJECTION_SIDECAR
-    weights = load_file(str(sidecar)) if sidecar.is_file() else {}
-    model.add_projections(set(weights))
-    with torch.no_grad():
-        for name, W in weights.items():
-            model.projections[name].weight.copy_(W)
+    folder = Path(folder) / "unet" if (Path(folder) / "model_index.json").is_file() else Path(folder)
+    weights = load_file(str(folder / SIDECAR)) if (folder / SIDECAR).is_file() else {}
+    model = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder)).add_projections(set(weights))
+    model.load_state_dict({f"projections.{k}.weight": W for k, W in weights.items()}, strict=False)
     return model.eval()
 
 
 def stage_sd(cfg: Config, env: Env):
     """DeMe on Stable Diffusion: finetune per range, merge (Eq. 8), export for diffusers, draw --prompts by --models."""
+    from torchvision.utils import save_image
     if cfg.flip:
-        print("warning: --flip flips VAE latents, which only roughly flips the images; consider --no-flip",
-              file=sys.stderr)
-    sd = StableDiffusion(cfg.pretrained, env)
-    theta0, diffusion = sd.unet, sd.diffusion
-    multiple = sd.vae_factor * 2 ** (len(theta0.unet.down_blocks) - 1)
-    if cfg.sd_resolution % multiple:
-        raise UserError(f"--sd-resolution {cfg.sd_resolution} is not a multiple of {multiple}, which this UNet needs")
-    data = CaptionedImages(cfg.data_dir, cfg.sd_resolution, "train", cfg.heldout_fraction)
-    if not (cfg.merge_weights or cfg.merge_method == "average"):  # before any training: the search needs its pairs
-        CaptionedImages(cfg.data_dir, cfg.sd_resolution, "select", cfg.heldout_fraction)
-    sd.cfg, sd.prompts = cfg, sd_prompts(cfg, data)
-    stage_finetune(cfg, env, diffusion, theta0, backbone=sd)  # DeMe Sec. 3.2, as for the DDPM UNet
+        print("warning: --flip flips VAE latents, which only roughly flips images; consider --no-flip", file=sys.stderr)
+    sd = StableDiffusion(cfg.pretrained, env, cfg)
+    stage_finetune(cfg, env, sd.diffusion, backbone=sd)  # DeMe Sec. 3.2, as for the DDPM UNet
     if not env.master:  # merging, export and sampling run on rank 0 alone
         return
     try:  # θ_1..θ_N as EMA state dicts; while a range is unfinished (split with --ranges), say which
@@ -2917,14 +2801,20 @@ def stage_sd(cfg: Config, env: Env):
     except UserError as e:
         print(f"{e}; then run again to merge")
         return
-    merged = sd_model(theta0, stage_merge(cfg, dataclasses.replace(env, rank=0, world=1), diffusion, theta0,
-                                          backbone=sd, finetuned=states))
-    prompts = sd.prompts
+    merged = sd.build(stage_merge(cfg, dataclasses.replace(env, rank=0, world=1), sd.diffusion, backbone=sd,
+                                  finetuned=states))
     names = [n for n in (s.strip() for s in cfg.models.split(",")) if n in ("theta0", "ensemble", "merged")]
-    for name in names or ["merged"]:
-        models = {"theta0": [theta0], "merged": [merged]}.get(name) or [sd_model(theta0, s) for s in states]
-        out = write_sd_samples(sd, models, prompts, run_dir(cfg, "samples", name), cfg)
-        print(f"{len(prompts)} images of {name} in {out}")
+    for name in names or ["merged"]:  # samples/<name>/{i:05d}.png of prompt i: seed and index fix the noise
+        models = {"theta0": [sd.unet], "merged": [merged]}.get(name) or [sd.build(s) for s in states]
+        folder = run_dir(cfg, "samples", name)
+        atomic_write_text("".join(p + "\n" for p in sd.prompts), folder / "prompts.txt")
+        todo = [i for i in range(len(sd.prompts)) if not (cfg.resume and (folder / f"{i:05d}.png").exists())]
+        for s in tqdm(range(0, len(todo), cfg.eval_batch), desc=f"sampling {name}"):
+            idx = todo[s:s + cfg.eval_batch]
+            for i, x in zip(idx, sd_sample(sd, models, [sd.prompts[i] for i in idx], cfg, idx)):  # x: (3, H, W)
+                with atomic_path(folder / f"{i:05d}.png", sync=False) as tmp:
+                    save_image(x.float() * 0.5 + 0.5, tmp)  # the same rounding as images_to_uint8
+        print(f"{len(sd.prompts)} images of {name} in {folder}")
 
 
 # --- II.8 Benchmark, the plan line, the ablation ---------------------------------------------------------------------

@@ -2200,7 +2200,7 @@ def test_the_sd_wrapper_encodes_latents_and_captions_with_sds_schedule(tiny_sd, 
     assert x0.shape == (2, 4, 8, 8) and cond["encoder_hidden_states"].shape == (2, 8, 16)
     images = torch.stack([data[0][0], data[1][0]])
     latents = sd.vae.encode(images).latent_dist.mean * sd.vae.config.scaling_factor
-    assert torch.allclose(sd.encode_images(images), latents)
+    assert torch.allclose(sd.encode((images, ["", ""]))[0], latents)
     with torch.no_grad():  # called as the DDPM UNet is: eps(x_t, t, **cond)
         assert sd.unet(x0, torch.tensor([3, 700]), **cond).shape == x0.shape
 
@@ -2291,8 +2291,8 @@ def test_stable_diffusion_decouples_merges_exports_and_samples(tmp_path, tiny_sd
     stage_sd(cfg, env)
     assert seen == [[0, 500], [500, 1000]]
     assert all((tmp_path / "run" / f"range_{i}" / "grid_000002.png").is_file() for i in range(2))
-    theta0 = StableDiffusion(cfg.pretrained, env).unet
-    states = []
+    sd = StableDiffusion(cfg.pretrained, env)
+    theta0, states = sd.unet, []
     for i in range(2):
         ck = load_checkpoint(tmp_path / "run" / f"range_{i}" / "ckpt.pt")  # weights_only: the config is plain data
         assert ck["step"] == 2 and ck["model_config"]["kind"] == "stable_diffusion"
@@ -2301,20 +2301,20 @@ def test_stable_diffusion_decouples_merges_exports_and_samples(tmp_path, tiny_sd
         states.append(ck["ema"])
     record = json.loads((tmp_path / "run" / "merge" / "search.json").read_text())
     assert record["search"]["evals"] <= 3 and len(record["weights"]) == 2
-    base = sd_merge_base(theta0.state_dict(), states[0])
-    merged = sd_model(theta0, merge(base, states, record["weights"]))
+    base = sd.merge_base(states[0])
+    merged = sd.build(merge(base, states, record["weights"]))
     x, t, emb = eps_inputs(theta0)
     with torch.no_grad():  # the exported model is θ0 + Σ w_i τ_i; with w = 0 it is θ0
         assert torch.allclose(load_sd_unet(tmp_path / "run" / "merge" / "merged_unet")(x, t, emb),
                               merged(x, t, emb), atol=1e-5)
-        assert torch.allclose(sd_model(theta0, merge(base, states, [0.0, 0.0]))(x, t, emb), theta0(x, t, emb))
+        assert torch.allclose(sd.build(merge(base, states, [0.0, 0.0]))(x, t, emb), theta0(x, t, emb))
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "merge" / "merged_pipeline")
     assert pipe.unet.state_dict().keys() == theta0.unet.state_dict().keys()
     from PIL import Image
     for name in ("theta0", "ensemble", "merged"):
         with Image.open(tmp_path / "run" / "samples" / name / "00000.png") as im:
             assert im.size == (16, 16) and im.mode == "RGB"
-    image = sd_sample(StableDiffusion(cfg.pretrained, env), [merged], ["a red circle"], cfg, [0])
+    image = sd_sample(sd, [merged], ["a red circle"], cfg, [0])
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
 
 
