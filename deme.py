@@ -3308,27 +3308,12 @@ def stage_sd(cfg: Config, env: Env):
 
 # --- II.8 Benchmark, the plan line, the ablation ---------------------------------------------------------------------
 
-# Training-set sizes, for the FID reference statistics (computed once, then cached in the run folder).
-DATASET_SIZES = {"cifar10": 50_000, "lsun_church": 126_227, "lsun_bedroom": 3_033_042}
-
-
-def time_alternately(fns: dict, iters: int, warmup: int, device) -> dict:
-    """{name: median seconds per call}, the functions called in turns (a, b, a, b, ...) so that load hits all alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
-    times = {name: [] for name in fns}
-    for _ in range(warmup + iters):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(ts[warmup:])) for name, ts in times.items()}  # the first rounds warm up
+DATASET_SIZES = {"cifar10": 50_000, "lsun_church": 126_227, "lsun_bedroom": 3_033_042}  # FID reference statistics
 
 
 def rates(cfg: Config, env: Env, train_batch, eval_batch, iters=1, warmup=1, inception=False) -> dict:
-    """Images/s of a fresh UNet of the run's preset, timed alternately: an optimizer step of plain finetuning and one
-    of DeMe's (Eq. 4-5), the forward pass, sampling as evaluation samples, and (inception) FID features."""
+    """Images/s of a fresh UNet of the run's preset: an optimizer step of plain finetuning and one of DeMe's (Eq. 4-5),
+    the forward pass, sampling as evaluation samples, and (inception) FID features; median of `iters` rounds."""
     diffusion, dev, model = GaussianDiffusion(), env.device, timing_unet(cfg)
     c, res = model.config["in_channels"], model.config["resolution"]
     x0 = place(torch.rand(train_batch, c, res, res) * 2 - 1, env)  # random images (B, C, H, W), as training holds them
@@ -3363,8 +3348,17 @@ def rates(cfg: Config, env: Env, train_batch, eval_batch, iters=1, warmup=1, inc
         features = Inception3(num_classes=1008, aux_logits=False, init_weights=False).to(dev).eval()
         images = torch.rand(eval_batch, 3, res, res, device=dev)
         fns["inception"] = lambda: FIDInception.forward(features, images)
-    r = {f"{k}_img_s": env.world * (train_batch if k.startswith("train") else eval_batch) / s
-         for k, s in time_alternately(fns, iters, warmup, dev).items()}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda device: None
+    times = {name: [] for name in fns}
+    for _ in range(warmup + iters):  # in turns (a, b, a, b, ...) so that background load hits all alike
+        for name, fn in fns.items():
+            sync(dev)
+            start = time.perf_counter()
+            fn()
+            sync(dev)
+            times[name].append(time.perf_counter() - start)
+    r = {f"{k}_img_s": env.world * (train_batch if k.startswith("train") else eval_batch) / np.median(ts[warmup:])
+         for k, ts in times.items()}
     S = cfg.sample_steps if cfg.sampler == "ddim" else diffusion.T
     return dict(r, sampling_img_s=r["sampling_img_s"] * 2 / S, sample_steps=S)
 
@@ -3378,11 +3372,11 @@ def stage_bench(cfg: Config, env: Env):
     res, c = theta0.config["resolution"], theta0.config["in_channels"]
     train_batch = cfg.bench_batch or cfg.batch_size // (cfg.grad_accum * env.world)
     eval_batch = cfg.bench_batch or cfg.eval_batch
+    warmup = 2 if env.compile else 1  # compiling happens in the first call
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"bench: preset {cfg.preset} ({res}x{res}), {where}, {env.precision}, compile {env.compile}, batch "
           f"{train_batch} (training) / {eval_batch} (sampling), median of {cfg.bench_iters}")
-    # (compiling happens in the first call, so a compiled run warms up twice)
-    r = rates(cfg, one, train_batch, eval_batch, cfg.bench_iters, 2 if env.compile else 1, eval_metric(cfg) == "fid")
+    r = rates(cfg, one, train_batch, eval_batch, cfg.bench_iters, warmup, eval_metric(cfg) == "fid")
     if dev.type == "cpu":  # what --precision bf16 gains or loses on this CPU (auto trains fp32 on every CPU)
         bf16 = rates(cfg, dataclasses.replace(one, precision="bf16"), train_batch, 1, cfg.bench_iters)
         r.update(train_plain_bf16_img_s=bf16["train_plain_img_s"], cpu_native_bf16=cpu_has_bf16())
@@ -3401,7 +3395,6 @@ def stage_bench(cfg: Config, env: Env):
     print("\n" + bench_table(result))
     atomic_write_text(json.dumps(result, indent=2), run_dir(cfg, "bench.json"))
     print(f"written: {run_dir(cfg, 'bench.json')}")
-    return result
 
 
 PIPELINE = ("train", "finetune", "baseline", "merge", "evaluate")  # the stages a pipeline runs
@@ -3446,7 +3439,7 @@ def projected_time(cfg: Config, r: dict, stages=PIPELINE) -> list:
 
 def announce_plan(cfg: Config, env: Env, stage: str):
     """One line before the work starts: what this command will run and how long it projects to on this device."""
-    if stage not in ("pipeline", "train", "finetune", "baseline", "evaluate", "ablation"):
+    if cfg.model == "sd" or stage not in ("pipeline", "train", "finetune", "baseline", "evaluate", "ablation"):
         return
     cpu = env.device.type == "cpu"  # on a CPU, 8 images: a step of more takes seconds
     micro = max(1, cfg.batch_size // (cfg.grad_accum * env.world))
@@ -3762,8 +3755,7 @@ def main(argv=None):
         writable_run_folder(cfg.out, env.rank)
         if env.master:
             atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), run_dir(cfg, f"config_{args.stage}.json"))
-        if cfg.model != "sd":
-            announce_plan(cfg, env, args.stage)
+        announce_plan(cfg, env, args.stage)
         (stage_sd if cfg.model == "sd" else STAGES[args.stage][0])(cfg, env)
     except UserError as e:
         stop(f"error: {e}", 2)
