@@ -3336,8 +3336,7 @@ def rates(cfg: Config, env: Env, train_batch, eval_batch, iters=1, warmup=1, inc
     def forward():
         with torch.no_grad(), env.evaluation():
             plain(x, t)
-    # sampling exactly as evaluation runs it (sample_batch: eager, evaluation precision, per-sample noise), for two
-    # steps of DDIM (DDPM steps draw noise, as eta 1 does), scaled below to the configured number of steps
+    # sampling as evaluation runs it (sample_batch), 2 DDIM steps (eta 1 draws noise as DDPM does), scaled to S below
     few = dataclasses.replace(cfg, sampler="ddim", sample_steps=2, eta=cfg.eta if cfg.sampler == "ddim" else 1.0)
     deme = train_step(add_channel_projections(copy.deepcopy(model)) if cfg.projections else copy.deepcopy(model),
                       prepare(frozen(model), dataclasses.replace(env, world=1)) if cfg.consistency > 0 else None)
@@ -3745,14 +3744,14 @@ def main(argv=None):
         if cfg.model == "sd" and args.stage != "pipeline":
             raise UserError(f"--model sd runs as one command (finetune, merge, generate); drop the stage "
                             f"{args.stage!r} and use --ranges to split the finetuning")
-        writable_run_folder(cfg.out, env.rank, create=False)
+        writable_run_folder(cfg.out)
         if cfg.model != "sd":
             preflight(cfg, env, args.stage)  # (the SD stage checks its pipeline and captions before it trains)
         if args.dry_run:
             announce_plan(cfg, env, args.stage)
             print("dry run: every check passed; nothing was trained, sampled or written")
             return
-        writable_run_folder(cfg.out, env.rank)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
         if env.master:
             atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), run_dir(cfg, f"config_{args.stage}.json"))
         announce_plan(cfg, env, args.stage)
@@ -3770,21 +3769,12 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
 
 
-def writable_run_folder(out, rank=0, create=True):
-    """One line unless the run folder is writable: made and probed, or (create=False) its nearest existing folder."""
-    out = Path(out)
-    try:
-        if create:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write_test_{rank}"
-            probe.write_text("ok")
-            probe.unlink()
-            return
-        existing = next(p for p in [out, *out.parents] if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise NotADirectoryError(20, "not a writable folder")
-    except OSError as e:
-        raise UserError(f"cannot write to the run folder {out} ({e.strerror}); choose another --out") from None
+def writable_run_folder(out):
+    """One line unless the run folder, or (not made yet) the nearest folder above it, is a writable folder."""
+    existing = next(p for p in [Path(out), *Path(out).parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write to the run folder {out} ({existing} is not a writable folder); choose another "
+                        f"--out")
 
 
 def distributed() -> bool:
