@@ -2819,84 +2819,66 @@ def stage_sd(cfg: Config, env: Env):
 
 # --- II.8 Benchmark, the plan line, the ablation ---------------------------------------------------------------------
 
-# Training-set sizes, for the FID reference statistics (computed once, then cached in the run folder).
-DATASET_SIZES = {"cifar10": 50_000, "lsun_church": 126_227, "lsun_bedroom": 3_033_042}
+DATASET_SIZES = {"cifar10": 50_000, "lsun_church": 126_227, "lsun_bedroom": 3_033_042}  # FID reference statistics
 
 
-def time_alternately(fns: dict, iters: int, warmup: int, device) -> dict:
-    """{name: seconds per call, median of `iters` rounds}: after `warmup` untimed rounds, the functions are timed in
-    turns (a, b, a, b, ...) so that background load hits all of them alike."""
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-    for fn in [fn for fn in fns.values() for _ in range(warmup)]:
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            times[name].append(timed(fn))
-    return {name: float(np.median(ts)) for name, ts in times.items()}
-
-
-def bench_train_step(model, cfg: Config, env: Env, diffusion, batch, teacher=None):
-    """One optimizer step of train_loop on random images, as a closure; with `teacher`, DeMe's (Eq. 4-5)."""
-    opt, sched, scaler, ema = optimizer(place(model, env).train(), cfg, env, 1e-8, lambda k: 1.0)
-    net = prepare(model, env)
+def rates(cfg: Config, env: Env, train_batch, eval_batch, iters=1, warmup=1, inception=False) -> dict:
+    """Images/s of a fresh UNet of the run's preset: an optimizer step of plain finetuning and one of DeMe's (Eq. 4-5),
+    the forward pass, sampling as evaluation samples, and (inception) FID features; median of `iters` rounds."""
+    diffusion, dev, model = GaussianDiffusion(), env.device, timing_unet(cfg)
     c, res = model.config["in_channels"], model.config["resolution"]
-    fmt = torch.channels_last if env.channels_last else torch.contiguous_format
-    x0 = (torch.rand(batch, c, res, res, device=env.device) * 2 - 1).contiguous(memory_format=fmt)  # (B, C, H, W)
+    x0 = place(torch.rand(train_batch, c, res, res) * 2 - 1, env)  # random images (B, C, H, W), as training holds them
 
-    def step():
-        t = torch.randint(0, diffusion.T, (batch,), device=env.device)
-        with env.autocast():
-            loss = training_loss(net, teacher, diffusion, x0, t, torch.randn(x0.shape, device=env.device),
-                                 cfg.consistency)
-        scaler.scale(loss).backward()
-        optimizer_step(model, opt, sched, scaler, ema, cfg.grad_clip)
-    return step
+    def train_step(student, teacher=None):  # one step of train_loop, as a closure
+        opt, sched, scaler, ema = optimizer(place(student, env).train(), cfg, env, 1e-8, lambda k: 1.0)
+        net = prepare(student, env)
 
+        def step():
+            t = torch.randint(0, diffusion.T, (train_batch,), device=dev)
+            with env.autocast():
+                loss = training_loss(net, teacher, diffusion, x0, t, torch.randn(x0.shape, device=dev), cfg.consistency)
+            scaler.scale(loss).backward()
+            optimizer_step(student, opt, sched, scaler, ema, cfg.grad_clip)
+        return step
 
-def rates(cfg: Config, env: Env, train_batch, eval_batch, iters=1, warmup=1) -> dict:
-    """Images/s of a fresh UNet of the run's preset, timed alternately: training steps of plain finetuning and of
-    DeMe's (projections, the frozen θ0's forward, the consistency loss), the forward pass, and one sampler step."""
-    diffusion, dev = GaussianDiffusion(), env.device
-    model = timing_unet(cfg)
-    student = add_channel_projections(copy.deepcopy(model)) if cfg.projections else copy.deepcopy(model)
-    teacher = prepare(frozen(model), dataclasses.replace(env, world=1)) if cfg.consistency > 0 else None
-    c, res = model.config["in_channels"], model.config["resolution"]
     x, t = torch.randn(eval_batch, c, res, res, device=dev), torch.randint(0, diffusion.T, (eval_batch,), device=dev)
-    net = place(copy.deepcopy(model), env).eval()
+    plain = copy.deepcopy(model).to(dev).eval()  # θ0 as evaluation places it
 
     def forward():
         with torch.no_grad(), env.evaluation():
-            net(x, t)
-    times = time_alternately({"train_plain": bench_train_step(copy.deepcopy(model), cfg, env, diffusion, train_batch),
-                              "train_deme": bench_train_step(student, cfg, env, diffusion, train_batch, teacher),
-                              "forward": forward}, iters, warmup, dev)
-    r = {f"{k}_img_s": env.world * (eval_batch if k == "forward" else train_batch) / v for k, v in times.items()}
+            plain(x, t)
+    # sampling as evaluation runs it (sample_batch), 2 DDIM steps (eta 1 draws noise as DDPM does), scaled to S below
+    few = dataclasses.replace(cfg, sampler="ddim", sample_steps=2, eta=cfg.eta if cfg.sampler == "ddim" else 1.0)
+    deme = train_step(add_channel_projections(copy.deepcopy(model)) if cfg.projections else copy.deepcopy(model),
+                      prepare(frozen(model), dataclasses.replace(env, world=1)) if cfg.consistency > 0 else None)
+    fns = {"train_plain": train_step(model), "train_deme": deme, "forward": forward,
+           "sampling": lambda: sample_batch(few, env, diffusion, plain, range(eval_batch), cfg.seed, (c, res, res))}
+    if inception:  # the Inception's forward with random weights (speed does not need them)
+        from torchvision.models.inception import Inception3
+        features = Inception3(num_classes=1008, aux_logits=False, init_weights=False).to(dev).eval()
+        images = torch.rand(eval_batch, 3, res, res, device=dev)
+        fns["inception"] = lambda: FIDInception.forward(features, images)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda device: None
+    times = {name: [] for name in fns}
+    for _ in range(warmup + iters):  # in turns (a, b, a, b, ...) so that background load hits all alike
+        for name, fn in fns.items():
+            sync(dev)
+            start = time.perf_counter()
+            fn()
+            sync(dev)
+            times[name].append(time.perf_counter() - start)
+    r = {f"{k}_img_s": env.world * (train_batch if k.startswith("train") else eval_batch) / np.median(ts[warmup:])
+         for k, ts in times.items()}
     S = cfg.sample_steps if cfg.sampler == "ddim" else diffusion.T
-    return dict(r, sampling_img_s=r["forward_img_s"] / S, sample_steps=S)
-
-
-def forward_flops(model, x, t) -> int:
-    """Floating-point operations of one forward pass (convolutions, matrix products, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, t)
-    return counter.get_total_flops()
+    return dict(r, sampling_img_s=r["sampling_img_s"] * 2 / S, sample_steps=S)
 
 
 def stage_bench(cfg: Config, env: Env):
-    """Images/s of plain and DeMe finetuning (CPU: also bf16), the forward pass and sampling as evaluation samples; the
-    merged model's extra parameters and FLOPs; the projected wall time. Random inputs. Writes bench.json."""
+    """rates (CPU: also bf16's), the merged model's extra parameters and FLOPs, the projected wall time: bench.json."""
     if not env.master:
         return  # one device is measured; data-parallel runs scale it by the number of processes
-    dev, theta0 = env.device, timing_unet(cfg).eval()
+    from torch.utils.flop_counter import FlopCounterMode
+    dev, theta0, one = env.device, timing_unet(cfg).eval(), dataclasses.replace(env, world=1)
     res, c = theta0.config["resolution"], theta0.config["in_channels"]
     train_batch = cfg.bench_batch or cfg.batch_size // (cfg.grad_accum * env.world)
     eval_batch = cfg.bench_batch or cfg.eval_batch
@@ -2904,103 +2886,77 @@ def stage_bench(cfg: Config, env: Env):
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"bench: preset {cfg.preset} ({res}x{res}), {where}, {env.precision}, compile {env.compile}, batch "
           f"{train_batch} (training) / {eval_batch} (sampling), median of {cfg.bench_iters}")
-    r = rates(cfg, dataclasses.replace(env, world=1), train_batch, eval_batch, cfg.bench_iters, warmup)
+    r = rates(cfg, one, train_batch, eval_batch, cfg.bench_iters, warmup, eval_metric(cfg) == "fid")
     if dev.type == "cpu":  # what --precision bf16 gains or loses on this CPU (auto trains fp32 on every CPU)
-        bf16 = rates(cfg, dataclasses.replace(env, world=1, precision="bf16"), train_batch, 1, cfg.bench_iters)
+        bf16 = rates(cfg, dataclasses.replace(one, precision="bf16"), train_batch, 1, cfg.bench_iters)
         r.update(train_plain_bf16_img_s=bf16["train_plain_img_s"], cpu_native_bf16=cpu_has_bf16())
-    # sampling exactly as evaluation runs it (sample_batch: eager, evaluation precision, per-sample noise), for two
-    # steps of DDIM (DDPM steps draw noise, as eta 1 does), scaled to the configured number of steps
-    few = dataclasses.replace(cfg, sampler="ddim", sample_steps=2, eta=cfg.eta if cfg.sampler == "ddim" else 1.0)
-    plain = theta0.to(dev)
-    sampling = lambda: sample_batch(few, env, GaussianDiffusion(), plain, range(eval_batch), cfg.seed, (c, res, res))
-    r["sampling_img_s"] = eval_batch * 2 / r["sample_steps"] / time_alternately(
-        {"s": sampling}, cfg.bench_iters, warmup, dev)["s"]
     # the merged model keeps its projections: their parameters and FLOPs, unfolded and with the foldable ones folded
     merged = add_channel_projections(copy.deepcopy(theta0))
     folded = copy.deepcopy(merged)
     r["n_folded"] = fold_channel_projections(folded)
     x1, t1 = torch.randn(1, c, res, res, device=dev), torch.full((1,), 500, device=dev)
     for name, m in (("theta0", theta0), ("merged", merged), ("folded", folded)):
-        r[f"{name}_flops"], r[f"{name}_params"] = forward_flops(place(m, env), x1, t1), sum(p.numel() for p in
-                                                                                          m.parameters())
-    if eval_metric(cfg) == "fid":  # FID features: the Inception's forward, random weights (speed does not need them)
-        from torchvision.models.inception import Inception3
-        inception = Inception3(num_classes=1008, aux_logits=False, init_weights=False).to(dev).eval()
-        images = torch.rand(eval_batch, 3, res, res, device=dev)
-        r["inception_img_s"] = eval_batch / time_alternately({"i": lambda: FIDInception.forward(inception, images)},
-                                                             cfg.bench_iters, warmup, dev)["i"]
-    r["projected"] = projected_time(cfg, r)
+        with FlopCounterMode(display=False) as flops, torch.no_grad():
+            place(m, env)(x1, t1)
+        r[f"{name}_flops"], r[f"{name}_params"] = flops.get_total_flops(), sum(p.numel() for p in m.parameters())
     result = dict(preset=cfg.preset, device=where, precision=env.precision, compile=env.compile,
                   train_batch=train_batch, eval_batch=eval_batch, iters=cfg.bench_iters, **r,
-                  config=dataclasses.asdict(cfg))
+                  projected=projected_time(cfg, r), config=dataclasses.asdict(cfg))
     print("\n" + bench_table(result))
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(result, indent=2), run_dir(cfg, "bench.json"))
     print(f"written: {run_dir(cfg, 'bench.json')}")
-    return result
 
 
-def trained(path: Path, steps) -> bool:
-    """Whether `path` holds a checkpoint trained to `steps`: a stage the run will reuse, so the plan leaves it out."""
-    try:
-        return path.is_file() and torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"] >= steps
-    except Exception:  # unreadable: the stage itself will say so
-        return False
+PIPELINE = ("train", "finetune", "baseline", "merge", "evaluate")  # the stages a pipeline runs
 
 
-def projected_time(cfg: Config, r: dict, stages=("train", "finetune", "baseline", "merge", "evaluate")) -> list:
+def projected_time(cfg: Config, r: dict, stages=PIPELINE) -> list:
     """[(what, seconds)] this run still has to do of `stages`, at the rates `r` on one device (no data loading): train
     only where θ0 is not --pretrained or it is alone; trained checkpoints left out; --seeds repeats all but train."""
-    n, batch, S = cfg.n_ranges, cfg.batch_size, r["sample_steps"]
+    def trained(c, folder, steps) -> bool:  # a checkpoint trained to `steps`, which the run reuses
+        try:
+            ck = torch.load(run_dir(c, folder, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
+            return ck["step"] >= steps
+        except Exception:  # missing, or unreadable (the stage itself will say so)
+            return False
+    n, batch, S, runs = cfg.n_ranges, cfg.batch_size, r["sample_steps"], [c for _, c in seed_runs(cfg)]
+    k, each = len(runs), f", x {len(runs)} seeds" if len(runs) > 1 else ""
     names = [s.strip() for s in cfg.models.split(",") if s.strip() and (cfg.baseline or "baseline" not in s)]
-    runs = [c for _, c in seed_runs(cfg)]
-    k = len(runs)
-    each = f", x {k} seeds" if k > 1 else ""
-    plan = []
-    if ("train" in stages and (not cfg.pretrained or tuple(stages) == ("train",))
-            and not trained(run_dir(cfg, "pretrain", "ckpt.pt"), cfg.train_steps)):
-        plan.append((f"pretrain θ0: {cfg.train_steps} steps x {batch}",
-                     cfg.train_steps * batch / r["train_plain_img_s"]))
-    if "finetune" in stages:
-        m = sum(not trained(run_dir(c, f"range_{i}", "ckpt.pt"), c.steps) for c in runs for i in range_indices(c))
-        if m:
-            plan.append((f"DeMe finetuning: {m} range{'s' * (m > 1)} x {cfg.steps} steps x {batch}",
-                         m * cfg.steps * batch / r["train_deme_img_s"]))
-    if "baseline" in stages and cfg.baseline:
-        m = sum(not trained(run_dir(c, baseline_name(c), "ckpt.pt"), n * c.steps) for c in runs)
-        if m:
-            plan.append((f"{baseline_name(cfg)}: {m} x {n * cfg.steps} steps x {batch}",
-                         m * n * cfg.steps * batch / r["train_plain_img_s"]))
-    if "merge" in stages and not cfg.merge_weights and cfg.merge_method != "average":
-        plan.append((f"merge search: {cfg.search_evals} x {cfg.search_images} held-out images{each}",
-                     k * cfg.search_evals * cfg.search_images / r["forward_img_s"]))
-        if cfg.search_objective == "samples":
-            m = cfg.search_candidates * selection_samples(cfg)
-            plan.append((f"its samples: {cfg.search_candidates} candidates x {selection_samples(cfg)}{each}",
-                         k * m / r["sampling_img_s"]))
-    if "evaluate" in stages:  # (the merged model's and the ensemble's projections add 0.5-3% FLOPs: bench)
-        plan += [(f"sample {name}: {cfg.n_samples} x {S} steps{each}", k * cfg.n_samples / r["sampling_img_s"])
-                 for name in names]
-        if "inception_img_s" in r:
-            plan.append((f"FID features: {len(names)} x {cfg.n_samples} samples{each}",
-                         k * len(names) * cfg.n_samples / r["inception_img_s"]))
-            ref = DATASET_SIZES.get(cfg.dataset, cfg.n_samples)
-            plan.append((f"FID reference statistics: {ref} images, once", ref / r["inception_img_s"]))
+    pre = (not cfg.pretrained or tuple(stages) == ("train",)) and not trained(cfg, "pretrain", cfg.train_steps)
+    m = sum(not trained(c, f"range_{i}", c.steps) for c in runs for i in range_indices(c))
+    b = sum(not trained(c, baseline_name(c), n * c.steps) for c in runs) if cfg.baseline else 0
+    search = not cfg.merge_weights and cfg.merge_method != "average"
+    chosen, ref = cfg.search_candidates * selection_samples(cfg), DATASET_SIZES.get(cfg.dataset, cfg.n_samples)
+    # (stage, what, images, the rate they go at); the merged model's and the ensemble's projections add 0.5-3% FLOPs
+    rows = [("train", f"pretrain θ0: {cfg.train_steps} steps x {batch}", pre * cfg.train_steps * batch, "train_plain"),
+            ("finetune", f"DeMe finetuning: {m} range{'s' * (m > 1)} x {cfg.steps} steps x {batch}",
+             m * cfg.steps * batch, "train_deme"),
+            ("baseline", f"{baseline_name(cfg)}: {b} x {n * cfg.steps} steps x {batch}", b * n * cfg.steps * batch,
+             "train_plain"),
+            ("merge", f"merge search: {cfg.search_evals} x {cfg.search_images} held-out images{each}",
+             search * k * cfg.search_evals * cfg.search_images, "forward"),
+            ("merge", f"its samples: {cfg.search_candidates} candidates x {selection_samples(cfg)}{each}",
+             (search and cfg.search_objective == "samples") * k * chosen, "sampling"),
+            *[("evaluate", f"sample {name}: {cfg.n_samples} x {S} steps{each}", k * cfg.n_samples, "sampling")
+              for name in names],
+            ("evaluate", f"FID features: {len(names)} x {cfg.n_samples} samples{each}",
+             k * len(names) * cfg.n_samples, "inception"),
+            ("evaluate", f"FID reference statistics: {ref} images, once", ref, "inception")]
+    plan = [(what, images / r[f"{rate}_img_s"]) for stage, what, images, rate in rows
+            if stage in stages and images and f"{rate}_img_s" in r]
     return plan + [("total", sum(s for _, s in plan))]
-
-
-PLANNED = {"pipeline": ("train", "finetune", "baseline", "merge", "evaluate"), "train": ("train",),
-           "finetune": ("finetune",), "baseline": ("baseline",), "evaluate": ("evaluate",)}
 
 
 def announce_plan(cfg: Config, env: Env, stage: str):
     """One line before the work starts: what this command will run and how long it projects to on this device."""
-    if stage not in PLANNED and stage != "ablation":
+    if cfg.model == "sd" or stage not in ("pipeline", "train", "finetune", "baseline", "evaluate", "ablation"):
         return
-    micro = max(1, cfg.batch_size // (cfg.grad_accum * env.world))  # on a CPU, 8 images: a step of more takes seconds
-    r = rates(cfg, dataclasses.replace(env, compile=False), min(micro, 8) if env.device.type == "cpu" else micro,
-              min(cfg.eval_batch, 8 if env.device.type == "cpu" else cfg.eval_batch))
-    plan = ablation_plan(cfg, r) if stage == "ablation" else projected_time(cfg, r, PLANNED[stage])
+    cpu = env.device.type == "cpu"  # on a CPU, 8 images: a step of more takes seconds
+    micro = max(1, cfg.batch_size // (cfg.grad_accum * env.world))
+    r = rates(cfg, dataclasses.replace(env, compile=False), min(micro, 8 if cpu else micro),
+              min(cfg.eval_batch, 8 if cpu else cfg.eval_batch))
+    stages = PIPELINE if stage == "pipeline" else (stage,)
+    plan = ablation_plan(cfg, r) if stage == "ablation" else projected_time(cfg, r, stages)
     if env.master and len(plan) > 1:
         where = "a GPU" if env.device.type == "cuda" else f"this CPU ({torch.get_num_threads()} threads)"
         print(f"plan: {'; '.join(f'{what} ~{_duration(s)}' for what, s in plan[:-1])}. Projected "
@@ -3009,29 +2965,27 @@ def announce_plan(cfg: Config, env: Env, stage: str):
 
 
 def _duration(seconds) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h" if seconds < 172800 else f"{seconds / 86400:.1f} days"
+    for unit, size, below, digits in (("s", 1, 120, 0), ("min", 60, 7200, 1), ("h", 3600, 172800, 1)):
+        if seconds < below:
+            return f"{seconds / size:.{digits}f} {unit}"
+    return f"{seconds / 86400:.1f} days"
 
 
 def bench_table(r: dict) -> str:
     """The benchmark as a Markdown table, then the projected wall time."""
     pct = lambda name, what: f"{100 * (r[f'{name}_{what}'] / r[f'theta0_{what}'] - 1):+.2f}%"
-    rows = [("training, plain finetuning", f"{r['train_plain_img_s']:.1f} img/s", ""),
-            ("training, DeMe finetuning (CP + frozen θ0 + CL)", f"{r['train_deme_img_s']:.1f} img/s",
-             f"{r['train_deme_img_s'] / r['train_plain_img_s']:.2f}x plain"),
-            *([(f"training, plain, bf16 autocast (native bf16: {'yes' if r['cpu_native_bf16'] else 'no'})",
-                f"{r['train_plain_bf16_img_s']:.1f} img/s", f"{r['train_plain_bf16_img_s'] / r['train_plain_img_s']:.2f}x "
-                f"fp32")] if "cpu_native_bf16" in r else []),
-            ("forward, θ0", f"{r['forward_img_s']:.1f} img/s", ""),
-            (f"DDIM-{r['sample_steps']} sampling, θ0", f"{r['sampling_img_s']:.3g} img/s", ""),
-            *([("FID Inception features", f"{r['inception_img_s']:.1f} img/s", "")] if "inception_img_s" in r else []),
-            ("merged model, projections unfolded", "", f"FLOPs {pct('merged', 'flops')}, params "
-             f"{pct('merged', 'params')} vs θ0"),
-            (f"merged model, {r['n_folded']} projections folded", "", f"FLOPs {pct('folded', 'flops')}, params "
-             f"{pct('folded', 'params')} vs θ0")]
+    plain = r["train_plain_img_s"]
+    rows = [("training, plain finetuning", "train_plain", ""),
+            ("training, DeMe finetuning (CP + frozen θ0 + CL)", "train_deme",
+             f"{r['train_deme_img_s'] / plain:.2f}x plain"),
+            (f"training, plain, bf16 autocast (native bf16: {'yes' if r.get('cpu_native_bf16') else 'no'})",
+             "train_plain_bf16", f"{r.get('train_plain_bf16_img_s', 0) / plain:.2f}x fp32"),
+            ("forward, θ0", "forward", ""), (f"DDIM-{r['sample_steps']} sampling, θ0", "sampling", ""),
+            ("FID Inception features", "inception", "")]
+    rows = [(what, f"{r[f'{k}_img_s']:{'.3g' if k == 'sampling' else '.1f'}} img/s", rel) for what, k, rel in rows
+            if f"{k}_img_s" in r]
+    rows += [(f"merged model, {what}", "", f"FLOPs {pct(name, 'flops')}, params {pct(name, 'params')} vs θ0")
+             for name, what in (("merged", "projections unfolded"), ("folded", f"{r['n_folded']} projections folded"))]
     return markdown_table(["measurement", "rate", "relative"], rows) + (
         "\nProjected wall time of this run's recipe on one such device (data loading excluded; data-parallel runs "
         "divide the training and sampling times by the number of processes, minus communication):\n\n" +
@@ -3055,46 +3009,27 @@ ABLATION = {
 
 def ablation_config(cfg: Config, row: dict) -> Config:
     """The configuration that trains one ablation row's model from the pipeline's configuration."""
-    total = cfg.n_ranges * cfg.steps
     if "baseline" in row:  # the baseline stage: N x steps on all timesteps, in the pipeline's folder
         return dataclasses.replace(cfg, baseline_weighting=row["baseline"])
-    n = row.get("n_ranges", cfg.n_ranges)
-    techniques = dict(consistency=row.get("consistency", cfg.consistency),
-                      projections=row.get("projections", cfg.projections))
-    if n == cfg.n_ranges and techniques == dict(consistency=cfg.consistency, projections=cfg.projections):
+    c = dataclasses.replace(cfg, **row)
+    if (c.n_ranges, c.consistency, c.projections) == (cfg.n_ranges, cfg.consistency, cfg.projections):
         return cfg  # DeMe itself: the pipeline's ranges and merge
-    slug = f"n{n}" + "".join(f"_{k}{int(bool(v))}" for k, v in techniques.items())
-    return dataclasses.replace(cfg, n_ranges=n, steps=total // n, ranges="all", out=str(run_dir(cfg, "ablation", slug)),
-                               merge_weights="", **techniques)
-
-
-def ablation_model(cfg: Config, env: Env, diffusion, theta0, row: dict):
-    """Trains (or reuses) one ablation row's model and returns it."""
-    if not row:
-        return theta0
-    c = ablation_config(cfg, row)
-    if "baseline" in row:
-        stage_baseline(c, env, diffusion, theta0)
-        return named_model(c, env, baseline_name(c))
-    stage_finetune(c, env, diffusion, theta0)
-    if c.n_ranges == 1:  # nothing to merge: the finetuned model itself
-        return range_models(c)[0]
-    stage_merge(c, env, diffusion, theta0)
-    return named_model(c, env, "merged")
+    slug = f"n{c.n_ranges}_consistency{int(bool(c.consistency))}_projections{int(c.projections)}"
+    return dataclasses.replace(c, steps=cfg.n_ranges * cfg.steps // c.n_ranges, ranges="all", merge_weights="",
+                               out=str(run_dir(cfg, "ablation", slug)))
 
 
 def ablation_plan(cfg: Config, r: dict) -> list:
     """projected_time of every row that trains, over the seeds; trained rows left out."""
     plan, runs = [], seed_runs(cfg)
     for label, row in ABLATION.items():
-        if row:
-            stages = ("baseline",) if "baseline" in row else ("finetune", "merge") if row.get(
-                "n_ranges", cfg.n_ranges) > 1 else ("finetune",)
-            seconds = sum(projected_time(ablation_config(c, row), r, stages)[-1][1] for _, c in runs)
-            plan += [(f"{label}{f', x {len(runs)} seeds' if cfg.seeds else ''}", seconds)] if seconds else []
-    n = len(ABLATION) * len(runs)
-    plan.append((f"evaluate {n} models", projected_time(dataclasses.replace(cfg, models=",".join(["theta0"] * n),
-                                                                            seeds=""), r, ("evaluate",))[-1][1]))
+        n = row.get("n_ranges", cfg.n_ranges)
+        stages = ("baseline",) if "baseline" in row else ("finetune", "merge") if n > 1 else ("finetune",)
+        seconds = sum(projected_time(ablation_config(c, row), r, stages)[-1][1] for _, c in runs) if row else 0
+        plan += [(f"{label}{f', x {len(runs)} seeds' if cfg.seeds else ''}", seconds)] if seconds else []
+    models = len(ABLATION) * len(runs)
+    evaluate = dataclasses.replace(cfg, models=",".join(["theta0"] * models), seeds="")
+    plan.append((f"evaluate {models} models", projected_time(evaluate, r, ("evaluate",))[-1][1]))
     return plan + [("total", sum(s for _, s in plan))]
 
 
@@ -3103,16 +3038,27 @@ def stage_ablation(cfg: Config, env: Env):
     ablation.{json,md} and ablation.png (the report-split loss per range and the sample metric, with seed spread)."""
     start, diffusion = time.perf_counter(), GaussianDiffusion()
     theta0 = theta0_model(cfg, env, diffusion)
+
+    def model(run: Config, row: dict):  # trains (or reuses) one row's model
+        if not row:
+            return theta0
+        c = ablation_config(run, row)
+        if "baseline" in row:
+            stage_baseline(c, env, diffusion, theta0)
+            return named_model(c, env, baseline_name(c))
+        stage_finetune(c, env, diffusion, theta0)
+        if c.n_ranges == 1:  # nothing to merge: the finetuned model itself
+            return range_models(c)[0]
+        stage_merge(c, env, diffusion, theta0)
+        return named_model(c, env, "merged")
     rows = {}
     for s, c in seed_runs(cfg):
         ref = evaluation_reference(c, env)
-        rows[s] = [evaluate_model(c, env, diffusion, ablation_model(c, env, diffusion, theta0, row), label, ref)[0]
-                   for label, row in ABLATION.items()]
+        rows[s] = [evaluate_model(c, env, diffusion, model(c, row), label, ref)[0] for label, row in ABLATION.items()]
     if env.master:
-        steps = {label: (ablation_config(cfg, row).steps, ablation_config(cfg, row).n_ranges) for label, row in
-                 ABLATION.items() if row}
-        write_seed_summary(cfg, rows, "ablation", note=" ".join(
-            f"{label}: {n} x {k} steps." for label, (k, n) in steps.items() if "baseline" not in ABLATION[label]))
+        trains = {label: ablation_config(cfg, row) for label, row in ABLATION.items() if row and "baseline" not in row}
+        write_seed_summary(cfg, rows, "ablation", note=" ".join(f"{label}: {c.n_ranges} x {c.steps} steps."
+                                                                for label, c in trains.items()))
         print(f"ablation finished in {(time.perf_counter() - start) / 60:.1f} min")
 
 
@@ -3133,43 +3079,33 @@ EXERCISES = [
 PART_NAMES = {1: "DDPM", 2: "decoupled finetuning", 3: "merge and ensemble", 4: "evaluation"}
 PROJECT_FILES = ("deme.py", "ddpm_unet.py", "test_deme.py", "pytest.ini", "README.md", "requirements.txt",
                  "requirements-extra.txt", "assets")
+EXERCISES_MD = """# Exercises: DeMe (Decouple-then-Merge, CVPR 2025) from the inside
 
+Each function below raises `NotImplementedError` with its exercise number; its docstring says what it
+takes and returns. Do them in this order, reading deme.py from the top beside the paper, and grade a part
+with its tests (the optional extras need `pip install -r requirements-extra.txt`; without them add
+`and not extras`). Every part's tests also use the parts before it.
 
-def without_body(source: str, qualname: str, message: str) -> str:
-    """`source` with the body of `qualname` ("f" or "Class.f"), but not its docstring, raising NotImplementedError."""
-    nodes = ast.parse(source).body
-    for name in qualname.split("."):
-        node = next(n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
-        nodes = node.body
-    first = node.body[0]
-    has_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
-    keep = first.end_lineno if has_doc else first.lineno - 1  # lines kept before the body
-    lines = source.split("\n")
-    stub = " " * first.col_offset + f"raise NotImplementedError({message!r})"
-    return "\n".join(lines[:keep] + [stub] + lines[node.end_lineno:])
-
-
-def exercises_markdown(parts) -> str:
-    """EXERCISES.md: the exercises in order, where each is and how to grade each part."""
-    lines = ["# Exercises: DeMe (Decouple-then-Merge, CVPR 2025) from the inside", "",
-             "Each function below raises `NotImplementedError` with its exercise number; its docstring says what it",
-             "takes and returns. Do them in this order, reading deme.py from the top beside the paper, and grade a part",
-             "with its tests (the optional extras need `pip install -r requirements-extra.txt`; without them add",
-             "`and not extras`). Every part's tests also use the parts before it.", ""]
-    for part in sorted(parts):
-        lines += [f"## Part {part}: {PART_NAMES[part]}  (`python -m pytest -m part{part} test_deme.py`)", ""]
-        lines += [f"{k}. `{func}` in {file}: {what}" for k, (p, file, func, what) in enumerate(EXERCISES, 1)
-                  if p == part]
-        lines.append("")
-    lines += ["When every part passes, `python -m pytest test_deme.py` runs the whole suite and `python deme.py` the",
-              "whole method on a CPU in minutes."]
-    return "\n".join(lines) + "\n"
+{parts}When every part passes, `python -m pytest test_deme.py` runs the whole suite and `python deme.py` the
+whole method on a CPU in minutes.
+"""
 
 
 def exercise_command(out, parts=(1, 2, 3, 4)):
     """`python deme.py exercise --out DIR`: a copy of this project in DIR with the exercises' bodies removed, and
     EXERCISES.md; written beside DIR first and renamed into place, so DIR is whole or absent."""
     import shutil
+
+    def without_body(source: str, qualname: str, message: str) -> str:  # the docstring stays, the body raises
+        nodes = ast.parse(source).body
+        for name in qualname.split("."):  # "f" or "Class.f"
+            node = next(n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
+            nodes = node.body
+        first = node.body[0]
+        keep = first.end_lineno if ast.get_docstring(node, clean=False) is not None else first.lineno - 1
+        lines = source.split("\n")
+        stub = " " * first.col_offset + f"raise NotImplementedError({message!r})"
+        return "\n".join(lines[:keep] + [stub] + lines[node.end_lineno:])
     out, root = Path(out), Path(__file__).resolve().parent
     if out.exists():
         raise UserError(f"{out} already exists; choose a new folder for the student copy (--out)")
@@ -3180,39 +3116,42 @@ def exercise_command(out, parts=(1, 2, 3, 4)):
     tmp.mkdir(parents=True)
     for name in PROJECT_FILES:
         (shutil.copytree if (root / name).is_dir() else shutil.copy2)(root / name, tmp / name)
-    for k, (part, file, func, what) in enumerate(EXERCISES, 1):
-        if part in parts:
-            path = tmp / file
-            path.write_text(without_body(path.read_text(), func, f"Exercise {k}: {what}"))
-    (tmp / "EXERCISES.md").write_text(exercises_markdown(parts))
+    guide = ""
+    for part in sorted(parts):
+        guide += f"## Part {part}: {PART_NAMES[part]}  (`python -m pytest -m part{part} test_deme.py`)\n\n"
+        for k, (p, file, func, what) in enumerate(EXERCISES, 1):
+            if p == part:
+                (tmp / file).write_text(without_body((tmp / file).read_text(), func, f"Exercise {k}: {what}"))
+                guide += f"{k}. `{func}` in {file}: {what}\n"
+        guide += "\n"
+    (tmp / "EXERCISES.md").write_text(EXERCISES_MD.format(parts=guide))
     os.replace(tmp, out)
-    print(f"student copy with {sum(e[0] in parts for e in EXERCISES)} exercises in {out}; start with {out / 'EXERCISES.md'}")
+    print(f"student copy with {sum(e[0] in parts for e in EXERCISES)} exercises in {out}; start with "
+          f"{out / 'EXERCISES.md'}")
     return out
 
 
 # --- II.10 Command line ----------------------------------------------------------------------------------------------
 
 def stage_sample(cfg: Config, env: Env):
-    """Writes --n-samples PNGs of one model (--models NAME) under samples/NAME/, plus a grid."""
+    """Writes --n-samples PNGs of each model of --models under samples/NAME/, plus a grid."""
     diffusion = GaussianDiffusion()
-    for name in cfg.models.split(","):
-        model = named_model(cfg, env, name.strip())
-        folder = write_samples(cfg, env, diffusion, model, Path(name.strip()).stem)
+    for name in (s.strip() for s in cfg.models.split(",")):
+        folder = write_samples(cfg, env, diffusion, named_model(cfg, env, name), Path(name).stem)
         if env.master:
             print(f"{cfg.n_samples} samples of {name} in {folder}")
 
 
 STAGES = {
     "pipeline": (stage_pipeline, "the whole method: θ0, N finetuned ranges, the baseline, merge, evaluation (default)"),
-    "train": (lambda cfg, env: stage_train(cfg, env), "pretrain θ0 from scratch (the CPU pipeline's θ0)"),
-    "finetune": (lambda cfg, env: stage_finetune(cfg, env), "finetune one copy of θ0 per timestep range (--ranges)"),
-    "baseline": (lambda cfg, env: stage_baseline(cfg, env), "plain finetuning of θ0 for N x steps on all timesteps"),
-    "merge": (lambda cfg, env: stage_merge(cfg, env), "merge the finetuned ranges into one model (Eq. 8)"),
+    "train": (stage_train, "pretrain θ0 from scratch (the CPU pipeline's θ0)"),
+    "finetune": (stage_finetune, "finetune one copy of θ0 per timestep range (--ranges)"),
+    "baseline": (stage_baseline, "plain finetuning of θ0 for N x steps on all timesteps"),
+    "merge": (stage_merge, "merge the finetuned ranges into one model (Eq. 8)"),
     "sample": (stage_sample, "write --n-samples PNGs of the models named by --models"),
-    "evaluate": (lambda cfg, env: stage_evaluate(cfg, env), "compare the models named by --models"),
+    "evaluate": (stage_evaluate, "compare the models named by --models"),
     "bench": (stage_bench, "throughput of training, DeMe finetuning and sampling on this device; projected run time"),
-    "analyze": (lambda cfg, env: stage_analyze(cfg, env), "the paper's figures (Fig. 1a, 6a, 6b) and the merge's "
-                "diagnostics, as PNG and CSV"),
+    "analyze": (stage_analyze, "the paper's figures (Fig. 1a, 6a, 6b) and the merge's diagnostics, as PNG and CSV"),
     "ablation": (stage_ablation, "DeMe Table 3 and Table 1's loss reweightings at equal compute, with --seeds"),
 }
 GROUPS = {"dataset": "run", "preset": "model", "train_steps": "pretraining θ0 (train stage)",
@@ -3229,30 +3168,23 @@ EXAMPLES = """examples:
 """
 
 
-def config_flags(parser: argparse.ArgumentParser):
-    """One --flag per Config field, grouped, with default SUPPRESS so that only given flags override presets."""
-    group = parser
-    for f in dataclasses.fields(Config):
-        if f.name in GROUPS:
-            group = parser.add_argument_group(GROUPS[f.name])
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        kw = dict(default=argparse.SUPPRESS, help=meta["help"], dest=f.name)
-        if f.type in (bool, Optional[bool]):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.type is tuple:
-            group.add_argument(flag, type=lambda s: tuple(float(x) for x in s.split(",")), metavar="A,B", **kw)
-        else:
-            typ = {int: int, float: float, str: str, Optional[float]: float}[f.type]
-            group.add_argument(flag, type=typ, choices=meta["choices"], metavar=None if meta["choices"] else
-                               typ.__name__.upper(), **kw)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The stages, each with a --flag per Config field (default SUPPRESS: only given flags override presets)."""
     parser = argparse.ArgumentParser(prog="deme.py", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", title="stages (default: pipeline)")
-    common = argparse.ArgumentParser(add_help=False)
-    config_flags(common)
+    common = group = argparse.ArgumentParser(add_help=False)
+    for f in dataclasses.fields(Config):
+        group = common.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
+        kw, choices = dict(default=argparse.SUPPRESS, help=f.metadata["help"], dest=f.name), f.metadata["choices"]
+        if f.type in (bool, Optional[bool]):
+            kw.update(action=argparse.BooleanOptionalAction)
+        elif f.type is tuple:
+            kw.update(type=lambda s: tuple(float(x) for x in s.split(",")), metavar="A,B")
+        else:
+            typ = float if f.type == Optional[float] else f.type
+            kw.update(type=typ, choices=choices, metavar=None if choices else typ.__name__.upper())
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
     common.add_argument("--dry-run", action="store_true", help="resolve the configuration, run every check and print "
                         "the plan with its projected duration; train, sample and write nothing")
     for name, (_, help) in STAGES.items():
@@ -3271,12 +3203,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TRAINING_STAGES = ("pipeline", "train", "finetune", "baseline", "ablation")
-
-
 def preflight(cfg: Config, env: Env, stage: str):
-    """Every check that could otherwise fail after hours of training, run before the first step: the data and its
-    held-out splits are there and large enough, the Inception weights and FID statistics can be read."""
+    """Every check that could fail after hours of training: data, held-out splits, FID weights and statistics."""
     searches = stage in ("pipeline", "merge", "ablation") and not cfg.merge_weights and cfg.merge_method != "average"
     evaluates = stage in ("pipeline", "evaluate", "ablation")
     samples = (searches and cfg.search_objective == "samples") or stage == "analyze"  # selection samples are scored
@@ -3285,7 +3213,7 @@ def preflight(cfg: Config, env: Env, stage: str):
         raise UserError(f"the ablation splits N x --steps = {cfg.n_ranges * cfg.steps} optimizer steps over 8 ranges; "
                         f"choose --steps so that it divides by 8")
     with env.master_first():  # one process lists a folder or an lmdb first (LSUN: writes its key list once)
-        if stage in TRAINING_STAGES:
+        if stage in ("pipeline", "train", "finetune", "baseline", "ablation"):
             check_batch_split(cfg, env.world)
             size = len(make_dataset(cfg))
             if size < cfg.batch_size // cfg.grad_accum:
@@ -3299,8 +3227,7 @@ def preflight(cfg: Config, env: Env, stage: str):
             held_out_split(cfg, cfg.report_images, "report")
         if evaluates and metric == "pixel" and cfg.dataset != "synthetic":
             check_pixel_reference(len(make_dataset(cfg, "eval")), cfg.n_samples)
-        dims = len(load_stats(cfg.fid_stats)[0]) if cfg.fid_stats else FID_DIMS
-        if dims != FID_DIMS:
+        if cfg.fid_stats and (dims := len(load_stats(cfg.fid_stats)[0])) != FID_DIMS:
             raise UserError(f"--fid-stats {cfg.fid_stats} holds {dims}-d statistics, "
                             f"not FID's {FID_DIMS}-d pool3 statistics; compute them with pytorch-fid --save-stats")
         if (evaluates or samples) and metric == "fid":
@@ -3314,13 +3241,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.stage == "exercise":
-            exercise_command(args.out, tuple(parse_list("parts", args.parts, example="1,2")))
-            return
+            return exercise_command(args.out, tuple(parse_list("parts", args.parts, example="1,2")))
         if args.stage == "fid":
             device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-            fid_command(*args.paths, batch_size=args.batch_size, device=device,
-                        inception_weights=args.inception_weights, dims=args.dims)
-            return
+            return fid_command(*args.paths, batch_size=args.batch_size, device=device,
+                               inception_weights=args.inception_weights, dims=args.dims)
         given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
         notes = []
         cfg = resolve_config(given, notes)
@@ -3330,18 +3255,17 @@ def main(argv=None):
         if cfg.model == "sd" and args.stage != "pipeline":
             raise UserError(f"--model sd runs as one command (finetune, merge, generate); drop the stage "
                             f"{args.stage!r} and use --ranges to split the finetuning")
-        writable_run_folder(cfg.out, env.rank, create=False)
+        writable_run_folder(cfg.out)
         if cfg.model != "sd":
             preflight(cfg, env, args.stage)  # (the SD stage checks its pipeline and captions before it trains)
         if args.dry_run:
             announce_plan(cfg, env, args.stage)
             print("dry run: every check passed; nothing was trained, sampled or written")
             return
-        writable_run_folder(cfg.out, env.rank)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
         if env.master:
             atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), run_dir(cfg, f"config_{args.stage}.json"))
-        if cfg.model != "sd":
-            announce_plan(cfg, env, args.stage)
+        announce_plan(cfg, env, args.stage)
         (stage_sd if cfg.model == "sd" else STAGES[args.stage][0])(cfg, env)
     except UserError as e:
         stop(f"error: {e}", 2)
@@ -3356,21 +3280,12 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
 
 
-def writable_run_folder(out, rank=0, create=True):
-    """One line unless the run folder is writable: made and probed, or (create=False) its nearest existing folder."""
-    out = Path(out)
-    try:
-        if create:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write_test_{rank}"
-            probe.write_text("ok")
-            probe.unlink()
-            return
-        existing = next(p for p in [out, *out.parents] if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise NotADirectoryError(20, "not a writable folder")
-    except OSError as e:
-        raise UserError(f"cannot write to the run folder {out} ({e.strerror}); choose another --out") from None
+def writable_run_folder(out):
+    """One line unless the run folder, or (not made yet) the nearest folder above it, is a writable folder."""
+    existing = next(p for p in [Path(out), *Path(out).parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write to the run folder {out} ({existing} is not a writable folder); choose another "
+                        f"--out")
 
 
 def distributed() -> bool:
@@ -3378,8 +3293,7 @@ def distributed() -> bool:
 
 
 def stop(message, code):
-    """Ends the program with `message` on stderr. Under torchrun the process leaves at once, without the collective
-    shutdown: the others may be waiting for it in a barrier, and torchrun ends them when one process fails."""
+    """Ends the program with `message` on stderr; under torchrun at once (the others may wait for it in a barrier)."""
     print(message, file=sys.stderr, flush=True)
     if distributed():
         sys.stdout.flush()
