@@ -2682,7 +2682,7 @@ class StableDiffusion:
         return state
 
 
-class CaptionedImages(torch.utils.data.Dataset):
+class CaptionedImages(ImageFolder):
     """Image-caption pairs: images and metadata.jsonl lines {"file_name": ..., "text": a caption or a list of them}
     (Hugging Face's imagefolder layout); with `role`, only that split's pairs (heldout_role of the file name)."""
 
@@ -2706,18 +2706,14 @@ class CaptionedImages(torch.utils.data.Dataset):
         if not self.pairs:
             raise UserError(f"{meta} lists no image-caption pairs" +
                             (f" in its {role} split; raise --heldout-fraction or add pairs" if role else ""))
-
-    def __len__(self):
-        return len(self.pairs)
+        self.paths, self.random_crop = [path for path, _ in self.pairs], False  # ImageFolder reads them
 
     def __getitem__(self, item):
-        from PIL import Image
-        path, caption = self.pairs[split_item(item)[0]]
+        i = split_item(item)[0]
         try:
-            with Image.open(path) as im:
-                return resize_crop(im, self.size), caption  # (3, H, W) in [-1, 1], str
+            return super().__getitem__(item), self.pairs[i][1]  # (3, H, W) in [-1, 1], str
         except OSError:
-            raise UserError(f"{path} is not a readable image; fix or remove it from metadata.jsonl") from None
+            raise UserError(f"{self.paths[i]} is not a readable image; fix or remove it from metadata.jsonl") from None
 
 
 class Prompted(nn.Module):
