@@ -734,7 +734,7 @@ class Config:
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for CUDA, off on CPU)")
     workers: int = _opt(0, "data-loading worker processes (0 loads in the main process)")
     model: str = _opt("ddpm", "ddpm: the pixel UNet; sd: a diffusers Stable Diffusion folder (--pretrained)", "ddpm sd")
-    preset: str = _opt("tiny", "UNet size: " + ", ".join(PRESETS))
+    preset: str = _opt("tiny", "UNet size", " ".join(PRESETS))
     pretrained: str = _opt("", "θ0: cifar10, lsun_church, lsun_bedroom, a file or a folder; empty: train it here")
     image_size: int = _opt(0, "training resolution (0: the preset's)")
     flip: bool = _opt(False, "random horizontal flips")
@@ -742,8 +742,7 @@ class Config:
     train_steps: int = _opt(2000, "optimizer steps to pretrain θ0")
     train_lr: float = _opt(2e-4, "pretraining learning rate (DDPM: 2e-4)")
     train_warmup: int = _opt(100, "pretraining linear warm-up steps (DDPM: 5000)")
-    train_schedule: str = _opt("constant", "after the warm-up: constant (DDPM) or cosine (to 0 at --train-steps)",
-                               "constant cosine")
+    train_schedule: str = _opt("constant", "after the warm-up: constant (DDPM), cosine (to 0)", "constant cosine")
     curve_every: int = _opt(0, "log the EMA's held-out loss every this many pretraining steps (0: off)")
     n_ranges: int = _opt(PAPER.n_ranges, "N, the number of timestep ranges (paper: 4; 8 in the ablation)")
     ranges: str = _opt("all", "which ranges this invocation finetunes: all, or indices such as 0,2")
@@ -769,8 +768,7 @@ class Config:
     merge_weights: str = _opt("", "w_1..w_N, low t first (LSUN official: 0.1,0.1,0.2,0.5); empty: search them")
     heldout_fraction: float = _opt(0.1, "folder and LSUN: the share held out from training (half to select)")
     search_images: int = _opt(512, "selection images of the merge search's held-out loss")
-    search_objective: str = _opt("loss", "what chooses w: the held-out loss, per range, or selection samples",
-                                 "loss per_range samples")
+    search_objective: str = _opt("loss", "what chooses w: held-out loss, per range, samples", "loss per_range samples")
     search_evals: int = _opt(60, "most candidates the loss search scores")
     search_candidates: int = _opt(8, "most candidates the samples objective ranks")
     search_samples: int = _opt(0, "samples per candidate of the samples objective (0: --n-samples)")
@@ -799,8 +797,8 @@ class Config:
     sd_resolution: int = _opt(512, "image resolution for training and sampling (SD v1: 512)")
 
 
-# The CPU recipe: θ0 trained to convergence (cosine decay; about an hour on 2 cores), then DeMe in minutes.
-# Finetuning keeps the paper's lr 5e-5: on the selection split it beat 2e-4 and 1e-5 (README, "A converged θ0").
+# The CPU recipe: θ0 trained to convergence (cosine decay; about an hour on 2 cores), then DeMe in minutes (README,
+# "A converged θ0", says why it keeps the paper's lr 5e-5).
 CPU_RECIPE = dict(preset="tiny", train_steps=12000, train_lr=1e-3, train_schedule="cosine", steps=64, batch_size=32,
                   ckpt_every=100, sample_steps=20, n_samples=512, eval_batch=256, search_images=256, search_evals=30,
                   report_images=1024)
@@ -861,14 +859,10 @@ def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
         if k not in given and (getattr(cfg, k) or new.get("n_samples", cfg.n_samples)) > cap:
             new[k] = cap
     changed = {k: v for k, v in new.items() if v != getattr(cfg, k)}
-    why = dict(heldout_fraction=f"{select} images to select and {report} to report",
-               search_images="what the selection split holds", report_images="what the report split holds",
-               n_samples="two sets of real training images for the pixel metric",
-               search_samples="the selection split's real images for the pixel metric")
-    note = "; ".join(f"--{k.replace('_', '-')} {getattr(cfg, k) or cfg.n_samples} -> {v} ({why[k]})"
-                     for k, v in changed.items())
+    note = "; ".join(f"--{k.replace('_', '-')} {getattr(cfg, k) or cfg.n_samples} -> {v}" for k, v in changed.items())
     if note and notes is not None:
-        notes.append(f"{cfg.data_dir} holds {len(h):,} images: {note}")
+        notes.append(f"{cfg.data_dir} holds {len(h):,} images, {select} to select, {report} to report, {train} to "
+                     f"train: {note}")
     return dataclasses.replace(cfg, **changed)
 
 
@@ -889,13 +883,14 @@ def config_summary(cfg: Config, given: dict, stage: str, notes=(), saved=True) -
 
 def check_config(cfg: Config):
     """One clear line for the first value that cannot work (argparse has checked the types and the choices)."""
-    counts = ("steps", "batch_size", "grad_accum", "n_samples", "eval_batch", "sample_steps", "train_steps",
-              "ckpt_every", "search_evals", "search_images", "report_images", "bench_iters")
+    minimum = dict(steps=1, batch_size=1, grad_accum=1, n_samples=1, eval_batch=1, sample_steps=1, train_steps=1,
+                   ckpt_every=1, search_evals=1, search_images=1, report_images=1, bench_iters=1, search_candidates=2,
+                   eta=0, search_samples=0, workers=0, image_size=0)
+    res, down = cfg.image_size or PRESETS[cfg.preset]["resolution"], 2 ** (len(PRESETS[cfg.preset]["ch_mult"]) - 1)
     checks = [(cfg.model != "sd" or cfg.dataset == "folder" and cfg.pretrained, "--model sd needs --pretrained "
                "SD_PIPELINE_FOLDER and --dataset folder --data-dir DIR (images plus metadata.jsonl)"),
               (cfg.model != "sd" or cfg.search_objective != "samples", "--search-objective samples scores DDPM "
                "samples by the pixel or FID metric; use loss or per_range with --model sd"),
-              (cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}"),
               (1 <= cfg.n_ranges <= 1000 and 1000 % cfg.n_ranges == 0, f"--n-ranges {cfg.n_ranges} does not split "
                f"the 1000 timesteps evenly; use 1, 2, 4, 5, 8, 10, ..."),
               (0.0 <= cfg.p_global <= 1.0, f"--p-global {cfg.p_global} is not a probability; give a value in [0, 1]"),
@@ -903,17 +898,14 @@ def check_config(cfg: Config):
               (0 <= cfg.dare_p < 1, f"--dare-p {cfg.dare_p} must lie in [0, 1): the probability DARE drops an entry"),
               (len(cfg.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.adam_betas), f"--adam-betas {cfg.adam_betas} "
                f"must be two numbers in [0, 1), e.g. 0.95,0.999"),
-              (0 <= cfg.ema_decay < 1 and cfg.workers >= 0 and cfg.image_size >= 0, "--ema-decay must lie in [0, 1), "
-               "--workers and --image-size must not be negative"),
-              *[(getattr(cfg, n) >= 1, f"--{n.replace('_', '-')} must be at least 1, got {getattr(cfg, n)}")
-                for n in counts],
-              (cfg.eta >= 0, f"--eta {cfg.eta} is negative; DDIM's eta is 0 (deterministic) or more (1: DDPM-like)"),
-              (cfg.search_samples >= 0, f"--search-samples {cfg.search_samples} is negative (0: --n-samples)"),
-              (cfg.search_candidates >= 2, f"--search-candidates {cfg.search_candidates}: give 2 or more; one "
-               f"candidate has nothing to be ranked against"),
+              (0 <= cfg.ema_decay < 1, f"--ema-decay {cfg.ema_decay} must lie in [0, 1), e.g. 0.9999"),
+              *[(getattr(cfg, n) >= m, f"--{n.replace('_', '-')} must be at least {m}, got {getattr(cfg, n)}")
+                for n, m in minimum.items()],
               (0 < cfg.heldout_fraction < 1, f"--heldout-fraction {cfg.heldout_fraction} is not in (0, 1); e.g. 0.1"),
               (cfg.sampler != "ddim" or cfg.sample_steps < 1 or 1000 % cfg.sample_steps == 0,  # (< 1: said above)
-               f"--sample-steps {cfg.sample_steps} does not divide the 1000 timesteps; use 10, 20, 50, 100, ...")]
+               f"--sample-steps {cfg.sample_steps} does not divide the 1000 timesteps; use 10, 20, 50, 100, ..."),
+              (res % down == 0, f"--image-size {res} cannot pass the downsamplings of preset {cfg.preset}; use a "
+               f"multiple of {down}")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -922,10 +914,6 @@ def check_config(cfg: Config):
         merge_weight_list(cfg)
     if cfg.seeds:
         seed_list(cfg)
-    resolution, levels = cfg.image_size or PRESETS[cfg.preset]["resolution"], len(PRESETS[cfg.preset]["ch_mult"])
-    if resolution % 2 ** (levels - 1):
-        raise UserError(f"--image-size {resolution} cannot pass the {levels - 1} downsamplings of preset "
-                        f"{cfg.preset}; use a multiple of {2 ** (levels - 1)}")
 
 
 def parse_list(flag, text, kind=int, example="0,1,2") -> list:
@@ -1023,21 +1011,19 @@ def timing_unet(cfg: Config) -> UNet:
 
 
 def setup_env(cfg: Config) -> Env:
-    """Device and precision from the config, decided by what the machine is and never by a timing (--precision auto:
-    bf16 on a GPU that has it, fp32 elsewhere); torch.distributed when torchrun started several processes."""
+    """Device and precision from what the machine is, never from a timing (--precision auto: bf16 on a GPU that has
+    it, else fp32); torch.distributed when torchrun started several processes."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     try:
         device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     except RuntimeError:
         raise UserError(f"--device {cfg.device!r} is not a device; use cpu, cuda or cuda:N") from None
-    gpu = device.type == "cuda"
+    gpu, gpus = device.type == "cuda", torch.cuda.device_count()
     if gpu:
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {cfg.device} asked for a GPU but torch sees none; use --device cpu")
-        if world > 1 or device.index is None:  # torchrun: the GPU of this LOCAL_RANK
+        if gpus and (world > 1 or device.index is None):  # torchrun: the GPU of this LOCAL_RANK
             device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {cfg.device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+        if (device.index or 0) >= gpus:
+            raise UserError(f"--device {cfg.device}: torch sees {gpus} GPU(s), numbered from 0; else use --device cpu")
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         import datetime
@@ -3172,7 +3158,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = group = argparse.ArgumentParser(add_help=False)
     for f in dataclasses.fields(Config):
         group = common.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
-        kw, choices = dict(default=argparse.SUPPRESS, help=f.metadata["help"], dest=f.name), f.metadata["choices"]
+        kw, choices = dict(default=argparse.SUPPRESS, help=f.metadata["help"]), f.metadata["choices"]
         if f.type in (bool, Optional[bool]):
             kw.update(action=argparse.BooleanOptionalAction)
         elif f.type is tuple:
@@ -3185,13 +3171,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the plan with its projected duration; train, sample and write nothing")
     for name, (_, help) in STAGES.items():
         sub.add_parser(name, parents=[common], help=help, description=help)
-    fid = sub.add_parser("fid", help="FID between two folders of images or .npz statistics (like pytorch-fid)",
-                         description="FID between A and B, each a folder of images or an .npz with mu and sigma.")
-    fid.add_argument("paths", nargs=2, metavar="PATH")
-    fid.add_argument("--batch-size", type=int, default=50)
-    fid.add_argument("--device", default="auto")
-    fid.add_argument("--inception-weights", default=None)
-    fid.add_argument("--dims", type=int, default=2048)
+    fid = sub.add_parser("fid", help="FID between two folders of images or .npz statistics (like pytorch-fid)")
+    fid.add_argument("paths", nargs=2, metavar="PATH", help="a folder of images, or an .npz with mu and sigma")
+    fid.add_argument("--batch-size", type=int, default=50, help="images per Inception batch")
+    fid.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    fid.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+    fid.add_argument("--dims", type=int, default=2048, help="Inception features (FID: 2048, the pool3 layer)")
     ex = sub.add_parser("exercise", help="write a student copy of this project for a course (EXERCISES.md)",
                         description="A copy of the project with the key functions' bodies removed, and EXERCISES.md.")
     ex.add_argument("--out", required=True, help="the new folder of the student copy")
@@ -3200,7 +3185,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def preflight(cfg: Config, env: Env, stage: str):
-    """Every check that could fail after hours of training: data, held-out splits, FID weights and statistics."""
+    """Every check that could fail after hours of training: run folder, data, held-out splits, FID weights, statistics."""
+    existing = next(p for p in [Path(cfg.out), *Path(cfg.out).parents] if p.exists())  # --out itself, if made yet
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write to the run folder {cfg.out} ({existing} is not a writable folder); choose "
+                        f"another --out")
+    if cfg.model == "sd":  # the SD stage checks its pipeline and captions before it trains
+        if stage != "pipeline":
+            raise UserError(f"--model sd runs as one command (finetune, merge, generate); drop the stage {stage!r} "
+                            f"and use --ranges to split the finetuning")
+        return
     searches = stage in ("pipeline", "merge", "ablation") and not cfg.merge_weights and cfg.merge_method != "average"
     evaluates = stage in ("pipeline", "evaluate", "ablation")
     samples = (searches and cfg.search_objective == "samples") or stage == "analyze"  # selection samples are scored
@@ -3248,20 +3242,13 @@ def main(argv=None):
         env = setup_env(cfg)
         if env.master:
             print(config_summary(cfg, given, args.stage, notes, saved=not args.dry_run), flush=True)
-        if cfg.model == "sd" and args.stage != "pipeline":
-            raise UserError(f"--model sd runs as one command (finetune, merge, generate); drop the stage "
-                            f"{args.stage!r} and use --ranges to split the finetuning")
-        writable_run_folder(cfg.out)
-        if cfg.model != "sd":
-            preflight(cfg, env, args.stage)  # (the SD stage checks its pipeline and captions before it trains)
+        preflight(cfg, env, args.stage)
+        announce_plan(cfg, env, args.stage)
         if args.dry_run:
-            announce_plan(cfg, env, args.stage)
             print("dry run: every check passed; nothing was trained, sampled or written")
             return
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        if env.master:
+        if env.master:  # (atomic_path makes the run folder)
             atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), run_dir(cfg, f"config_{args.stage}.json"))
-        announce_plan(cfg, env, args.stage)
         (stage_sd if cfg.model == "sd" else STAGES[args.stage][0])(cfg, env)
     except UserError as e:
         stop(f"error: {e}", 2)
@@ -3274,14 +3261,6 @@ def main(argv=None):
         stop(traceback.format_exc().rstrip(), 1)
     if distributed():
         torch.distributed.destroy_process_group()
-
-
-def writable_run_folder(out):
-    """One line unless the run folder, or (not made yet) the nearest folder above it, is a writable folder."""
-    existing = next(p for p in [Path(out), *Path(out).parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UserError(f"cannot write to the run folder {out} ({existing} is not a writable folder); choose another "
-                        f"--out")
 
 
 def distributed() -> bool:

@@ -865,7 +865,7 @@ def test_bad_numbers_get_one_line_each(capsys, tmp_path):
     assert "indices must lie in 0..3" in cli_error(capsys, "finetune", "--ranges", "7", *out)
     assert "not a probability" in cli_error(capsys, "finetune", "--p-global", "1.5", *out)
     assert "one per range" in cli_error(capsys, "merge", "--merge-weights", "0.1,0.2", *out)
-    assert "unknown preset 'huge'" in cli_error(capsys, "train", "--preset", "huge", *out)
+    assert "invalid choice: 'huge'" in cli_error(capsys, "train", "--preset", "huge", *out)
     assert "invalid choice: 'imagenet'" in cli_error(capsys, "train", "--dataset", "imagenet", *out)
     assert "multiple of 4" in cli_error(capsys, "train", "--image-size", "18", *out)
     assert "--batch-size" in cli_error(capsys, "train", "--batch-size", "6", "--grad-accum", "4", *out)
