@@ -827,8 +827,8 @@ MIN_FOLDER_IMAGES, MIN_HELDOUT_IMAGES = 100, 8
 
 
 def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
-    """Defaults < dataset preset < flags given, checked; for --dataset folder, a larger held-out share and the counts
-    no flag gave capped where its splits hold fewer images than asked for (`notes` gets what changed)."""
+    """Defaults < dataset preset < flags given, checked; a small --dataset folder gets a larger held-out share and the
+    counts no flag gave capped at what its splits hold (`notes` gets what changed)."""
     cfg = Config(**{**preset_of(given)[1], **given})
     cfg.out = cfg.out or f"runs/{cfg.dataset}"
     check_config(cfg)
@@ -887,10 +887,9 @@ def check_config(cfg: Config):
                    ckpt_every=1, search_evals=1, search_images=1, report_images=1, bench_iters=1, search_candidates=2,
                    eta=0, search_samples=0, workers=0, image_size=0)
     res, down = cfg.image_size or PRESETS[cfg.preset]["resolution"], 2 ** (len(PRESETS[cfg.preset]["ch_mult"]) - 1)
-    checks = [(cfg.model != "sd" or cfg.dataset == "folder" and cfg.pretrained, "--model sd needs --pretrained "
-               "SD_PIPELINE_FOLDER and --dataset folder --data-dir DIR (images plus metadata.jsonl)"),
-              (cfg.model != "sd" or cfg.search_objective != "samples", "--search-objective samples scores DDPM "
-               "samples by the pixel or FID metric; use loss or per_range with --model sd"),
+    checks = [(cfg.model != "sd" or cfg.dataset == "folder" and cfg.pretrained and cfg.search_objective != "samples",
+               "--model sd needs --pretrained SD_PIPELINE_FOLDER, --dataset folder --data-dir DIR (images plus "
+               "metadata.jsonl) and --search-objective loss or per_range (samples scores DDPM samples)"),
               (1 <= cfg.n_ranges <= 1000 and 1000 % cfg.n_ranges == 0, f"--n-ranges {cfg.n_ranges} does not split "
                f"the 1000 timesteps evenly; use 1, 2, 4, 5, 8, 10, ..."),
               (0.0 <= cfg.p_global <= 1.0, f"--p-global {cfg.p_global} is not a probability; give a value in [0, 1]"),
@@ -1011,8 +1010,7 @@ def timing_unet(cfg: Config) -> UNet:
 
 
 def setup_env(cfg: Config) -> Env:
-    """Device and precision from what the machine is, never from a timing (--precision auto: bf16 on a GPU that has
-    it, else fp32); torch.distributed when torchrun started several processes."""
+    """Device, precision (auto: bf16 on a GPU that has it, else fp32; never from a timing) and torchrun's processes."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     try:
         device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -1065,9 +1063,8 @@ def place(model, env: Env):
 def prepare(model, env: Env, train=False):
     """The model placed, then wrapped for torchrun and compiled as configured."""
     model = place(model, env)
-    if train and env.world > 1:
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if train and env.world > 1:  # device_ids: the GPU of this process (None on a CPU)
+        model = nn.parallel.DistributedDataParallel(model, [env.device.index] if env.device.type == "cuda" else None)
     if env.compile:
         model = torch.compile(model)
     return model
@@ -3116,7 +3113,7 @@ def exercise_command(out, parts=(1, 2, 3, 4)):
 # --- II.10 Command line ----------------------------------------------------------------------------------------------
 
 def stage_sample(cfg: Config, env: Env):
-    """Writes --n-samples PNGs of each model of --models under samples/NAME/, plus a grid."""
+    """Writes --n-samples PNGs of each model of --models under samples/NAME/."""
     diffusion = GaussianDiffusion()
     for name in (s.strip() for s in cfg.models.split(",")):
         folder = write_samples(cfg, env, diffusion, named_model(cfg, env, name), Path(name).stem)
@@ -3167,8 +3164,7 @@ def build_parser() -> argparse.ArgumentParser:
             typ = float if f.type == Optional[float] else f.type
             kw.update(type=typ, choices=choices, metavar=None if choices else typ.__name__.upper())
         group.add_argument("--" + f.name.replace("_", "-"), **kw)
-    common.add_argument("--dry-run", action="store_true", help="resolve the configuration, run every check and print "
-                        "the plan with its projected duration; train, sample and write nothing")
+    common.add_argument("--dry-run", action="store_true", help="every check and the plan; train and write nothing")
     for name, (_, help) in STAGES.items():
         sub.add_parser(name, parents=[common], help=help, description=help)
     fid = sub.add_parser("fid", help="FID between two folders of images or .npz statistics (like pytorch-fid)")
@@ -3177,15 +3173,14 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     fid.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
     fid.add_argument("--dims", type=int, default=2048, help="Inception features (FID: 2048, the pool3 layer)")
-    ex = sub.add_parser("exercise", help="write a student copy of this project for a course (EXERCISES.md)",
-                        description="A copy of the project with the key functions' bodies removed, and EXERCISES.md.")
+    ex = sub.add_parser("exercise", help="write a student copy of this project, key functions to write (EXERCISES.md)")
     ex.add_argument("--out", required=True, help="the new folder of the student copy")
     ex.add_argument("--parts", default="1,2,3,4", help="which parts' exercises to remove, e.g. 2,3 (default: all)")
     return parser
 
 
 def preflight(cfg: Config, env: Env, stage: str):
-    """Every check that could fail after hours of training: run folder, data, held-out splits, FID weights, statistics."""
+    """Every check that could fail after hours of training: run folder, data, held-out splits, FID weights and stats."""
     existing = next(p for p in [Path(cfg.out), *Path(cfg.out).parents] if p.exists())  # --out itself, if made yet
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise UserError(f"cannot write to the run folder {cfg.out} ({existing} is not a writable folder); choose "
@@ -3204,11 +3199,10 @@ def preflight(cfg: Config, env: Env, stage: str):
                         f"choose --steps so that it divides by 8")
     with env.master_first():  # one process lists a folder or an lmdb first (LSUN: writes its key list once)
         if stage in ("pipeline", "train", "finetune", "baseline", "ablation"):
-            check_batch_split(cfg, env.world)
-            size = len(make_dataset(cfg))
-            if size < cfg.batch_size // cfg.grad_accum:
-                raise UserError(f"the training split has {size} images, fewer than one micro-batch of "
-                                f"{cfg.batch_size // cfg.grad_accum}; lower --batch-size")
+            micro = check_batch_split(cfg, env.world) * env.world
+            if (size := len(make_dataset(cfg))) < micro:
+                raise UserError(f"the training split has {size} images, fewer than one micro-batch of {micro}; lower "
+                                f"--batch-size")
         if searches or stage == "analyze":
             held_out_split(cfg, cfg.search_images, "select")
         if samples and metric == "pixel":
@@ -3234,8 +3228,7 @@ def main(argv=None):
             return exercise_command(args.out, tuple(parse_list("parts", args.parts, example="1,2")))
         if args.stage == "fid":
             device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-            return fid_command(*args.paths, batch_size=args.batch_size, device=device,
-                               inception_weights=args.inception_weights, dims=args.dims)
+            return fid_command(*args.paths, args.batch_size, device, args.inception_weights, args.dims)
         given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
         notes = []
         cfg = resolve_config(given, notes)
