@@ -2508,7 +2508,7 @@ def test_lsun_lmdb_keys_are_cached_in_the_run_folder_and_workers_open_their_own_
     cfg = resolve_config(dict(dataset="lsun_church", preset="tiny", data_dir=str(tmp_path / "lsun"),
                               out=str(tmp_path / "run"), heldout_fraction=0.3))
     parts = {split: make_dataset(cfg, split) for split in ("train", "select", "report")}
-    assert sum(len(p) for p in parts.values()) == 12 and not set(parts["train"].keys) & set(parts["select"].keys)
+    assert sum(len(p) for p in parts.values()) == 12 and not set(parts["train"].paths) & set(parts["select"].paths)
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["lsun_keys_church_outdoor.txt"]
     assert not list(tmp_path.glob("_cache_*"))  # torchvision's reader would have written here, into the cwd
     train = parts["train"]
