@@ -1373,33 +1373,26 @@ def range_models(cfg: Config) -> list:
 
 # --- II.4 Data loaders: CIFAR-10, LSUN, image folders, held-out splits -----------------------------------------------
 
-class TensorImages(torch.utils.data.Dataset):
-    """Images in memory, uint8 in [0, 255] or float in [-1, 1]; items (or batches, given index tensors) in [-1, 1]."""
+class TensorImages(torch.utils.data.TensorDataset):
+    """Images in memory, uint8 in [0, 255] or float in [-1, 1]; items in [-1, 1]."""
 
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        x = self.images[i]
+    def __getitem__(self, item):
+        x = self.tensors[0][split_item(item)[0]]
         return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
-
-
-class _NumpyOnlyUnpickler(__import__("pickle").Unpickler):
-    """Unpickles numpy arrays, lists and dicts and nothing that could run code (the CIFAR-10 batch files)."""
-    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
-    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise __import__("pickle").UnpicklingError(f"refused to load {module}.{name}")
-        return super().find_class(module, name)
 
 
 def cifar10_images(root, train=True, download=False) -> torch.Tensor:
     """CIFAR-10 from its python pickles (cifar-10-batches-py) as uint8 (N, 3, 32, 32)."""
+    import pickle
+    allowed = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    allowed |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    class NumpyOnly(pickle.Unpickler):  # numpy arrays, lists and dicts: nothing in a batch file may run code
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+            return super().find_class(module, name)
+
     folder = Path(root) / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     missing = [n for n in names if not (folder / n).is_file()]
@@ -1418,7 +1411,7 @@ def cifar10_images(root, train=True, download=False) -> torch.Tensor:
     for n in names:
         try:
             with open(folder / n, "rb") as f:
-                batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+                batch = NumpyOnly(f, encoding="bytes").load()
             arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         except Exception as e:
             raise UserError(f"{folder / n} is not a CIFAR-10 batch file ({e}); delete it and pass --download") from None
@@ -1572,14 +1565,10 @@ def batches(dataset, batch, seed, rank=0, world=1, start=0, workers=0):
     while True:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         pos = torch.arange(per_epoch * batch * world).view(per_epoch, world, batch)[offset:, rank]  # (batches, batch)
-        idx = perm[pos]
-        if isinstance(dataset, TensorImages):  # whole batches at once
-            yield from (dataset[i] for i in idx)
-        else:
-            keys = (seed * 1_000_003 + epoch) * n + pos  # one key per draw, the same on every rank and worker
-            sampler = [list(zip(i.tolist(), c.tolist())) for i, c in zip(idx, keys)]
-            yield from torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                                   pin_memory=torch.cuda.is_available())
+        keys = (seed * 1_000_003 + epoch) * n + pos  # (index, crop key) items: a key per draw, alike on every rank
+        sampler = [list(zip(i.tolist(), c.tolist())) for i, c in zip(perm[pos], keys)]
+        yield from torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                               pin_memory=torch.cuda.is_available())
         epoch, offset = epoch + 1, 0
 
 

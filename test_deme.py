@@ -2361,8 +2361,8 @@ def test_the_cifar10_held_out_halves_are_the_two_halves_of_the_test_split(tmp_pa
     cfg = resolve_config(dict(dataset="cifar10", preset="tiny", image_size=32, data_dir=str(tmp_path),
                               out=str(tmp_path / "run")))
     test = torch.from_numpy(batches_["test_batch"].reshape(-1, 3, 32, 32))
-    assert torch.equal(make_dataset(cfg, "select").images, test[:3])
-    assert torch.equal(make_dataset(cfg, "report").images, test[3:])
+    assert torch.equal(make_dataset(cfg, "select").tensors[0], test[:3])
+    assert torch.equal(make_dataset(cfg, "report").tensors[0], test[3:])
     with pytest.raises(UserError, match="fewer than --report-images 4"):
         heldout_images(cfg, 4, "report")
 
