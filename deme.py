@@ -1229,8 +1229,7 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
         noise = torch.randn((micro * env.world, *x0.shape[1:]), generator=x_gen, device=env.device)[mine]
         with net.no_sync() if env.world > 1 and not last else contextlib.nullcontext():
             with env.autocast():
-                loss = training_loss(net, teacher, diffusion, x0, t, noise, lam,
-                                     None if weighting is None else weighting(t), **cond)
+                loss = training_loss(net, teacher, diffusion, x0, t, noise, lam, weighting and weighting(t), **cond)
             scaler.scale(loss / cfg.grad_accum).backward()
         return loss.detach() / cfg.grad_accum
 
