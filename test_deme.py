@@ -2925,7 +2925,7 @@ def test_precision_auto_trains_in_fp32_on_every_cpu_whatever_a_timing_would_say(
 
 @pytest.mark.part1
 def test_the_synthetic_dataset_is_fixed_and_a_seed_changes_only_the_training():
-    a, b = (make_dataset(resolve_config(dict(seed=s)), split).images for s in (0, 7) for split in ["train"])
+    a, b = (make_dataset(resolve_config(dict(seed=s)), split).tensors[0] for s in (0, 7) for split in ["train"])
     assert torch.equal(a, b)
     assert torch.equal(heldout_images(resolve_config(dict(seed=0)), 8, "report"),
                        heldout_images(resolve_config(dict(seed=7)), 8, "report"))
