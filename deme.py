@@ -1078,8 +1078,7 @@ class EMA:
     def __init__(self, model, max_decay=PAPER.ema_decay):
         self.max_decay, self.step, live = max_decay, 0, unwrap(model).state_dict()
         self.state = {k: v.detach().clone() for k, v in live.items()}
-        floats = [k for k, v in live.items() if v.is_floating_point()]
-        self._ema, self._live = [self.state[k] for k in floats], [live[k] for k in floats]
+        self._ema, self._live = zip(*[(self.state[k], v) for k, v in live.items() if v.is_floating_point()])
 
     def decay(self):
         return min(self.max_decay, 1.0 - self.step ** -0.75) if self.step > 0 else 0.0
@@ -1091,15 +1090,13 @@ class EMA:
 
 
 def restore(state: dict, env: Env, desc, seed, model, ema, opt, sched, scaler, generators):
-    """Loads a training checkpoint into train_loop's objects and says what this machine could not restore: CUDA states
-    of GPUs it lacks, generators of another kind of device (reseeded instead, alike on every rank), a scaler."""
+    """Loads a checkpoint into train_loop's objects, saying what this machine could not restore; returns its step."""
     reseed = seed + 1_000_003 * state["step"]
-    model.load_state_dict(state["model"])
+    for part, key in ((model, "model"), (opt, "optimizer"), (sched, "scheduler")):
+        part.load_state_dict(state[key])
     for k, v in state["ema"].items():
         ema.state[k].copy_(v)
     ema.step = state["step"]
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
     lost, rng, gpus = [], state["rng"], torch.cuda.device_count()
     torch.set_rng_state(rng["torch"])
     torch.cuda.set_rng_state_all(rng["cuda"][:gpus])
@@ -1120,6 +1117,7 @@ def restore(state: dict, env: Env, desc, seed, model, ema, opt, sched, scaler, g
     if lost and env.master:
         print(f"{desc}: resumed at step {state['step']} with the model, EMA, optimizer, step and data position; could "
               f"not restore {'; '.join(lost)}")
+    return state["step"]
 
 
 def load_checkpoint(path) -> dict:
@@ -1154,10 +1152,8 @@ def atomic_write_text(text, path):
 def save_grid(model, diffusion, path, env: Env, cfg: Config):
     """A grid of samples (the evaluation's sampler) from fixed noise, so grids of two models compare image by image."""
     from torchvision.utils import save_image
-    res = model.config["resolution"]
-    n = min(64 if res <= 64 else 16, cfg.n_samples)  # never more samples than the evaluation draws
-    model = model.to(env.device).eval()
-    x = sample_batch(cfg, env, diffusion, model, range(n), 0, (model.config["in_channels"], res, res))
+    n = min(64 if model.config["resolution"] <= 64 else 16, cfg.n_samples)  # never more than the evaluation draws
+    x = sample_batch(cfg, env, diffusion, model.to(env.device).eval(), range(n), 0, sample_shape(model))
     with atomic_path(path) as tmp:
         save_image(x.float() * 0.5 + 0.5, tmp, nrow=int(math.sqrt(n)))
 
@@ -1174,10 +1170,9 @@ def check_batch_split(cfg: Config, world: int) -> int:
 def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, steps, lr, warmup, timesteps,
                identity: dict, teacher=None, lam=0.0, desc="train", seed=0, encode=None, grid=None,
                weighting=None, curve=None, schedule="constant") -> dict:
-    """Trains `model` in place and returns its EMA weights: DDPM Algorithm 1, with DeMe's consistency loss to
-    `teacher` when given (Eq. 4-5); resumable. `encode(batch) -> (x0, cond)`: the diffused tensor and the model's
-    extra inputs (SD: VAE latents, text embeddings); `grid(ema_state, path)` draws a sample grid; `weighting(t)`
-    weights each sample's loss (Table 1's baselines); `curve(step, ema_state)` runs every --curve-every steps."""
+    """Trains `model` in place, resumably, and returns its EMA weights: DDPM Algorithm 1 with the consistency loss to
+    `teacher` (Eq. 4-5). Hooks: encode(batch) -> (x0, model inputs) (SD: latents, text); grid(ema_state, path);
+    weighting(t), per-sample loss weights (Table 1's baselines); curve(step, ema_state) every --curve-every steps."""
     ckpt_path = Path(stage_dir) / "ckpt.pt"
     identity = dict(identity, steps=steps, lr=lr, batch_size=cfg.batch_size, seed=seed)
     state = None if cfg.overwrite or not ckpt_path.exists() else load_checkpoint(ckpt_path)
@@ -1196,15 +1191,11 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
     micro = check_batch_split(cfg, env.world)
     opt, sched, scaler, ema = optimizer(place(model, env).train(), cfg, env, lr,
                                         lambda k: lr_factor(k, steps, warmup, schedule))
-    # Every rank draws the timesteps, coins, noise and flips of the whole global micro-batch from the same seeds and
-    # keeps its slice of them, so N processes train what one process trains (up to float rounding; dropout aside).
-    mine = slice(env.rank * micro, (env.rank + 1) * micro)
+    mine = slice(env.rank * micro, (env.rank + 1) * micro)  # of every global draw, so N processes train as one does
     t_gen = torch.Generator().manual_seed(seed * 7919)  # timesteps and coins (CPU)
     x_gen = torch.Generator(env.device).manual_seed(seed * 7919 + 1)  # noise and flips (device)
     torch.manual_seed(seed * 7919 + env.rank + 2)  # dropout, different on every rank
-    start = state["step"] if state else 0
-    if state:  # on any device, precision or number of processes
-        restore(state, env, desc, seed * 7919, model, ema, opt, sched, scaler, (t_gen, x_gen))
+    start = restore(state, env, desc, seed * 7919, model, ema, opt, sched, scaler, (t_gen, x_gen)) if state else 0
     teacher = None if teacher is None else prepare(teacher, dataclasses.replace(env, world=1))
     net = prepare(model, env, train=True)
     grid = grid or (lambda state, path: save_grid(build_model(unwrap(model).config, state), diffusion, path, env, cfg))
@@ -1221,8 +1212,7 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
         noise = torch.randn((micro * env.world, *x0.shape[1:]), generator=x_gen, device=env.device)[mine]
         with net.no_sync() if env.world > 1 and not last else contextlib.nullcontext():
             with env.autocast():
-                loss = training_loss(net, teacher, diffusion, x0, t, noise, lam,
-                                     None if weighting is None else weighting(t), **cond)
+                loss = training_loss(net, teacher, diffusion, x0, t, noise, lam, weighting and weighting(t), **cond)
             scaler.scale(loss / cfg.grad_accum).backward()
         return loss.detach() / cfg.grad_accum
 
@@ -1294,10 +1284,7 @@ def theta0_model(cfg: Config, env: Env, diffusion) -> UNet:
     """θ0: the published checkpoint named by --pretrained, or one pretrained here from scratch (cached in the run)."""
     if cfg.pretrained:
         with env.master_first():  # one download, not one per process
-            model = load_pretrained(cfg.pretrained).eval()
-        if env.master:
-            print(f"θ0: {cfg.pretrained} ({sum(p.numel() for p in model.parameters()):,} parameters)")
-        return model
+            return load_pretrained(cfg.pretrained).eval()
     stage_train(cfg, env, diffusion)  # returns at once when the run folder holds the finished stage
     return load_model(run_dir(cfg, "pretrain", "ckpt.pt")).eval()
 
@@ -1368,33 +1355,26 @@ def range_models(cfg: Config) -> list:
 
 # --- II.4 Data loaders: CIFAR-10, LSUN, image folders, held-out splits -----------------------------------------------
 
-class TensorImages(torch.utils.data.Dataset):
-    """Images in memory, uint8 in [0, 255] or float in [-1, 1]; items (or batches, given index tensors) in [-1, 1]."""
+class TensorImages(torch.utils.data.TensorDataset):
+    """Images in memory, uint8 in [0, 255] or float in [-1, 1]; items in [-1, 1]."""
 
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        x = self.images[i]
+    def __getitem__(self, item):
+        x = self.tensors[0][split_item(item)[0]]
         return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
-
-
-class _NumpyOnlyUnpickler(__import__("pickle").Unpickler):
-    """Unpickles numpy arrays, lists and dicts and nothing that could run code (the CIFAR-10 batch files)."""
-    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
-    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise __import__("pickle").UnpicklingError(f"refused to load {module}.{name}")
-        return super().find_class(module, name)
 
 
 def cifar10_images(root, train=True, download=False) -> torch.Tensor:
     """CIFAR-10 from its python pickles (cifar-10-batches-py) as uint8 (N, 3, 32, 32)."""
+    import pickle
+    allowed = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    allowed |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    class NumpyOnly(pickle.Unpickler):  # numpy arrays, lists and dicts: nothing in a batch file may run code
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+            return super().find_class(module, name)
+
     folder = Path(root) / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     missing = [n for n in names if not (folder / n).is_file()]
@@ -1413,7 +1393,7 @@ def cifar10_images(root, train=True, download=False) -> torch.Tensor:
     for n in names:
         try:
             with open(folder / n, "rb") as f:
-                batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+                batch = NumpyOnly(f, encoding="bytes").load()
             arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         except Exception as e:
             raise UserError(f"{folder / n} is not a CIFAR-10 batch file ({e}); delete it and pass --download") from None
@@ -1450,8 +1430,7 @@ def unit_hash(name: str) -> float:
 
 
 def heldout_role(name: str, fraction: float) -> str:
-    """The split of the image called `name` (path in the folder, or LSUN key) by its hash, so new files move none:
-    `fraction` is held out, half to select (merge weights, re-ranking), half to report; the rest trains."""
+    """The split of image `name` by hash (new files move none): `fraction` held out, half to select, half to report."""
     h = unit_hash(name)
     return "select" if h < fraction / 2 else "report" if h < fraction else "train"
 
@@ -1462,8 +1441,7 @@ def split_item(item):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """A directory tree of images (given `role`, that split's), the short side resized to `size`, cropped: centred, or
-    seeded by the item's crop key (fixed by the data order, so every rank and worker crops alike)."""
+    """The images under `folder` (split `role`'s), short side to `size`, cropped centred or as the crop key seeds."""
 
     def __init__(self, folder, size, random_crop=False, role=None, fraction=0.1):
         self.paths = [p for p in image_files(folder)
@@ -1491,8 +1469,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 class LSUN(ImageFolder):
-    """The `role` split of an official LSUN lmdb folder, its keys listed once into `cache` (bedroom's 3M: minutes); the
-    lmdb opens on first use in each process, so DataLoader workers never share a handle forked from their parent."""
+    """The `role` split of an LSUN lmdb folder (self.paths: its keys, listed once into `cache`; bedroom's 3M: minutes);
+    the lmdb opens on first use in each process, so DataLoader workers never share a handle forked from their parent."""
 
     def __init__(self, folder, size, random_crop, role, fraction, cache: Path):
         if cache.is_file():
@@ -1508,26 +1486,22 @@ class LSUN(ImageFolder):
                 raise UserError(f"{folder} is not a readable lmdb ({e}); check --data-dir") from None
             with atomic_path(cache) as tmp:
                 tmp.write_bytes(b"\n".join(keys))
-        self.keys = [k for k in keys if heldout_role(k.decode(), fraction) == role]
+        self.paths = [k for k in keys if heldout_role(k.decode(), fraction) == role]
         self.folder, self.size, self.random_crop, self._txn = str(folder), size, random_crop, None
 
     def __getstate__(self):
         return {**self.__dict__, "_txn": None}
-
-    def __len__(self):
-        return len(self.keys)
 
     def open(self, i):
         import lmdb
         from PIL import Image
         if self._txn is None:
             self._txn = lmdb.open(self.folder, readonly=True, lock=False, readahead=False, meminit=False).begin()
-        return Image.open(io.BytesIO(self._txn.get(self.keys[i])))
+        return Image.open(io.BytesIO(self._txn.get(self.paths[i])))
 
 
 def make_dataset(cfg: Config, split="train", n=None):
-    """The configured dataset's split: train (randomly cropped where the dataset is), eval (the same, centred), select
-    and report (disjoint, untrained: CIFAR-10's test split in halves; synthetic other seeds; else heldout_role)."""
+    """The split: train (random crops), eval (the same, centred), select, report (never trained on; CIFAR-10: test)."""
     size = cfg.image_size or PRESETS[cfg.preset]["resolution"]
     if cfg.dataset == "synthetic":  # a fixed dataset, like the real ones: --seed changes the training, not the data
         count = n or (20000 if split in ("train", "eval") else 2048)
@@ -1564,8 +1538,7 @@ def heldout_images(cfg: Config, n, role) -> torch.Tensor:
 
 
 def batches(dataset, batch, seed, rank=0, world=1, start=0, workers=0):
-    """Endless micro-batches: epoch e visits a permutation seeded by (seed, e), rank r takes its share of every global
-    batch, `start` skips that many (a resume sees the same data); image files get (index, crop key) items."""
+    """Endless micro-batches: epoch e permuted by (seed, e), rank r's share of each, the first `start` skipped."""
     n = len(dataset)
     per_epoch = n // (batch * world)
     if per_epoch == 0:
@@ -1574,14 +1547,10 @@ def batches(dataset, batch, seed, rank=0, world=1, start=0, workers=0):
     while True:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         pos = torch.arange(per_epoch * batch * world).view(per_epoch, world, batch)[offset:, rank]  # (batches, batch)
-        idx = perm[pos]
-        if isinstance(dataset, TensorImages):  # whole batches at once
-            yield from (dataset[i] for i in idx)
-        else:
-            keys = (seed * 1_000_003 + epoch) * n + pos  # one key per draw, the same on every rank and worker
-            sampler = [list(zip(i.tolist(), c.tolist())) for i, c in zip(idx, keys)]
-            yield from torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                                   pin_memory=torch.cuda.is_available())
+        keys = (seed * 1_000_003 + epoch) * n + pos  # (index, crop key) items: a key per draw, alike on every rank
+        sampler = [list(zip(i.tolist(), c.tolist())) for i, c in zip(perm[pos], keys)]
+        yield from torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                               pin_memory=torch.cuda.is_available())
         epoch, offset = epoch + 1, 0
 
 

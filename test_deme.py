@@ -2361,8 +2361,8 @@ def test_the_cifar10_held_out_halves_are_the_two_halves_of_the_test_split(tmp_pa
     cfg = resolve_config(dict(dataset="cifar10", preset="tiny", image_size=32, data_dir=str(tmp_path),
                               out=str(tmp_path / "run")))
     test = torch.from_numpy(batches_["test_batch"].reshape(-1, 3, 32, 32))
-    assert torch.equal(make_dataset(cfg, "select").images, test[:3])
-    assert torch.equal(make_dataset(cfg, "report").images, test[3:])
+    assert torch.equal(make_dataset(cfg, "select").tensors[0], test[:3])
+    assert torch.equal(make_dataset(cfg, "report").tensors[0], test[3:])
     with pytest.raises(UserError, match="fewer than --report-images 4"):
         heldout_images(cfg, 4, "report")
 
@@ -2508,7 +2508,7 @@ def test_lsun_lmdb_keys_are_cached_in_the_run_folder_and_workers_open_their_own_
     cfg = resolve_config(dict(dataset="lsun_church", preset="tiny", data_dir=str(tmp_path / "lsun"),
                               out=str(tmp_path / "run"), heldout_fraction=0.3))
     parts = {split: make_dataset(cfg, split) for split in ("train", "select", "report")}
-    assert sum(len(p) for p in parts.values()) == 12 and not set(parts["train"].keys) & set(parts["select"].keys)
+    assert sum(len(p) for p in parts.values()) == 12 and not set(parts["train"].paths) & set(parts["select"].paths)
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["lsun_keys_church_outdoor.txt"]
     assert not list(tmp_path.glob("_cache_*"))  # torchvision's reader would have written here, into the cwd
     train = parts["train"]
@@ -2925,7 +2925,7 @@ def test_precision_auto_trains_in_fp32_on_every_cpu_whatever_a_timing_would_say(
 
 @pytest.mark.part1
 def test_the_synthetic_dataset_is_fixed_and_a_seed_changes_only_the_training():
-    a, b = (make_dataset(resolve_config(dict(seed=s)), split).images for s in (0, 7) for split in ["train"])
+    a, b = (make_dataset(resolve_config(dict(seed=s)), split).tensors[0] for s in (0, 7) for split in ["train"])
     assert torch.equal(a, b)
     assert torch.equal(heldout_images(resolve_config(dict(seed=0)), 8, "report"),
                        heldout_images(resolve_config(dict(seed=7)), 8, "report"))
