@@ -3075,31 +3075,18 @@ EXERCISES = [
 PART_NAMES = {1: "DDPM", 2: "decoupled finetuning", 3: "merge and ensemble", 4: "evaluation"}
 PROJECT_FILES = ("deme.py", "ddpm_unet.py", "test_deme.py", "pytest.ini", "README.md", "requirements.txt",
                  "requirements-extra.txt", "assets")
-EXERCISES_MD = """# Exercises: DeMe (Decouple-then-Merge, CVPR 2025) from the inside
-
-Each function below raises `NotImplementedError` with its exercise number; its docstring says what it
-takes and returns. Do them in this order, reading deme.py from the top beside the paper, and grade a part
-with its tests (the optional extras need `pip install -r requirements-extra.txt`; without them add
-`and not extras`). Every part's tests also use the parts before it.
-
-{parts}When every part passes, `python -m pytest test_deme.py` runs the whole suite and `python deme.py` the
-whole method on a CPU in minutes.
-"""
 
 
 def exercise_command(out, parts=(1, 2, 3, 4)):
-    """`python deme.py exercise --out DIR`: a copy of this project in DIR with the exercises' bodies removed, and
-    EXERCISES.md; written beside DIR first and renamed into place, so DIR is whole or absent."""
+    """A copy of this project in `out` without the exercises' bodies, plus EXERCISES.md; built beside, then renamed."""
     import shutil
 
     def without_body(source: str, qualname: str, message: str) -> str:  # the docstring stays, the body raises
-        nodes = ast.parse(source).body
+        node = ast.parse(source)
         for name in qualname.split("."):  # "f" or "Class.f"
-            node = next(n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
-            nodes = node.body
-        first = node.body[0]
-        keep = first.end_lineno if ast.get_docstring(node, clean=False) is not None else first.lineno - 1
-        lines = source.split("\n")
+            node = next(n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
+        first, lines = node.body[0], source.split("\n")
+        keep = first.end_lineno if ast.get_docstring(node) is not None else first.lineno - 1
         stub = " " * first.col_offset + f"raise NotImplementedError({message!r})"
         return "\n".join(lines[:keep] + [stub] + lines[node.end_lineno:])
     out, root = Path(out), Path(__file__).resolve().parent
@@ -3109,9 +3096,7 @@ def exercise_command(out, parts=(1, 2, 3, 4)):
         raise UserError(f"--parts {','.join(map(str, parts))}: the parts are 1, 2, 3 and 4")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        (shutil.copytree if (root / name).is_dir() else shutil.copy2)(root / name, tmp / name)
+    shutil.copytree(root, tmp, ignore=lambda path, names: set(names) - set(PROJECT_FILES) if path == str(root) else ())
     guide = ""
     for part in sorted(parts):
         guide += f"## Part {part}: {PART_NAMES[part]}  (`python -m pytest -m part{part} test_deme.py`)\n\n"
@@ -3120,7 +3105,7 @@ def exercise_command(out, parts=(1, 2, 3, 4)):
                 (tmp / file).write_text(without_body((tmp / file).read_text(), func, f"Exercise {k}: {what}"))
                 guide += f"{k}. `{func}` in {file}: {what}\n"
         guide += "\n"
-    (tmp / "EXERCISES.md").write_text(EXERCISES_MD.format(parts=guide))
+    (tmp / "EXERCISES.md").write_text((root / "assets" / "exercises_template.md").read_text().format(parts=guide))
     os.replace(tmp, out)
     print(f"student copy with {sum(e[0] in parts for e in EXERCISES)} exercises in {out}; start with "
           f"{out / 'EXERCISES.md'}")
