@@ -2228,19 +2228,17 @@ def range_gradients(model, diffusion, images, env: Env, n_ranges, batch=64, seed
 
 def stationarity(grads) -> dict:
     """Do the g_j (N, P) cancel (θ0 stationary)? ratio ‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½: 0 cancel, 1 unrelated, √N aligned."""
-    g = grads.double()
-    norms, total = g.norm(dim=1), g.sum(0).norm()
+    norms, total = grads.double().norm(dim=1), grads.double().sum(0).norm()
     return dict(norms=norms.tolist(), sum_norm=total.item(), ratio=(total / norms.square().sum().sqrt()).item(),
-                cos=cosines(g))
+                cos=cosines(grads))
 
 
 def task_vector_agreement(base_sd, finetuned_by_seed) -> dict:
     """τ_i across seeds: norms (S, N), seeds (pairs, N) cos of two seeds' τ_i, ranges (N, N) mean cos(τ_i, τ_j)."""
     flat = torch.stack([torch.stack([torch.cat([v.double().flatten() for v in tau.values()]) for tau in
                                      task_vectors(base_sd, sds)]) for sds in finetuned_by_seed])  # (S, N, P)
-    seeds = [[F.cosine_similarity(flat[a, i], flat[b, i], dim=0).item() for i in range(flat.shape[1])]
-             for a, b in itertools.combinations(range(len(flat)), 2)]
-    return dict(norms=flat.norm(dim=2).numpy(), seeds=np.array(seeds), ranges=np.mean([cosines(t) for t in flat], 0))
+    seeds = np.array([cosines(flat[:, i])[np.triu_indices(len(flat), 1)] for i in range(flat.shape[1])]).T  # pairs
+    return dict(norms=flat.norm(dim=2).numpy(), seeds=seeds, ranges=np.mean([cosines(t) for t in flat], 0))
 
 
 def interference(per_range_loss, base_sd, finetuned_sds, scales=(0.5, 1.0, 1.5)) -> np.ndarray:
@@ -2257,10 +2255,9 @@ def partial_ensembles(theta0, models) -> list:
 
 def merge_landscape(base_sd, finetuned_sds, i, j, objective_fn, grid) -> np.ndarray:
     """DeMe Fig. 6a: L[p, q] = objective_fn(θ0 + grid[p] τ_i + grid[q] τ_j), Eq. 8 on the plane of two task vectors."""
-    values = np.empty((len(grid), len(grid)))
-    for p, q in tqdm(list(itertools.product(range(len(grid)), repeat=2)), desc="merge landscape", leave=False):
-        values[p, q] = float(objective_fn(merge(base_sd, [finetuned_sds[i], finetuned_sds[j]], [grid[p], grid[q]])))
-    return values
+    points = tqdm(list(itertools.product(grid, repeat=2)), desc="merge landscape", leave=False)  # (w_i, w_j), by rows
+    values = [float(objective_fn(merge(base_sd, [finetuned_sds[i], finetuned_sds[j]], w))) for w in points]
+    return np.reshape(values, (len(grid), len(grid)))
 
 
 def task_vector_norms(base_sd, finetuned_sds) -> dict:
@@ -2350,11 +2347,10 @@ def analyze_conflict(a) -> Path:
     cos = gradient_conflict(a.theta0, a.diffusion, a.images, ts, a.env, a.batch, a.cfg.seed)
     far = np.abs(np.subtract.outer(ts, ts)) >= T // 2
     i, j = np.unravel_index(np.argmin(cos), cos.shape)
-    labels, theta0 = [str(t) for t in ts], a.cfg.pretrained or "pretrain/ckpt.pt"
-    draw = lambda fig: _heatmap(fig.add_subplot(), cos, labels, labels, "cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t",
-                                title=f"Gradient conflict between timesteps (DeMe Fig. 1a)\nθ0 = {theta0}, "
-                                f"{len(a.images)} held-out images, same noise at every t", xlabel="timestep t",
-                                ylabel="timestep t")
+    draw = lambda fig: _heatmap(fig.add_subplot(), cos, ts, ts, "cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t",
+                                xlabel="timestep t", ylabel="timestep t", title="Gradient conflict between timesteps "
+                                f"(DeMe Fig. 1a)\nθ0 = {a.cfg.pretrained or 'pretrain/ckpt.pt'}, {len(a.images)} "
+                                "held-out images, same noise at every t")
     return _write(a, "gradient_conflict", f"gradient conflict of θ0 ({len(a.images)} held-out images, {len(ts)} "
                   f"timesteps): mean cos of neighbours {np.diag(cos, 1).mean():.3f}, of timesteps >= {T // 2} apart "
                   f"{cos[far].mean():.3f}, min {cos.min():.3f} at t = {ts[i]}, {ts[j]}",
@@ -2363,7 +2359,8 @@ def analyze_conflict(a) -> Path:
 
 def analyze_landscape(a) -> Path:
     """DeMe Fig. 6a: merge_landscape.csv (w_i, w_j, held-out loss), .png (contours; θ0, θ_i, θ_j, minimum, merge)."""
-    (i, j), grid = a.pair, a.grid
+    # the merge search's box [0, 1.5] and a little past θ0, with 0 and 1 among the default 15 points
+    (i, j), grid = a.pair, tuple(round(float(v), 6) for v in np.linspace(-0.25, 1.5, a.cfg.landscape_points))
     values = merge_landscape(a.base, a.finetuned, i, j, lambda sd: a.losses(sd)[0], grid)
     p, q = np.unravel_index(np.argmin(values), values.shape)
     corners = "".join(f"{name} {values[grid.index(x), grid.index(y)]:.5f}, " for name, x, y in
@@ -2519,16 +2516,14 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
         return
     run = dataclasses.replace(runs[0], seeds=cfg.seeds)  # with --seeds, the first seed's run
     images = heldout_images(cfg, cfg.search_images, "select")
-    # what the figures share; grid: the merge search's box [0, 1.5] and a little past θ0, with 0 and 1 at 15 points
-    a = argparse.Namespace(cfg=run, env=env, diffusion=diffusion, theta0=theta0, images=images, pair=tuple(pair),
-                           grid=tuple(round(float(v), 6) for v in np.linspace(-0.25, 1.5, cfg.landscape_points)),
+    a = argparse.Namespace(cfg=run, env=env, diffusion=diffusion, theta0=theta0, images=images, pair=pair,
                            folder=run_dir(cfg, "analysis"), batch=max(1, min(64, cfg.batch_size // cfg.grad_accum)),
                            names=[f"range {r}, t∈[{lo},{hi})" for r, (lo, hi) in  # 0-based: θ_0 is not θ0
                                   enumerate(timestep_ranges(cfg.n_ranges, diffusion.T))],
                            losses=lambda sd: heldout_loss(build_model(theta0.config, sd).to(env.device), diffusion,
                                                           images, env, cfg.n_ranges, role_seed(run.seed, "select")),
                            by_seed=by_seed, finetuned=by_seed[0] if by_seed else None,
-                           base=by_seed and merge_base(theta0, any(k.endswith(".proj.weight") for k in by_seed[0][0])))
+                           base=by_seed and PixelDDPM(cfg, theta0).merge_base(by_seed[0][0]))
     written = [ANALYSES[name](a) for name in figures]
     print("figures: " + ", ".join(str(p) for p in written) + " (numbers in the .csv beside each)")
     return written
