@@ -3092,15 +3092,14 @@ def exercise_command(out, parts=(1, 2, 3, 4)):
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(root, tmp, ignore=lambda path, names: set(names) - set(PROJECT_FILES) if path == str(root) else ())
-    guide = ""
-    for part in sorted(parts):
-        guide += f"## Part {part}: {PART_NAMES[part]}  (`python -m pytest -m part{part} test_deme.py`)\n\n"
-        for k, (p, file, func, what) in enumerate(EXERCISES, 1):
-            if p == part:
-                (tmp / file).write_text(without_body((tmp / file).read_text(), func, f"Exercise {k}: {what}"))
-                guide += f"{k}. `{func}` in {file}: {what}\n"
-        guide += "\n"
-    (tmp / "EXERCISES.md").write_text((root / "assets" / "exercises_template.md").read_text().format(parts=guide))
+    guide = {p: f"## Part {p}: {PART_NAMES[p]}  (`python -m pytest -m part{p} test_deme.py`)\n\n"
+             for p in sorted(parts)}  # each part's section of EXERCISES.md
+    for k, (p, file, func, what) in enumerate(EXERCISES, 1):
+        if p in guide:
+            (tmp / file).write_text(without_body((tmp / file).read_text(), func, f"Exercise {k}: {what}"))
+            guide[p] += f"{k}. `{func}` in {file}: {what}\n"
+    template = (root / "assets" / "exercises_template.md").read_text()
+    (tmp / "EXERCISES.md").write_text(template.format(parts="".join(section + "\n" for section in guide.values())))
     os.replace(tmp, out)
     print(f"student copy with {sum(e[0] in parts for e in EXERCISES)} exercises in {out}; start with "
           f"{out / 'EXERCISES.md'}")
