@@ -2180,19 +2180,17 @@ def range_gradients(model, diffusion, images, env: Env, n_ranges, batch=64, seed
 
 def stationarity(grads) -> dict:
     """Do the g_j (N, P) cancel (θ0 stationary)? ratio ‖Σ_j g_j‖ / (Σ_j ‖g_j‖²)^½: 0 cancel, 1 unrelated, √N aligned."""
-    g = grads.double()
-    norms, total = g.norm(dim=1), g.sum(0).norm()
+    norms, total = grads.double().norm(dim=1), grads.double().sum(0).norm()
     return dict(norms=norms.tolist(), sum_norm=total.item(), ratio=(total / norms.square().sum().sqrt()).item(),
-                cos=cosines(g))
+                cos=cosines(grads))
 
 
 def task_vector_agreement(base_sd, finetuned_by_seed) -> dict:
     """τ_i across seeds: norms (S, N), seeds (pairs, N) cos of two seeds' τ_i, ranges (N, N) mean cos(τ_i, τ_j)."""
     flat = torch.stack([torch.stack([torch.cat([v.double().flatten() for v in tau.values()]) for tau in
                                      task_vectors(base_sd, sds)]) for sds in finetuned_by_seed])  # (S, N, P)
-    seeds = [[F.cosine_similarity(flat[a, i], flat[b, i], dim=0).item() for i in range(flat.shape[1])]
-             for a, b in itertools.combinations(range(len(flat)), 2)]
-    return dict(norms=flat.norm(dim=2).numpy(), seeds=np.array(seeds), ranges=np.mean([cosines(t) for t in flat], 0))
+    seeds = np.array([cosines(flat[:, i])[np.triu_indices(len(flat), 1)] for i in range(flat.shape[1])]).T  # pairs
+    return dict(norms=flat.norm(dim=2).numpy(), seeds=seeds, ranges=np.mean([cosines(t) for t in flat], 0))
 
 
 def interference(per_range_loss, base_sd, finetuned_sds, scales=(0.5, 1.0, 1.5)) -> np.ndarray:
@@ -2209,10 +2207,9 @@ def partial_ensembles(theta0, models) -> list:
 
 def merge_landscape(base_sd, finetuned_sds, i, j, objective_fn, grid) -> np.ndarray:
     """DeMe Fig. 6a: L[p, q] = objective_fn(θ0 + grid[p] τ_i + grid[q] τ_j), Eq. 8 on the plane of two task vectors."""
-    values = np.empty((len(grid), len(grid)))
-    for p, q in tqdm(list(itertools.product(range(len(grid)), repeat=2)), desc="merge landscape", leave=False):
-        values[p, q] = float(objective_fn(merge(base_sd, [finetuned_sds[i], finetuned_sds[j]], [grid[p], grid[q]])))
-    return values
+    points = tqdm(list(itertools.product(grid, repeat=2)), desc="merge landscape", leave=False)  # (w_i, w_j), by rows
+    values = [float(objective_fn(merge(base_sd, [finetuned_sds[i], finetuned_sds[j]], w))) for w in points]
+    return np.reshape(values, (len(grid), len(grid)))
 
 
 def task_vector_norms(base_sd, finetuned_sds) -> dict:
@@ -2302,11 +2299,10 @@ def analyze_conflict(a) -> Path:
     cos = gradient_conflict(a.theta0, a.diffusion, a.images, ts, a.env, a.batch, a.cfg.seed)
     far = np.abs(np.subtract.outer(ts, ts)) >= T // 2
     i, j = np.unravel_index(np.argmin(cos), cos.shape)
-    labels, theta0 = [str(t) for t in ts], a.cfg.pretrained or "pretrain/ckpt.pt"
-    draw = lambda fig: _heatmap(fig.add_subplot(), cos, labels, labels, "cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t",
-                                title=f"Gradient conflict between timesteps (DeMe Fig. 1a)\nθ0 = {theta0}, "
-                                f"{len(a.images)} held-out images, same noise at every t", xlabel="timestep t",
-                                ylabel="timestep t")
+    draw = lambda fig: _heatmap(fig.add_subplot(), cos, ts, ts, "cos(∇θ L_t, ∇θ L_t′), L_t: DDPM loss at t",
+                                xlabel="timestep t", ylabel="timestep t", title="Gradient conflict between timesteps "
+                                f"(DeMe Fig. 1a)\nθ0 = {a.cfg.pretrained or 'pretrain/ckpt.pt'}, {len(a.images)} "
+                                "held-out images, same noise at every t")
     return _write(a, "gradient_conflict", f"gradient conflict of θ0 ({len(a.images)} held-out images, {len(ts)} "
                   f"timesteps): mean cos of neighbours {np.diag(cos, 1).mean():.3f}, of timesteps >= {T // 2} apart "
                   f"{cos[far].mean():.3f}, min {cos.min():.3f} at t = {ts[i]}, {ts[j]}",
@@ -2315,7 +2311,8 @@ def analyze_conflict(a) -> Path:
 
 def analyze_landscape(a) -> Path:
     """DeMe Fig. 6a: merge_landscape.csv (w_i, w_j, held-out loss), .png (contours; θ0, θ_i, θ_j, minimum, merge)."""
-    (i, j), grid = a.pair, a.grid
+    # the merge search's box [0, 1.5] and a little past θ0, with 0 and 1 among the default 15 points
+    (i, j), grid = a.pair, tuple(round(float(v), 6) for v in np.linspace(-0.25, 1.5, a.cfg.landscape_points))
     values = merge_landscape(a.base, a.finetuned, i, j, lambda sd: a.losses(sd)[0], grid)
     p, q = np.unravel_index(np.argmin(values), values.shape)
     corners = "".join(f"{name} {values[grid.index(x), grid.index(y)]:.5f}, " for name, x, y in
@@ -2471,16 +2468,14 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
         return
     run = dataclasses.replace(runs[0], seeds=cfg.seeds)  # with --seeds, the first seed's run
     images = heldout_images(cfg, cfg.search_images, "select")
-    # what the figures share; grid: the merge search's box [0, 1.5] and a little past θ0, with 0 and 1 at 15 points
-    a = argparse.Namespace(cfg=run, env=env, diffusion=diffusion, theta0=theta0, images=images, pair=tuple(pair),
-                           grid=tuple(round(float(v), 6) for v in np.linspace(-0.25, 1.5, cfg.landscape_points)),
+    a = argparse.Namespace(cfg=run, env=env, diffusion=diffusion, theta0=theta0, images=images, pair=pair,
                            folder=run_dir(cfg, "analysis"), batch=max(1, min(64, cfg.batch_size // cfg.grad_accum)),
                            names=[f"range {r}, t∈[{lo},{hi})" for r, (lo, hi) in  # 0-based: θ_0 is not θ0
                                   enumerate(timestep_ranges(cfg.n_ranges, diffusion.T))],
                            losses=lambda sd: heldout_loss(build_model(theta0.config, sd).to(env.device), diffusion,
                                                           images, env, cfg.n_ranges, role_seed(run.seed, "select")),
                            by_seed=by_seed, finetuned=by_seed[0] if by_seed else None,
-                           base=by_seed and merge_base(theta0, any(k.endswith(".proj.weight") for k in by_seed[0][0])))
+                           base=by_seed and PixelDDPM(cfg, theta0).merge_base(by_seed[0][0]))
     written = [ANALYSES[name](a) for name in figures]
     print("figures: " + ", ".join(str(p) for p in written) + " (numbers in the .csv beside each)")
     return written
@@ -3027,31 +3022,18 @@ EXERCISES = [
 PART_NAMES = {1: "DDPM", 2: "decoupled finetuning", 3: "merge and ensemble", 4: "evaluation"}
 PROJECT_FILES = ("deme.py", "ddpm_unet.py", "test_deme.py", "pytest.ini", "README.md", "requirements.txt",
                  "requirements-extra.txt", "assets")
-EXERCISES_MD = """# Exercises: DeMe (Decouple-then-Merge, CVPR 2025) from the inside
-
-Each function below raises `NotImplementedError` with its exercise number; its docstring says what it
-takes and returns. Do them in this order, reading deme.py from the top beside the paper, and grade a part
-with its tests (the optional extras need `pip install -r requirements-extra.txt`; without them add
-`and not extras`). Every part's tests also use the parts before it.
-
-{parts}When every part passes, `python -m pytest test_deme.py` runs the whole suite and `python deme.py` the
-whole method on a CPU in minutes.
-"""
 
 
 def exercise_command(out, parts=(1, 2, 3, 4)):
-    """`python deme.py exercise --out DIR`: a copy of this project in DIR with the exercises' bodies removed, and
-    EXERCISES.md; written beside DIR first and renamed into place, so DIR is whole or absent."""
+    """A copy of this project in `out` without the exercises' bodies, plus EXERCISES.md; built beside, then renamed."""
     import shutil
 
     def without_body(source: str, qualname: str, message: str) -> str:  # the docstring stays, the body raises
-        nodes = ast.parse(source).body
+        node = ast.parse(source)
         for name in qualname.split("."):  # "f" or "Class.f"
-            node = next(n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
-            nodes = node.body
-        first = node.body[0]
-        keep = first.end_lineno if ast.get_docstring(node, clean=False) is not None else first.lineno - 1
-        lines = source.split("\n")
+            node = next(n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
+        first, lines = node.body[0], source.split("\n")
+        keep = first.end_lineno if ast.get_docstring(node) is not None else first.lineno - 1
         stub = " " * first.col_offset + f"raise NotImplementedError({message!r})"
         return "\n".join(lines[:keep] + [stub] + lines[node.end_lineno:])
     out, root = Path(out), Path(__file__).resolve().parent
@@ -3061,18 +3043,15 @@ def exercise_command(out, parts=(1, 2, 3, 4)):
         raise UserError(f"--parts {','.join(map(str, parts))}: the parts are 1, 2, 3 and 4")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        (shutil.copytree if (root / name).is_dir() else shutil.copy2)(root / name, tmp / name)
-    guide = ""
-    for part in sorted(parts):
-        guide += f"## Part {part}: {PART_NAMES[part]}  (`python -m pytest -m part{part} test_deme.py`)\n\n"
-        for k, (p, file, func, what) in enumerate(EXERCISES, 1):
-            if p == part:
-                (tmp / file).write_text(without_body((tmp / file).read_text(), func, f"Exercise {k}: {what}"))
-                guide += f"{k}. `{func}` in {file}: {what}\n"
-        guide += "\n"
-    (tmp / "EXERCISES.md").write_text(EXERCISES_MD.format(parts=guide))
+    shutil.copytree(root, tmp, ignore=lambda path, names: set(names) - set(PROJECT_FILES) if path == str(root) else ())
+    guide = {p: f"## Part {p}: {PART_NAMES[p]}  (`python -m pytest -m part{p} test_deme.py`)\n\n"
+             for p in sorted(parts)}  # each part's section of EXERCISES.md
+    for k, (p, file, func, what) in enumerate(EXERCISES, 1):
+        if p in guide:
+            (tmp / file).write_text(without_body((tmp / file).read_text(), func, f"Exercise {k}: {what}"))
+            guide[p] += f"{k}. `{func}` in {file}: {what}\n"
+    template = (root / "assets" / "exercises_template.md").read_text()
+    (tmp / "EXERCISES.md").write_text(template.format(parts="".join(section + "\n" for section in guide.values())))
     os.replace(tmp, out)
     print(f"student copy with {sum(e[0] in parts for e in EXERCISES)} exercises in {out}; start with "
           f"{out / 'EXERCISES.md'}")
