@@ -2545,8 +2545,7 @@ def sd_libraries():
     try:
         return __import__("diffusers"), __import__("transformers")
     except ImportError:
-        raise UserError("the Stable Diffusion path needs diffusers and transformers: pip install -r "
-                        "requirements-extra.txt") from None
+        raise UserError("the SD path needs diffusers and transformers: pip install -r requirements-extra.txt") from None
 
 
 class ChannelProjection(nn.Module):
@@ -2619,11 +2618,9 @@ class StableDiffusion:
             data, path = self.train_data(), Path(cfg.prompts)  # --prompts: a file of lines or 'a|b|c' (Path(""): ".")
             if not (cfg.merge_weights or cfg.merge_method == "average"):
                 self.train_data("select")  # the merge-weight search's pairs
-            if path.suffix == ".txt" and not path.is_file():
-                raise UserError(f"prompt file {path} does not exist; pass a file with one prompt per line or 'a|b|c'")
             lines = path.read_text().splitlines() if path.is_file() else cfg.prompts.split("|")
-            if cfg.prompts and not any(p.strip() for p in lines):
-                raise UserError(f"--prompts {cfg.prompts!r} holds no prompt")
+            if cfg.prompts and (path.suffix == ".txt" and not path.is_file() or not any(p.strip() for p in lines)):
+                raise UserError(f"--prompts {cfg.prompts!r} gives no prompt; pass a file with one a line, or 'a|b|c'")
             self.prompts = [p.strip() for p in lines if p.strip()] or [c for _, c in data.pairs[-8:]]  # or 8 captions
             self.identity, self.batch = dict(model="sd", resolution=cfg.sd_resolution), cfg.eval_batch
 
@@ -2684,9 +2681,7 @@ class CaptionedImages(ImageFolder):
         meta, self.pairs, self.size, self.random_crop = Path(folder, "metadata.jsonl"), [], size, False
         if not meta.is_file():
             raise UserError(f'{meta} is missing; --data-dir needs images and {{"file_name": ..., "text": ...}} lines')
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
+        for n, line in ((n, s) for n, s in enumerate(meta.read_text().splitlines(), 1) if s.strip()):
             try:
                 row = json.loads(line)
                 name, texts = row["file_name"], row["text"]
@@ -2714,23 +2709,20 @@ class Prompted(nn.Module):
 
     def __init__(self, model, emb, uncond, scale):
         super().__init__()
-        self.model, self.emb, self.uncond, self.scale = model, emb, uncond, scale
+        self.model, self.cond, self.scale = model, torch.cat([uncond, emb]), scale
 
     def forward(self, x, t):
-        eps_u, eps_c = self.model(torch.cat([x, x]), torch.cat([t, t]),
-                                  encoder_hidden_states=torch.cat([self.uncond, self.emb])).chunk(2)  # (B, C, h, w)
+        eps_u, eps_c = self.model(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=self.cond).chunk(2)
         return eps_u + self.scale * (eps_c - eps_u)
 
 
 @torch.no_grad()
 def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] of `prompts` from the noise of `indices`, by one model or N (Eq. 7's ensemble)."""
-    emb, uncond = sd.embed(prompts), sd.embed([""] * len(prompts))
-    eps_model = RangeEnsemble([Prompted(m.to(sd.env.device).eval(), emb, uncond, cfg.guidance_scale) for m in models],
-                              sd.diffusion.T)  # one model: every t goes to it
-    side = cfg.sd_resolution // sd.vae_factor
-    latents = sample_batch(cfg, sd.env, sd.diffusion, eps_model, indices, role_seed(cfg.seed, "samples"),
-                           (sd.unet.unet.config.in_channels, side, side), clip=False)  # latents are not pixels
+    emb, uncond, side = sd.embed(prompts), sd.embed([""] * len(prompts)), cfg.sd_resolution // sd.vae_factor
+    guided = [Prompted(m.to(sd.env.device).eval(), emb, uncond, cfg.guidance_scale) for m in models]
+    latents = sample_batch(cfg, sd.env, sd.diffusion, RangeEnsemble(guided, sd.diffusion.T), indices,  # (N = 1: all t)
+                           role_seed(cfg.seed, "samples"), (sd.unet.unet.config.in_channels, side, side), clip=False)
     return sd.vae.decode(latents.to(sd.env.device).float() / sd.scale).sample.clamp(-1, 1)
 
 
@@ -2753,9 +2745,8 @@ def export_sd(model: SDUNet, pretrained, folder) -> dict:
     for sidecar in (folder / "merged_unet" / SIDECAR, folder / "merged_pipeline" / "unet" / SIDECAR):
         save_file(rest, str(sidecar))  # even empty: a stale one from an earlier export would be restored
     if changed := [n for n, W in rest.items() if not torch.equal(W[:, :, 0, 0], torch.eye(len(W), dtype=W.dtype))]:
-        print(f"warning: plain diffusers loading of {folder}/merged_* drops {len(changed)} channel projections that "
-              f"cannot be folded ({', '.join(changed)}); load the UNet with deme.load_sd_unet(DIR) to keep them",
-              file=sys.stderr)
+        print(f"warning: plain diffusers loading of {folder}/merged_* drops the projections {', '.join(changed)}, "
+              f"which cannot be folded; deme.load_sd_unet(DIR) keeps them", file=sys.stderr)
     return rest
 
 
