@@ -2492,8 +2492,7 @@ def sd_libraries():
     try:
         return __import__("diffusers"), __import__("transformers")
     except ImportError:
-        raise UserError("the Stable Diffusion path needs diffusers and transformers: pip install -r "
-                        "requirements-extra.txt") from None
+        raise UserError("the SD path needs diffusers and transformers: pip install -r requirements-extra.txt") from None
 
 
 class ChannelProjection(nn.Module):
@@ -2545,20 +2544,19 @@ class StableDiffusion:
             raise UserError(f"--pretrained {folder} is not a diffusers Stable Diffusion folder (no {missing[0]}); get "
                             f"one with `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`")
         try:
-            sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+            sched = json.loads((folder / parts[-1]).read_text())
             kind = sched.get("prediction_type", "epsilon"), sched.get("beta_schedule", "linear")
             if kind not in (("epsilon", "linear"), ("epsilon", "scaled_linear")):
                 raise UserError(f"{folder} predicts {kind[0]}, {kind[1]} schedule; SD v1.x: epsilon, (scaled_)linear")
             self.diffusion = GaussianDiffusion(sched.get("num_train_timesteps", 1000), sched["beta_start"],
                                                sched["beta_end"], kind[1])
             self.unet = SDUNet(diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")).eval()
-            self.vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae")
-            self.text_encoder = transformers.CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+            self.vae, self.text_encoder = (m.to(env.device).requires_grad_(False) for m in (  # frozen: only θ trains
+                diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+                transformers.CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")))
             self.tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"cannot load the pipeline in {folder} ({str(e).strip().splitlines()[0]})") from None
-        for m in (self.vae, self.text_encoder):  # frozen (recording no gradients): only the UNet trains
-            m.to(env.device).eval().requires_grad_(False)
         self.theta0, self.scale = self.unet, self.vae.config.scaling_factor
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixels per latent (SD: 8)
         if cfg:  # the run's checks, before any training
@@ -2566,12 +2564,10 @@ class StableDiffusion:
                 raise UserError(f"--sd-resolution {cfg.sd_resolution} is not a multiple of {multiple} (this UNet's)")
             data, path = self.train_data(), Path(cfg.prompts)  # --prompts: a file of lines or 'a|b|c' (Path(""): ".")
             if not (cfg.merge_weights or cfg.merge_method == "average"):
-                self.captions("select")  # the merge-weight search's pairs
-            if path.suffix == ".txt" and not path.is_file():
-                raise UserError(f"prompt file {path} does not exist; pass a file with one prompt per line or 'a|b|c'")
+                self.train_data("select")  # the merge-weight search's pairs
             lines = path.read_text().splitlines() if path.is_file() else cfg.prompts.split("|")
-            if cfg.prompts and not any(p.strip() for p in lines):
-                raise UserError(f"--prompts {cfg.prompts!r} holds no prompt")
+            if cfg.prompts and (path.suffix == ".txt" and not path.is_file() or not any(p.strip() for p in lines)):
+                raise UserError(f"--prompts {cfg.prompts!r} gives no prompt; pass a file with one a line, or 'a|b|c'")
             self.prompts = [p.strip() for p in lines if p.strip()] or [c for _, c in data.pairs[-8:]]  # or 8 captions
             self.identity, self.batch = dict(model="sd", resolution=cfg.sd_resolution), cfg.eval_batch
 
@@ -2582,16 +2578,13 @@ class StableDiffusion:
             return self.text_encoder(ids.to(self.env.device))[0].float()
 
     def encode(self, batch):
-        """train_loop's encode: (images, captions) -> (latents, {"encoder_hidden_states": embeddings}); latents: the VAE
-        posterior's mean (not a sample, so that a resumed run repeats exactly) times the scaling factor."""
+        """(images, captions) -> (latents, cond): the VAE posterior's mean (not a sample: resumes repeat exactly)."""
         with self.env.autocast():
             latents = self.vae.encode(batch[0].to(self.env.device)).latent_dist.mean.float() * self.scale
         return latents, {"encoder_hidden_states": self.embed(batch[1])}
 
-    def captions(self, role="train"):
+    def train_data(self, role="train"):
         return CaptionedImages(self.cfg.data_dir, self.cfg.sd_resolution, role, self.cfg.heldout_fraction)
-
-    train_data = captions
 
     def student(self):
         return copy.deepcopy(self.unet).add_projections() if self.cfg.projections else copy.deepcopy(self.unet)
@@ -2606,7 +2599,6 @@ class StableDiffusion:
         return grid
 
     def build(self, state):
-        """θ0 with the projections that `state` has, holding `state`."""
         model = copy.deepcopy(self.unet)
         model.add_projections({k.split(".")[1] for k in state if k.startswith("projections.")}).load_state_dict(state)
         return model.eval()
@@ -2618,13 +2610,12 @@ class StableDiffusion:
 
     def selection(self):
         """(latents, text embeddings) of --search-images selection pairs, which no range trained on."""
-        data, b = self.captions("select"), self.cfg.eval_batch
+        data, b = self.train_data("select"), self.cfg.eval_batch
         images, captions = zip(*(data[i] for i in range(min(len(data), self.cfg.search_images))))
         parts = [self.encode((torch.stack(images[s:s + b]), captions[s:s + b])) for s in range(0, len(images), b)]
         return torch.cat([x.cpu() for x, _ in parts]), torch.cat([c["encoder_hidden_states"] for _, c in parts])
 
     def save_merged(self, state, record, folder):
-        """merge/merged_unet and merge/merged_pipeline for diffusers (export_sd)."""
         export_sd(self.build(state), self.cfg.pretrained, folder)
         return state
 
@@ -2634,26 +2625,23 @@ class CaptionedImages(ImageFolder):
     (Hugging Face's imagefolder layout); with `role`, only that split's pairs (heldout_role of the file name)."""
 
     def __init__(self, folder, size, role=None, fraction=0.1):
-        folder, self.pairs, self.size = Path(folder), [], size
-        meta = folder / "metadata.jsonl"
+        meta, self.pairs, self.size, self.random_crop = Path(folder, "metadata.jsonl"), [], size, False
         if not meta.is_file():
             raise UserError(f'{meta} is missing; --data-dir needs images and {{"file_name": ..., "text": ...}} lines')
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
+        for n, line in ((n, s) for n, s in enumerate(meta.read_text().splitlines(), 1) if s.strip()):
             try:
                 row = json.loads(line)
                 name, texts = row["file_name"], row["text"]
             except (ValueError, KeyError, TypeError):
                 raise UserError(f"{meta} line {n} is not a JSON object with file_name and text") from None
-            if not (folder / name).is_file():
+            if not Path(folder, name).is_file():
                 raise UserError(f"{meta} line {n} names {name}, which is not a file in {folder}")
             if role is None or heldout_role(name, fraction) == role:
-                self.pairs += [(folder / name, str(t)) for t in ([texts] if isinstance(texts, str) else texts)]
+                self.pairs += [(Path(folder, name), str(t)) for t in ([texts] if isinstance(texts, str) else texts)]
         if not self.pairs:
             raise UserError(f"{meta} lists no image-caption pairs" +
                             (f" in its {role} split; raise --heldout-fraction or add pairs" if role else ""))
-        self.paths, self.random_crop = [path for path, _ in self.pairs], False  # ImageFolder reads them
+        self.paths = [path for path, _ in self.pairs]  # ImageFolder reads them
 
     def __getitem__(self, item):
         i = split_item(item)[0]
@@ -2668,54 +2656,44 @@ class Prompted(nn.Module):
 
     def __init__(self, model, emb, uncond, scale):
         super().__init__()
-        self.model, self.emb, self.uncond, self.scale = model, emb, uncond, scale
+        self.model, self.cond, self.scale = model, torch.cat([uncond, emb]), scale
 
     def forward(self, x, t):
-        eps_u, eps_c = self.model(torch.cat([x, x]), torch.cat([t, t]),
-                                  encoder_hidden_states=torch.cat([self.uncond, self.emb])).chunk(2)  # (B, C, h, w)
+        eps_u, eps_c = self.model(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=self.cond).chunk(2)
         return eps_u + self.scale * (eps_c - eps_u)
 
 
 @torch.no_grad()
 def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] of `prompts` from the noise of `indices`, by one model or N (Eq. 7's ensemble)."""
-    emb, uncond = sd.embed(prompts), sd.embed([""] * len(prompts))
+    emb, uncond, side = sd.embed(prompts), sd.embed([""] * len(prompts)), cfg.sd_resolution // sd.vae_factor
     guided = [Prompted(m.to(sd.env.device).eval(), emb, uncond, cfg.guidance_scale) for m in models]
-    eps_model = guided[0] if len(guided) == 1 else RangeEnsemble(guided, sd.diffusion.T)
-    side = cfg.sd_resolution // sd.vae_factor
-    latents = sample_batch(cfg, sd.env, sd.diffusion, eps_model, indices, role_seed(cfg.seed, "samples"),
-                           (sd.unet.unet.config.in_channels, side, side), clip=False)  # latents are not pixels
+    latents = sample_batch(cfg, sd.env, sd.diffusion, RangeEnsemble(guided, sd.diffusion.T), indices,  # (N = 1: all t)
+                           role_seed(cfg.seed, "samples"), (sd.unet.unet.config.in_channels, side, side), clip=False)
     return sd.vae.decode(latents.to(sd.env.device).float() / sd.scale).sample.clamp(-1, 1)
 
 
+@torch.no_grad()
 def export_sd(model: SDUNet, pretrained, folder) -> dict:
-    """<folder>/merged_unet and merged_pipeline for diffusers, with the unfoldable projections beside (returned).
-    P after an up block's upsampler conv (W, b) folds exactly into W' = P W, b' = P b, as nothing else reads that conv's
-    output; the others (down blocks, whose output is also a skip tensor; mid; the last up block) cannot."""
-    diffusers, _ = sd_libraries()
+    """<folder>/merged_unet and merged_pipeline for diffusers, the unfoldable projections beside (returned). P after an
+    up block's upsampler conv (W, b) folds exactly, W' = P W and b' = P b, as nothing else reads that conv's output."""
+    import diffusers
     from safetensors.torch import save_file
-    state, rest = {k: v.detach().cpu() for k, v in model.unet.state_dict().items()}, {}
-    for name, proj in ((n, p.weight.detach().cpu()) for n, p in model.projections.items()):
-        conv = f"up_blocks.{name[3:]}.upsamplers.0.conv"
-        if name.startswith("up_") and f"{conv}.weight" in state:
-            P, W, b = proj[:, :, 0, 0].double(), state[f"{conv}.weight"], state[f"{conv}.bias"]  # (C, C), (C, C', 3, 3)
-            state[f"{conv}.weight"] = torch.einsum("oc,cikl->oikl", P, W.double()).to(W.dtype)
-            state[f"{conv}.bias"] = (P @ b.double()).to(b.dtype)
-        else:
-            rest[name] = proj
-    with torch.device("meta"):  # a stock UNet, without spending time on a random initialisation
-        unet = diffusers.UNet2DConditionModel.from_config(model.unet.config)
-    unet.load_state_dict(state, assign=True)
+    unet, rest = copy.deepcopy(model.unet).cpu(), {}  # (the copy's hooks go unused: only its weights are saved)
+    for name, W in ((n, p.weight.detach().cpu()) for n, p in model.projections.items()):
+        if name.startswith("up_") and (up := unet.up_blocks[int(name[3:])].upsamplers):  # the last up block has none
+            conv, P = up[0].conv, W[:, :, 0, 0].double()  # (C, C) after the conv (C, C', 3, 3)
+            conv.weight.copy_(torch.einsum("oc,cikl->oikl", P, conv.weight.double()))
+            conv.bias.copy_(P @ conv.bias.double())
+        else:  # down blocks (whose output is also a skip tensor), mid
+            rest[name] = W
     unet.save_pretrained(folder / "merged_unet")
     diffusers.StableDiffusionPipeline.from_pretrained(pretrained, unet=unet).save_pretrained(folder / "merged_pipeline")
     for sidecar in (folder / "merged_unet" / SIDECAR, folder / "merged_pipeline" / "unet" / SIDECAR):
-        sidecar.unlink(missing_ok=True)  # a stale one from an earlier export would be restored by load_sd_unet
-        if rest:
-            save_file(rest, str(sidecar))
+        save_file(rest, str(sidecar))  # even empty: a stale one from an earlier export would be restored
     if changed := [n for n, W in rest.items() if not torch.equal(W[:, :, 0, 0], torch.eye(len(W), dtype=W.dtype))]:
-        print(f"warning: plain diffusers loading of {folder}/merged_* drops {len(changed)} channel projections that "
-              f"cannot be folded ({', '.join(changed)}); load the UNet with deme.load_sd_unet(DIR) to keep them",
-              file=sys.stderr)
+        print(f"warning: plain diffusers loading of {folder}/merged_* drops the projections {', '.join(changed)}, "
+              f"which cannot be folded; deme.load_sd_unet(DIR) keeps them", file=sys.stderr)
     return rest
 
 
