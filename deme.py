@@ -2875,7 +2875,8 @@ def stage_bench(cfg: Config, env: Env):
           f"{train_batch} (training) / {eval_batch} (sampling), median of {cfg.bench_iters}")
     r = rates(cfg, dataclasses.replace(env, world=1), train_batch, eval_batch, cfg.bench_iters,
               2 if env.compile else 1, eval_metric(cfg) == "fid")  # (compiling happens in the first call)
-    projected = projected_time(cfg, r)
+    result = dict(device=where, precision=env.precision, compile=env.compile, train_batch=train_batch,
+                  eval_batch=eval_batch, **r, projected=projected_time(cfg, r), config=dataclasses.asdict(cfg))
     labels = {"train_plain": "training, plain finetuning",
               "train_deme": "training, DeMe finetuning (CP + frozen θ0 + CL)", "forward": "forward, θ0",
               "sampling": f"DDIM-{r['sample_steps']} sampling, θ0", "inception": "FID Inception features"}
@@ -2885,10 +2886,7 @@ def stage_bench(cfg: Config, env: Env):
     print("\n" + markdown_table(["measurement", "rate", "relative"], rows) +
           "\nProjected wall time of this run's recipe on one such device (data loading excluded; data-parallel runs "
           "divide the training and sampling times by the number of processes, minus communication):\n\n" +
-          markdown_table(["stage", "time"], [(what, _duration(sec)) for what, sec in projected]))
-    result = dict(preset=cfg.preset, device=where, precision=env.precision, compile=env.compile,
-                  train_batch=train_batch, eval_batch=eval_batch, iters=cfg.bench_iters, **r, projected=projected,
-                  config=dataclasses.asdict(cfg))
+          markdown_table(["stage", "time"], [(what, _duration(sec)) for what, sec in result["projected"]]))
     atomic_write_text(json.dumps(result, indent=2), run_dir(cfg, "bench.json"))
     print(f"written: {run_dir(cfg, 'bench.json')}")
 
@@ -2950,8 +2948,7 @@ def _duration(seconds) -> str:
     return f"{seconds / size:.{int(size > 1)}f} {unit}"
 
 
-# DeMe Table 3 (ablation) at this run's scale, and the loss-reweighting baselines of Table 1: every row finetunes the
-# same θ0 for the same number of optimizer steps in all (N x --steps of the pipeline), then is merged (N > 1)
+# DeMe Table 3 and Table 1's reweightings at equal compute: each finetunes θ0 N x --steps steps in all, merged if N > 1
 ABLATION = {
     "θ0": dict(),
     "N=1, continued finetuning": dict(baseline_weighting="none"),
