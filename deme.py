@@ -2740,12 +2740,8 @@ def stage_sd(cfg: Config, env: Env):
 
 # --- II.8 Benchmark, the plan line, the ablation ---------------------------------------------------------------------
 
-DATASET_SIZES = {"cifar10": 50_000, "lsun_church": 126_227, "lsun_bedroom": 3_033_042}  # FID reference statistics
-
-
 def rates(cfg: Config, env: Env, train_batch, eval_batch, iters=1, warmup=1, inception=False) -> dict:
-    """Images/s of a fresh UNet of the run's preset: an optimizer step of plain finetuning and one of DeMe's (Eq. 4-5),
-    the forward pass, sampling as evaluation samples, and (inception) FID features; median of `iters` rounds."""
+    """Images/s of a fresh UNet of the run's preset: plain and DeMe (Eq. 4-5) finetuning, forward, sampling, FID."""
     diffusion, dev, model = GaussianDiffusion(), env.device, timing_unet(cfg)
     c, res = model.config["in_channels"], model.config["resolution"]
     x0 = place(torch.rand(train_batch, c, res, res) * 2 - 1, env)  # random images (B, C, H, W), as training holds them
@@ -2777,13 +2773,11 @@ def rates(cfg: Config, env: Env, train_batch, eval_batch, iters=1, warmup=1, inc
     if inception:  # the Inception's forward with random weights (speed does not need them)
         from torchvision.models.inception import Inception3
         features = Inception3(num_classes=1008, aux_logits=False, init_weights=False).to(dev).eval()
-        images = torch.rand(eval_batch, 3, res, res, device=dev)
-        fns["inception"] = lambda: FIDInception.forward(features, images)
+        fns["inception"] = lambda: FIDInception.forward(features, torch.rand(eval_batch, 3, res, res, device=dev))
     sync = torch.cuda.synchronize if dev.type == "cuda" else lambda device: None
     times = {name: [] for name in fns}
     for _ in range(warmup + iters):  # in turns (a, b, a, b, ...) so that background load hits all alike
-        for name, fn in fns.items():
-            sync(dev)
+        for name, fn in fns.items():  # (each call starts where the one before synced)
             start = time.perf_counter()
             fn()
             sync(dev)
@@ -2795,51 +2789,41 @@ def rates(cfg: Config, env: Env, train_batch, eval_batch, iters=1, warmup=1, inc
 
 
 def stage_bench(cfg: Config, env: Env):
-    """rates (CPU: also bf16's), the merged model's extra parameters and FLOPs, the projected wall time: bench.json."""
+    """rates at the run's batches, as a table with the projected wall time of the run's recipe: bench.json."""
     if not env.master:
         return  # one device is measured; data-parallel runs scale it by the number of processes
-    from torch.utils.flop_counter import FlopCounterMode
-    dev, theta0, one = env.device, timing_unet(cfg).eval(), dataclasses.replace(env, world=1)
-    res, c = theta0.config["resolution"], theta0.config["in_channels"]
+    dev, res = env.device, cfg.image_size or PRESETS[cfg.preset]["resolution"]
     train_batch = cfg.bench_batch or cfg.batch_size // (cfg.grad_accum * env.world)
     eval_batch = cfg.bench_batch or cfg.eval_batch
-    warmup = 2 if env.compile else 1  # compiling happens in the first call
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"bench: preset {cfg.preset} ({res}x{res}), {where}, {env.precision}, compile {env.compile}, batch "
           f"{train_batch} (training) / {eval_batch} (sampling), median of {cfg.bench_iters}")
-    r = rates(cfg, one, train_batch, eval_batch, cfg.bench_iters, warmup, eval_metric(cfg) == "fid")
-    if dev.type == "cpu":  # what --precision bf16 gains or loses on this CPU (auto trains fp32 on every CPU)
-        bf16 = rates(cfg, dataclasses.replace(one, precision="bf16"), train_batch, 1, cfg.bench_iters)
-        r.update(train_plain_bf16_img_s=bf16["train_plain_img_s"], cpu_native_bf16=cpu_has_bf16())
-    # the merged model keeps its projections: their parameters and FLOPs, unfolded and with the foldable ones folded
-    merged = add_channel_projections(copy.deepcopy(theta0))
-    folded = copy.deepcopy(merged)
-    r["n_folded"] = fold_channel_projections(folded)
-    x1, t1 = torch.randn(1, c, res, res, device=dev), torch.full((1,), 500, device=dev)
-    for name, m in (("theta0", theta0), ("merged", merged), ("folded", folded)):
-        with FlopCounterMode(display=False) as flops, torch.no_grad():
-            place(m, env)(x1, t1)
-        r[f"{name}_flops"], r[f"{name}_params"] = flops.get_total_flops(), sum(p.numel() for p in m.parameters())
-    result = dict(preset=cfg.preset, device=where, precision=env.precision, compile=env.compile,
-                  train_batch=train_batch, eval_batch=eval_batch, iters=cfg.bench_iters, **r,
-                  projected=projected_time(cfg, r), config=dataclasses.asdict(cfg))
-    print("\n" + bench_table(result))
+    r = rates(cfg, dataclasses.replace(env, world=1), train_batch, eval_batch, cfg.bench_iters,
+              2 if env.compile else 1, eval_metric(cfg) == "fid")  # (compiling happens in the first call)
+    result = dict(device=where, precision=env.precision, compile=env.compile, train_batch=train_batch,
+                  eval_batch=eval_batch, **r, projected=projected_time(cfg, r), config=dataclasses.asdict(cfg))
+    labels = {"train_plain": "training, plain finetuning",
+              "train_deme": "training, DeMe finetuning (CP + frozen θ0 + CL)", "forward": "forward, θ0",
+              "sampling": f"DDIM-{r['sample_steps']} sampling, θ0", "inception": "FID Inception features"}
+    relative = {"train_deme": f"{r['train_deme_img_s'] / r['train_plain_img_s']:.2f}x plain"}
+    rows = [(what, f"{r[f'{k}_img_s']:{'.3g' if k == 'sampling' else '.1f'}} img/s", relative.get(k, ""))
+            for k, what in labels.items() if f"{k}_img_s" in r]
+    print("\n" + markdown_table(["measurement", "rate", "relative"], rows) +
+          "\nProjected wall time of this run's recipe on one such device (data loading excluded; data-parallel runs "
+          "divide the training and sampling times by the number of processes, minus communication):\n\n" +
+          markdown_table(["stage", "time"], [(what, _duration(sec)) for what, sec in result["projected"]]))
     atomic_write_text(json.dumps(result, indent=2), run_dir(cfg, "bench.json"))
     print(f"written: {run_dir(cfg, 'bench.json')}")
 
 
-PIPELINE = ("train", "finetune", "baseline", "merge", "evaluate")  # the stages a pipeline runs
-
-
-def projected_time(cfg: Config, r: dict, stages=PIPELINE) -> list:
-    """[(what, seconds)] this run still has to do of `stages`, at the rates `r` on one device (no data loading): train
+def projected_time(cfg: Config, r: dict, stages=("pipeline",)) -> list:
+    """[(what, seconds)] left to do of `stages` ("pipeline": all) at the rates `r` on one device, no data loading: train
     only where θ0 is not --pretrained or it is alone; trained checkpoints left out; --seeds repeats all but train."""
     def trained(c, folder, steps) -> bool:  # a checkpoint trained to `steps`, which the run reuses
-        try:
+        with contextlib.suppress(Exception):  # missing, or unreadable (the stage itself will say so)
             ck = torch.load(run_dir(c, folder, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
             return ck["step"] >= steps
-        except Exception:  # missing, or unreadable (the stage itself will say so)
-            return False
+        return False
     n, batch, S, runs = cfg.n_ranges, cfg.batch_size, r["sample_steps"], [c for _, c in seed_runs(cfg)]
     k, each = len(runs), f", x {len(runs)} seeds" if len(runs) > 1 else ""
     names = [s.strip() for s in cfg.models.split(",") if s.strip() and (cfg.baseline or "baseline" not in s)]
@@ -2847,7 +2831,8 @@ def projected_time(cfg: Config, r: dict, stages=PIPELINE) -> list:
     m = sum(not trained(c, f"range_{i}", c.steps) for c in runs for i in range_indices(c))
     b = sum(not trained(c, baseline_name(c), n * c.steps) for c in runs) if cfg.baseline else 0
     search = not cfg.merge_weights and cfg.merge_method != "average"
-    chosen, ref = cfg.search_candidates * selection_samples(cfg), DATASET_SIZES.get(cfg.dataset, cfg.n_samples)
+    chosen = cfg.search_candidates * selection_samples(cfg)
+    ref = {"cifar10": 50_000, "lsun_church": 126_227, "lsun_bedroom": 3_033_042}.get(cfg.dataset, cfg.n_samples)
     # (stage, what, images, the rate they go at); the merged model's and the ensemble's projections add 0.5-3% FLOPs
     rows = [("train", f"pretrain θ0: {cfg.train_steps} steps x {batch}", pre * cfg.train_steps * batch, "train_plain"),
             ("finetune", f"DeMe finetuning: {m} range{'s' * (m > 1)} x {cfg.steps} steps x {batch}",
@@ -2864,7 +2849,7 @@ def projected_time(cfg: Config, r: dict, stages=PIPELINE) -> list:
              k * len(names) * cfg.n_samples, "inception"),
             ("evaluate", f"FID reference statistics: {ref} images, once", ref, "inception")]
     plan = [(what, images / r[f"{rate}_img_s"]) for stage, what, images, rate in rows
-            if stage in stages and images and f"{rate}_img_s" in r]
+            if (stage in stages or "pipeline" in stages) and images and f"{rate}_img_s" in r]
     return plan + [("total", sum(s for _, s in plan))]
 
 
@@ -2872,12 +2857,10 @@ def announce_plan(cfg: Config, env: Env, stage: str):
     """One line before the work starts: what this command will run and how long it projects to on this device."""
     if cfg.model == "sd" or stage not in ("pipeline", "train", "finetune", "baseline", "evaluate", "ablation"):
         return
-    cpu = env.device.type == "cpu"  # on a CPU, 8 images: a step of more takes seconds
+    cap = 8 if env.device.type == "cpu" else math.inf  # on a CPU, 8 images: a step of more takes seconds
     micro = max(1, cfg.batch_size // (cfg.grad_accum * env.world))
-    r = rates(cfg, dataclasses.replace(env, compile=False), min(micro, 8 if cpu else micro),
-              min(cfg.eval_batch, 8 if cpu else cfg.eval_batch))
-    stages = PIPELINE if stage == "pipeline" else (stage,)
-    plan = ablation_plan(cfg, r) if stage == "ablation" else projected_time(cfg, r, stages)
+    r = rates(cfg, dataclasses.replace(env, compile=False), min(micro, cap), min(cfg.eval_batch, cap))
+    plan = ablation_plan(cfg, r) if stage == "ablation" else projected_time(cfg, r, (stage,))
     if env.master and len(plan) > 1:
         where = "a GPU" if env.device.type == "cuda" else f"this CPU ({torch.get_num_threads()} threads)"
         print(f"plan: {'; '.join(f'{what} ~{_duration(s)}' for what, s in plan[:-1])}. Projected "
@@ -2886,77 +2869,49 @@ def announce_plan(cfg: Config, env: Env, stage: str):
 
 
 def _duration(seconds) -> str:
-    for unit, size, below, digits in (("s", 1, 120, 0), ("min", 60, 7200, 1), ("h", 3600, 172800, 1)):
-        if seconds < below:
-            return f"{seconds / size:.{digits}f} {unit}"
-    return f"{seconds / 86400:.1f} days"
+    unit, size = [("s", 1), ("min", 60), ("h", 3600), ("days", 86400)][bisect.bisect([120, 7200, 172800], seconds)]
+    return f"{seconds / size:.{int(size > 1)}f} {unit}"
 
 
-def bench_table(r: dict) -> str:
-    """The benchmark as a Markdown table, then the projected wall time."""
-    pct = lambda name, what: f"{100 * (r[f'{name}_{what}'] / r[f'theta0_{what}'] - 1):+.2f}%"
-    plain = r["train_plain_img_s"]
-    rows = [("training, plain finetuning", "train_plain", ""),
-            ("training, DeMe finetuning (CP + frozen θ0 + CL)", "train_deme",
-             f"{r['train_deme_img_s'] / plain:.2f}x plain"),
-            (f"training, plain, bf16 autocast (native bf16: {'yes' if r.get('cpu_native_bf16') else 'no'})",
-             "train_plain_bf16", f"{r.get('train_plain_bf16_img_s', 0) / plain:.2f}x fp32"),
-            ("forward, θ0", "forward", ""), (f"DDIM-{r['sample_steps']} sampling, θ0", "sampling", ""),
-            ("FID Inception features", "inception", "")]
-    rows = [(what, f"{r[f'{k}_img_s']:{'.3g' if k == 'sampling' else '.1f'}} img/s", rel) for what, k, rel in rows
-            if f"{k}_img_s" in r]
-    rows += [(f"merged model, {what}", "", f"FLOPs {pct(name, 'flops')}, params {pct(name, 'params')} vs θ0")
-             for name, what in (("merged", "projections unfolded"), ("folded", f"{r['n_folded']} projections folded"))]
-    return markdown_table(["measurement", "rate", "relative"], rows) + (
-        "\nProjected wall time of this run's recipe on one such device (data loading excluded; data-parallel runs "
-        "divide the training and sampling times by the number of processes, minus communication):\n\n" +
-        markdown_table(["stage", "time"], [(what, _duration(sec)) for what, sec in r["projected"]]))
-
-
-# DeMe Table 3 (ablation) at this run's scale, and the loss-reweighting baselines of Table 1: every row finetunes the
-# same θ0 for the same number of optimizer steps in all (N x --steps of the pipeline), then is merged (N > 1)
+# DeMe Table 3 and Table 1's reweightings at equal compute: each finetunes θ0 N x --steps steps in all, merged if N > 1
 ABLATION = {
     "θ0": dict(),
-    "N=1, continued finetuning": dict(baseline="none"),
+    "N=1, continued finetuning": dict(baseline_weighting="none"),
     "N=1 + CP": dict(n_ranges=1, consistency=0.0, projections=True),
     "N=8 + PS": dict(n_ranges=8, consistency=0.0, projections=False),
     "N=8 + PS + CL": dict(n_ranges=8, projections=False),
     "N=8 + PS + CL + CP": dict(n_ranges=8),
     "N=4 + PS + CL + CP (DeMe)": dict(n_ranges=4),
-    "Min-SNR-γ, γ = 5": dict(baseline="minsnr"),
-    "P2, γ = 1, k = 1": dict(baseline="p2"),
+    "Min-SNR-γ, γ = 5": dict(baseline_weighting="minsnr"),
+    "P2, γ = 1, k = 1": dict(baseline_weighting="p2"),
 }
 
 
 def ablation_config(cfg: Config, row: dict) -> Config:
     """The configuration that trains one ablation row's model from the pipeline's configuration."""
-    if "baseline" in row:  # the baseline stage: N x steps on all timesteps, in the pipeline's folder
-        return dataclasses.replace(cfg, baseline_weighting=row["baseline"])
     c = dataclasses.replace(cfg, **row)
     if (c.n_ranges, c.consistency, c.projections) == (cfg.n_ranges, cfg.consistency, cfg.projections):
-        return cfg  # DeMe itself: the pipeline's ranges and merge
+        return c  # DeMe itself, or a baseline (N x steps on all timesteps): the pipeline's own stages
     slug = f"n{c.n_ranges}_consistency{int(bool(c.consistency))}_projections{int(c.projections)}"
     return dataclasses.replace(c, steps=cfg.n_ranges * cfg.steps // c.n_ranges, ranges="all", merge_weights="",
                                out=str(run_dir(cfg, "ablation", slug)))
 
 
 def ablation_plan(cfg: Config, r: dict) -> list:
-    """projected_time of every row that trains, over the seeds; trained rows left out."""
+    """projected_time of every row that trains, over the seeds (trained rows left out), then of the evaluation."""
     plan, runs = [], seed_runs(cfg)
     for label, row in ABLATION.items():
         n = row.get("n_ranges", cfg.n_ranges)
-        stages = ("baseline",) if "baseline" in row else ("finetune", "merge") if n > 1 else ("finetune",)
+        stages = ("baseline",) if "baseline_weighting" in row else ("finetune", "merge") if n > 1 else ("finetune",)
         seconds = sum(projected_time(ablation_config(c, row), r, stages)[-1][1] for _, c in runs) if row else 0
         plan += [(f"{label}{f', x {len(runs)} seeds' if cfg.seeds else ''}", seconds)] if seconds else []
-    models = len(ABLATION) * len(runs)
-    evaluate = dataclasses.replace(cfg, models=",".join(["theta0"] * models), seeds="")
-    plan.append((f"evaluate {models} models", projected_time(evaluate, r, ("evaluate",))[-1][1]))
+    evaluate = dataclasses.replace(cfg, models=",".join(["theta0"] * len(ABLATION)))  # every row, over the seeds
+    plan.append((f"evaluate {len(ABLATION) * len(runs)} models", projected_time(evaluate, r, ("evaluate",))[-1][1]))
     return plan + [("total", sum(s for _, s in plan))]
 
 
 def stage_ablation(cfg: Config, env: Env):
-    """Every row of ABLATION for each seed (--seeds; reusing the pipeline's finished stages), evaluated alike; writes
-    ablation.{json,md} and ablation.png (the report-split loss per range and the sample metric, with seed spread)."""
+    """Every ABLATION row for each --seeds (reusing the pipeline's stages), evaluated alike: ablation.{json,md,png}."""
     start, diffusion = time.perf_counter(), GaussianDiffusion()
     theta0 = theta0_model(cfg, env, diffusion)
 
@@ -2964,7 +2919,7 @@ def stage_ablation(cfg: Config, env: Env):
         if not row:
             return theta0
         c = ablation_config(run, row)
-        if "baseline" in row:
+        if "baseline_weighting" in row:
             stage_baseline(c, env, diffusion, theta0)
             return named_model(c, env, baseline_name(c))
         stage_finetune(c, env, diffusion, theta0)
@@ -2977,7 +2932,7 @@ def stage_ablation(cfg: Config, env: Env):
         ref = evaluation_reference(c, env)
         rows[s] = [evaluate_model(c, env, diffusion, model(c, row), label, ref)[0] for label, row in ABLATION.items()]
     if env.master:
-        trains = {label: ablation_config(cfg, row) for label, row in ABLATION.items() if row and "baseline" not in row}
+        trains = {label: ablation_config(cfg, row) for label, row in ABLATION.items() if "n_ranges" in row}
         write_seed_summary(cfg, rows, "ablation", note=" ".join(f"{label}: {c.n_ranges} x {c.steps} steps."
                                                                 for label, c in trains.items()))
         print(f"ablation finished in {(time.perf_counter() - start) / 60:.1f} min")

@@ -2026,18 +2026,16 @@ def test_mixed_precision_and_compile_train_on_cpu_and_save_plain_weights(tmp_pat
 
 
 @pytest.mark.machinery
-def test_bench_stage_measures_and_writes_bench_json(tmp_path):
+def test_bench_stage_measures_and_writes_bench_json(tmp_path, capsys):
     DEME.main(["bench", "--preset", "tiny", "--device", "cpu", "--bench-batch", "2", "--bench-iters", "1",
                "--out", str(tmp_path)])
     r = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("train_plain_img_s", "train_deme_img_s", "sampling_img_s", "forward_img_s",
-                "train_plain_bf16_img_s"):  # a CPU: bf16 too
+    for key in ("train_plain_img_s", "train_deme_img_s", "sampling_img_s", "forward_img_s"):
         assert r[key] > 0, key
-    assert r["cpu_native_bf16"] == DEME.cpu_has_bf16() and "bf16 autocast" in bench_table(r)
-    assert r["n_folded"] >= 2  # tiny: its upsampling convolutions take their projections
-    assert r["theta0_params"] < r["folded_params"] < r["merged_params"]  # 7 projections, folded ones leave no weight
-    assert r["theta0_flops"] < r["folded_flops"] < r["merged_flops"]
     assert r["projected"][-1][0] == "total" and r["projected"][-1][1] > 0
+    printed = capsys.readouterr().out
+    assert "| training, DeMe finetuning (CP + frozen θ0 + CL) |" in printed and "x plain |" in printed
+    assert "| DDIM-20 sampling, θ0 |" in printed and "| total |" in printed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
