@@ -999,11 +999,6 @@ class Env:
                 self.barrier()
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU does bf16 natively (AVX512-BF16, AMX); elsewhere oneDNN emulates it, several times slower."""
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
 def timing_unet(cfg: Config) -> UNet:
     """A fresh UNet of the run's preset and resolution, no dropout (official finetuning): what bench and plans time."""
     return UNet.from_preset(cfg.preset, dropout=0.0, resolution=cfg.image_size or PRESETS[cfg.preset]["resolution"])
@@ -2789,7 +2784,7 @@ def rates(cfg: Config, env: Env, train_batch, eval_batch, iters=1, warmup=1, inc
 
 
 def stage_bench(cfg: Config, env: Env):
-    """rates at the run's batches, as a table with the projected wall time of the run's recipe: bench.json."""
+    """rates at the run's batches, the merged model's extra parameters and FLOPs, the projected time: bench.json."""
     if not env.master:
         return  # one device is measured; data-parallel runs scale it by the number of processes
     dev, res = env.device, cfg.image_size or PRESETS[cfg.preset]["resolution"]
@@ -2800,6 +2795,17 @@ def stage_bench(cfg: Config, env: Env):
           f"{train_batch} (training) / {eval_batch} (sampling), median of {cfg.bench_iters}")
     r = rates(cfg, dataclasses.replace(env, world=1), train_batch, eval_batch, cfg.bench_iters,
               2 if env.compile else 1, eval_metric(cfg) == "fid")  # (compiling happens in the first call)
+    # the merged model keeps its projections: their parameters and FLOPs, unfolded and with the foldable ones folded
+    from torch.utils.flop_counter import FlopCounterMode
+    theta0 = timing_unet(cfg).eval()
+    merged = add_channel_projections(copy.deepcopy(theta0))
+    folded = copy.deepcopy(merged)
+    r["n_folded"] = fold_channel_projections(folded)
+    x1, t1 = torch.randn(1, theta0.config["in_channels"], res, res, device=dev), torch.full((1,), 500, device=dev)
+    for name, m in (("theta0", theta0), ("merged", merged), ("folded", folded)):
+        with FlopCounterMode(display=False) as flops, torch.no_grad():
+            place(m, env)(x1, t1)
+        r[f"{name}_flops"], r[f"{name}_params"] = flops.get_total_flops(), sum(p.numel() for p in m.parameters())
     result = dict(device=where, precision=env.precision, compile=env.compile, train_batch=train_batch,
                   eval_batch=eval_batch, **r, projected=projected_time(cfg, r), config=dataclasses.asdict(cfg))
     labels = {"train_plain": "training, plain finetuning",
@@ -2808,6 +2814,9 @@ def stage_bench(cfg: Config, env: Env):
     relative = {"train_deme": f"{r['train_deme_img_s'] / r['train_plain_img_s']:.2f}x plain"}
     rows = [(what, f"{r[f'{k}_img_s']:{'.3g' if k == 'sampling' else '.1f'}} img/s", relative.get(k, ""))
             for k, what in labels.items() if f"{k}_img_s" in r]
+    pct = lambda name, what: f"{100 * (r[f'{name}_{what}'] / r[f'theta0_{what}'] - 1):+.2f}%"
+    rows += [(f"merged model, {what}", "", f"FLOPs {pct(name, 'flops')}, params {pct(name, 'params')} vs θ0")
+             for name, what in (("merged", "projections unfolded"), ("folded", f"{r['n_folded']} projections folded"))]
     print("\n" + markdown_table(["measurement", "rate", "relative"], rows) +
           "\nProjected wall time of this run's recipe on one such device (data loading excluded; data-parallel runs "
           "divide the training and sampling times by the number of processes, minus communication):\n\n" +

@@ -2907,8 +2907,8 @@ def test_precision_auto_trains_in_fp32_on_every_cpu_whatever_a_timing_would_say(
     cfg = resolve_config(dict(device="cpu", out=str(tmp_path)))
     timed = []
     monkeypatch.setattr(DEME, "rates", lambda *a, **k: timed.append(1) or {})
-    for native in (False, True):  # emulated bf16, and AVX512-BF16 / AMX where bf16 would time faster
-        monkeypatch.setattr(DEME, "cpu_has_bf16", lambda: native)
+    for native in (False, True):  # emulated bf16, and AVX512-BF16 where bf16 would time faster
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
         env = setup_env(cfg)
         assert (env.precision, env.eval_precision) == ("fp32", "fp32")
     assert not timed  # nothing is timed: the machine's load can never change a result
