@@ -797,14 +797,12 @@ class Config:
     sd_resolution: int = _opt(512, "image resolution for training and sampling (SD v1: 512)")
 
 
-# The CPU recipe: θ0 trained to convergence (cosine decay; about an hour on 2 cores), then DeMe in minutes (README,
-# "A converged θ0", says why it keeps the paper's lr 5e-5).
+# The CPU recipe: θ0 trained to convergence (about an hour on 2 cores), then DeMe in minutes (README, "A converged θ0").
 CPU_RECIPE = dict(preset="tiny", train_steps=12000, train_lr=1e-3, train_schedule="cosine", steps=64, batch_size=32,
                   ckpt_every=100, sample_steps=20, n_samples=512, eval_batch=256, search_images=256, search_evals=30,
                   report_images=1024)
 DATASET_PRESETS = {
-    # the CPU pipeline, from the θ0 shipped in assets/ (`python deme.py train` trains it afresh)
-    "synthetic": dict(CPU_RECIPE, pretrained="tiny_synthetic"),
+    "synthetic": dict(CPU_RECIPE, pretrained="tiny_synthetic"),  # the CPU pipeline, from the θ0 shipped in assets/
     # the paper's recipes (DeMe Sec. 4 and the official scripts; DDIM-100 for CIFAR-10, 50 steps for LSUN)
     "cifar10": dict(preset="cifar10", pretrained="cifar10", flip=True, sample_steps=100, search_samples=5000),
     **{d: dict(preset="lsun256", pretrained=d, batch_size=64, grad_accum=4, sample_steps=50, eval_batch=64,
@@ -827,8 +825,7 @@ MIN_FOLDER_IMAGES, MIN_HELDOUT_IMAGES = 100, 8
 
 
 def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
-    """Defaults < dataset preset < flags given, checked; a small --dataset folder gets a larger held-out share and the
-    counts no flag gave capped at what its splits hold (`notes` gets what changed)."""
+    """Defaults < preset < flags, checked; a small folder's held-out share and unflagged counts fit it (`notes`)."""
     cfg = Config(**{**preset_of(given)[1], **given})
     cfg.out = cfg.out or f"runs/{cfg.dataset}"
     check_config(cfg)
@@ -843,10 +840,8 @@ def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
         select, held = bisect.bisect_left(h, fraction / 2), bisect.bisect_left(h, fraction)
         return select, held - select, len(h) - held
 
-    fraction = cfg.heldout_fraction
-    if "heldout_fraction" not in given:  # the smallest share whose splits hold the counts asked for
-        fraction = next((f for f in HELDOUT_FRACTIONS if split_sizes(f)[0] >= cfg.search_images
-                         and split_sizes(f)[1] >= cfg.report_images), HELDOUT_FRACTIONS[-1])
+    fits = (f for f in HELDOUT_FRACTIONS if (s := split_sizes(f))[0] >= cfg.search_images and s[1] >= cfg.report_images)
+    fraction = given.get("heldout_fraction") or next(fits, HELDOUT_FRACTIONS[-1])  # else the smallest share that fits
     select, report, train = split_sizes(fraction)
     if min(select, report) < MIN_HELDOUT_IMAGES:
         raise UserError(f"at --heldout-fraction {fraction} the selection and report splits of {cfg.data_dir} get "
@@ -866,7 +861,7 @@ def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
     return dataclasses.replace(cfg, **changed)
 
 
-def config_summary(cfg: Config, given: dict, stage: str, notes=(), saved=True) -> str:
+def config_summary(cfg: Config, given: dict, stage: str, notes, saved) -> str:
     """What this run's configuration changes from the defaults, and where each change came from."""
     preset_name, preset = preset_of(given)
     default, groups = Config(out=cfg.out), {"flags": {}, preset_name: {}, "fitted to the folder": {}}
@@ -908,15 +903,11 @@ def check_config(cfg: Config):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    range_indices(cfg)
-    if cfg.merge_weights:
-        merge_weight_list(cfg)
-    if cfg.seeds:
-        seed_list(cfg)
+    for parse in (range_indices, merge_weight_list, seed_list):  # each raises its flag's line ([] when not given)
+        parse(cfg)
 
 
 def parse_list(flag, text, kind=int, example="0,1,2") -> list:
-    """A comma-separated flag's values, or one line saying what it should look like."""
     try:
         return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -925,7 +916,6 @@ def parse_list(flag, text, kind=int, example="0,1,2") -> list:
 
 
 def range_indices(cfg: Config) -> list:
-    """The range indices this invocation finetunes."""
     idx = list(range(cfg.n_ranges)) if cfg.ranges == "all" else parse_list("ranges", cfg.ranges, example="0,2")
     if not idx or any(not 0 <= i < cfg.n_ranges for i in idx):
         raise UserError(f"--ranges {cfg.ranges!r}: indices must lie in 0..{cfg.n_ranges - 1}, below --n-ranges")
@@ -934,14 +924,14 @@ def range_indices(cfg: Config) -> list:
 
 def seed_list(cfg: Config) -> list:
     seeds = parse_list("seeds", cfg.seeds)
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    if cfg.seeds and (not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0):
         raise UserError(f"--seeds {cfg.seeds!r}: give distinct non-negative integers, e.g. 0,1,2")
     return seeds
 
 
 def merge_weight_list(cfg: Config) -> list:
     w = parse_list("merge-weights", cfg.merge_weights, float, "0.1,0.1,0.2,0.5")
-    if len(w) != cfg.n_ranges:
+    if cfg.merge_weights and len(w) != cfg.n_ranges:
         raise UserError(f"--merge-weights has {len(w)} values but there are {cfg.n_ranges} ranges; give one per range")
     return w
 
@@ -964,7 +954,6 @@ class Env:
         return self.rank == 0
 
     def autocast(self):
-        """Training's bf16/fp16 autocast, or nothing for fp32."""
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
@@ -1022,9 +1011,8 @@ def setup_env(cfg: Config) -> Env:
         import datetime
         torch.distributed.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(hours=1),
                                              device_id=device if gpu else None)
-    precision = cfg.precision
-    if precision == "auto":  # CPUs too train in fp32: bf16 there is an opt-in (README, "bf16 on CPUs")
-        precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
+    auto = "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"  # CPUs: opt-in (README, "bf16 on CPUs")
+    precision = auto if cfg.precision == "auto" else cfg.precision
     if gpu:  # TF32 only where training is not fp32 anyway; evaluation switches it off (Env.exact)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     return Env(device, rank, world, precision, gpu if cfg.compile is None else cfg.compile,
@@ -1046,7 +1034,6 @@ def set_dropout(model, p):
 
 
 def frozen(model):
-    """A copy that never trains: eval mode, no gradients (θ0 as the consistency-loss teacher)."""
     return copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
 
 
@@ -1056,7 +1043,6 @@ def place(model, env: Env):
 
 
 def prepare(model, env: Env, train=False):
-    """The model placed, then wrapped for torchrun and compiled as configured."""
     model = place(model, env)
     if train and env.world > 1:  # device_ids: the GPU of this process (None on a CPU)
         model = nn.parallel.DistributedDataParallel(model, [env.device.index] if env.device.type == "cuda" else None)
@@ -1126,7 +1112,6 @@ def load_checkpoint(path) -> dict:
 
 
 def build_model(model_config: dict, state_dict) -> UNet:
-    """A UNet from its config holding `state_dict` (with the projections the weights have)."""
     return model_from_state_dict(state_dict, model_config)
 
 
@@ -1139,7 +1124,6 @@ def load_model(path, ck=None) -> UNet:
 
 
 def atomic_write_text(text, path):
-    """Writes text to `path` atomically (ddpm_unet.atomic_path)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
@@ -1191,7 +1175,7 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
     x_gen = torch.Generator(env.device).manual_seed(seed * 7919 + 1)  # noise and flips (device)
     torch.manual_seed(seed * 7919 + env.rank + 2)  # dropout, different on every rank
     start = restore(state, env, desc, seed * 7919, model, ema, opt, sched, scaler, (t_gen, x_gen)) if state else 0
-    teacher = None if teacher is None else prepare(teacher, dataclasses.replace(env, world=1))
+    teacher = None if teacher is None else prepare(teacher, env)
     net = prepare(model, env, train=True)
     grid = grid or (lambda state, path: save_grid(build_model(unwrap(model).config, state), diffusion, path, env, cfg))
     data_iter = batches(data, micro, seed, env.rank, env.world, start=start * cfg.grad_accum, workers=cfg.workers)
@@ -1201,8 +1185,7 @@ def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, step
         if cfg.flip:
             flip = (torch.rand(micro * env.world, generator=x_gen, device=env.device) < 0.5)[mine]
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        if env.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
+        x0 = place(x0, env)  # the model's memory format
         t = timesteps(micro * env.world, t_gen)[mine].to(env.device)
         noise = torch.randn((micro * env.world, *x0.shape[1:]), generator=x_gen, device=env.device)[mine]
         with net.no_sync() if env.world > 1 and not last else contextlib.nullcontext():
@@ -1271,7 +1254,6 @@ def lr_factor(k, steps, warmup, schedule="constant") -> float:
 
 
 def run_dir(cfg: Config, *parts) -> Path:
-    """A path inside the run folder (nothing is written outside it)."""
     return Path(cfg.out).joinpath(*parts)
 
 
@@ -1344,7 +1326,6 @@ def range_checkpoints(cfg: Config):
 
 
 def range_models(cfg: Config) -> list:
-    """θ_1..θ_N: the EMA weights of every finished range, as models."""
     return [build_model(ck["model_config"], ck["ema"]).eval() for ck in range_checkpoints(cfg)]
 
 
