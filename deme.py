@@ -1149,9 +1149,8 @@ def check_batch_split(cfg: Config, world: int) -> int:
 def train_loop(cfg: Config, env: Env, stage_dir, model, data, diffusion, *, steps, lr, warmup, timesteps,
                identity: dict, teacher=None, lam=0.0, desc="train", seed=0, encode=None, grid=None,
                weighting=None, curve=None, schedule="constant") -> dict:
-    """Trains `model` in place, resumably, and returns its EMA weights: DDPM Algorithm 1 with the consistency loss to
-    `teacher` (Eq. 4-5). Hooks: encode(batch) -> (x0, model inputs) (SD: latents, text); grid(ema_state, path);
-    weighting(t), per-sample loss weights (Table 1's baselines); curve(step, ema_state) every --curve-every steps."""
+    """Trains `model` resumably; returns its EMA weights: DDPM Alg. 1 with the consistency loss to `teacher` (Eq. 4-5).
+    Hooks: encode(batch) -> (x0, model kwargs) (SD); grid(ema, path); weighting(t) (Table 1); curve(step, ema)."""
     ckpt_path = Path(stage_dir) / "ckpt.pt"
     identity = dict(identity, steps=steps, lr=lr, batch_size=cfg.batch_size, seed=seed)
     state = None if cfg.overwrite or not ckpt_path.exists() else load_checkpoint(ckpt_path)
