@@ -1420,7 +1420,6 @@ def image_files(folder) -> list:
 
 
 def unit_hash(name: str) -> float:
-    """A number in [0, 1) fixed by `name` alone (the first 8 bytes of its SHA-256)."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2 ** 64
 
 
@@ -1464,8 +1463,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 class LSUN(ImageFolder):
-    """The `role` split of an LSUN lmdb folder (self.paths: its keys, listed once into `cache`; bedroom's 3M: minutes);
-    the lmdb opens on first use in each process, so DataLoader workers never share a handle forked from their parent."""
+    """An lmdb's `role` split, keys listed once into `cache`; opened per process so workers share no forked handle."""
 
     def __init__(self, folder, size, random_crop, role, fraction, cache: Path):
         if cache.is_file():
@@ -1517,7 +1515,6 @@ def make_dataset(cfg: Config, split="train", n=None):
 
 
 def held_out_split(cfg: Config, n, role, flag=None):
-    """The "select" or "report" split (make_dataset), or one line saying it holds fewer than the n images asked for."""
     ds = make_dataset(cfg, role, n)
     if len(ds) < n:
         flag = flag or ("--search-images" if role == "select" else "--report-images")
@@ -1573,11 +1570,9 @@ class FIDInception(nn.Module):
                 download(FID_WEIGHTS_URL, path, FID_WEIGHTS_SHA256_PREFIX if check_hash else "", "sha256")
             except UserError as e:
                 raise UserError(f"Inception weights missing: {e}, or pass --inception-weights FILE") from None
-        if check_hash:
-            digest = file_digest(path, "sha256")
-            if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
-                raise UserError(f"{path} has SHA-256 {digest}, not {FID_WEIGHTS_SHA256_PREFIX}...; it is not "
-                                f"pytorch-fid's {FID_WEIGHTS_NAME}: download {FID_WEIGHTS_URL}")
+        elif check_hash and not (digest := file_digest(path, "sha256")).startswith(FID_WEIGHTS_SHA256_PREFIX):
+            raise UserError(f"{path} has SHA-256 {digest}, not {FID_WEIGHTS_SHA256_PREFIX}...; it is not "
+                            f"pytorch-fid's {FID_WEIGHTS_NAME}: download {FID_WEIGHTS_URL}")
         try:  # BatchNorm's step counters do not affect eval-mode outputs; files from older torch versions lack them
             state = torch.load(path, map_location="cpu", weights_only=True)
             self.load_state_dict({**{k: v for k, v in self.state_dict().items()
@@ -1645,8 +1640,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Fréchet distance of two Gaussians, ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    d = mu1.shape[0]
-    assert mu2.shape == (d,) and sigma1.shape == sigma2.shape == (d, d), (mu2.shape, sigma1.shape, sigma2.shape)
+    assert mu2.shape == mu1.shape and sigma1.shape == sigma2.shape == mu1.shape * 2, (mu2.shape, sigma1.shape)
     # S1 S2 is similar to the PSD matrix S1^(1/2) S2 S1^(1/2), so tr (S1 S2)^(1/2) = sum of sqrt of its eigenvalues;
     # with S1 = V W V^T, that matrix is V (B^T S2 B) V^T for B = V W^(1/2), and B^T S2 B has the same eigenvalues.
     w1, V1 = np.linalg.eigh(sigma1)
@@ -1739,8 +1733,7 @@ def fingerprint(weights) -> str:
     """SHA-256 (16 hex digits) of a model's or state dict's weights, which samples and scores on disk are kept by."""
     h = hashlib.sha256()
     for k, v in sorted((unwrap(weights).state_dict() if isinstance(weights, nn.Module) else weights).items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
+        h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -1764,7 +1757,6 @@ def named_model(cfg: Config, env: Env, name: str, theta0=None):
 
 
 def sample_shape(model) -> tuple:
-    """(C, H, W) of the samples of a UNet or of an ensemble."""
     m = unwrap(model)
     m = m.models[0] if isinstance(m, RangeEnsemble) else m
     return m.config["in_channels"], m.config["resolution"], m.config["resolution"]
@@ -1831,8 +1823,7 @@ def selection_quality(cfg: Config, env: Env, diffusion, model) -> float:
 
 
 def choose_merge_weights(cfg: Config, env: Env, diffusion, backbone, base, finetuned) -> Optional[dict]:
-    """The merge search on rank 0 (others get None): search_merge_weights on the selection split's held-out loss, and
-    for --search-objective samples, sample_candidates ranked by selection_quality. Every score is cached."""
+    """Rank 0's merge search (others: None) on held-out loss, then ranked by selection_quality; every score cached."""
     samples = cfg.search_objective == "samples"
     if samples and eval_metric(cfg) == "fid":  # the selection split's statistics first, shared by all ranks
         reference_stats(cfg, env, FIDInception(cfg.inception_weights or None), "select")
@@ -1894,15 +1885,11 @@ def eval_metric(cfg: Config) -> str:
 
 
 def pixel_pool(res, channels, n) -> int:
-    """The smallest average-pool factor that leaves at least 10 samples per pixel dimension."""
-    pool = 1
-    while channels * (res // pool) ** 2 * 10 > n and res // pool > 1:
-        pool *= 2
-    return pool
+    """The smallest average-pool factor (a power of 2) that leaves at least 10 samples per pixel dimension."""
+    return next(p for p in (2 ** k for k in itertools.count()) if channels * (res // p) ** 2 * 10 <= n or res // p <= 1)
 
 
 def check_pixel_reference(size, n):
-    """One line unless a training split of `size` images holds the 2 x n real images the pixel metric compares."""
     if size < 2 * n:
         raise UserError(f"the training split has {size} images, fewer than 2 x {n} for the pixel Fréchet distance "
                         f"and its real-vs-real floor; lower --n-samples")
@@ -1927,7 +1914,6 @@ def reference_stats(cfg: Config, env: Env, inception, split="eval"):
 
 
 def split_description(cfg: Config, role) -> str:
-    """Which images a split holds, in words, for the results files."""
     if cfg.dataset == "synthetic":
         return f"synthetic images of seed {SYNTHETIC_SEEDS[role]}"
     if cfg.dataset == "cifar10":
@@ -1958,8 +1944,7 @@ def evaluation_protocol(cfg: Config, metric: str) -> dict:
 
 
 def evaluation_reference(cfg: Config, env: Env) -> dict:
-    """What every model is compared with: the report split, the noise seeds, and the training-set statistics (FID) or
-    n real images and the real-vs-real floor from n others (pixel: synthetic, two other seeds; else training images)."""
+    """What models are compared with: report split, noise seeds, and FID statistics or real images and their floor."""
     ref = dict(metric=eval_metric(cfg), heldout=heldout_images(cfg, cfg.report_images, "report"),
                loss_seed=role_seed(cfg.seed, "report"), sample_seed=role_seed(cfg.seed, "samples"), floor=None,
                pool=None)
@@ -2023,16 +2008,13 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> 
 
 
 def markdown_table(head, rows) -> str:
-    """A Markdown table: the header, then a line per row (cells as they are given)."""
     lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
 
 
 def results_markdown(results, cfg: Config) -> str:
-    """The results table as Markdown."""
-    ranges = timestep_ranges(cfg.n_ranges)
-    head = ["model", results["metric"].split(",")[0], "held-out loss"] + [f"loss t∈[{a},{b})" for a, b in ranges]
-    head += ["parameters"]  # (sampling seconds, a timing, are in results.json: the table is the same on any machine)
+    head = ["model", results["metric"].split(",")[0], "held-out loss",
+            *[f"loss t∈[{a},{b})" for a, b in timestep_ranges(cfg.n_ranges)], "parameters"]  # timings: JSON only
     lines = [f"Sampler: {results['sampler']}; {results['metric']}; seed {results['seed']}."]
     if results["real_vs_real"] is not None:
         lines[0] += (f" Real vs real at the same N: {results['real_vs_real']:.4f} (pixels average-pooled "
@@ -2053,8 +2035,7 @@ def results_markdown(results, cfg: Config) -> str:
 
 
 def seed_summary(rows_by_seed: dict) -> dict:
-    """Each model's {mean, min, max, values} over seeds of "value", "heldout_loss", each range's loss, and with a θ0
-    row, of the paired differences to it seed by seed ("value_vs_theta0", "loss_vs_theta0_pct", ...)."""
+    """Each model's {mean, min, max, values} over seeds of its results, and of its differences to θ0's on each seed."""
     def spread(v):
         return dict(mean=float(np.mean(v)), min=float(np.min(v)), max=float(np.max(v)), values=[float(x) for x in v])
     names = [r["model"] for r in next(iter(rows_by_seed.values()))]
