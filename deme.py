@@ -1595,9 +1595,8 @@ class FIDInception(nn.Module):
             if hasattr(b, "branch5x5_1"):  # InceptionA
                 mid = [b.branch5x5_2(b.branch5x5_1(x)), b.branch3x3dbl_3(b.branch3x3dbl_2(b.branch3x3dbl_1(x)))]
             elif hasattr(b, "branch7x7_1"):  # InceptionC
-                mid = [b.branch7x7_3(b.branch7x7_2(b.branch7x7_1(x))), x]
-                for k in range(1, 6):
-                    mid[1] = getattr(b, f"branch7x7dbl_{k}")(mid[1])
+                dbl = nn.Sequential(*(getattr(b, f"branch7x7dbl_{k}") for k in range(1, 6)))
+                mid = [b.branch7x7_3(b.branch7x7_2(b.branch7x7_1(x))), dbl(x)]
             else:  # InceptionE: both 3x3 branches end in two parallel convs
                 b3, b3dbl = b.branch3x3_1(x), b.branch3x3dbl_2(b.branch3x3dbl_1(x))
                 mid = [b.branch3x3_2a(b3), b.branch3x3_2b(b3), b.branch3x3dbl_3a(b3dbl), b.branch3x3dbl_3b(b3dbl)]
@@ -1611,7 +1610,6 @@ def feature_stats(features):
 
 
 def save_stats(path, mu, sigma):
-    """Write statistics as an .npz with keys mu and sigma (pytorch-fid's format), atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=mu, sigma=sigma)
 
@@ -1945,9 +1943,8 @@ def evaluation_protocol(cfg: Config, metric: str) -> dict:
 
 def evaluation_reference(cfg: Config, env: Env) -> dict:
     """What models are compared with: report split, noise seeds, and FID statistics or real images and their floor."""
-    ref = dict(metric=eval_metric(cfg), heldout=heldout_images(cfg, cfg.report_images, "report"),
-               loss_seed=role_seed(cfg.seed, "report"), sample_seed=role_seed(cfg.seed, "samples"), floor=None,
-               pool=None)
+    ref = dict(metric=eval_metric(cfg), floor=None, pool=None, heldout=heldout_images(cfg, cfg.report_images, "report"),
+               loss_seed=role_seed(cfg.seed, "report"), sample_seed=role_seed(cfg.seed, "samples"))
     if ref["metric"] == "fid":
         ref["inception"] = FIDInception(cfg.inception_weights or None)
         ref["stats"] = reference_stats(cfg, env, ref["inception"])  # sharded over the ranks, then cached
@@ -2081,19 +2078,16 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
                       run_dir(cfg, f"{name}.json"))
     atomic_write_text(text, run_dir(cfg, f"{name}.md"))
     print("\n" + text)
-    spread = lambda ds: (np.array([d["mean"] for d in ds]), np.array([[d["mean"] - d["min"] for d in ds],
-                                                                      [d["max"] - d["mean"] for d in ds]]))
 
-    def draw(fig):
+    def draw(fig):  # bars: the means; whiskers: min to max; per range (where finetuning gained or lost) when paired
         axes = fig.subplot_mosaic([["value", "loss"]] + ([["range", "range"]] if paired else []))
-        for key, panel, label in ((keys[0], "value", metric), (keys[1], "loss", "held-out loss" + " (%)" * paired)):
-            mean, err = spread([summary[m][key] for m in names])
-            _bars(axes[panel], mean[:, None], [""], names, ("Δ vs θ0: " if paired else "") + label.split(",")[0],
-                  err[:, :, None])
-        if paired:  # each range's loss relative to θ0's on the same seed: where finetuning gained or lost
-            per_range = [spread(summary[m][keys[2]]) for m in names]
-            _bars(axes["range"], np.array([m for m, _ in per_range]), [f"t ∈ [{a}, {b})" for a, b in ranges], names,
-                  "Δ held-out loss vs θ0, same seed (%)", np.stack([e for _, e in per_range], 1))
+        delta = "Δ vs θ0: " if paired else ""
+        panels = [("value", [""], delta + short), ("loss", [""], delta + "held-out loss" + " (%)" * paired),
+                  ("range", [f"t ∈ [{a}, {b})" for a, b in ranges], "Δ held-out loss vs θ0, same seed (%)")]
+        for key, (panel, groups, label) in zip(keys, panels[:len(axes)]):
+            cells = [summary[m][key] if panel == "range" else [summary[m][key]] for m in names]
+            mean, low, high = (np.array([[c[s] for c in cs] for cs in cells]) for s in ("mean", "min", "max"))
+            _bars(axes[panel], mean, groups, names, label, np.stack([mean - low, high - mean]))  # (models, groups)
         fig.suptitle(f"Mean and min-max over seeds {', '.join(map(str, seeds))} (report split)")
     try:
         _plot(run_dir(cfg, f"{name}.png"), (5 + 1.2 * len(names), 8 if paired else 4), draw)
