@@ -1699,11 +1699,10 @@ def fid_command(path_a, path_b, batch_size=50, device="cpu", inception_weights=N
                       f"upward; compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
             inputs[k] = inception_statistics(png_batches(paths, batch_size), len(paths), model,
                                              Env(torch.device(device)), f"features of {Path(path).name}")
-    (mu_a, sigma_a), (mu_b, sigma_b) = inputs
-    if len(mu_a) != len(mu_b):
-        raise UserError(f"statistics do not match: {len(mu_a)} vs {len(mu_b)} dimensions; compute both with the "
-                        f"same feature extractor and dims")
-    fid = frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+    if len(inputs[0][0]) != len(inputs[1][0]):
+        raise UserError(f"statistics do not match: {len(inputs[0][0])} vs {len(inputs[1][0])} dimensions; compute "
+                        f"both with the same feature extractor and dims")
+    fid = frechet_distance(*inputs[0], *inputs[1])
     print("FID: ", fid)
     return fid
 
@@ -1970,11 +1969,10 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> 
                     data=cfg.data_dir if cfg.dataset != "synthetic" else "", fid_stats=cfg.fid_stats)
     key = hashlib.sha256(json.dumps([fingerprint(model), protocol]).encode()).hexdigest()[:16]
     path = run_dir(cfg, "evaluations", f"{key}.pt")
-    if path.exists() and not cfg.overwrite:
-        env.barrier()  # every rank has looked before rank 0 could write anything new
-        kept = load_checkpoint(path)
+    kept = load_checkpoint(path) if path.exists() and not cfg.overwrite else None
+    env.barrier()  # every rank has looked before rank 0 could write anything new
+    if kept:
         return dict(kept["row"], model=name), kept["grid"].float() / 127.5 - 1
-    env.barrier()
     start = time.perf_counter()
     if ref["metric"] == "pixel":  # rank r makes samples r, r + world, ...; all are gathered on every rank
         part = sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, ref["sample_seed"], env.rank, env.world)
