@@ -2033,10 +2033,9 @@ def seed_summary(rows_by_seed: dict) -> dict:
     """Each model's {mean, min, max, values} over seeds of its results, and of its differences to θ0's on each seed."""
     def spread(v):
         return dict(mean=float(np.mean(v)), min=float(np.min(v)), max=float(np.max(v)), values=[float(x) for x in v])
-    names = [r["model"] for r in next(iter(rows_by_seed.values()))]
-    rows = {n: [next(r for r in seed_rows if r["model"] == n) for seed_rows in rows_by_seed.values()] for n in names}
-    cols = {n: [np.array([r[k] for r in rs]) for k in ("value", "heldout_loss", "heldout_loss_per_range")]
-            for n, rs in rows.items()}                                     # (seeds,), (seeds,), (seeds, ranges)
+    by_model = [{r["model"]: r for r in seed_rows} for seed_rows in rows_by_seed.values()]
+    cols = {n: [np.array([s[n][k] for s in by_model]) for k in ("value", "heldout_loss", "heldout_loss_per_range")]
+            for n in by_model[0]}                                           # (seeds,), (seeds,), (seeds, ranges)
     base = next((cols[n] for n in ("theta0", "θ0") if n in cols), None)
     summary = {}
     for name, (value, loss, per_range) in cols.items():
