@@ -1400,7 +1400,6 @@ def image_files(folder) -> list:
 
 
 def unit_hash(name: str) -> float:
-    """A number in [0, 1) fixed by `name` alone (the first 8 bytes of its SHA-256)."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2 ** 64
 
 
@@ -1444,8 +1443,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 class LSUN(ImageFolder):
-    """The `role` split of an LSUN lmdb folder (self.paths: its keys, listed once into `cache`; bedroom's 3M: minutes);
-    the lmdb opens on first use in each process, so DataLoader workers never share a handle forked from their parent."""
+    """An lmdb's `role` split, keys listed once into `cache`; opened per process so workers share no forked handle."""
 
     def __init__(self, folder, size, random_crop, role, fraction, cache: Path):
         if cache.is_file():
@@ -1497,7 +1495,6 @@ def make_dataset(cfg: Config, split="train", n=None):
 
 
 def held_out_split(cfg: Config, n, role, flag=None):
-    """The "select" or "report" split (make_dataset), or one line saying it holds fewer than the n images asked for."""
     ds = make_dataset(cfg, role, n)
     if len(ds) < n:
         flag = flag or ("--search-images" if role == "select" else "--report-images")
@@ -1553,11 +1550,9 @@ class FIDInception(nn.Module):
                 download(FID_WEIGHTS_URL, path, FID_WEIGHTS_SHA256_PREFIX if check_hash else "", "sha256")
             except UserError as e:
                 raise UserError(f"Inception weights missing: {e}, or pass --inception-weights FILE") from None
-        if check_hash:
-            digest = file_digest(path, "sha256")
-            if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
-                raise UserError(f"{path} has SHA-256 {digest}, not {FID_WEIGHTS_SHA256_PREFIX}...; it is not "
-                                f"pytorch-fid's {FID_WEIGHTS_NAME}: download {FID_WEIGHTS_URL}")
+        elif check_hash and not (digest := file_digest(path, "sha256")).startswith(FID_WEIGHTS_SHA256_PREFIX):
+            raise UserError(f"{path} has SHA-256 {digest}, not {FID_WEIGHTS_SHA256_PREFIX}...; it is not "
+                            f"pytorch-fid's {FID_WEIGHTS_NAME}: download {FID_WEIGHTS_URL}")
         try:  # BatchNorm's step counters do not affect eval-mode outputs; files from older torch versions lack them
             state = torch.load(path, map_location="cpu", weights_only=True)
             self.load_state_dict({**{k: v for k, v in self.state_dict().items()
@@ -1580,9 +1575,8 @@ class FIDInception(nn.Module):
             if hasattr(b, "branch5x5_1"):  # InceptionA
                 mid = [b.branch5x5_2(b.branch5x5_1(x)), b.branch3x3dbl_3(b.branch3x3dbl_2(b.branch3x3dbl_1(x)))]
             elif hasattr(b, "branch7x7_1"):  # InceptionC
-                mid = [b.branch7x7_3(b.branch7x7_2(b.branch7x7_1(x))), x]
-                for k in range(1, 6):
-                    mid[1] = getattr(b, f"branch7x7dbl_{k}")(mid[1])
+                dbl = nn.Sequential(*(getattr(b, f"branch7x7dbl_{k}") for k in range(1, 6)))
+                mid = [b.branch7x7_3(b.branch7x7_2(b.branch7x7_1(x))), dbl(x)]
             else:  # InceptionE: both 3x3 branches end in two parallel convs
                 b3, b3dbl = b.branch3x3_1(x), b.branch3x3dbl_2(b.branch3x3dbl_1(x))
                 mid = [b.branch3x3_2a(b3), b.branch3x3_2b(b3), b.branch3x3dbl_3a(b3dbl), b.branch3x3dbl_3b(b3dbl)]
@@ -1596,7 +1590,6 @@ def feature_stats(features):
 
 
 def save_stats(path, mu, sigma):
-    """Write statistics as an .npz with keys mu and sigma (pytorch-fid's format), atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=mu, sigma=sigma)
 
@@ -1625,8 +1618,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Fréchet distance of two Gaussians, ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    d = mu1.shape[0]
-    assert mu2.shape == (d,) and sigma1.shape == sigma2.shape == (d, d), (mu2.shape, sigma1.shape, sigma2.shape)
+    assert mu2.shape == mu1.shape and sigma1.shape == sigma2.shape == mu1.shape * 2, (mu2.shape, sigma1.shape)
     # S1 S2 is similar to the PSD matrix S1^(1/2) S2 S1^(1/2), so tr (S1 S2)^(1/2) = sum of sqrt of its eigenvalues;
     # with S1 = V W V^T, that matrix is V (B^T S2 B) V^T for B = V W^(1/2), and B^T S2 B has the same eigenvalues.
     w1, V1 = np.linalg.eigh(sigma1)
@@ -1687,11 +1679,10 @@ def fid_command(path_a, path_b, batch_size=50, device="cpu", inception_weights=N
                       f"upward; compare only at equal sample counts (the paper uses 50,000)", file=sys.stderr)
             inputs[k] = inception_statistics(png_batches(paths, batch_size), len(paths), model,
                                              Env(torch.device(device)), f"features of {Path(path).name}")
-    (mu_a, sigma_a), (mu_b, sigma_b) = inputs
-    if len(mu_a) != len(mu_b):
-        raise UserError(f"statistics do not match: {len(mu_a)} vs {len(mu_b)} dimensions; compute both with the "
-                        f"same feature extractor and dims")
-    fid = frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+    if len(inputs[0][0]) != len(inputs[1][0]):
+        raise UserError(f"statistics do not match: {len(inputs[0][0])} vs {len(inputs[1][0])} dimensions; compute "
+                        f"both with the same feature extractor and dims")
+    fid = frechet_distance(*inputs[0], *inputs[1])
     print("FID: ", fid)
     return fid
 
@@ -1719,8 +1710,7 @@ def fingerprint(weights) -> str:
     """SHA-256 (16 hex digits) of a model's or state dict's weights, which samples and scores on disk are kept by."""
     h = hashlib.sha256()
     for k, v in sorted((unwrap(weights).state_dict() if isinstance(weights, nn.Module) else weights).items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
+        h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -1744,7 +1734,6 @@ def named_model(cfg: Config, env: Env, name: str, theta0=None):
 
 
 def sample_shape(model) -> tuple:
-    """(C, H, W) of the samples of a UNet or of an ensemble."""
     m = unwrap(model)
     m = m.models[0] if isinstance(m, RangeEnsemble) else m
     return m.config["in_channels"], m.config["resolution"], m.config["resolution"]
@@ -1811,8 +1800,7 @@ def selection_quality(cfg: Config, env: Env, diffusion, model) -> float:
 
 
 def choose_merge_weights(cfg: Config, env: Env, diffusion, backbone, base, finetuned) -> Optional[dict]:
-    """The merge search on rank 0 (others get None): search_merge_weights on the selection split's held-out loss, and
-    for --search-objective samples, sample_candidates ranked by selection_quality. Every score is cached."""
+    """Rank 0's merge search (others: None) on held-out loss, then ranked by selection_quality; every score cached."""
     samples = cfg.search_objective == "samples"
     if samples and eval_metric(cfg) == "fid":  # the selection split's statistics first, shared by all ranks
         reference_stats(cfg, env, FIDInception(cfg.inception_weights or None), "select")
@@ -1874,15 +1862,11 @@ def eval_metric(cfg: Config) -> str:
 
 
 def pixel_pool(res, channels, n) -> int:
-    """The smallest average-pool factor that leaves at least 10 samples per pixel dimension."""
-    pool = 1
-    while channels * (res // pool) ** 2 * 10 > n and res // pool > 1:
-        pool *= 2
-    return pool
+    """The smallest average-pool factor (a power of 2) that leaves at least 10 samples per pixel dimension."""
+    return next(p for p in (2 ** k for k in itertools.count()) if channels * (res // p) ** 2 * 10 <= n or res // p <= 1)
 
 
 def check_pixel_reference(size, n):
-    """One line unless a training split of `size` images holds the 2 x n real images the pixel metric compares."""
     if size < 2 * n:
         raise UserError(f"the training split has {size} images, fewer than 2 x {n} for the pixel Fréchet distance "
                         f"and its real-vs-real floor; lower --n-samples")
@@ -1907,7 +1891,6 @@ def reference_stats(cfg: Config, env: Env, inception, split="eval"):
 
 
 def split_description(cfg: Config, role) -> str:
-    """Which images a split holds, in words, for the results files."""
     if cfg.dataset == "synthetic":
         return f"synthetic images of seed {SYNTHETIC_SEEDS[role]}"
     if cfg.dataset == "cifar10":
@@ -1938,11 +1921,9 @@ def evaluation_protocol(cfg: Config, metric: str) -> dict:
 
 
 def evaluation_reference(cfg: Config, env: Env) -> dict:
-    """What every model is compared with: the report split, the noise seeds, and the training-set statistics (FID) or
-    n real images and the real-vs-real floor from n others (pixel: synthetic, two other seeds; else training images)."""
-    ref = dict(metric=eval_metric(cfg), heldout=heldout_images(cfg, cfg.report_images, "report"),
-               loss_seed=role_seed(cfg.seed, "report"), sample_seed=role_seed(cfg.seed, "samples"), floor=None,
-               pool=None)
+    """What models are compared with: report split, noise seeds, and FID statistics or real images and their floor."""
+    ref = dict(metric=eval_metric(cfg), floor=None, pool=None, heldout=heldout_images(cfg, cfg.report_images, "report"),
+               loss_seed=role_seed(cfg.seed, "report"), sample_seed=role_seed(cfg.seed, "samples"))
     if ref["metric"] == "fid":
         ref["inception"] = FIDInception(cfg.inception_weights or None)
         ref["stats"] = reference_stats(cfg, env, ref["inception"])  # sharded over the ranks, then cached
@@ -1968,11 +1949,10 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> 
                     data=cfg.data_dir if cfg.dataset != "synthetic" else "", fid_stats=cfg.fid_stats)
     key = hashlib.sha256(json.dumps([fingerprint(model), protocol]).encode()).hexdigest()[:16]
     path = run_dir(cfg, "evaluations", f"{key}.pt")
-    if path.exists() and not cfg.overwrite:
-        env.barrier()  # every rank has looked before rank 0 could write anything new
-        kept = load_checkpoint(path)
+    kept = load_checkpoint(path) if path.exists() and not cfg.overwrite else None
+    env.barrier()  # every rank has looked before rank 0 could write anything new
+    if kept:
         return dict(kept["row"], model=name), kept["grid"].float() / 127.5 - 1
-    env.barrier()
     start = time.perf_counter()
     if ref["metric"] == "pixel":  # rank r makes samples r, r + world, ...; all are gathered on every rank
         part = sample_in_memory(cfg, env, diffusion, model, cfg.n_samples, ref["sample_seed"], env.rank, env.world)
@@ -2003,16 +1983,13 @@ def evaluate_model(cfg: Config, env: Env, diffusion, model, name, ref: dict) -> 
 
 
 def markdown_table(head, rows) -> str:
-    """A Markdown table: the header, then a line per row (cells as they are given)."""
     lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
 
 
 def results_markdown(results, cfg: Config) -> str:
-    """The results table as Markdown."""
-    ranges = timestep_ranges(cfg.n_ranges)
-    head = ["model", results["metric"].split(",")[0], "held-out loss"] + [f"loss t∈[{a},{b})" for a, b in ranges]
-    head += ["parameters"]  # (sampling seconds, a timing, are in results.json: the table is the same on any machine)
+    head = ["model", results["metric"].split(",")[0], "held-out loss",
+            *[f"loss t∈[{a},{b})" for a, b in timestep_ranges(cfg.n_ranges)], "parameters"]  # timings: JSON only
     lines = [f"Sampler: {results['sampler']}; {results['metric']}; seed {results['seed']}."]
     if results["real_vs_real"] is not None:
         lines[0] += (f" Real vs real at the same N: {results['real_vs_real']:.4f} (pixels average-pooled "
@@ -2033,14 +2010,12 @@ def results_markdown(results, cfg: Config) -> str:
 
 
 def seed_summary(rows_by_seed: dict) -> dict:
-    """Each model's {mean, min, max, values} over seeds of "value", "heldout_loss", each range's loss, and with a θ0
-    row, of the paired differences to it seed by seed ("value_vs_theta0", "loss_vs_theta0_pct", ...)."""
+    """Each model's {mean, min, max, values} over seeds of its results, and of its differences to θ0's on each seed."""
     def spread(v):
         return dict(mean=float(np.mean(v)), min=float(np.min(v)), max=float(np.max(v)), values=[float(x) for x in v])
-    names = [r["model"] for r in next(iter(rows_by_seed.values()))]
-    rows = {n: [next(r for r in seed_rows if r["model"] == n) for seed_rows in rows_by_seed.values()] for n in names}
-    cols = {n: [np.array([r[k] for r in rs]) for k in ("value", "heldout_loss", "heldout_loss_per_range")]
-            for n, rs in rows.items()}                                     # (seeds,), (seeds,), (seeds, ranges)
+    by_model = [{r["model"]: r for r in seed_rows} for seed_rows in rows_by_seed.values()]
+    cols = {n: [np.array([s[n][k] for s in by_model]) for k in ("value", "heldout_loss", "heldout_loss_per_range")]
+            for n in by_model[0]}                                           # (seeds,), (seeds,), (seeds, ranges)
     base = next((cols[n] for n in ("theta0", "θ0") if n in cols), None)
     summary = {}
     for name, (value, loss, per_range) in cols.items():
@@ -2080,19 +2055,16 @@ def write_seed_summary(cfg: Config, rows_by_seed: dict, name="seeds", note=""):
                       run_dir(cfg, f"{name}.json"))
     atomic_write_text(text, run_dir(cfg, f"{name}.md"))
     print("\n" + text)
-    spread = lambda ds: (np.array([d["mean"] for d in ds]), np.array([[d["mean"] - d["min"] for d in ds],
-                                                                      [d["max"] - d["mean"] for d in ds]]))
 
-    def draw(fig):
+    def draw(fig):  # bars: the means; whiskers: min to max; per range (where finetuning gained or lost) when paired
         axes = fig.subplot_mosaic([["value", "loss"]] + ([["range", "range"]] if paired else []))
-        for key, panel, label in ((keys[0], "value", metric), (keys[1], "loss", "held-out loss" + " (%)" * paired)):
-            mean, err = spread([summary[m][key] for m in names])
-            _bars(axes[panel], mean[:, None], [""], names, ("Δ vs θ0: " if paired else "") + label.split(",")[0],
-                  err[:, :, None])
-        if paired:  # each range's loss relative to θ0's on the same seed: where finetuning gained or lost
-            per_range = [spread(summary[m][keys[2]]) for m in names]
-            _bars(axes["range"], np.array([m for m, _ in per_range]), [f"t ∈ [{a}, {b})" for a, b in ranges], names,
-                  "Δ held-out loss vs θ0, same seed (%)", np.stack([e for _, e in per_range], 1))
+        delta = "Δ vs θ0: " if paired else ""
+        panels = [("value", [""], delta + short), ("loss", [""], delta + "held-out loss" + " (%)" * paired),
+                  ("range", [f"t ∈ [{a}, {b})" for a, b in ranges], "Δ held-out loss vs θ0, same seed (%)")]
+        for key, (panel, groups, label) in zip(keys, panels[:len(axes)]):
+            cells = [summary[m][key] if panel == "range" else [summary[m][key]] for m in names]
+            mean, low, high = (np.array([[c[s] for c in cs] for cs in cells]) for s in ("mean", "min", "max"))
+            _bars(axes[panel], mean, groups, names, label, np.stack([mean - low, high - mean]))  # (models, groups)
         fig.suptitle(f"Mean and min-max over seeds {', '.join(map(str, seeds))} (report split)")
     try:
         _plot(run_dir(cfg, f"{name}.png"), (5 + 1.2 * len(names), 8 if paired else 4), draw)
