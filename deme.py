@@ -2138,8 +2138,7 @@ def side_by_side(grids: dict, path):
 
 def loss_gradients(model, diffusion, images, timesteps, env: Env, batch=64, seed=0) -> torch.Tensor:
     """(K, P): ∇_θ of DDPM's loss on `images` at timesteps[k] (one or one per image), the same noise at every k."""
-    params = list(model.to(env.device).eval().requires_grad_(True).parameters())
-    n = len(images)
+    params, n = list(model.to(env.device).eval().requires_grad_(True).parameters()), len(images)
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     grads = torch.zeros(len(timesteps), sum(p.numel() for p in params), device=env.device)  # (K, P)
     for k, t in enumerate(tqdm(timesteps, desc="loss gradients", leave=False, disable=not env.master)):
@@ -2227,7 +2226,6 @@ def task_vector_norms(base_sd, finetuned_sds) -> dict:
 
 
 def _plot(path, size, draw) -> Path:
-    """Draws a figure with draw(fig) (matplotlib, an optional extra, without pyplot's state) into `path` as PNG."""
     try:  # `import matplotlib.x` also looks matplotlib itself up, even when matplotlib.x was imported before
         import matplotlib.figure
     except ImportError:
@@ -2240,7 +2238,6 @@ def _plot(path, size, draw) -> Path:
 
 
 def _heatmap(ax, values, xlabels, ylabels, label, limit=1.0, title="", **settings):
-    """values (rows, columns) as colours on a diverging scale from -limit to limit; settings go to ax.set."""
     im = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower", aspect="auto")
     step = max(1, len(xlabels) // 20)
     ax.set_xticks(range(0, len(xlabels), step), xlabels[::step], rotation=90 if len(xlabels) > 6 else 0)
@@ -2280,7 +2277,6 @@ def plot_curve(csv_path) -> Path:
 
 
 def _write(a, name, summary, header, rows, size, draw) -> Path:
-    """Prints a figure's summary, then writes analysis/<name>.csv (floats to 8 significant digits) and <name>.png."""
     print(summary)
     fmt = lambda v: f"{v:.8g}" if isinstance(v, (float, np.floating)) else str(v)
     atomic_write_text("".join(",".join(map(fmt, row)) + "\n" for row in [header, *rows]), a.folder / f"{name}.csv")
@@ -2312,8 +2308,7 @@ def analyze_landscape(a) -> Path:
     p, q = np.unravel_index(np.argmin(values), values.shape)
     corners = "".join(f"{name} {values[grid.index(x), grid.index(y)]:.5f}, " for name, x, y in
                       (("θ0", 0.0, 0.0), (f"range {i}", 1.0, 0.0), (f"range {j}", 0.0, 1.0)) if {x, y} <= set(grid))
-    path = run_dir(a.cfg, "merge", "search.json")
-    record = json.loads(path.read_text()) if path.exists() else {}
+    record = json.loads(path.read_text()) if (path := run_dir(a.cfg, "merge", "search.json")).exists() else {}
     w = record.get("weights") if record.get("method") in ("task_arithmetic", "average") else None
 
     def draw(fig):
@@ -2352,7 +2347,6 @@ def analyze_norms(a) -> Path:
 
 
 def analyze_stationarity(a) -> Path:
-    """Is θ0 stationary? stationarity.csv (per range: ‖g_j‖, cos of the images' two halves, cos with each range)."""
     halves = range_gradients(a.theta0, a.diffusion, a.images, a.env, a.cfg.n_ranges, a.batch,
                              role_seed(a.cfg.seed, "select"))  # (2, N, P)
     st, n, g = stationarity(halves.sum(0)), a.cfg.n_ranges, [f"g_{j}" for j in range(a.cfg.n_ranges)]
@@ -2394,7 +2388,6 @@ def analyze_seeds(a) -> Path:
 
 
 def analyze_interference(a) -> Path:
-    """interference.csv (range i, scale s, each range's loss change in % under θ0 + s τ_i) and .png (heatmaps)."""
     scales, n = (0.5, 1.0, 1.5), a.cfg.n_ranges
     change = interference(lambda sd: a.losses(sd)[1], a.base, a.finetuned, scales)
 
@@ -2412,7 +2405,6 @@ def analyze_interference(a) -> Path:
 
 
 def analyze_partial(a) -> Path:
-    """partial_ensembles.csv (model, sample metric, its difference to θ0) and .png (the differences)."""
     models = [build_model(a.theta0.config, sd).eval() for sd in a.finetuned]
     parts = {f"range {i} alone": m for i, m in enumerate(partial_ensembles(a.theta0, models))}
     named = {"theta0": a.theta0, **parts, "ensemble": RangeEnsemble(models)}
@@ -2427,27 +2419,24 @@ def analyze_partial(a) -> Path:
                   ([k, v, v - base] for k, v in values.items()), (1.3 * len(values) + 3, 4.4), draw)
 
 
-ANALYSES = {"conflict": analyze_conflict, "landscape": analyze_landscape, "norms": analyze_norms,
-            "stationarity": analyze_stationarity, "seeds": analyze_seeds, "interference": analyze_interference,
-            "partial": analyze_partial}
-
-
 def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
     """analysis/: the paper's figures and the merge's diagnostics as PNG and CSV, selection split, first of --seeds."""
+    analyses = {"conflict": analyze_conflict, "landscape": analyze_landscape, "norms": analyze_norms,
+                "stationarity": analyze_stationarity, "seeds": analyze_seeds, "interference": analyze_interference,
+                "partial": analyze_partial}
     diffusion = diffusion or GaussianDiffusion()
     n_seeds = len(seed_list(cfg)) if cfg.seeds else 0
-    figures = ([f for f in ANALYSES if f != "seeds" or n_seeds > 1] if cfg.figures == "all" else  # all it can draw
+    figures = ([f for f in analyses if f != "seeds" or n_seeds > 1] if cfg.figures == "all" else  # all it can draw
                [s.strip() for s in cfg.figures.split(",") if s.strip()])
-    if not figures or set(figures) - set(ANALYSES):
-        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSES)} (comma-separated), all")
+    if not figures or set(figures) - set(analyses):
+        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(analyses)} (comma-separated), all")
     if "seeds" in figures and n_seeds < 2:
         raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds (the run's)")
     if not 2 <= cfg.conflict_timesteps <= diffusion.T:
         raise UserError(f"--conflict-timesteps {cfg.conflict_timesteps}: give 2 to {diffusion.T} timesteps (e.g. 20)")
     pair = parse_list("landscape-ranges", cfg.landscape_ranges, example="0,3") or [0, cfg.n_ranges - 1]
     if "landscape" in figures and not (len(set(pair)) == len(pair) == 2 and all(0 <= i < cfg.n_ranges for i in pair)):
-        raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r}: give two different indices in "
-                        f"0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
+        raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r}: two different indices in 0..{cfg.n_ranges - 1}")
     if cfg.landscape_points < 2:
         raise UserError(f"--landscape-points {cfg.landscape_points}: give 2 or more points per axis (e.g. 15)")
     runs, needs = [c for _, c in seed_runs(cfg)], [f for f in figures if f not in ("conflict", "stationarity")]
@@ -2471,7 +2460,7 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
                                                           images, env, cfg.n_ranges, role_seed(run.seed, "select")),
                            by_seed=by_seed, finetuned=by_seed[0] if by_seed else None,
                            base=by_seed and PixelDDPM(cfg, theta0).merge_base(by_seed[0][0]))
-    written = [ANALYSES[name](a) for name in figures]
+    written = [analyses[name](a) for name in figures]
     print("figures: " + ", ".join(str(p) for p in written) + " (numbers in the .csv beside each)")
     return written
 
@@ -2483,7 +2472,6 @@ SIDECAR = "deme_projections.safetensors"  # the projections that export_sd canno
 
 
 def sd_libraries():
-    """(diffusers, transformers), or one line telling the user how to install them."""
     try:
         return __import__("diffusers"), __import__("transformers")
     except ImportError:
@@ -2513,7 +2501,6 @@ class SDUNet(nn.Module):
         self.config = dict(kind="stable_diffusion", unet=json.loads(json.dumps(dict(unet.config), default=str)))
 
     def add_projections(self, names=None):
-        """Identity projections where none is yet at `names` (default: all) of down_i, mid, up_i; returns self."""
         unet, c = self.unet, list(self.unet.config.block_out_channels)
         places = {**{f"down_{i}": (b, c[i]) for i, b in enumerate(unet.down_blocks)}, "mid": (unet.mid_block, c[-1]),
                   **{f"up_{i}": (b, c[::-1][i]) for i, b in enumerate(unet.up_blocks)}}  # (block, its channels)
@@ -2585,7 +2572,6 @@ class StableDiffusion:
         return copy.deepcopy(self.unet).add_projections() if self.cfg.projections else copy.deepcopy(self.unet)
 
     def grid(self, student):
-        """train_loop's grid(ema_state, path): four samples of the first prompt from the EMA weights."""
         def grid(ema_state, path):
             from torchvision.utils import save_image
             x = sd_sample(self, [self.build(ema_state)], self.prompts[:1] * 4, self.cfg, range(4))
@@ -2616,8 +2602,7 @@ class StableDiffusion:
 
 
 class CaptionedImages(ImageFolder):
-    """Image-caption pairs: images and metadata.jsonl lines {"file_name": ..., "text": a caption or a list of them}
-    (Hugging Face's imagefolder layout); with `role`, only that split's pairs (heldout_role of the file name)."""
+    """Hugging Face's imagefolder: images, metadata.jsonl lines {"file_name": ..., "text": a caption or a list}."""
 
     def __init__(self, folder, size, role=None, fraction=0.1):
         meta, self.pairs, self.size, self.random_crop = Path(folder, "metadata.jsonl"), [], size, False
@@ -2670,8 +2655,7 @@ def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> tor
 
 @torch.no_grad()
 def export_sd(model: SDUNet, pretrained, folder) -> dict:
-    """<folder>/merged_unet and merged_pipeline for diffusers, the unfoldable projections beside (returned). P after an
-    up block's upsampler conv (W, b) folds exactly, W' = P W and b' = P b, as nothing else reads that conv's output."""
+    """merged_unet/ and merged_pipeline/; P after an upsampler conv folds (W' = P W, b' = P b), the rest is returned."""
     import diffusers
     from safetensors.torch import save_file
     unet, rest = copy.deepcopy(model.unet).cpu(), {}  # (the copy's hooks go unused: only its weights are saved)
