@@ -2150,7 +2150,6 @@ def loss_gradients(model, diffusion, images, timesteps, env: Env, batch=64, seed
 
 
 def cosines(vectors) -> np.ndarray:
-    """(K, K) cosine similarities of the rows of a (K, P) tensor, in float64."""
     gram = (vectors.double() @ vectors.double().T).cpu().numpy()
     norm = np.sqrt(np.diag(gram))
     if not (norm > 0).all():
@@ -2177,14 +2176,6 @@ def stationarity(grads) -> dict:
     norms, total = grads.double().norm(dim=1), grads.double().sum(0).norm()
     return dict(norms=norms.tolist(), sum_norm=total.item(), ratio=(total / norms.square().sum().sqrt()).item(),
                 cos=cosines(grads))
-
-
-def task_vector_agreement(base_sd, finetuned_by_seed) -> dict:
-    """τ_i across seeds: norms (S, N), seeds (pairs, N) cos of two seeds' τ_i, ranges (N, N) mean cos(τ_i, τ_j)."""
-    flat = torch.stack([torch.stack([torch.cat([v.double().flatten() for v in tau.values()]) for tau in
-                                     task_vectors(base_sd, sds)]) for sds in finetuned_by_seed])  # (S, N, P)
-    seeds = np.array([cosines(flat[:, i])[np.triu_indices(len(flat), 1)] for i in range(flat.shape[1])]).T  # pairs
-    return dict(norms=flat.norm(dim=2).numpy(), seeds=seeds, ranges=np.mean([cosines(t) for t in flat], 0))
 
 
 def interference(per_range_loss, base_sd, finetuned_sds, scales=(0.5, 1.0, 1.5)) -> np.ndarray:
@@ -2325,8 +2316,7 @@ def analyze_landscape(a) -> Path:
         fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     return _write(a, "merge_landscape", f"merge landscape of ranges {i}, {j} (held-out loss): {corners}minimum "
                   f"{values[p, q]:.5f} at ({grid[p]:g}, {grid[q]:g})", [f"w_range{i}", f"w_range{j}", "heldout_loss"],
-                  ([grid[u], grid[v], values[u, v]] for u, v in itertools.product(range(len(grid)), repeat=2)),
-                  (6.8, 6.6), draw)
+                  ([x, y, v] for (x, y), v in zip(itertools.product(grid, repeat=2), values.flat)), (6.8, 6.6), draw)
 
 
 def analyze_norms(a) -> Path:
@@ -2370,20 +2360,23 @@ def analyze_stationarity(a) -> Path:
 
 def analyze_seeds(a) -> Path:
     """Each range's τ across seeds: seed_agreement.csv (‖τ_i‖ per seed, cos between seeds, cos with each τ_j), .png."""
-    agree, seeds, n = task_vector_agreement(a.base, a.by_seed), seed_list(a.cfg), a.cfg.n_ranges
-    pairs, mean, taus = list(itertools.combinations(seeds, 2)), agree["seeds"].mean(0), [f"τ_{i}" for i in range(n)]
+    flat = torch.stack([torch.stack([torch.cat([v.double().flatten() for v in tau.values()]) for tau in
+                                     task_vectors(a.base, sds)]) for sds in a.by_seed])  # (S, N, P)
+    cos = np.array([cosines(flat[:, i])[np.triu_indices(len(flat), 1)] for i in range(flat.shape[1])]).T  # (pairs, N)
+    ranges, seeds, n = np.mean([cosines(t) for t in flat], 0), seed_list(a.cfg), a.cfg.n_ranges  # (N, N) over seeds
+    pairs, mean, taus = list(itertools.combinations(seeds, 2)), cos.mean(0), [f"τ_{i}" for i in range(n)]
 
     def draw(fig):
         left, right = fig.subplots(1, 2)
         _bars(left, mean[None], a.names, ["mean"], f"cos(τ_i of one seed, τ_i of another): mean, min-max of "
-              f"{len(pairs)} pairs", np.stack([mean - agree["seeds"].min(0), agree["seeds"].max(0) - mean])[:, None],
+              f"{len(pairs)} pairs", np.stack([mean - cos.min(0), cos.max(0) - mean])[:, None],
               title="Do seeds agree on each range's task vector?")
-        _heatmap(right, agree["ranges"], taus, taus, "cosine", title="cos(τ_i, τ_j) of one seed, mean over seeds")
+        _heatmap(right, ranges, taus, taus, "cosine", title="cos(τ_i, τ_j) of one seed, mean over seeds")
     return _write(a, "seed_agreement", "task vectors across seeds, cos(τ_i, τ_i') per range (mean over pairs): " +
                   ", ".join(f"range {i} {v:.3f}" for i, v in enumerate(mean)),
                   ["range", *[f"norm_seed{s}" for s in seeds], *[f"cos_seeds_{s}-{t}" for s, t in pairs],
                    *[f"cos_with_range{j}" for j in range(n)]],
-                  ([a.names[i], *agree["norms"][:, i], *agree["seeds"][:, i], *agree["ranges"][i]] for i in range(n)),
+                  ([a.names[i], *flat[:, i].norm(dim=1).numpy(), *cos[:, i], *ranges[i]] for i in range(n)),
                   (11, 4.4), draw)
 
 
@@ -2468,7 +2461,7 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
 # --- II.7 Stable Diffusion: the same method on a text-conditioned latent UNet (paper: SD v1.4) -----------------------
 # θ0 is an SDUNet, the data are VAE latents and CLIP embeddings; the rest (Eq. 4-8, EMA, checkpoints) is the code above.
 
-SIDECAR = "deme_projections.safetensors"  # the projections that export_sd cannot fold
+SIDECAR = "deme_projections.safetensors"  # the projections that StableDiffusion.save_merged cannot fold
 
 
 def sd_libraries():
@@ -2596,8 +2589,28 @@ class StableDiffusion:
         parts = [self.encode((torch.stack(images[s:s + b]), captions[s:s + b])) for s in range(0, len(images), b)]
         return torch.cat([x.cpu() for x, _ in parts]), torch.cat([c["encoder_hidden_states"] for _, c in parts])
 
+    @torch.no_grad()
     def save_merged(self, state, record, folder):
-        export_sd(self.build(state), self.cfg.pretrained, folder)
+        """merged_unet/ and merged_pipeline/ for diffusers; P after an upsampler conv folds: W' = P W, b' = P b."""
+        import diffusers
+        from safetensors.torch import save_file
+        model = self.build(state)
+        unet, rest = model.unet.cpu(), {}  # rest: the projections that cannot fold
+        for name, W in ((n, p.weight.detach().cpu()) for n, p in model.projections.items()):
+            if name.startswith("up_") and (up := unet.up_blocks[int(name[3:])].upsamplers):  # the last has none
+                conv, P = up[0].conv, W[:, :, 0, 0].double()  # (C, C) after the conv (C, C', 3, 3)
+                conv.weight.copy_(torch.einsum("oc,cikl->oikl", P, conv.weight.double()))
+                conv.bias.copy_(P @ conv.bias.double())
+            else:  # down blocks (whose output is also a skip tensor), mid
+                rest[name] = W
+        unet.save_pretrained(folder / "merged_unet")  # (the projections' hooks on it save nothing)
+        pipeline = diffusers.StableDiffusionPipeline.from_pretrained(self.cfg.pretrained, unet=unet)
+        pipeline.save_pretrained(folder / "merged_pipeline")
+        for sidecar in (folder / "merged_unet" / SIDECAR, folder / "merged_pipeline" / "unet" / SIDECAR):
+            save_file(rest, str(sidecar))  # even empty: a stale one from an earlier export would be restored
+        if changed := [n for n, W in rest.items() if not torch.equal(W[:, :, 0, 0], torch.eye(len(W), dtype=W.dtype))]:
+            print(f"warning: plain diffusers loading of {folder}/merged_* drops the projections {', '.join(changed)}, "
+                  f"which cannot be folded; deme.load_sd_unet(DIR) keeps them", file=sys.stderr)
         return state
 
 
@@ -2653,31 +2666,8 @@ def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> tor
     return sd.vae.decode(latents.to(sd.env.device).float() / sd.scale).sample.clamp(-1, 1)
 
 
-@torch.no_grad()
-def export_sd(model: SDUNet, pretrained, folder) -> dict:
-    """merged_unet/ and merged_pipeline/; P after an upsampler conv folds (W' = P W, b' = P b), the rest is returned."""
-    import diffusers
-    from safetensors.torch import save_file
-    unet, rest = copy.deepcopy(model.unet).cpu(), {}  # (the copy's hooks go unused: only its weights are saved)
-    for name, W in ((n, p.weight.detach().cpu()) for n, p in model.projections.items()):
-        if name.startswith("up_") and (up := unet.up_blocks[int(name[3:])].upsamplers):  # the last up block has none
-            conv, P = up[0].conv, W[:, :, 0, 0].double()  # (C, C) after the conv (C, C', 3, 3)
-            conv.weight.copy_(torch.einsum("oc,cikl->oikl", P, conv.weight.double()))
-            conv.bias.copy_(P @ conv.bias.double())
-        else:  # down blocks (whose output is also a skip tensor), mid
-            rest[name] = W
-    unet.save_pretrained(folder / "merged_unet")
-    diffusers.StableDiffusionPipeline.from_pretrained(pretrained, unet=unet).save_pretrained(folder / "merged_pipeline")
-    for sidecar in (folder / "merged_unet" / SIDECAR, folder / "merged_pipeline" / "unet" / SIDECAR):
-        save_file(rest, str(sidecar))  # even empty: a stale one from an earlier export would be restored
-    if changed := [n for n, W in rest.items() if not torch.equal(W[:, :, 0, 0], torch.eye(len(W), dtype=W.dtype))]:
-        print(f"warning: plain diffusers loading of {folder}/merged_* drops the projections {', '.join(changed)}, "
-              f"which cannot be folded; deme.load_sd_unet(DIR) keeps them", file=sys.stderr)
-    return rest
-
-
 def load_sd_unet(folder) -> SDUNet:
-    """A UNet that export_sd saved (merged_unet/, or a pipeline folder), with its unfoldable projections as hooks."""
+    """A UNet that save_merged wrote (merged_unet/, or a pipeline folder), with its unfoldable projections as hooks."""
     diffusers, _ = sd_libraries()
     from safetensors.torch import load_file
     folder = Path(folder) / "unet" if (Path(folder) / "model_index.json").is_file() else Path(folder)
@@ -2709,8 +2699,7 @@ def stage_sd(cfg: Config, env: Env):
         folder = run_dir(cfg, "samples", name)
         atomic_write_text("".join(p + "\n" for p in sd.prompts), folder / "prompts.txt")
         todo = [i for i in range(len(sd.prompts)) if not (cfg.resume and (folder / f"{i:05d}.png").exists())]
-        for s in tqdm(range(0, len(todo), cfg.eval_batch), desc=f"sampling {name}"):
-            idx = todo[s:s + cfg.eval_batch]
+        for idx in tqdm([todo[s:s + cfg.eval_batch] for s in range(0, len(todo), cfg.eval_batch)], desc=name):
             for i, x in zip(idx, sd_sample(sd, models, [sd.prompts[i] for i in idx], cfg, idx)):  # x: (3, H, W)
                 with atomic_path(folder / f"{i:05d}.png", sync=False) as tmp:
                     save_image(x.float() * 0.5 + 0.5, tmp)  # the same rounding as images_to_uint8
