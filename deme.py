@@ -2090,8 +2090,7 @@ def side_by_side(grids: dict, path):
 
 def loss_gradients(model, diffusion, images, timesteps, env: Env, batch=64, seed=0) -> torch.Tensor:
     """(K, P): ∇_θ of DDPM's loss on `images` at timesteps[k] (one or one per image), the same noise at every k."""
-    params = list(model.to(env.device).eval().requires_grad_(True).parameters())
-    n = len(images)
+    params, n = list(model.to(env.device).eval().requires_grad_(True).parameters()), len(images)
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     grads = torch.zeros(len(timesteps), sum(p.numel() for p in params), device=env.device)  # (K, P)
     for k, t in enumerate(tqdm(timesteps, desc="loss gradients", leave=False, disable=not env.master)):
@@ -2103,7 +2102,6 @@ def loss_gradients(model, diffusion, images, timesteps, env: Env, batch=64, seed
 
 
 def cosines(vectors) -> np.ndarray:
-    """(K, K) cosine similarities of the rows of a (K, P) tensor, in float64."""
     gram = (vectors.double() @ vectors.double().T).cpu().numpy()
     norm = np.sqrt(np.diag(gram))
     if not (norm > 0).all():
@@ -2130,14 +2128,6 @@ def stationarity(grads) -> dict:
     norms, total = grads.double().norm(dim=1), grads.double().sum(0).norm()
     return dict(norms=norms.tolist(), sum_norm=total.item(), ratio=(total / norms.square().sum().sqrt()).item(),
                 cos=cosines(grads))
-
-
-def task_vector_agreement(base_sd, finetuned_by_seed) -> dict:
-    """τ_i across seeds: norms (S, N), seeds (pairs, N) cos of two seeds' τ_i, ranges (N, N) mean cos(τ_i, τ_j)."""
-    flat = torch.stack([torch.stack([torch.cat([v.double().flatten() for v in tau.values()]) for tau in
-                                     task_vectors(base_sd, sds)]) for sds in finetuned_by_seed])  # (S, N, P)
-    seeds = np.array([cosines(flat[:, i])[np.triu_indices(len(flat), 1)] for i in range(flat.shape[1])]).T  # pairs
-    return dict(norms=flat.norm(dim=2).numpy(), seeds=seeds, ranges=np.mean([cosines(t) for t in flat], 0))
 
 
 def interference(per_range_loss, base_sd, finetuned_sds, scales=(0.5, 1.0, 1.5)) -> np.ndarray:
@@ -2179,7 +2169,6 @@ def task_vector_norms(base_sd, finetuned_sds) -> dict:
 
 
 def _plot(path, size, draw) -> Path:
-    """Draws a figure with draw(fig) (matplotlib, an optional extra, without pyplot's state) into `path` as PNG."""
     try:  # `import matplotlib.x` also looks matplotlib itself up, even when matplotlib.x was imported before
         import matplotlib.figure
     except ImportError:
@@ -2192,7 +2181,6 @@ def _plot(path, size, draw) -> Path:
 
 
 def _heatmap(ax, values, xlabels, ylabels, label, limit=1.0, title="", **settings):
-    """values (rows, columns) as colours on a diverging scale from -limit to limit; settings go to ax.set."""
     im = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower", aspect="auto")
     step = max(1, len(xlabels) // 20)
     ax.set_xticks(range(0, len(xlabels), step), xlabels[::step], rotation=90 if len(xlabels) > 6 else 0)
@@ -2232,7 +2220,6 @@ def plot_curve(csv_path) -> Path:
 
 
 def _write(a, name, summary, header, rows, size, draw) -> Path:
-    """Prints a figure's summary, then writes analysis/<name>.csv (floats to 8 significant digits) and <name>.png."""
     print(summary)
     fmt = lambda v: f"{v:.8g}" if isinstance(v, (float, np.floating)) else str(v)
     atomic_write_text("".join(",".join(map(fmt, row)) + "\n" for row in [header, *rows]), a.folder / f"{name}.csv")
@@ -2264,8 +2251,7 @@ def analyze_landscape(a) -> Path:
     p, q = np.unravel_index(np.argmin(values), values.shape)
     corners = "".join(f"{name} {values[grid.index(x), grid.index(y)]:.5f}, " for name, x, y in
                       (("θ0", 0.0, 0.0), (f"range {i}", 1.0, 0.0), (f"range {j}", 0.0, 1.0)) if {x, y} <= set(grid))
-    path = run_dir(a.cfg, "merge", "search.json")
-    record = json.loads(path.read_text()) if path.exists() else {}
+    record = json.loads(path.read_text()) if (path := run_dir(a.cfg, "merge", "search.json")).exists() else {}
     w = record.get("weights") if record.get("method") in ("task_arithmetic", "average") else None
 
     def draw(fig):
@@ -2282,8 +2268,7 @@ def analyze_landscape(a) -> Path:
         fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     return _write(a, "merge_landscape", f"merge landscape of ranges {i}, {j} (held-out loss): {corners}minimum "
                   f"{values[p, q]:.5f} at ({grid[p]:g}, {grid[q]:g})", [f"w_range{i}", f"w_range{j}", "heldout_loss"],
-                  ([grid[u], grid[v], values[u, v]] for u, v in itertools.product(range(len(grid)), repeat=2)),
-                  (6.8, 6.6), draw)
+                  ([x, y, v] for (x, y), v in zip(itertools.product(grid, repeat=2), values.flat)), (6.8, 6.6), draw)
 
 
 def analyze_norms(a) -> Path:
@@ -2304,7 +2289,6 @@ def analyze_norms(a) -> Path:
 
 
 def analyze_stationarity(a) -> Path:
-    """Is θ0 stationary? stationarity.csv (per range: ‖g_j‖, cos of the images' two halves, cos with each range)."""
     halves = range_gradients(a.theta0, a.diffusion, a.images, a.env, a.cfg.n_ranges, a.batch,
                              role_seed(a.cfg.seed, "select"))  # (2, N, P)
     st, n, g = stationarity(halves.sum(0)), a.cfg.n_ranges, [f"g_{j}" for j in range(a.cfg.n_ranges)]
@@ -2328,25 +2312,27 @@ def analyze_stationarity(a) -> Path:
 
 def analyze_seeds(a) -> Path:
     """Each range's τ across seeds: seed_agreement.csv (‖τ_i‖ per seed, cos between seeds, cos with each τ_j), .png."""
-    agree, seeds, n = task_vector_agreement(a.base, a.by_seed), seed_list(a.cfg), a.cfg.n_ranges
-    pairs, mean, taus = list(itertools.combinations(seeds, 2)), agree["seeds"].mean(0), [f"τ_{i}" for i in range(n)]
+    flat = torch.stack([torch.stack([torch.cat([v.double().flatten() for v in tau.values()]) for tau in
+                                     task_vectors(a.base, sds)]) for sds in a.by_seed])  # (S, N, P)
+    cos = np.array([cosines(flat[:, i])[np.triu_indices(len(flat), 1)] for i in range(flat.shape[1])]).T  # (pairs, N)
+    ranges, seeds, n = np.mean([cosines(t) for t in flat], 0), seed_list(a.cfg), a.cfg.n_ranges  # (N, N) over seeds
+    pairs, mean, taus = list(itertools.combinations(seeds, 2)), cos.mean(0), [f"τ_{i}" for i in range(n)]
 
     def draw(fig):
         left, right = fig.subplots(1, 2)
         _bars(left, mean[None], a.names, ["mean"], f"cos(τ_i of one seed, τ_i of another): mean, min-max of "
-              f"{len(pairs)} pairs", np.stack([mean - agree["seeds"].min(0), agree["seeds"].max(0) - mean])[:, None],
+              f"{len(pairs)} pairs", np.stack([mean - cos.min(0), cos.max(0) - mean])[:, None],
               title="Do seeds agree on each range's task vector?")
-        _heatmap(right, agree["ranges"], taus, taus, "cosine", title="cos(τ_i, τ_j) of one seed, mean over seeds")
+        _heatmap(right, ranges, taus, taus, "cosine", title="cos(τ_i, τ_j) of one seed, mean over seeds")
     return _write(a, "seed_agreement", "task vectors across seeds, cos(τ_i, τ_i') per range (mean over pairs): " +
                   ", ".join(f"range {i} {v:.3f}" for i, v in enumerate(mean)),
                   ["range", *[f"norm_seed{s}" for s in seeds], *[f"cos_seeds_{s}-{t}" for s, t in pairs],
                    *[f"cos_with_range{j}" for j in range(n)]],
-                  ([a.names[i], *agree["norms"][:, i], *agree["seeds"][:, i], *agree["ranges"][i]] for i in range(n)),
+                  ([a.names[i], *flat[:, i].norm(dim=1).numpy(), *cos[:, i], *ranges[i]] for i in range(n)),
                   (11, 4.4), draw)
 
 
 def analyze_interference(a) -> Path:
-    """interference.csv (range i, scale s, each range's loss change in % under θ0 + s τ_i) and .png (heatmaps)."""
     scales, n = (0.5, 1.0, 1.5), a.cfg.n_ranges
     change = interference(lambda sd: a.losses(sd)[1], a.base, a.finetuned, scales)
 
@@ -2364,7 +2350,6 @@ def analyze_interference(a) -> Path:
 
 
 def analyze_partial(a) -> Path:
-    """partial_ensembles.csv (model, sample metric, its difference to θ0) and .png (the differences)."""
     models = [build_model(a.theta0.config, sd).eval() for sd in a.finetuned]
     parts = {f"range {i} alone": m for i, m in enumerate(partial_ensembles(a.theta0, models))}
     named = {"theta0": a.theta0, **parts, "ensemble": RangeEnsemble(models)}
@@ -2379,27 +2364,24 @@ def analyze_partial(a) -> Path:
                   ([k, v, v - base] for k, v in values.items()), (1.3 * len(values) + 3, 4.4), draw)
 
 
-ANALYSES = {"conflict": analyze_conflict, "landscape": analyze_landscape, "norms": analyze_norms,
-            "stationarity": analyze_stationarity, "seeds": analyze_seeds, "interference": analyze_interference,
-            "partial": analyze_partial}
-
-
 def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
     """analysis/: the paper's figures and the merge's diagnostics as PNG and CSV, selection split, first of --seeds."""
+    analyses = {"conflict": analyze_conflict, "landscape": analyze_landscape, "norms": analyze_norms,
+                "stationarity": analyze_stationarity, "seeds": analyze_seeds, "interference": analyze_interference,
+                "partial": analyze_partial}
     diffusion = diffusion or GaussianDiffusion()
     n_seeds = len(seed_list(cfg)) if cfg.seeds else 0
-    figures = ([f for f in ANALYSES if f != "seeds" or n_seeds > 1] if cfg.figures == "all" else  # all it can draw
+    figures = ([f for f in analyses if f != "seeds" or n_seeds > 1] if cfg.figures == "all" else  # all it can draw
                [s.strip() for s in cfg.figures.split(",") if s.strip()])
-    if not figures or set(figures) - set(ANALYSES):
-        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(ANALYSES)} (comma-separated), all")
+    if not figures or set(figures) - set(analyses):
+        raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(analyses)} (comma-separated), all")
     if "seeds" in figures and n_seeds < 2:
         raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds (the run's)")
     if not 2 <= cfg.conflict_timesteps <= diffusion.T:
         raise UserError(f"--conflict-timesteps {cfg.conflict_timesteps}: give 2 to {diffusion.T} timesteps (e.g. 20)")
     pair = parse_list("landscape-ranges", cfg.landscape_ranges, example="0,3") or [0, cfg.n_ranges - 1]
     if "landscape" in figures and not (len(set(pair)) == len(pair) == 2 and all(0 <= i < cfg.n_ranges for i in pair)):
-        raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r}: give two different indices in "
-                        f"0..{cfg.n_ranges - 1} for --n-ranges {cfg.n_ranges}")
+        raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r}: two different indices in 0..{cfg.n_ranges - 1}")
     if cfg.landscape_points < 2:
         raise UserError(f"--landscape-points {cfg.landscape_points}: give 2 or more points per axis (e.g. 15)")
     runs, needs = [c for _, c in seed_runs(cfg)], [f for f in figures if f not in ("conflict", "stationarity")]
@@ -2423,7 +2405,7 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
                                                           images, env, cfg.n_ranges, role_seed(run.seed, "select")),
                            by_seed=by_seed, finetuned=by_seed[0] if by_seed else None,
                            base=by_seed and PixelDDPM(cfg, theta0).merge_base(by_seed[0][0]))
-    written = [ANALYSES[name](a) for name in figures]
+    written = [analyses[name](a) for name in figures]
     print("figures: " + ", ".join(str(p) for p in written) + " (numbers in the .csv beside each)")
     return written
 
@@ -2431,11 +2413,10 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
 # --- II.7 Stable Diffusion: the same method on a text-conditioned latent UNet (paper: SD v1.4) -----------------------
 # θ0 is an SDUNet, the data are VAE latents and CLIP embeddings; the rest (Eq. 4-8, EMA, checkpoints) is the code above.
 
-SIDECAR = "deme_projections.safetensors"  # the projections that export_sd cannot fold
+SIDECAR = "deme_projections.safetensors"  # the projections that StableDiffusion.save_merged cannot fold
 
 
 def sd_libraries():
-    """(diffusers, transformers), or one line telling the user how to install them."""
     try:
         return __import__("diffusers"), __import__("transformers")
     except ImportError:
@@ -2465,7 +2446,6 @@ class SDUNet(nn.Module):
         self.config = dict(kind="stable_diffusion", unet=json.loads(json.dumps(dict(unet.config), default=str)))
 
     def add_projections(self, names=None):
-        """Identity projections where none is yet at `names` (default: all) of down_i, mid, up_i; returns self."""
         unet, c = self.unet, list(self.unet.config.block_out_channels)
         places = {**{f"down_{i}": (b, c[i]) for i, b in enumerate(unet.down_blocks)}, "mid": (unet.mid_block, c[-1]),
                   **{f"up_{i}": (b, c[::-1][i]) for i, b in enumerate(unet.up_blocks)}}  # (block, its channels)
@@ -2537,7 +2517,6 @@ class StableDiffusion:
         return copy.deepcopy(self.unet).add_projections() if self.cfg.projections else copy.deepcopy(self.unet)
 
     def grid(self, student):
-        """train_loop's grid(ema_state, path): four samples of the first prompt from the EMA weights."""
         def grid(ema_state, path):
             from torchvision.utils import save_image
             x = sd_sample(self, [self.build(ema_state)], self.prompts[:1] * 4, self.cfg, range(4))
@@ -2562,14 +2541,33 @@ class StableDiffusion:
         parts = [self.encode((torch.stack(images[s:s + b]), captions[s:s + b])) for s in range(0, len(images), b)]
         return torch.cat([x.cpu() for x, _ in parts]), torch.cat([c["encoder_hidden_states"] for _, c in parts])
 
+    @torch.no_grad()
     def save_merged(self, state, record, folder):
-        export_sd(self.build(state), self.cfg.pretrained, folder)
+        """merged_unet/ and merged_pipeline/ for diffusers; P after an upsampler conv folds: W' = P W, b' = P b."""
+        import diffusers
+        from safetensors.torch import save_file
+        model = self.build(state)
+        unet, rest = model.unet.cpu(), {}  # rest: the projections that cannot fold
+        for name, W in ((n, p.weight.detach().cpu()) for n, p in model.projections.items()):
+            if name.startswith("up_") and (up := unet.up_blocks[int(name[3:])].upsamplers):  # the last has none
+                conv, P = up[0].conv, W[:, :, 0, 0].double()  # (C, C) after the conv (C, C', 3, 3)
+                conv.weight.copy_(torch.einsum("oc,cikl->oikl", P, conv.weight.double()))
+                conv.bias.copy_(P @ conv.bias.double())
+            else:  # down blocks (whose output is also a skip tensor), mid
+                rest[name] = W
+        unet.save_pretrained(folder / "merged_unet")  # (the projections' hooks on it save nothing)
+        pipeline = diffusers.StableDiffusionPipeline.from_pretrained(self.cfg.pretrained, unet=unet)
+        pipeline.save_pretrained(folder / "merged_pipeline")
+        for sidecar in (folder / "merged_unet" / SIDECAR, folder / "merged_pipeline" / "unet" / SIDECAR):
+            save_file(rest, str(sidecar))  # even empty: a stale one from an earlier export would be restored
+        if changed := [n for n, W in rest.items() if not torch.equal(W[:, :, 0, 0], torch.eye(len(W), dtype=W.dtype))]:
+            print(f"warning: plain diffusers loading of {folder}/merged_* drops the projections {', '.join(changed)}, "
+                  f"which cannot be folded; deme.load_sd_unet(DIR) keeps them", file=sys.stderr)
         return state
 
 
 class CaptionedImages(ImageFolder):
-    """Image-caption pairs: images and metadata.jsonl lines {"file_name": ..., "text": a caption or a list of them}
-    (Hugging Face's imagefolder layout); with `role`, only that split's pairs (heldout_role of the file name)."""
+    """Hugging Face's imagefolder: images, metadata.jsonl lines {"file_name": ..., "text": a caption or a list}."""
 
     def __init__(self, folder, size, role=None, fraction=0.1):
         meta, self.pairs, self.size, self.random_crop = Path(folder, "metadata.jsonl"), [], size, False
@@ -2620,32 +2618,8 @@ def sd_sample(sd: StableDiffusion, models, prompts, cfg: Config, indices) -> tor
     return sd.vae.decode(latents.to(sd.env.device).float() / sd.scale).sample.clamp(-1, 1)
 
 
-@torch.no_grad()
-def export_sd(model: SDUNet, pretrained, folder) -> dict:
-    """<folder>/merged_unet and merged_pipeline for diffusers, the unfoldable projections beside (returned). P after an
-    up block's upsampler conv (W, b) folds exactly, W' = P W and b' = P b, as nothing else reads that conv's output."""
-    import diffusers
-    from safetensors.torch import save_file
-    unet, rest = copy.deepcopy(model.unet).cpu(), {}  # (the copy's hooks go unused: only its weights are saved)
-    for name, W in ((n, p.weight.detach().cpu()) for n, p in model.projections.items()):
-        if name.startswith("up_") and (up := unet.up_blocks[int(name[3:])].upsamplers):  # the last up block has none
-            conv, P = up[0].conv, W[:, :, 0, 0].double()  # (C, C) after the conv (C, C', 3, 3)
-            conv.weight.copy_(torch.einsum("oc,cikl->oikl", P, conv.weight.double()))
-            conv.bias.copy_(P @ conv.bias.double())
-        else:  # down blocks (whose output is also a skip tensor), mid
-            rest[name] = W
-    unet.save_pretrained(folder / "merged_unet")
-    diffusers.StableDiffusionPipeline.from_pretrained(pretrained, unet=unet).save_pretrained(folder / "merged_pipeline")
-    for sidecar in (folder / "merged_unet" / SIDECAR, folder / "merged_pipeline" / "unet" / SIDECAR):
-        save_file(rest, str(sidecar))  # even empty: a stale one from an earlier export would be restored
-    if changed := [n for n, W in rest.items() if not torch.equal(W[:, :, 0, 0], torch.eye(len(W), dtype=W.dtype))]:
-        print(f"warning: plain diffusers loading of {folder}/merged_* drops the projections {', '.join(changed)}, "
-              f"which cannot be folded; deme.load_sd_unet(DIR) keeps them", file=sys.stderr)
-    return rest
-
-
 def load_sd_unet(folder) -> SDUNet:
-    """A UNet that export_sd saved (merged_unet/, or a pipeline folder), with its unfoldable projections as hooks."""
+    """A UNet that save_merged wrote (merged_unet/, or a pipeline folder), with its unfoldable projections as hooks."""
     diffusers, _ = sd_libraries()
     from safetensors.torch import load_file
     folder = Path(folder) / "unet" if (Path(folder) / "model_index.json").is_file() else Path(folder)
@@ -2677,8 +2651,7 @@ def stage_sd(cfg: Config, env: Env):
         folder = run_dir(cfg, "samples", name)
         atomic_write_text("".join(p + "\n" for p in sd.prompts), folder / "prompts.txt")
         todo = [i for i in range(len(sd.prompts)) if not (cfg.resume and (folder / f"{i:05d}.png").exists())]
-        for s in tqdm(range(0, len(todo), cfg.eval_batch), desc=f"sampling {name}"):
-            idx = todo[s:s + cfg.eval_batch]
+        for idx in tqdm([todo[s:s + cfg.eval_batch] for s in range(0, len(todo), cfg.eval_batch)], desc=name):
             for i, x in zip(idx, sd_sample(sd, models, [sd.prompts[i] for i in idx], cfg, idx)):  # x: (3, H, W)
                 with atomic_path(folder / f"{i:05d}.png", sync=False) as tmp:
                     save_image(x.float() * 0.5 + 0.5, tmp)  # the same rounding as images_to_uint8

@@ -4,6 +4,7 @@ Sections follow the code: the UNet and its checkpoints (ddpm_unet.py), the diffu
 decoupled finetuning, merging, evaluation, analysis, scale-out, Stable Diffusion, and bad input. Nothing here
 downloads: fake datasets and random weights in the real formats are made by the tests themselves.
 """
+import argparse
 import ast
 import copy
 import dataclasses
@@ -1705,17 +1706,21 @@ def test_per_range_gradients_cancel_at_a_stationary_point_and_not_elsewhere():
 
 
 @pytest.mark.part4
-def test_task_vectors_of_seeds_agree_where_they_are_the_same_and_not_where_they_are_noise():
+def test_task_vectors_of_seeds_agree_where_they_are_the_same_and_not_where_they_are_noise(tmp_path):
     base, _ = make_state_dicts(n=1, seed=0, half=False)
     g = torch.Generator().manual_seed(1)
     noise = lambda: {k: v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()}
     shared = [noise(), noise()]
-    agree = task_vector_agreement(base, [shared, shared, [noise(), noise()]])
-    assert agree["seeds"].shape == (3, 2) and np.allclose(agree["seeds"][0], 1.0)  # seeds 0 and 1: the same τ
-    assert np.abs(agree["seeds"][1:]).max() < 0.3  # independent noise: nearly orthogonal
+    deme.analyze_seeds(argparse.Namespace(base=base, by_seed=[shared, shared, [noise(), noise()]], folder=tmp_path,
+                                          cfg=Config(seeds="0,1,2", n_ranges=2), names=["range 0", "range 1"]))
+    # per range: norm_seed0..2, cos_seeds_0-1, _0-2, _1-2, cos_with_range0..1
+    rows = np.loadtxt(tmp_path / "seed_agreement.csv", delimiter=",", skiprows=1, usecols=range(1, 9))
+    norms, seeds, ranges = rows[:, :3], rows[:, 3:6], rows[:, 6:]
+    assert rows.shape == (2, 8) and np.allclose(seeds[:, 0], 1.0)  # seeds 0 and 1: the same τ
+    assert np.abs(seeds[:, 1:]).max() < 0.3  # independent noise: nearly orthogonal
     tau = torch.cat([(shared[1][k] - base[k]).flatten() for k in base if base[k].is_floating_point()])
-    assert agree["norms"].shape == (3, 2) and agree["norms"][0, 1] == pytest.approx(tau.norm().item(), rel=1e-6)
-    assert agree["ranges"].shape == (2, 2) and np.allclose(np.diag(agree["ranges"]), 1.0)
+    assert norms[1, 0] == pytest.approx(tau.norm().item(), rel=1e-6)
+    assert np.allclose(np.diag(ranges), 1.0)
 
 
 @pytest.mark.part4
@@ -2251,9 +2256,11 @@ def test_missing_diffusers_is_one_line_naming_the_extras(monkeypatch, one_thread
 @pytest.mark.extras
 def test_export_folds_what_it_can_and_the_sidecar_restores_the_rest(tmp_path, tiny_sd, capsys, one_thread):
     from diffusers import UNet2DConditionModel
-    sd = StableDiffusion(tiny_sd[0], cpu_env())
+    from safetensors.torch import load_file
+    sd = StableDiffusion(tiny_sd[0], cpu_env(), sd_config(tmp_path, *tiny_sd))
     model = randomise_projections(copy.deepcopy(sd.unet).add_projections()).eval()
-    rest = export_sd(model, tiny_sd[0], tmp_path)
+    sd.save_merged(model.state_dict(), {}, tmp_path)
+    rest = load_file(str(tmp_path / "merged_unet" / SIDECAR))
     assert sorted(rest) == ["down_0", "down_1", "down_2", "mid", "up_2"]  # up_0, up_1 folded into upsampler convs
     assert "load_sd_unet" in capsys.readouterr().err
     unet, info = UNet2DConditionModel.from_pretrained(tmp_path / "merged_unet", output_loading_info=True)
