@@ -2826,8 +2826,7 @@ def stage_bench(cfg: Config, env: Env):
 
 
 def projected_time(cfg: Config, r: dict, stages=("pipeline",)) -> list:
-    """[(what, seconds)] left to do of `stages` ("pipeline": all) at the rates `r` on one device, no data loading: train
-    only where θ0 is not --pretrained or it is alone; trained checkpoints left out; --seeds repeats all but train."""
+    """[(what, seconds)] left to do of `stages` ("pipeline": all) at the rates `r` on one device, no data loading."""
     def trained(c, folder, steps) -> bool:  # a checkpoint trained to `steps`, which the run reuses
         with contextlib.suppress(Exception):  # missing, or unreadable (the stage itself will say so)
             ck = torch.load(run_dir(c, folder, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
@@ -2836,6 +2835,7 @@ def projected_time(cfg: Config, r: dict, stages=("pipeline",)) -> list:
     n, batch, S, runs = cfg.n_ranges, cfg.batch_size, r["sample_steps"], [c for _, c in seed_runs(cfg)]
     k, each = len(runs), f", x {len(runs)} seeds" if len(runs) > 1 else ""
     names = [s.strip() for s in cfg.models.split(",") if s.strip() and (cfg.baseline or "baseline" not in s)]
+    # θ0 trains where it is not --pretrained, or where the train stage runs alone; once, not per seed
     pre = (not cfg.pretrained or tuple(stages) == ("train",)) and not trained(cfg, "pretrain", cfg.train_steps)
     m = sum(not trained(c, f"range_{i}", c.steps) for c in runs for i in range_indices(c))
     b = sum(not trained(c, baseline_name(c), n * c.steps) for c in runs) if cfg.baseline else 0
@@ -2862,21 +2862,6 @@ def projected_time(cfg: Config, r: dict, stages=("pipeline",)) -> list:
     return plan + [("total", sum(s for _, s in plan))]
 
 
-def announce_plan(cfg: Config, env: Env, stage: str):
-    """One line before the work starts: what this command will run and how long it projects to on this device."""
-    if cfg.model == "sd" or stage not in ("pipeline", "train", "finetune", "baseline", "evaluate", "ablation"):
-        return
-    cap = 8 if env.device.type == "cpu" else math.inf  # on a CPU, 8 images: a step of more takes seconds
-    micro = max(1, cfg.batch_size // (cfg.grad_accum * env.world))
-    r = rates(cfg, dataclasses.replace(env, compile=False), min(micro, cap), min(cfg.eval_batch, cap))
-    plan = ablation_plan(cfg, r) if stage == "ablation" else projected_time(cfg, r, (stage,))
-    if env.master and len(plan) > 1:
-        where = "a GPU" if env.device.type == "cuda" else f"this CPU ({torch.get_num_threads()} threads)"
-        print(f"plan: {'; '.join(f'{what} ~{_duration(s)}' for what, s in plan[:-1])}. Projected "
-              f"{_duration(plan[-1][1])} on {where}, {env.precision}, from rates timed just now (trained stages in "
-              f"the run folder are reused and left out)", flush=True)
-
-
 def _duration(seconds) -> str:
     unit, size = [("s", 1), ("min", 60), ("h", 3600), ("days", 86400)][bisect.bisect([120, 7200, 172800], seconds)]
     return f"{seconds / size:.{int(size > 1)}f} {unit}"
@@ -2897,7 +2882,6 @@ ABLATION = {
 
 
 def ablation_config(cfg: Config, row: dict) -> Config:
-    """The configuration that trains one ablation row's model from the pipeline's configuration."""
     c = dataclasses.replace(cfg, **row)
     if (c.n_ranges, c.consistency, c.projections) == (cfg.n_ranges, cfg.consistency, cfg.projections):
         return c  # DeMe itself, or a baseline (N x steps on all timesteps): the pipeline's own stages
@@ -2906,17 +2890,29 @@ def ablation_config(cfg: Config, row: dict) -> Config:
                                out=str(run_dir(cfg, "ablation", slug)))
 
 
-def ablation_plan(cfg: Config, r: dict) -> list:
-    """projected_time of every row that trains, over the seeds (trained rows left out), then of the evaluation."""
-    plan, runs = [], seed_runs(cfg)
-    for label, row in ABLATION.items():
-        n = row.get("n_ranges", cfg.n_ranges)
-        stages = ("baseline",) if "baseline_weighting" in row else ("finetune", "merge") if n > 1 else ("finetune",)
-        seconds = sum(projected_time(ablation_config(c, row), r, stages)[-1][1] for _, c in runs) if row else 0
-        plan += [(f"{label}{f', x {len(runs)} seeds' if cfg.seeds else ''}", seconds)] if seconds else []
-    evaluate = dataclasses.replace(cfg, models=",".join(["theta0"] * len(ABLATION)))  # every row, over the seeds
-    plan.append((f"evaluate {len(ABLATION) * len(runs)} models", projected_time(evaluate, r, ("evaluate",))[-1][1]))
-    return plan + [("total", sum(s for _, s in plan))]
+def announce_plan(cfg: Config, env: Env, stage: str):
+    """One line before the work starts: what this command will run and how long it projects to on this device."""
+    if cfg.model == "sd" or stage not in ("pipeline", "train", "finetune", "baseline", "evaluate", "ablation"):
+        return
+    cap = 8 if env.device.type == "cpu" else math.inf  # on a CPU, 8 images: a step of more takes seconds
+    micro = max(1, cfg.batch_size // (cfg.grad_accum * env.world))
+    r = rates(cfg, dataclasses.replace(env, compile=False), min(micro, cap), min(cfg.eval_batch, cap))
+    if stage != "ablation":
+        plan = projected_time(cfg, r, (stage,))[:-1]
+    else:  # each ABLATION row that trains (trained ones left out), over the seeds, then the evaluation of every row
+        plan, runs = [], seed_runs(cfg)
+        for label, row in ABLATION.items():
+            n = row.get("n_ranges", cfg.n_ranges)
+            stages = ("baseline",) if "baseline_weighting" in row else ("finetune", "merge") if n > 1 else ("finetune",)
+            seconds = sum(projected_time(ablation_config(c, row), r, stages)[-1][1] for _, c in runs) if row else 0
+            plan += [(f"{label}{f', x {len(runs)} seeds' if cfg.seeds else ''}", seconds)] if seconds else []
+        evaluate = dataclasses.replace(cfg, models=",".join(["theta0"] * len(ABLATION)))
+        plan.append((f"evaluate {len(ABLATION) * len(runs)} models", projected_time(evaluate, r, ("evaluate",))[-1][1]))
+    if env.master and plan:
+        where = "a GPU" if env.device.type == "cuda" else f"this CPU ({torch.get_num_threads()} threads)"
+        print(f"plan: {'; '.join(f'{what} ~{_duration(s)}' for what, s in plan)}. Projected "
+              f"{_duration(sum(s for _, s in plan))} on {where}, {env.precision}, from rates timed just now (trained "
+              f"stages in the run folder are reused and left out)", flush=True)
 
 
 def stage_ablation(cfg: Config, env: Env):
@@ -2969,15 +2965,6 @@ PROJECT_FILES = ("deme.py", "ddpm_unet.py", "test_deme.py", "pytest.ini", "READM
 def exercise_command(out, parts=(1, 2, 3, 4)):
     """A copy of this project in `out` without the exercises' bodies, plus EXERCISES.md; built beside, then renamed."""
     import shutil
-
-    def without_body(source: str, qualname: str, message: str) -> str:  # the docstring stays, the body raises
-        node = ast.parse(source)
-        for name in qualname.split("."):  # "f" or "Class.f"
-            node = next(n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
-        first, lines = node.body[0], source.split("\n")
-        keep = first.end_lineno if ast.get_docstring(node) is not None else first.lineno - 1
-        stub = " " * first.col_offset + f"raise NotImplementedError({message!r})"
-        return "\n".join(lines[:keep] + [stub] + lines[node.end_lineno:])
     out, root = Path(out), Path(__file__).resolve().parent
     if out.exists():
         raise UserError(f"{out} already exists; choose a new folder for the student copy (--out)")
@@ -2989,8 +2976,15 @@ def exercise_command(out, parts=(1, 2, 3, 4)):
     guide = {p: f"## Part {p}: {PART_NAMES[p]}  (`python -m pytest -m part{p} test_deme.py`)\n\n"
              for p in sorted(parts)}  # each part's section of EXERCISES.md
     for k, (p, file, func, what) in enumerate(EXERCISES, 1):
-        if p in guide:
-            (tmp / file).write_text(without_body((tmp / file).read_text(), func, f"Exercise {k}: {what}"))
+        if p in guide:  # the function's docstring stays, its body raises
+            source = (tmp / file).read_text()
+            node = ast.parse(source)
+            for name in func.split("."):  # "f" or "Class.f"
+                node = next(n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
+            first, lines = node.body[0], source.split("\n")
+            keep = first.end_lineno if ast.get_docstring(node) is not None else first.lineno - 1
+            stub = " " * first.col_offset + f"raise NotImplementedError({f'Exercise {k}: {what}'!r})"
+            (tmp / file).write_text("\n".join(lines[:keep] + [stub] + lines[node.end_lineno:]))
             guide[p] += f"{k}. `{func}` in {file}: {what}\n"
     template = (root / "assets" / "exercises_template.md").read_text()
     (tmp / "EXERCISES.md").write_text(template.format(parts="".join(section + "\n" for section in guide.values())))
@@ -3003,10 +2997,8 @@ def exercise_command(out, parts=(1, 2, 3, 4)):
 # --- II.10 Command line ----------------------------------------------------------------------------------------------
 
 def stage_sample(cfg: Config, env: Env):
-    """Writes --n-samples PNGs of each model of --models under samples/NAME/."""
-    diffusion = GaussianDiffusion()
     for name in (s.strip() for s in cfg.models.split(",")):
-        folder = write_samples(cfg, env, diffusion, named_model(cfg, env, name), Path(name).stem)
+        folder = write_samples(cfg, env, GaussianDiffusion(), named_model(cfg, env, name), Path(name).stem)
         if env.master:
             print(f"{cfg.n_samples} samples of {name} in {folder}")
 
@@ -3017,7 +3009,7 @@ STAGES = {
     "finetune": (stage_finetune, "finetune one copy of θ0 per timestep range (--ranges)"),
     "baseline": (stage_baseline, "plain finetuning of θ0 for N x steps on all timesteps"),
     "merge": (stage_merge, "merge the finetuned ranges into one model (Eq. 8)"),
-    "sample": (stage_sample, "write --n-samples PNGs of the models named by --models"),
+    "sample": (stage_sample, "write --n-samples PNGs of each model of --models under samples/NAME/"),
     "evaluate": (stage_evaluate, "compare the models named by --models"),
     "bench": (stage_bench, "throughput of training, DeMe finetuning and sampling on this device; projected run time"),
     "analyze": (stage_analyze, "the paper's figures (Fig. 1a, 6a, 6b) and the merge's diagnostics, as PNG and CSV"),
@@ -3153,10 +3145,8 @@ def distributed() -> bool:
 def stop(message, code):
     """Ends the program with `message` on stderr; under torchrun at once (the others may wait for it in a barrier)."""
     print(message, file=sys.stderr, flush=True)
-    if distributed():
-        sys.stdout.flush()
-        os._exit(code)
-    sys.exit(code)
+    sys.stdout.flush()
+    (os._exit if distributed() else sys.exit)(code)
 
 
 if __name__ == "__main__":
