@@ -2798,8 +2798,7 @@ def stage_bench(cfg: Config, env: Env):
     # the merged model keeps its projections: their parameters and FLOPs, unfolded and with the foldable ones folded
     from torch.utils.flop_counter import FlopCounterMode
     theta0 = timing_unet(cfg).eval()
-    merged = add_channel_projections(copy.deepcopy(theta0))
-    folded = copy.deepcopy(merged)
+    merged, folded = (add_channel_projections(copy.deepcopy(theta0)) for _ in range(2))  # identity projections
     r["n_folded"] = fold_channel_projections(folded)
     x1, t1 = torch.randn(1, theta0.config["in_channels"], res, res, device=dev), torch.full((1,), 500, device=dev)
     for name, m in (("theta0", theta0), ("merged", merged), ("folded", folded)):
