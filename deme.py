@@ -2834,7 +2834,6 @@ def projected_time(cfg: Config, r: dict, stages=("pipeline",)) -> list:
     n, batch, S, runs = cfg.n_ranges, cfg.batch_size, r["sample_steps"], [c for _, c in seed_runs(cfg)]
     k, each = len(runs), f", x {len(runs)} seeds" if len(runs) > 1 else ""
     names = [s.strip() for s in cfg.models.split(",") if s.strip() and (cfg.baseline or "baseline" not in s)]
-    # θ0 trains where it is not --pretrained, or where the train stage runs alone; once, not per seed
     pre = (not cfg.pretrained or tuple(stages) == ("train",)) and not trained(cfg, "pretrain", cfg.train_steps)
     m = sum(not trained(c, f"range_{i}", c.steps) for c in runs for i in range_indices(c))
     b = sum(not trained(c, baseline_name(c), n * c.steps) for c in runs) if cfg.baseline else 0
