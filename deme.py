@@ -2723,8 +2723,7 @@ def stage_bench(cfg: Config, env: Env):
     # the merged model keeps its projections: their parameters and FLOPs, unfolded and with the foldable ones folded
     from torch.utils.flop_counter import FlopCounterMode
     theta0 = timing_unet(cfg).eval()
-    merged = add_channel_projections(copy.deepcopy(theta0))
-    folded = copy.deepcopy(merged)
+    merged, folded = (add_channel_projections(copy.deepcopy(theta0)) for _ in range(2))  # identity projections
     r["n_folded"] = fold_channel_projections(folded)
     x1, t1 = torch.randn(1, theta0.config["in_channels"], res, res, device=dev), torch.full((1,), 500, device=dev)
     for name, m in (("theta0", theta0), ("merged", merged), ("folded", folded)):
@@ -2751,8 +2750,7 @@ def stage_bench(cfg: Config, env: Env):
 
 
 def projected_time(cfg: Config, r: dict, stages=("pipeline",)) -> list:
-    """[(what, seconds)] left to do of `stages` ("pipeline": all) at the rates `r` on one device, no data loading: train
-    only where θ0 is not --pretrained or it is alone; trained checkpoints left out; --seeds repeats all but train."""
+    """[(what, seconds)] left to do of `stages` ("pipeline": all) at the rates `r` on one device, no data loading."""
     def trained(c, folder, steps) -> bool:  # a checkpoint trained to `steps`, which the run reuses
         with contextlib.suppress(Exception):  # missing, or unreadable (the stage itself will say so)
             ck = torch.load(run_dir(c, folder, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
@@ -2787,21 +2785,6 @@ def projected_time(cfg: Config, r: dict, stages=("pipeline",)) -> list:
     return plan + [("total", sum(s for _, s in plan))]
 
 
-def announce_plan(cfg: Config, env: Env, stage: str):
-    """One line before the work starts: what this command will run and how long it projects to on this device."""
-    if cfg.model == "sd" or stage not in ("pipeline", "train", "finetune", "baseline", "evaluate", "ablation"):
-        return
-    cap = 8 if env.device.type == "cpu" else math.inf  # on a CPU, 8 images: a step of more takes seconds
-    micro = max(1, cfg.batch_size // (cfg.grad_accum * env.world))
-    r = rates(cfg, dataclasses.replace(env, compile=False), min(micro, cap), min(cfg.eval_batch, cap))
-    plan = ablation_plan(cfg, r) if stage == "ablation" else projected_time(cfg, r, (stage,))
-    if env.master and len(plan) > 1:
-        where = "a GPU" if env.device.type == "cuda" else f"this CPU ({torch.get_num_threads()} threads)"
-        print(f"plan: {'; '.join(f'{what} ~{_duration(s)}' for what, s in plan[:-1])}. Projected "
-              f"{_duration(plan[-1][1])} on {where}, {env.precision}, from rates timed just now (trained stages in "
-              f"the run folder are reused and left out)", flush=True)
-
-
 def _duration(seconds) -> str:
     unit, size = [("s", 1), ("min", 60), ("h", 3600), ("days", 86400)][bisect.bisect([120, 7200, 172800], seconds)]
     return f"{seconds / size:.{int(size > 1)}f} {unit}"
@@ -2822,7 +2805,6 @@ ABLATION = {
 
 
 def ablation_config(cfg: Config, row: dict) -> Config:
-    """The configuration that trains one ablation row's model from the pipeline's configuration."""
     c = dataclasses.replace(cfg, **row)
     if (c.n_ranges, c.consistency, c.projections) == (cfg.n_ranges, cfg.consistency, cfg.projections):
         return c  # DeMe itself, or a baseline (N x steps on all timesteps): the pipeline's own stages
@@ -2831,17 +2813,29 @@ def ablation_config(cfg: Config, row: dict) -> Config:
                                out=str(run_dir(cfg, "ablation", slug)))
 
 
-def ablation_plan(cfg: Config, r: dict) -> list:
-    """projected_time of every row that trains, over the seeds (trained rows left out), then of the evaluation."""
-    plan, runs = [], seed_runs(cfg)
-    for label, row in ABLATION.items():
-        n = row.get("n_ranges", cfg.n_ranges)
-        stages = ("baseline",) if "baseline_weighting" in row else ("finetune", "merge") if n > 1 else ("finetune",)
-        seconds = sum(projected_time(ablation_config(c, row), r, stages)[-1][1] for _, c in runs) if row else 0
-        plan += [(f"{label}{f', x {len(runs)} seeds' if cfg.seeds else ''}", seconds)] if seconds else []
-    evaluate = dataclasses.replace(cfg, models=",".join(["theta0"] * len(ABLATION)))  # every row, over the seeds
-    plan.append((f"evaluate {len(ABLATION) * len(runs)} models", projected_time(evaluate, r, ("evaluate",))[-1][1]))
-    return plan + [("total", sum(s for _, s in plan))]
+def announce_plan(cfg: Config, env: Env, stage: str):
+    """One line before the work starts: what this command will run and how long it projects to on this device."""
+    if cfg.model == "sd" or stage not in ("pipeline", "train", "finetune", "baseline", "evaluate", "ablation"):
+        return
+    cap = 8 if env.device.type == "cpu" else math.inf  # on a CPU, 8 images: a step of more takes seconds
+    micro = max(1, cfg.batch_size // (cfg.grad_accum * env.world))
+    r = rates(cfg, dataclasses.replace(env, compile=False), min(micro, cap), min(cfg.eval_batch, cap))
+    if stage != "ablation":
+        plan = projected_time(cfg, r, (stage,))[:-1]
+    else:  # each ABLATION row that trains (trained ones left out), over the seeds, then the evaluation of every row
+        plan, runs = [], seed_runs(cfg)
+        for label, row in ABLATION.items():
+            n = row.get("n_ranges", cfg.n_ranges)
+            stages = ("baseline",) if "baseline_weighting" in row else ("finetune", "merge") if n > 1 else ("finetune",)
+            seconds = sum(projected_time(ablation_config(c, row), r, stages)[-1][1] for _, c in runs) if row else 0
+            plan += [(f"{label}{f', x {len(runs)} seeds' if cfg.seeds else ''}", seconds)] if seconds else []
+        evaluate = dataclasses.replace(cfg, models=",".join(["theta0"] * len(ABLATION)))
+        plan.append((f"evaluate {len(ABLATION) * len(runs)} models", projected_time(evaluate, r, ("evaluate",))[-1][1]))
+    if env.master and plan:
+        where = "a GPU" if env.device.type == "cuda" else f"this CPU ({torch.get_num_threads()} threads)"
+        print(f"plan: {'; '.join(f'{what} ~{_duration(s)}' for what, s in plan)}. Projected "
+              f"{_duration(sum(s for _, s in plan))} on {where}, {env.precision}, from rates timed just now (trained "
+              f"stages in the run folder are reused and left out)", flush=True)
 
 
 def stage_ablation(cfg: Config, env: Env):
@@ -2894,15 +2888,6 @@ PROJECT_FILES = ("deme.py", "ddpm_unet.py", "test_deme.py", "pytest.ini", "READM
 def exercise_command(out, parts=(1, 2, 3, 4)):
     """A copy of this project in `out` without the exercises' bodies, plus EXERCISES.md; built beside, then renamed."""
     import shutil
-
-    def without_body(source: str, qualname: str, message: str) -> str:  # the docstring stays, the body raises
-        node = ast.parse(source)
-        for name in qualname.split("."):  # "f" or "Class.f"
-            node = next(n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
-        first, lines = node.body[0], source.split("\n")
-        keep = first.end_lineno if ast.get_docstring(node) is not None else first.lineno - 1
-        stub = " " * first.col_offset + f"raise NotImplementedError({message!r})"
-        return "\n".join(lines[:keep] + [stub] + lines[node.end_lineno:])
     out, root = Path(out), Path(__file__).resolve().parent
     if out.exists():
         raise UserError(f"{out} already exists; choose a new folder for the student copy (--out)")
@@ -2914,8 +2899,15 @@ def exercise_command(out, parts=(1, 2, 3, 4)):
     guide = {p: f"## Part {p}: {PART_NAMES[p]}  (`python -m pytest -m part{p} test_deme.py`)\n\n"
              for p in sorted(parts)}  # each part's section of EXERCISES.md
     for k, (p, file, func, what) in enumerate(EXERCISES, 1):
-        if p in guide:
-            (tmp / file).write_text(without_body((tmp / file).read_text(), func, f"Exercise {k}: {what}"))
+        if p in guide:  # the function's docstring stays, its body raises
+            source = (tmp / file).read_text()
+            node = ast.parse(source)
+            for name in func.split("."):  # "f" or "Class.f"
+                node = next(n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
+            first, lines = node.body[0], source.split("\n")
+            keep = first.end_lineno if ast.get_docstring(node) is not None else first.lineno - 1
+            stub = " " * first.col_offset + f"raise NotImplementedError({f'Exercise {k}: {what}'!r})"
+            (tmp / file).write_text("\n".join(lines[:keep] + [stub] + lines[node.end_lineno:]))
             guide[p] += f"{k}. `{func}` in {file}: {what}\n"
     template = (root / "assets" / "exercises_template.md").read_text()
     (tmp / "EXERCISES.md").write_text(template.format(parts="".join(section + "\n" for section in guide.values())))
@@ -2928,10 +2920,8 @@ def exercise_command(out, parts=(1, 2, 3, 4)):
 # --- II.10 Command line ----------------------------------------------------------------------------------------------
 
 def stage_sample(cfg: Config, env: Env):
-    """Writes --n-samples PNGs of each model of --models under samples/NAME/."""
-    diffusion = GaussianDiffusion()
     for name in (s.strip() for s in cfg.models.split(",")):
-        folder = write_samples(cfg, env, diffusion, named_model(cfg, env, name), Path(name).stem)
+        folder = write_samples(cfg, env, GaussianDiffusion(), named_model(cfg, env, name), Path(name).stem)
         if env.master:
             print(f"{cfg.n_samples} samples of {name} in {folder}")
 
@@ -2942,7 +2932,7 @@ STAGES = {
     "finetune": (stage_finetune, "finetune one copy of θ0 per timestep range (--ranges)"),
     "baseline": (stage_baseline, "plain finetuning of θ0 for N x steps on all timesteps"),
     "merge": (stage_merge, "merge the finetuned ranges into one model (Eq. 8)"),
-    "sample": (stage_sample, "write --n-samples PNGs of the models named by --models"),
+    "sample": (stage_sample, "write --n-samples PNGs of each model of --models under samples/NAME/"),
     "evaluate": (stage_evaluate, "compare the models named by --models"),
     "bench": (stage_bench, "throughput of training, DeMe finetuning and sampling on this device; projected run time"),
     "analyze": (stage_analyze, "the paper's figures (Fig. 1a, 6a, 6b) and the merge's diagnostics, as PNG and CSV"),
@@ -3078,10 +3068,8 @@ def distributed() -> bool:
 def stop(message, code):
     """Ends the program with `message` on stderr; under torchrun at once (the others may wait for it in a barrier)."""
     print(message, file=sys.stderr, flush=True)
-    if distributed():
-        sys.stdout.flush()
-        os._exit(code)
-    sys.exit(code)
+    sys.stdout.flush()
+    (os._exit if distributed() else sys.exit)(code)
 
 
 if __name__ == "__main__":
