@@ -880,7 +880,7 @@ def check_config(cfg: Config):
     """One clear line for the first value that cannot work (argparse has checked the types and the choices)."""
     minimum = dict(steps=1, batch_size=1, grad_accum=1, n_samples=1, eval_batch=1, sample_steps=1, train_steps=1,
                    ckpt_every=1, search_evals=1, search_images=1, report_images=1, bench_iters=1, search_candidates=2,
-                   eta=0, search_samples=0, workers=0, image_size=0)
+                   eta=0, search_samples=0, workers=0, image_size=0, conflict_timesteps=2, landscape_points=2)
     res, down = cfg.image_size or PRESETS[cfg.preset]["resolution"], 2 ** (len(PRESETS[cfg.preset]["ch_mult"]) - 1)
     checks = [(cfg.model != "sd" or cfg.dataset == "folder" and cfg.pretrained and cfg.search_objective != "samples",
                "--model sd needs --pretrained SD_PIPELINE_FOLDER, --dataset folder --data-dir DIR (images plus "
@@ -2370,20 +2370,16 @@ def stage_analyze(cfg: Config, env: Env, diffusion=None, theta0=None):
                 "stationarity": analyze_stationarity, "seeds": analyze_seeds, "interference": analyze_interference,
                 "partial": analyze_partial}
     diffusion = diffusion or GaussianDiffusion()
-    n_seeds = len(seed_list(cfg)) if cfg.seeds else 0
+    n_seeds = len(seed_list(cfg))
     figures = ([f for f in analyses if f != "seeds" or n_seeds > 1] if cfg.figures == "all" else  # all it can draw
                [s.strip() for s in cfg.figures.split(",") if s.strip()])
     if not figures or set(figures) - set(analyses):
         raise UserError(f"--figures {cfg.figures!r}: choose among {', '.join(analyses)} (comma-separated), all")
     if "seeds" in figures and n_seeds < 2:
         raise UserError("the seeds figure compares the task vectors of two or more seeds: pass --seeds (the run's)")
-    if not 2 <= cfg.conflict_timesteps <= diffusion.T:
-        raise UserError(f"--conflict-timesteps {cfg.conflict_timesteps}: give 2 to {diffusion.T} timesteps (e.g. 20)")
     pair = parse_list("landscape-ranges", cfg.landscape_ranges, example="0,3") or [0, cfg.n_ranges - 1]
     if "landscape" in figures and not (len(set(pair)) == len(pair) == 2 and all(0 <= i < cfg.n_ranges for i in pair)):
         raise UserError(f"--landscape-ranges {cfg.landscape_ranges!r}: two different indices in 0..{cfg.n_ranges - 1}")
-    if cfg.landscape_points < 2:
-        raise UserError(f"--landscape-points {cfg.landscape_points}: give 2 or more points per axis (e.g. 15)")
     runs, needs = [c for _, c in seed_runs(cfg)], [f for f in figures if f not in ("conflict", "stationarity")]
     what = f"the {' and '.join(needs)} figure{'s' * (len(needs) > 1)} need{'s' * (len(needs) == 1)} finished ranges"
     try:  # on env.device, where the gradients move θ0

@@ -871,6 +871,7 @@ def test_bad_numbers_get_one_line_each(capsys, tmp_path):
     assert "multiple of 4" in cli_error(capsys, "train", "--image-size", "18", *out)
     assert "--batch-size" in cli_error(capsys, "train", "--batch-size", "6", "--grad-accum", "4", *out)
     assert "--ckpt-every must be at least 1" in cli_error(capsys, "train", "--ckpt-every", "0", *out)
+    assert "--landscape-points must be at least 2" in cli_error(capsys, "analyze", "--landscape-points", "1", *out)
     assert "--adam-betas" in cli_error(capsys, "train", "--adam-betas", "0.9", *out)
     assert "runs as one command" in cli_error(capsys, "merge", "--model", "sd", "--dataset", "folder", "--pretrained",
                                               str(tmp_path), "--data-dir", str(tmp_path), *out)
