@@ -3092,6 +3092,17 @@ def _reading_guide_rows():
 
 
 @pytest.mark.machinery
+def test_no_function_needs_a_table_of_contents_and_the_network_file_stays_in_budget():
+    for module, most_lines in ((deme, None), (ddpm_unet, 600)):
+        source = Path(module.__file__).read_text()
+        assert most_lines is None or len(source.splitlines()) <= most_lines, (module.__name__, most_lines)
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef):  # stage_merge is the one hard read of the method: Eq. 8 and a call
+                most = 40 if node.name == "stage_merge" else 90
+                assert node.end_lineno - node.lineno + 1 <= most, (module.__name__, node.name, node.lineno)
+
+
+@pytest.mark.machinery
 def test_part_one_holds_the_method_first_and_the_reading_guide_names_each_function_where_it_is():
     lines = (ROOT / "deme.py").read_text().splitlines()
     start, end = lines.index("# Part I: the method") + 1, lines.index("# Part II: machinery") + 1
