@@ -1442,35 +1442,40 @@ class ImageFolder(torch.utils.data.Dataset):
         return TF.to_tensor(image) * 2 - 1
 
 
+LMDB = {}  # this process's environment of each lmdb folder: lmdb opens a folder once per process, never across a fork
+if hasattr(os, "register_at_fork"):  # so a DataLoader worker opens its own (a spawned one starts without any)
+    os.register_at_fork(before=lambda: [LMDB.pop(folder).close() for folder in list(LMDB)])
+
+
 class LSUN(ImageFolder):
-    """An lmdb's `role` split, keys listed once into `cache`; opened per process so workers share no forked handle."""
+    """An lmdb's `role` split, keys listed once into `cache`; every split of one folder reads through one environment."""
 
     def __init__(self, folder, size, random_crop, role, fraction, cache: Path):
+        self.folder, self.size, self.random_crop = str(folder), size, random_crop
         if cache.is_file():
             keys = cache.read_bytes().split(b"\n")
         else:
-            try:
-                import lmdb
-                with lmdb.open(str(folder), readonly=True, lock=False) as db, db.begin() as txn:
-                    keys = list(txn.cursor().iternext(keys=True, values=False))
-            except ImportError:  # (matched first: lmdb.Error is looked up only once lmdb is imported)
-                raise UserError("reading LSUN lmdb folders needs the lmdb package: pip install lmdb") from None
-            except lmdb.Error as e:
-                raise UserError(f"{folder} is not a readable lmdb ({e}); check --data-dir") from None
+            with self.lmdb().begin() as txn:
+                keys = list(txn.cursor().iternext(keys=True, values=False))
             with atomic_path(cache) as tmp:
                 tmp.write_bytes(b"\n".join(keys))
         self.paths = [k for k in keys if heldout_role(k.decode(), fraction) == role]
-        self.folder, self.size, self.random_crop, self._txn = str(folder), size, random_crop, None
 
-    def __getstate__(self):
-        return {**self.__dict__, "_txn": None}
+    def lmdb(self):
+        if self.folder not in LMDB:
+            try:
+                import lmdb
+                LMDB[self.folder] = lmdb.open(self.folder, readonly=True, lock=False, readahead=False, meminit=False)
+            except ImportError:  # (matched first: lmdb.Error is looked up only once lmdb is imported)
+                raise UserError("reading LSUN lmdb folders needs the lmdb package: pip install lmdb") from None
+            except lmdb.Error as e:
+                raise UserError(f"{self.folder} is not a readable lmdb ({e}); check --data-dir") from None
+        return LMDB[self.folder]
 
     def open(self, i):
-        import lmdb
         from PIL import Image
-        if self._txn is None:
-            self._txn = lmdb.open(self.folder, readonly=True, lock=False, readahead=False, meminit=False).begin()
-        return Image.open(io.BytesIO(self._txn.get(self.paths[i])))
+        with self.lmdb().begin() as txn:
+            return Image.open(io.BytesIO(txn.get(self.paths[i])))
 
 
 def make_dataset(cfg: Config, split="train", n=None):

@@ -2519,8 +2519,10 @@ def test_lsun_lmdb_keys_are_cached_in_the_run_folder_and_workers_open_their_own_
     assert not list(tmp_path.glob("_cache_*"))  # torchvision's reader would have written here, into the cwd
     train = parts["train"]
     assert train[0].shape == (3, 16, 16)
+    assert parts["select"][0].shape == (3, 16, 16)  # a second split of the same lmdb, read in the same process
     x = next(batches(train, 2, seed=0, workers=2))  # two worker processes, each with its own lmdb handle
     assert x.shape == (2, 3, 16, 16) and torch.equal(x, next(batches(train, 2, seed=0)))
+    assert parts["report"][0].shape == (3, 16, 16)  # and the main process reads on after the workers were forked
 
 
 @pytest.mark.machinery
