@@ -831,14 +831,14 @@ def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
     check_config(cfg)
     if cfg.dataset != "folder" or cfg.model != "ddpm":
         return cfg
-    h = sorted(unit_hash(p.relative_to(cfg.data_dir).as_posix()) for p in image_files(cfg.data_dir))
-    if len(h) < MIN_FOLDER_IMAGES:
-        raise UserError(f"{cfg.data_dir} holds {len(h)} images, too few to train, select and report: use a folder "
+    names = [p.relative_to(cfg.data_dir).as_posix() for p in image_files(cfg.data_dir)]
+    if len(names) < MIN_FOLDER_IMAGES:
+        raise UserError(f"{cfg.data_dir} holds {len(names)} images, too few to train, select and report: use a folder "
                         f"of at least {MIN_FOLDER_IMAGES} images")
 
-    def split_sizes(fraction):  # (select, report, train), as heldout_role splits
-        select, held = bisect.bisect_left(h, fraction / 2), bisect.bisect_left(h, fraction)
-        return select, held - select, len(h) - held
+    def split_sizes(fraction):  # (select, report, train) images
+        roles = [heldout_role(name, fraction) for name in names]
+        return tuple(roles.count(role) for role in ("select", "report", "train"))
 
     fits = (f for f in HELDOUT_FRACTIONS if (s := split_sizes(f))[0] >= cfg.search_images and s[1] >= cfg.report_images)
     fraction = given.get("heldout_fraction") or next(fits, HELDOUT_FRACTIONS[-1])  # else the smallest share that fits
@@ -856,7 +856,7 @@ def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
     changed = {k: v for k, v in new.items() if v != getattr(cfg, k)}
     note = "; ".join(f"--{k.replace('_', '-')} {getattr(cfg, k) or cfg.n_samples} -> {v}" for k, v in changed.items())
     if note and notes is not None:
-        notes.append(f"{cfg.data_dir} holds {len(h):,} images, {select} to select, {report} to report, {train} to "
+        notes.append(f"{cfg.data_dir} holds {len(names):,} images, {select} to select, {report} to report, {train} to "
                      f"train: {note}")
     return dataclasses.replace(cfg, **changed)
 
@@ -1399,13 +1399,9 @@ def image_files(folder) -> list:
     return good
 
 
-def unit_hash(name: str) -> float:
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2 ** 64
-
-
 def heldout_role(name: str, fraction: float) -> str:
     """The split of image `name` by hash (new files move none): `fraction` held out, half to select, half to report."""
-    h = unit_hash(name)
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2 ** 64  # uniform in [0, 1)
     return "select" if h < fraction / 2 else "report" if h < fraction else "train"
 
 
@@ -1448,7 +1444,7 @@ if hasattr(os, "register_at_fork"):  # so a DataLoader worker opens its own (a s
 
 
 class LSUN(ImageFolder):
-    """An lmdb's `role` split, keys listed once into `cache`; every split of one folder reads through one environment."""
+    """An lmdb's `role` split, keys listed once into `cache`; all splits of one folder read through one environment."""
 
     def __init__(self, folder, size, random_crop, role, fraction, cache: Path):
         self.folder, self.size, self.random_crop = str(folder), size, random_crop
