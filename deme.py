@@ -831,14 +831,14 @@ def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
     check_config(cfg)
     if cfg.dataset != "folder" or cfg.model != "ddpm":
         return cfg
-    names = [p.relative_to(cfg.data_dir).as_posix() for p in image_files(cfg.data_dir)]
-    if len(names) < MIN_FOLDER_IMAGES:
-        raise UserError(f"{cfg.data_dir} holds {len(names)} images, too few to train, select and report: use a folder "
+    h = sorted(unit_hash(p.relative_to(cfg.data_dir).as_posix()) for p in image_files(cfg.data_dir))  # hashed once
+    if len(h) < MIN_FOLDER_IMAGES:
+        raise UserError(f"{cfg.data_dir} holds {len(h)} images, too few to train, select and report: use a folder "
                         f"of at least {MIN_FOLDER_IMAGES} images")
 
-    def split_sizes(fraction):  # (select, report, train) images
-        roles = [heldout_role(name, fraction) for name in names]
-        return tuple(roles.count(role) for role in ("select", "report", "train"))
+    def split_sizes(fraction):  # (select, report, train), as heldout_role splits: h < fraction / 2, h < fraction
+        select, held = bisect.bisect_left(h, fraction / 2), bisect.bisect_left(h, fraction)
+        return select, held - select, len(h) - held
 
     fits = (f for f in HELDOUT_FRACTIONS if (s := split_sizes(f))[0] >= cfg.search_images and s[1] >= cfg.report_images)
     fraction = given.get("heldout_fraction") or next(fits, HELDOUT_FRACTIONS[-1])  # else the smallest share that fits
@@ -856,7 +856,7 @@ def resolve_config(given: dict, notes: Optional[list] = None) -> Config:
     changed = {k: v for k, v in new.items() if v != getattr(cfg, k)}
     note = "; ".join(f"--{k.replace('_', '-')} {getattr(cfg, k) or cfg.n_samples} -> {v}" for k, v in changed.items())
     if note and notes is not None:
-        notes.append(f"{cfg.data_dir} holds {len(names):,} images, {select} to select, {report} to report, {train} to "
+        notes.append(f"{cfg.data_dir} holds {len(h):,} images, {select} to select, {report} to report, {train} to "
                      f"train: {note}")
     return dataclasses.replace(cfg, **changed)
 
@@ -1399,9 +1399,13 @@ def image_files(folder) -> list:
     return good
 
 
+def unit_hash(name: str) -> float:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2 ** 64  # uniform in [0, 1)
+
+
 def heldout_role(name: str, fraction: float) -> str:
     """The split of image `name` by hash (new files move none): `fraction` held out, half to select, half to report."""
-    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2 ** 64  # uniform in [0, 1)
+    h = unit_hash(name)
     return "select" if h < fraction / 2 else "report" if h < fraction else "train"
 
 
@@ -2684,7 +2688,7 @@ def rates(cfg: Config, env: Env, train_batch, eval_batch, iters=1, warmup=1, inc
     # sampling as evaluation runs it (sample_batch), 2 DDIM steps (eta 1 draws noise as DDPM does), scaled to S below
     few = dataclasses.replace(cfg, sampler="ddim", sample_steps=2, eta=cfg.eta if cfg.sampler == "ddim" else 1.0)
     deme = train_step(add_channel_projections(copy.deepcopy(model)) if cfg.projections else copy.deepcopy(model),
-                      prepare(frozen(model), dataclasses.replace(env, world=1)) if cfg.consistency > 0 else None)
+                      prepare(frozen(model), env) if cfg.consistency > 0 else None)
     fns = {"train_plain": train_step(model), "train_deme": deme, "forward": forward,
            "sampling": lambda: sample_batch(few, env, diffusion, plain, range(eval_batch), cfg.seed, (c, res, res))}
     if inception:  # the Inception's forward with random weights (speed does not need them)
